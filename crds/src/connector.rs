@@ -1,0 +1,562 @@
+//! `Connector` spec: what users write.
+//!
+//! Every source kind is a typed optional field of [`Source`]; a CEL rule requires exactly one to be
+//! set. New kinds (CDC, RabbitMQ, NATS, MQTT, Azure Blob, GCS, HTTP) are added as new optional fields,
+//! which is a backwards-compatible schema change.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::status::ConnectorStatus;
+
+/// Go-style duration: one or more `<number><unit>` groups, units ns, us, ms, s, m, h.
+pub const DURATION_RULE: &str = "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$')";
+
+/// A Connector pulls data from one source into one Obsrv dataset.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "obsrv.io",
+    version = "v1alpha1",
+    kind = "Connector",
+    namespaced,
+    shortname = "conn",
+    category = "obsrv",
+    status = "ConnectorStatus",
+    derive = "PartialEq",
+    doc = "A Connector pulls data from one source (a database, stream or object store) into an Obsrv dataset.",
+    scale(
+        spec_replicas_path = ".spec.scaling.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Dataset", type_ = "string", json_path = ".spec.dataset"),
+    printcolumn(name = "Source", type_ = "string", json_path = ".status.sourceKind"),
+    printcolumn(name = "State", type_ = "string", json_path = ".spec.state"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Replicas", type_ = "string", json_path = ".status.replicasSummary"),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag.records"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectorSpec {
+    /// Obsrv dataset id the records feed. Immutable.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.dataset must not be empty"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.dataset is immutable: create a new Connector to feed another dataset"))]
+    pub dataset: String,
+    /// Running reads; Paused keeps pods but stops reading; Stopped scales to zero.
+    #[serde(default)]
+    pub state: DesiredState,
+    /// Where the data comes from: exactly one kind.
+    pub source: Source,
+    /// Where records go. Fields left out take the operator's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink: Option<Sink>,
+    /// Delivery guarantee towards the ingest topic.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Fixed replicas or lag-driven autoscaling.
+    #[serde(default)]
+    pub scaling: Scaling,
+    /// For batch sources: when to run. Without it the connector polls continuously.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    /// Pod-level overrides for this connector's Deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<PodOverrides>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum DesiredState {
+    #[default]
+    Running,
+    Paused,
+    Stopped,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Delivery {
+    #[default]
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+/// The source of a Connector. Exactly one field is set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(validation = Rule::new("[has(self.postgres), has(self.mysql), has(self.mariadb), has(self.kafka), has(self.s3)].filter(x, x).size() == 1").message("spec.source must set exactly one source kind (postgres, mysql, mariadb, kafka or s3)"))]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<SqlSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql: Option<SqlSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mariadb: Option<SqlSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Source>,
+}
+
+/// The kind of a source, as used in labels, metrics and the envelope's `obsrv_meta.source.connector`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Postgres,
+    Mysql,
+    Mariadb,
+    Kafka,
+    S3,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Postgres => "postgres",
+            SourceKind::Mysql => "mysql",
+            SourceKind::Mariadb => "mariadb",
+            SourceKind::Kafka => "kafka",
+            SourceKind::S3 => "s3",
+        }
+    }
+}
+
+impl std::fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A source resolved to its one kind.
+#[derive(Clone, Copy, Debug)]
+pub enum SourceRef<'a> {
+    Sql(SourceKind, &'a SqlSource),
+    Kafka(&'a KafkaSource),
+    S3(&'a S3Source),
+}
+
+impl SourceRef<'_> {
+    pub fn kind(&self) -> SourceKind {
+        match self {
+            SourceRef::Sql(kind, _) => *kind,
+            SourceRef::Kafka(_) => SourceKind::Kafka,
+            SourceRef::S3(_) => SourceKind::S3,
+        }
+    }
+}
+
+/// Why a [`Source`] does not name exactly one kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    #[error("spec.source sets no source kind: set one of postgres, mysql, mariadb, kafka, s3")]
+    None,
+    #[error("spec.source sets {0} source kinds ({1}): set exactly one")]
+    Several(usize, String),
+}
+
+impl Source {
+    /// The one configured source, or why there is not exactly one.
+    pub fn resolve(&self) -> Result<SourceRef<'_>, SourceError> {
+        let mut found = Vec::new();
+        if let Some(s) = &self.postgres {
+            found.push(SourceRef::Sql(SourceKind::Postgres, s));
+        }
+        if let Some(s) = &self.mysql {
+            found.push(SourceRef::Sql(SourceKind::Mysql, s));
+        }
+        if let Some(s) = &self.mariadb {
+            found.push(SourceRef::Sql(SourceKind::Mariadb, s));
+        }
+        if let Some(s) = &self.kafka {
+            found.push(SourceRef::Kafka(s));
+        }
+        if let Some(s) = &self.s3 {
+            found.push(SourceRef::S3(s));
+        }
+        match found.len() {
+            0 => Err(SourceError::None),
+            1 => Ok(found[0]),
+            n => Err(SourceError::Several(
+                n,
+                found.iter().map(|s| s.kind().as_str()).collect::<Vec<_>>().join(", "),
+            )),
+        }
+    }
+}
+
+/// A reference to a username/password pair in a Secret of the Connector's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsRef {
+    pub secret_name: String,
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+
+/// A reference to one key of a Secret in the Connector's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    pub secret_name: String,
+    pub key: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Tls {
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// PEM CA bundle used to verify the server (verify-full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<SecretKeyRef>,
+}
+
+/// Postgres, MySQL or MariaDB tables read incrementally by a cursor column.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SqlSource {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("port must be between 1 and 65535"))]
+    pub port: Option<i32>,
+    pub database: String,
+    pub credentials: CredentialsRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+    #[x_kube(validation = Rule::new("self.size() > 0").message("tables must list at least one table"))]
+    pub tables: Vec<TableSpec>,
+    /// How long to wait between polls once caught up (Go duration, e.g. 30s).
+    #[serde(default = "default_poll_interval")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message("pollInterval must be a duration such as 30s, 5m or 1h"))]
+    pub poll_interval: String,
+    /// Rows fetched per query.
+    #[serde(default = "default_batch_size")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("batchSize must be between 1 and 1000000"))]
+    pub batch_size: i32,
+}
+
+pub fn default_poll_interval() -> String {
+    "30s".into()
+}
+fn default_batch_size() -> i32 {
+    10_000
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TableSpec {
+    /// Table name, optionally schema-qualified (`public.orders`).
+    #[x_kube(validation = Rule::new("self.size() > 0").message("table name must not be empty"))]
+    pub name: String,
+    pub cursor: CursorSpec,
+    /// Columns to read; all when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+}
+
+/// Keyset pagination on `(column, tieBreaker)`: rows sharing a cursor value are never skipped.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CursorSpec {
+    /// A column that grows as rows are added or changed (e.g. `updated_at`, `id`).
+    pub column: String,
+    /// A unique column ordering rows that share a cursor value (e.g. the primary key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_breaker: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OffsetReset {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "SCREAMING-KEBAB-CASE")]
+pub enum SaslMechanism {
+    #[default]
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Sasl {
+    #[serde(default)]
+    pub mechanism: SaslMechanism,
+    pub credentials: CredentialsRef,
+}
+
+/// Kafka topics consumed with a consumer group; offsets live in the group.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSource {
+    #[x_kube(validation = Rule::new("self.size() > 0").message("bootstrapServers must not be empty"))]
+    pub bootstrap_servers: String,
+    #[x_kube(validation = Rule::new("self.size() > 0").message("topics must list at least one topic"))]
+    pub topics: Vec<String>,
+    /// Consumer group; defaults to `obsrv-connector.<namespace>.<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_group: Option<String>,
+    #[serde(default)]
+    pub offset_reset: OffsetReset,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<Sasl>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ObjectFormat {
+    /// One JSON document (an object, or an array of objects) per file.
+    Json,
+    /// One JSON object per line.
+    JsonLines,
+    /// CSV with a header row.
+    Csv,
+    Parquet,
+}
+
+/// Objects in an S3-compatible bucket (S3, MinIO, ...). Processed objects are tracked in state;
+/// nothing is ever written to the source bucket.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Source {
+    /// Endpoint URL for S3-compatible stores; AWS when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[x_kube(validation = Rule::new("self.size() > 0").message("bucket must not be empty"))]
+    pub bucket: String,
+    #[serde(default)]
+    pub prefix: String,
+    pub format: ObjectFormat,
+    /// Access key id / secret access key; the pod's identity (IRSA, ...) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<S3Credentials>,
+    /// Path-style addressing (MinIO and most S3-compatible stores).
+    #[serde(default)]
+    pub force_path_style: bool,
+    #[serde(default = "default_poll_interval")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message("pollInterval must be a duration such as 30s, 5m or 1h"))]
+    pub poll_interval: String,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Credentials {
+    pub secret_name: String,
+    #[serde(default = "default_access_key_key")]
+    pub access_key_id_key: String,
+    #[serde(default = "default_secret_key_key")]
+    pub secret_access_key_key: String,
+}
+
+fn default_access_key_key() -> String {
+    "accessKeyId".into()
+}
+fn default_secret_key_key() -> String {
+    "secretAccessKey".into()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Sink {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSink>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    #[default]
+    Zstd,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// The Kafka cluster Obsrv ingests from. Every field is optional in a Connector: what is left out
+/// comes from the operator's defaults (see [`KafkaSink::merged_over`]).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSink {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_servers: Option<String>,
+    /// Obsrv's ingest topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Where records that cannot be ingested go, with the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_topic: Option<String>,
+    /// Compacted topic holding source positions (not used by Kafka sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1024").message("maxMessageBytes must be at least 1024"))]
+    pub max_message_bytes: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linger_ms: Option<i32>,
+    /// Producer batch size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_bytes: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<Sasl>,
+}
+
+impl KafkaSink {
+    /// `self`'s fields where set, `defaults`' otherwise.
+    pub fn merged_over(&self, defaults: &KafkaSink) -> KafkaSink {
+        KafkaSink {
+            bootstrap_servers: self.bootstrap_servers.clone().or_else(|| defaults.bootstrap_servers.clone()),
+            topic: self.topic.clone().or_else(|| defaults.topic.clone()),
+            failed_topic: self.failed_topic.clone().or_else(|| defaults.failed_topic.clone()),
+            state_topic: self.state_topic.clone().or_else(|| defaults.state_topic.clone()),
+            max_message_bytes: self.max_message_bytes.or(defaults.max_message_bytes),
+            compression: self.compression.or(defaults.compression),
+            linger_ms: self.linger_ms.or(defaults.linger_ms),
+            batch_bytes: self.batch_bytes.or(defaults.batch_bytes),
+            tls: self.tls.clone().or_else(|| defaults.tls.clone()),
+            sasl: self.sasl.clone().or_else(|| defaults.sasl.clone()),
+        }
+    }
+}
+
+/// Replicas: fixed (`replicas`, also written through `/scale`) or driven by lag (`autoscale`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Scaling {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
+    pub replicas: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<Autoscale>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscale.minReplicas must not exceed autoscale.maxReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct Autoscale {
+    #[serde(default = "one")]
+    #[x_kube(validation = Rule::new("self >= 1").message("autoscale.minReplicas must be at least 1"))]
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    /// Lag (records) one replica is expected to absorb; desired = ceil(lag / target).
+    #[serde(default = "default_target_lag")]
+    #[x_kube(validation = Rule::new("self >= 1").message("autoscale.targetLagRecords must be at least 1"))]
+    pub target_lag_records: i64,
+    /// How long the lag must stay low before scaling down (Go duration).
+    #[serde(default = "default_scale_down_delay")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message("scaleDownDelay must be a duration such as 5m"))]
+    pub scale_down_delay: String,
+}
+
+fn one() -> i32 {
+    1
+}
+fn default_target_lag() -> i64 {
+    10_000
+}
+fn default_scale_down_delay() -> String {
+    "5m".into()
+}
+
+/// When a batch source runs: a cron expression or once.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.cron) != (has(self.once) && self.once)").message("schedule must set either cron or once: true"))]
+#[serde(rename_all = "camelCase")]
+pub struct Schedule {
+    /// Standard 5-field cron expression in UTC (e.g. `0 * * * *`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.split(' ').size() == 5").message("schedule.cron must have 5 fields (minute hour day month weekday)"))]
+    pub cron: Option<String>,
+    /// Read everything once, then idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub once: Option<bool>,
+}
+
+/// Pod-level overrides for a connector's Deployment.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOverrides {
+    /// A connector image of your own, built on the obsrv-connector framework.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Extra environment (e.g. `RUST_LOG`); may use `valueFrom.secretKeyRef`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+}
+
+impl Connector {
+    /// `<namespace>/<name>`: the connector instance id used in envelopes and state keys.
+    pub fn instance_id(&self) -> String {
+        format!(
+            "{}/{}",
+            self.metadata.namespace.as_deref().unwrap_or("default"),
+            self.metadata.name.as_deref().unwrap_or_default()
+        )
+    }
+}

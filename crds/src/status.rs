@@ -1,0 +1,204 @@
+//! `Connector` status (written by the operator) and the runtime's `GET /status` report (written by
+//! every connector pod, read by the operator). Both sides share these types so the contract cannot
+//! drift.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use serde::{Deserialize, Serialize};
+
+/// Condition types. `Ready`, `Reconciling` and `Stalled` follow kstatus.
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const RECONCILING: &str = "Reconciling";
+    pub const STALLED: &str = "Stalled";
+    pub const CONFIG_VALID: &str = "ConfigValid";
+    pub const SCALING_LIMITED: &str = "ScalingLimited";
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema)]
+pub enum Phase {
+    #[default]
+    Pending,
+    Running,
+    Paused,
+    Stopped,
+    Degraded,
+    Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 6] = [
+        Phase::Pending,
+        Phase::Running,
+        Phase::Paused,
+        Phase::Stopped,
+        Phase::Degraded,
+        Phase::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Running => "Running",
+            Phase::Paused => "Paused",
+            Phase::Stopped => "Stopped",
+            Phase::Degraded => "Degraded",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectorStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Source kind (postgres, kafka, ...), for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_kind: Option<String>,
+    /// Desired replicas after state, scaling and clamping.
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// `ready/desired`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_summary: Option<String>,
+    /// Label selector of the connector's pods, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<LagStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<Totals>,
+    /// Human-readable source position (cursor value, offsets summary, last object).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<String>,
+    /// Most parallelism the source allows (Kafka: partitions; one table: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallelism: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<LastError>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<Restarts>,
+    /// When the autoscaler last changed replicas (for stabilisation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    /// When the lag last required the current number of replicas (scale-down delay starts here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_high_lag_time: Option<Time>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LagStatus {
+    pub records: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<Time>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    #[serde(default)]
+    pub records_ingested: u64,
+    #[serde(default)]
+    pub records_failed: u64,
+    #[serde(default)]
+    pub bytes_ingested: u64,
+}
+
+impl std::ops::Add for Totals {
+    type Output = Totals;
+    fn add(self, o: Totals) -> Totals {
+        Totals {
+            records_ingested: self.records_ingested + o.records_ingested,
+            records_failed: self.records_failed + o.records_failed,
+            bytes_ingested: self.bytes_ingested + o.bytes_ingested,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastError {
+    /// CamelCase reason, e.g. `SourceUnreachable`.
+    pub reason: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Restarts {
+    pub count: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart_time: Option<Time>,
+}
+
+/// What the runtime is doing, as reported on `/status`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RuntimeState {
+    /// Connecting to source and sink.
+    #[default]
+    Starting,
+    /// Reading and delivering.
+    Running,
+    /// Connected, not reading (spec.state: Paused).
+    Paused,
+    /// Batch source done until the next scheduled run.
+    Idle,
+    /// Retrying after an error (see `lastError`).
+    Degraded,
+    /// Draining after SIGTERM.
+    Stopping,
+}
+
+/// Reasons the runtime reports in `lastError.reason`.
+pub mod reason {
+    pub const SOURCE_UNREACHABLE: &str = "SourceUnreachable";
+    pub const SINK_UNREACHABLE: &str = "SinkUnreachable";
+    pub const AUTH_FAILED: &str = "AuthFailed";
+    pub const SCHEMA_ERROR: &str = "SchemaError";
+    pub const CONFIG_ERROR: &str = "ConfigError";
+    pub const STATE_ERROR: &str = "StateError";
+}
+
+/// The JSON body of a connector pod's `GET /status`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeStatus {
+    pub state: RuntimeState,
+    /// Connected to source and sink (the same answer as `/readyz`).
+    #[serde(default)]
+    pub ready: bool,
+    /// Records not yet read, when the source can tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_records: Option<i64>,
+    /// Age of the oldest unread record, when the source can tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+    #[serde(default)]
+    pub totals: Totals,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<String>,
+    /// Most replicas that can share the work (Kafka: partitions; a table: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallelism: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<LastError>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// Checksum of the config the pod runs, to tell old pods from new during a roll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_checksum: Option<String>,
+}
