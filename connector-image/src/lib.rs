@@ -1,0 +1,1 @@
+//! obsrv-connector runtime library
