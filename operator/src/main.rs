@@ -1,1 +1,13 @@
-fn main() {}
+use clap::Parser;
+use obsrv_operator::config::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::PrintRbac) => {
+            println!("{}", obsrv_operator::rbac::policy_rules_json());
+            Ok(())
+        }
+        Some(Command::Run) | None => Ok(()),
+    }
+}

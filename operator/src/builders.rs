@@ -1,0 +1,434 @@
+//! Pure builders: the objects a Connector should own, as functions of the Connector, the operator's
+//! configuration, the referenced Secrets' versions and the decided replica count.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use obsrv_crds::runtime::{self, RuntimeConfig};
+use obsrv_crds::{Connector, KafkaSink, Sink, SourceKind, labels};
+use sha2::{Digest, Sha256};
+
+/// Name of the container running the connector.
+pub const CONTAINER: &str = "connector";
+/// Name of the HTTP port (container and Service).
+pub const HTTP_PORT_NAME: &str = "http";
+
+/// Everything the builders need, already fetched and decided.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a> {
+    pub connector: &'a Connector,
+    pub image: &'a str,
+    pub sink_defaults: &'a KafkaSink,
+    pub source_kind: SourceKind,
+    /// `resourceVersion` of every Secret the spec references, by name.
+    pub secret_versions: &'a BTreeMap<String, String>,
+    pub replicas: i32,
+}
+
+/// The objects one Connector owns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub config_map: ConfigMap,
+    pub deployment: Deployment,
+    pub service: Service,
+    /// Only when more than one replica is wanted.
+    pub pdb: Option<PodDisruptionBudget>,
+    pub checksum: String,
+}
+
+/// Labels selecting a Connector's pods (stable for the Deployment's lifetime).
+pub fn selector_labels(c: &Connector) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_string(), labels::APP_NAME.to_string()),
+        (labels::INSTANCE.to_string(), c.name_any()),
+    ])
+}
+
+/// [`selector_labels`] as a label-selector string, for `status.selector` and pod lists.
+pub fn selector_string(c: &Connector) -> String {
+    selector_labels(c)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The standard labels on every object the operator creates for a Connector.
+pub fn standard_labels(c: &Connector, kind: SourceKind) -> BTreeMap<String, String> {
+    let mut l = selector_labels(c);
+    l.insert(labels::COMPONENT.into(), "connector".into());
+    l.insert(labels::PART_OF.into(), "obsrv".into());
+    l.insert(labels::MANAGED_BY.into(), labels::MANAGER.into());
+    l.insert(labels::CONNECTOR.into(), c.name_any());
+    l.insert(labels::DATASET.into(), label_value(&c.spec.dataset));
+    l.insert(labels::SOURCE.into(), kind.as_str().into());
+    l
+}
+
+/// A label value is at most 63 characters of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+fn label_value(s: &str) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    cleaned
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
+}
+
+/// The controller owner reference every owned object carries.
+pub fn owner_ref(c: &Connector) -> Option<OwnerReference> {
+    c.controller_owner_ref(&())
+}
+
+/// Whether `owners` make the object belong to this Connector (a controller reference to its uid).
+pub fn owned_by(owners: &[OwnerReference], c: &Connector) -> bool {
+    let uid = c.uid();
+    owners.iter().any(|o| {
+        Some(&o.uid) == uid.as_ref() && o.kind == "Connector" && o.controller == Some(true)
+    })
+}
+
+fn meta(c: &Connector, kind: SourceKind) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(c.name_any()),
+        namespace: c.namespace(),
+        labels: Some(standard_labels(c, kind)),
+        owner_references: owner_ref(c).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// What the connector pods read: the spec with the sink merged over the operator's defaults.
+pub fn runtime_config(c: &Connector, sink_defaults: &KafkaSink) -> RuntimeConfig {
+    let mut spec = c.spec.clone();
+    let own = spec
+        .sink
+        .as_ref()
+        .and_then(|s| s.kafka.clone())
+        .unwrap_or_default();
+    spec.sink = Some(Sink {
+        kafka: Some(own.merged_over(sink_defaults)),
+    });
+    RuntimeConfig {
+        namespace: c.namespace().unwrap_or_else(|| "default".into()),
+        name: c.name_any(),
+        uid: c.uid(),
+        spec,
+    }
+}
+
+/// The runtime config as the YAML file pods read.
+pub fn config_yaml(c: &Connector, sink_defaults: &KafkaSink) -> String {
+    // A RuntimeConfig is plain data (strings, numbers, maps): serializing it cannot fail.
+    serde_yaml::to_string(&runtime_config(c, sink_defaults)).unwrap_or_default()
+}
+
+/// sha256 over the config file and the referenced Secrets' versions: an edit or a rotation changes it.
+pub fn checksum(config_yaml: &str, secret_versions: &BTreeMap<String, String>) -> String {
+    let mut h = Sha256::new();
+    h.update(config_yaml.as_bytes());
+    for (name, version) in secret_versions {
+        h.update(b"\0secret\0");
+        h.update(name.as_bytes());
+        h.update(b"\0");
+        h.update(version.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Builds every owned object.
+pub fn build(i: &Inputs<'_>) -> Desired {
+    let c = i.connector;
+    let yaml = config_yaml(c, i.sink_defaults);
+    let sum = checksum(&yaml, i.secret_versions);
+    let config_map = ConfigMap {
+        metadata: meta(c, i.source_kind),
+        data: Some(BTreeMap::from([(runtime::CONFIG_FILE.to_string(), yaml)])),
+        ..ConfigMap::default()
+    };
+    Desired {
+        config_map,
+        deployment: deployment(i, &sum),
+        service: service(c, i.source_kind),
+        pdb: (i.replicas > 1).then(|| pdb(c, i.source_kind)),
+        checksum: sum,
+    }
+}
+
+/// `secretKeyRef` env for every Secret value the spec needs, then the template's own env.
+pub fn env(c: &Connector) -> Vec<EnvVar> {
+    let mut out: Vec<EnvVar> = runtime::secret_env(&c.spec)
+        .into_iter()
+        .map(|s| EnvVar {
+            name: s.env.to_string(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: s.secret_name,
+                    key: s.key,
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+        })
+        .collect();
+    for e in c.spec.template.iter().flat_map(|t| t.env.iter()) {
+        // Never let a template override a credential variable with a literal value.
+        if !out.iter().any(|o| o.name == e.name) {
+            out.push(e.clone());
+        }
+    }
+    out
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(HTTP_PORT_NAME.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn config_path() -> String {
+    format!("{}/{}", runtime::CONFIG_DIR, runtime::CONFIG_FILE)
+}
+
+/// The connector container (shared by the Deployment and the cleanup Job).
+fn container(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> Container {
+    let t = c.spec.template.as_ref();
+    Container {
+        name: CONTAINER.into(),
+        image: Some(
+            t.and_then(|t| t.image.clone())
+                .unwrap_or_else(|| image.to_string()),
+        ),
+        image_pull_policy: t.and_then(|t| t.image_pull_policy.clone()),
+        args: Some(args),
+        env: Some(env(c)),
+        ports: probes.then(|| {
+            vec![ContainerPort {
+                name: Some(HTTP_PORT_NAME.into()),
+                container_port: runtime::HTTP_PORT.into(),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            }]
+        }),
+        liveness_probe: probes.then(|| http_probe("/healthz", 10, 6)),
+        readiness_probe: probes.then(|| http_probe("/readyz", 5, 3)),
+        resources: t.and_then(|t| t.resources.clone()),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".into(),
+                mount_path: runtime::CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    }
+}
+
+fn pod_spec(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> PodSpec {
+    let t = c.spec.template.as_ref();
+    PodSpec {
+        containers: vec![container(c, image, args, probes)],
+        service_account_name: t.and_then(|t| t.service_account_name.clone()),
+        node_selector: t.map(|t| t.node_selector.clone()).filter(|m| !m.is_empty()),
+        tolerations: t.map(|t| t.tolerations.clone()).filter(|v| !v.is_empty()),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        // The runtime drains and commits on SIGTERM; give it time.
+        termination_grace_period_seconds: Some(60),
+        volumes: Some(vec![
+            Volume {
+                name: "config".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: c.name_any(),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+        ]),
+        ..PodSpec::default()
+    }
+}
+
+fn pod_meta(c: &Connector, kind: SourceKind, checksum: &str) -> ObjectMeta {
+    let t = c.spec.template.as_ref();
+    let mut l: BTreeMap<String, String> = t.map(|t| t.pod_labels.clone()).unwrap_or_default();
+    // Our labels win: the selector must keep matching.
+    l.extend(standard_labels(c, kind));
+    let mut a: BTreeMap<String, String> = t.map(|t| t.pod_annotations.clone()).unwrap_or_default();
+    a.insert(labels::CONFIG_CHECKSUM.into(), checksum.into());
+    ObjectMeta {
+        labels: Some(l),
+        annotations: Some(a),
+        ..ObjectMeta::default()
+    }
+}
+
+fn deployment(i: &Inputs<'_>, checksum: &str) -> Deployment {
+    let c = i.connector;
+    Deployment {
+        metadata: meta(c, i.source_kind),
+        spec: Some(DeploymentSpec {
+            replicas: Some(i.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(c)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                // Replace one pod at a time and never run below the wanted count during a roll.
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(pod_meta(c, i.source_kind, checksum)),
+                spec: Some(pod_spec(
+                    c,
+                    i.image,
+                    vec!["run".into(), "--config".into(), config_path()],
+                    true,
+                )),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+fn service(c: &Connector, kind: SourceKind) -> Service {
+    Service {
+        metadata: meta(c, kind),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(c)),
+            ports: Some(vec![ServicePort {
+                name: Some(HTTP_PORT_NAME.into()),
+                port: runtime::HTTP_PORT.into(),
+                target_port: Some(IntOrString::String(HTTP_PORT_NAME.into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn pdb(c: &Connector, kind: SourceKind) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(c, kind),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(c)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+/// Name of a Connector's cleanup Job.
+pub fn cleanup_job_name(c: &Connector) -> String {
+    format!("{}-cleanup", c.name_any())
+}
+
+/// The Job running `obsrv-connector cleanup` for a Connector being deleted. It is bounded by
+/// `activeDeadlineSeconds` and never retried endlessly.
+pub fn cleanup_job(i: &Inputs<'_>, timeout_seconds: i64) -> Job {
+    let c = i.connector;
+    let mut spec = pod_spec(
+        c,
+        i.image,
+        vec!["cleanup".into(), "--config".into(), config_path()],
+        false,
+    );
+    spec.restart_policy = Some("Never".into());
+    let mut metadata = meta(c, i.source_kind);
+    metadata.name = Some(cleanup_job_name(c));
+    Job {
+        metadata,
+        spec: Some(JobSpec {
+            backoff_limit: Some(2),
+            active_deadline_seconds: Some(timeout_seconds.max(1)),
+            ttl_seconds_after_finished: Some(600),
+            template: PodTemplateSpec {
+                metadata: Some(pod_meta(c, i.source_kind, "cleanup")),
+                spec: Some(spec),
+            },
+            ..JobSpec::default()
+        }),
+        ..Job::default()
+    }
+}
+
+/// Whether deleting this Connector must run a cleanup Job first. None of this wave's sources hold
+/// anything on the source side (table cursors and S3 positions live in the state topic, Kafka offsets
+/// in the consumer group, which expires); CDC sources (replication slots) will return true.
+pub fn needs_cleanup(kind: SourceKind) -> bool {
+    match kind {
+        SourceKind::Postgres
+        | SourceKind::Mysql
+        | SourceKind::Mariadb
+        | SourceKind::Kafka
+        | SourceKind::S3 => false,
+    }
+}

@@ -1,0 +1,146 @@
+//! Operator configuration: flags, each also an environment variable (set by the Helm chart).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use obsrv_crds::{Compression, KafkaSink};
+
+/// Default connector image: the one released with this operator.
+pub const DEFAULT_IMAGE: &str =
+    concat!("ghcr.io/obsrv/obsrv-connector:", env!("CARGO_PKG_VERSION"));
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "obsrv-operator",
+    version,
+    about = "Runs Obsrv Connectors on Kubernetes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Run the controller (the default).
+    Run,
+    /// Print every API verb and resource the operator uses, as JSON policy rules.
+    PrintRbac,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    /// Connector image used unless a Connector overrides it.
+    #[arg(long, env = "OBSRV_CONNECTOR_IMAGE", default_value = DEFAULT_IMAGE)]
+    pub connector_image: String,
+    /// Default Kafka bootstrap servers of the sink.
+    #[arg(long, env = "OBSRV_SINK_BOOTSTRAP_SERVERS")]
+    pub sink_bootstrap_servers: Option<String>,
+    #[arg(long, env = "OBSRV_SINK_TOPIC", default_value = "ingest")]
+    pub sink_topic: String,
+    #[arg(
+        long,
+        env = "OBSRV_SINK_FAILED_TOPIC",
+        default_value = "connectors.failed"
+    )]
+    pub sink_failed_topic: String,
+    #[arg(
+        long,
+        env = "OBSRV_SINK_STATE_TOPIC",
+        default_value = "connectors.state"
+    )]
+    pub sink_state_topic: String,
+    #[arg(
+        long,
+        env = "OBSRV_SINK_MAX_MESSAGE_BYTES",
+        default_value_t = 1_048_576
+    )]
+    pub sink_max_message_bytes: i32,
+    #[arg(long, env = "OBSRV_SINK_COMPRESSION", default_value = "zstd", value_parser = parse_compression)]
+    pub sink_compression: Compression,
+    /// Namespaces to watch, comma-separated; all when empty.
+    #[arg(
+        long,
+        env = "OBSRV_NAMESPACES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub namespaces: Vec<String>,
+    /// How often connector pods' /status is polled (Go-style duration).
+    #[arg(long, env = "OBSRV_STATUS_POLL_INTERVAL", default_value = "15s", value_parser = parse_duration_arg)]
+    pub status_poll_interval: Duration,
+    /// Admin server: /metrics, /healthz, /readyz.
+    #[arg(long, env = "OBSRV_ADMIN_ADDR", default_value = "0.0.0.0:8081")]
+    pub admin_addr: SocketAddr,
+    #[arg(long, env = "OBSRV_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub leader_election: bool,
+    #[arg(long, env = "OBSRV_LEASE_NAME", default_value = "obsrv-operator")]
+    pub lease_name: String,
+    #[arg(long, env = "OBSRV_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    #[arg(long, env = "OBSRV_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// Longest a cleanup Job may run before the finalizer gives up and reports it.
+    #[arg(long, env = "OBSRV_CLEANUP_TIMEOUT", default_value = "5m", value_parser = parse_duration_arg)]
+    pub cleanup_timeout: Duration,
+}
+
+impl Config {
+    /// The sink settings a Connector's `spec.sink.kafka` is merged over.
+    pub fn sink_defaults(&self) -> KafkaSink {
+        KafkaSink {
+            bootstrap_servers: self
+                .sink_bootstrap_servers
+                .clone()
+                .filter(|s| !s.is_empty()),
+            topic: Some(self.sink_topic.clone()),
+            failed_topic: Some(self.sink_failed_topic.clone()),
+            state_topic: Some(self.sink_state_topic.clone()),
+            max_message_bytes: Some(self.sink_max_message_bytes),
+            compression: Some(self.sink_compression),
+            ..KafkaSink::default()
+        }
+    }
+
+    /// Watched namespaces; empty means all.
+    pub fn watched_namespaces(&self) -> Vec<String> {
+        self.namespaces
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// Namespace of the leader-election Lease.
+    pub fn lease_namespace(&self) -> String {
+        self.lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into())
+    }
+
+    /// A configuration with every default, for tests and embedding.
+    pub fn defaults() -> Config {
+        Cli::parse_from(["obsrv-operator"]).config
+    }
+}
+
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("unknown compression {s:?}: use none, gzip, snappy, lz4 or zstd"))
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    crate::validate::parse_duration(s).map_err(|e| e.to_string())
+}

@@ -1,0 +1,191 @@
+//! Pure validation of a Connector: everything a schema cannot say, or that an API server without
+//! CEL (or an older object) may have let through. An invalid spec is reported as `ConfigValid=False`
+//! and waits for the next change.
+
+use std::time::Duration;
+
+use obsrv_crds::{Connector, SourceKind};
+
+/// Why a spec cannot be run. The reason is a stable CamelCase word used in conditions and events.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("{0}")]
+    Source(#[from] obsrv_crds::SourceError),
+    #[error("{field} is not a duration ({value:?}): use a value such as 30s, 5m or 1h")]
+    Duration { field: &'static str, value: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "no Kafka bootstrap servers for the sink: set spec.sink.kafka.bootstrapServers or the operator's --sink-bootstrap-servers"
+    )]
+    NoSinkBootstrap,
+}
+
+impl SpecError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SpecError::Source(_) => "InvalidSource",
+            SpecError::Duration { .. } => "InvalidDuration",
+            SpecError::Invalid(_) => "InvalidSpec",
+            SpecError::NoSinkBootstrap => "NoSinkBootstrap",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid duration {0:?}")]
+pub struct DurationError(pub String);
+
+/// Parses a Go-style duration (`30s`, `1m30s`, `1.5h`, `250ms`).
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let err = || DurationError(s.to_string());
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(err());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
+        if num_len == 0 {
+            return Err(err());
+        }
+        let n: f64 = rest[..num_len].parse().map_err(|_| err())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(err()),
+        };
+        total += n * factor;
+        rest = &rest[unit_len..];
+    }
+    if !total.is_finite() || total > 1e12 {
+        return Err(err());
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// What validation learned about a spec, used by the builders and the scaler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    pub source_kind: SourceKind,
+    /// Scale-down stabilisation of the autoscaler.
+    pub scale_down_delay: Duration,
+}
+
+/// Checks a Connector against what the operator can run. `sink_has_bootstrap` tells whether the
+/// operator has a default bootstrap server list.
+pub fn validate(c: &Connector, sink_has_bootstrap: bool) -> Result<Validated, SpecError> {
+    let spec = &c.spec;
+    if spec.dataset.trim().is_empty() {
+        return Err(SpecError::Invalid("spec.dataset must not be empty".into()));
+    }
+    let source = spec.source.resolve()?;
+    let duration = |field: &'static str, value: &str| {
+        parse_duration(value).map_err(|_| SpecError::Duration {
+            field,
+            value: value.to_string(),
+        })
+    };
+    match source {
+        obsrv_crds::SourceRef::Sql(_, s) => {
+            duration("spec.source.pollInterval", &s.poll_interval)?;
+            if s.tables.is_empty() {
+                return Err(SpecError::Invalid(
+                    "spec.source tables must list at least one table".into(),
+                ));
+            }
+            if let Some(t) = s
+                .tables
+                .iter()
+                .find(|t| t.name.trim().is_empty() || t.cursor.column.trim().is_empty())
+            {
+                return Err(SpecError::Invalid(format!(
+                    "table {:?} needs a name and a cursor column",
+                    t.name
+                )));
+            }
+            if s.batch_size < 1 {
+                return Err(SpecError::Invalid(
+                    "spec.source batchSize must be at least 1".into(),
+                ));
+            }
+        }
+        obsrv_crds::SourceRef::Kafka(k) => {
+            if k.topics.is_empty() || k.bootstrap_servers.trim().is_empty() {
+                return Err(SpecError::Invalid(
+                    "spec.source.kafka needs bootstrapServers and at least one topic".into(),
+                ));
+            }
+        }
+        obsrv_crds::SourceRef::S3(s) => {
+            duration("spec.source.s3.pollInterval", &s.poll_interval)?;
+            if s.bucket.trim().is_empty() {
+                return Err(SpecError::Invalid(
+                    "spec.source.s3.bucket must not be empty".into(),
+                ));
+            }
+        }
+    }
+    let mut scale_down_delay = Duration::from_secs(300);
+    if let Some(r) = spec.scaling.replicas
+        && r < 0
+    {
+        return Err(SpecError::Invalid(format!(
+            "spec.scaling.replicas must not be negative (got {r})"
+        )));
+    }
+    if let Some(a) = &spec.scaling.autoscale {
+        if a.min_replicas < 1 || a.min_replicas > a.max_replicas {
+            return Err(SpecError::Invalid(format!(
+                "spec.scaling.autoscale needs 1 <= minReplicas <= maxReplicas (got {} and {})",
+                a.min_replicas, a.max_replicas
+            )));
+        }
+        if a.target_lag_records < 1 {
+            return Err(SpecError::Invalid(
+                "spec.scaling.autoscale.targetLagRecords must be at least 1".into(),
+            ));
+        }
+        scale_down_delay = duration("spec.scaling.autoscale.scaleDownDelay", &a.scale_down_delay)?;
+    }
+    let sink_bootstrap = spec
+        .sink
+        .as_ref()
+        .and_then(|s| s.kafka.as_ref())
+        .and_then(|k| k.bootstrap_servers.as_deref())
+        .is_some_and(|b| !b.trim().is_empty());
+    if !sink_bootstrap && !sink_has_bootstrap {
+        return Err(SpecError::NoSinkBootstrap);
+    }
+    Ok(Validated {
+        source_kind: source.kind(),
+        scale_down_delay,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        for bad in ["", "30", "s", "5 m", "1d", "-1s", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+}
