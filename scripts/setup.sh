@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need, and nothing that is already there:
+#   Debian packages (PostgreSQL, MariaDB, build deps), the Kafka-protocol broker nisshi 0.6.0,
+#   the S3 server s3s-fs 0.14.1, and a Python venv (.venv) for the Helm chart checks.
+# Safe to run again: every step checks first and says "ok" when there is nothing to do.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
+export PATH="$CARGO_BIN:$PATH"
+
+NISSHI_VERSION=0.6.0
+S3S_FS_VERSION=0.14.1
+APT_PACKAGES=(postgresql postgresql-client mariadb-server mariadb-client libssl-dev pkg-config
+  build-essential python3-venv libsasl2-dev)
+
+step_started=0
+step() { step_started=$(date +%s); printf '==> %s\n' "$*"; }
+done_step() { printf '    %s (%ss)\n' "$1" "$(( $(date +%s) - step_started ))"; }
+fail() {
+  printf '\nsetup failed: %s\n  command: %s\n  fix: %s\n' "$1" "$2" "$3" >&2
+  exit 1
+}
+run() { # run "<what>" "<fix hint>" cmd...
+  local what=$1 hint=$2; shift 2
+  local log; log=$(mktemp)
+  if ! "$@" >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    rm -f "$log"
+    fail "$what" "$*" "$hint"
+  fi
+  rm -f "$log"
+}
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+step "Debian packages: ${APT_PACKAGES[*]}"
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  done_step "ok, all installed"
+else
+  printf '    installing: %s\n' "${missing[*]}"
+  run "apt-get update" "check that the Debian mirror is reachable, then run scripts/setup.sh again" \
+    sudo_if_needed apt-get update
+  # The packages' own services are not needed (tests start throwaway servers), so don't start them.
+  run "apt-get install" "run: apt-get install -y ${missing[*]}" \
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y --no-install-recommends "${missing[@]}"
+  done_step "installed ${missing[*]}"
+fi
+
+cargo_install() { # cargo_install <crate> <version> <binary> <args...>
+  local crate=$1 version=$2 bin=$3; shift 3
+  step "$crate $version (cargo install)"
+  if [ -x "$CARGO_BIN/$bin" ] && grep -q "^\"$crate $version " "${CARGO_HOME:-$HOME/.cargo}/.crates.toml" 2>/dev/null; then
+    done_step "ok, $CARGO_BIN/$bin"
+    return
+  fi
+  printf '    building %s %s in release mode (takes minutes, once)\n' "$crate" "$version"
+  run "cargo install $crate@$version" "run: cargo install $crate@$version $*" \
+    cargo install "$crate@$version" "$@"
+  done_step "installed $CARGO_BIN/$bin"
+}
+cargo_install nisshi "$NISSHI_VERSION" nisshi --locked --no-default-features --features dynostore,postgres
+cargo_install s3s-fs "$S3S_FS_VERSION" s3s-fs --locked --features binary
+
+step "Python venv for the chart checks (.venv)"
+REQ="$ROOT/scripts/requirements-chart.txt"
+STAMP="$ROOT/.venv/.requirements.sha256"
+if [ ! -f "$REQ" ]; then
+  done_step "skipped: no $REQ"
+elif [ -x "$ROOT/.venv/bin/python" ] && [ -f "$STAMP" ] && sha256sum --status -c "$STAMP" 2>/dev/null; then
+  done_step "ok, requirements unchanged"
+else
+  [ -x "$ROOT/.venv/bin/python" ] || run "python3 -m venv" "apt-get install python3-venv" python3 -m venv "$ROOT/.venv"
+  run "pip install" "run: $ROOT/.venv/bin/pip install -r $REQ" \
+    "$ROOT/.venv/bin/pip" install --disable-pip-version-check -q -r "$REQ"
+  (cd / && sha256sum "$REQ") >"$STAMP"
+  done_step "installed $(wc -l <"$REQ") requirement lines"
+fi
+
+step "Rust tools (rustfmt, clippy, nextest)"
+cargo fmt --version >/dev/null 2>&1 || fail "rustfmt missing" "cargo fmt --version" "rustup component add rustfmt"
+cargo clippy --version >/dev/null 2>&1 || fail "clippy missing" "cargo clippy --version" "rustup component add clippy"
+if ! cargo nextest --version >/dev/null 2>&1; then
+  run "cargo install cargo-nextest" "run: cargo install cargo-nextest --locked" cargo install cargo-nextest --locked
+fi
+done_step "ok"
