@@ -1,0 +1,807 @@
+#!/usr/bin/env python3
+"""Checks the Helm chart, the examples and the Argo CD health check.
+
+Run from the repository root with the project's venv (scripts/setup.sh creates it):
+
+    .venv/bin/python scripts/check_chart.py
+
+What it checks (each line of output is one check; the last line is `N passed, M failed`):
+- the chart's crds/ is byte-identical to crds/connector.yaml;
+- `helm lint --strict` (Helm's own library, bundled by helm-python-sdk) for every value set;
+- values.schema.json accepts every value set and rejects each bad one in helm/ci/bad-values-schema.yaml;
+- every object rendered (real Helm engine) for every value set validates with kubernetes-validate in
+  strict mode for Kubernetes KUBE_VERSION (monitoring.coreos.com kinds: helm/ci/monitoring-schemas.json);
+- RBAC rendered equals exactly what `cargo run -q -p obsrv-operator -- print-rbac` declares, in both
+  cluster-wide and namespaced mode, and the chart's files/rbac-rules.json is that same list;
+- every flag the Deployment passes is one `obsrv-operator --help` knows;
+- the operator Deployment meets Pod Security "restricted", leader election follows replicas, the sink
+  defaults and watched namespaces reach the flags;
+- no rendered object holds a secret value (and the detector does catch helm/ci/bad-values-secret-env.yaml);
+- PrometheusRule expressions parse as PromQL;
+- examples/: one Connector per source kind, each valid against the CRD's schema (strict: unknown fields
+  fail), each Secret it references present in the same file with the keys it names;
+- files/argocd-health.lua (run by real Lua 5.1, as Argo CD's gopher-lua) gives the expected health for
+  every fixture in helm/ci/argocd-health-fixtures.yaml.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+try:
+    import helm_python as helm
+    import jsonschema
+    import kubernetes_validate
+    import lupa.lua51 as lua51
+    import promql_parser
+    import yaml
+except ImportError as exc:  # pragma: no cover - environment problem, explained to the user
+    sys.exit(
+        f"check_chart: missing Python package ({exc}). Create the venv first:\n"
+        "  python3 -m venv .venv && .venv/bin/pip install -r scripts/requirements-chart.txt"
+    )
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "obsrv-connectors"
+CI = ROOT / "helm" / "ci"
+EXAMPLES = ROOT / "examples"
+CRD_FILE = ROOT / "crds" / "connector.yaml"
+KUBE_VERSION = "1.33.0"
+RELEASE = "obsrv-connectors"
+RELEASE_NAMESPACE = "obsrv-system"
+
+# Resources the operator may declare that are cluster-scoped: a Role cannot grant them.
+CLUSTER_SCOPED = {
+    "customresourcedefinitions",
+    "namespaces",
+    "nodes",
+    "persistentvolumes",
+    "clusterroles",
+    "clusterrolebindings",
+    "storageclasses",
+    "priorityclasses",
+}
+LEASE_GROUP = "coordination.k8s.io"
+
+SOURCE_KINDS = ["postgres", "mysql", "mariadb", "kafka", "s3"]
+
+
+class CheckFailed(Exception):
+    """A check's assertion did not hold; the message says what and where."""
+
+
+def require(cond: bool, message: str) -> None:
+    if not cond:
+        raise CheckFailed(message)
+
+
+class Runner:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed = 0
+        self.failures: list[str] = []
+
+    def check(self, name: str, fn: Callable[[], str | None]) -> None:
+        try:
+            detail = fn()
+        except CheckFailed as exc:
+            self.failed += 1
+            self.failures.append(name)
+            print(f"FAIL {name}\n     {str(exc).strip()}".replace("\n", "\n     "))
+            return
+        except Exception as exc:  # a crash in a check is a failure, with the stack to debug it
+            self.failed += 1
+            self.failures.append(name)
+            print(f"FAIL {name}: unexpected {type(exc).__name__}: {exc}")
+            traceback.print_exc(limit=3)
+            return
+        self.passed += 1
+        print(f"ok   {name}" + (f" ({detail})" if detail else ""))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Value sets and rendering
+
+
+def load_yaml(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def value_sets() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        ("default", {}),
+        ("namespaced-ha", load_yaml(CI / "values-namespaced-ha.yaml")),
+        ("cluster-custom", load_yaml(CI / "values-cluster-custom.yaml")),
+    ]
+
+
+def render(values: dict[str, Any]) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """Render the chart like `helm template`: (objects, NOTES.txt, merged values)."""
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(values)
+        merged = chart.merge_values(values)
+        manifests = chart.render(values, name=RELEASE, namespace=RELEASE_NAMESPACE, is_install=True)
+    objects: list[dict[str, Any]] = []
+    notes = ""
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc is None:
+                continue
+            require(isinstance(doc, dict), f"{path}: rendered a non-object YAML document: {doc!r}")
+            doc["__source__"] = path
+            objects.append(doc)
+    return objects, notes, merged
+
+
+def strip(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k != "__source__"}
+
+
+def ident(obj: dict[str, Any]) -> str:
+    md = obj.get("metadata", {})
+    ns = md.get("namespace")
+    return f"{obj.get('kind')}/{(ns + '/') if ns else ''}{md.get('name')} ({obj.get('__source__', '?')})"
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o.get("kind") == kind]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schema validation
+
+
+def monitoring_validator(kind: str) -> jsonschema.protocols.Validator:
+    schemas = json.loads((CI / "monitoring-schemas.json").read_text(encoding="utf-8"))
+    schema = dict(schemas[kind])
+    schema["definitions"] = schemas["definitions"]
+    return jsonschema.Draft7Validator(schema)
+
+
+def validate_k8s(obj: dict[str, Any]) -> None:
+    body = strip(obj)
+    kind = body.get("kind", "")
+    if body.get("apiVersion") == "monitoring.coreos.com/v1":
+        errors = sorted(monitoring_validator(kind).iter_errors(body), key=lambda e: list(e.path))
+        if errors:
+            raise CheckFailed(
+                f"{ident(obj)}: " + "; ".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+            )
+        return
+    try:
+        kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        raise CheckFailed(f"{ident(obj)}: {'.'.join(map(str, e.path))}: {e.message}") from None
+    except kubernetes_validate.utils.SchemaNotFoundError as e:
+        raise CheckFailed(f"{ident(obj)}: no schema to validate it: {e.message}") from None
+
+
+def openapi_to_jsonschema(node: Any) -> Any:
+    """An apiextensions openAPIV3Schema as a JSON schema, strict like the API server's field
+    validation: unknown fields fail unless x-kubernetes-preserve-unknown-fields says otherwise."""
+    if isinstance(node, list):
+        return [openapi_to_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: openapi_to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    for key in ("properties",):
+        if key in node:
+            out[key] = {name: openapi_to_jsonschema(s) for name, s in node[key].items()}
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    out.pop("nullable", None)
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if (
+        node.get("type") == "object"
+        and "properties" in node
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def connector_validator() -> jsonschema.protocols.Validator:
+    crd = load_yaml(CRD_FILE)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    schema = openapi_to_jsonschema(version["schema"]["openAPIV3Schema"])
+    props = schema.setdefault("properties", {})
+    props["apiVersion"] = {"const": "obsrv.io/v1alpha1"}
+    props["kind"] = {"const": "Connector"}
+    props["metadata"] = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}},
+    }
+    schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
+    schema["additionalProperties"] = False
+    return jsonschema.Draft7Validator(schema)
+
+
+def schema_errors(validator: jsonschema.protocols.Validator, obj: Any) -> list[str]:
+    return [
+        f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# RBAC
+
+
+Triple = tuple[str, str, str]
+
+
+def triples(rules: list[dict[str, Any]]) -> set[Triple]:
+    out: set[Triple] = set()
+    for r in rules:
+        require(not r.get("resourceNames") and not r.get("nonResourceURLs"), f"unexpected rule shape: {r}")
+        for g in r.get("apiGroups", []):
+            for res in r.get("resources", []):
+                for v in r.get("verbs", []):
+                    out.add((g, res, v))
+    return out
+
+
+def fmt(ts: set[Triple]) -> str:
+    return ", ".join(f"{v} {g or 'core'}/{r}" for g, r, v in sorted(ts))
+
+
+def compare_rbac(declared: set[Triple], granted: set[Triple], where: str) -> None:
+    missing = declared - granted
+    extra = granted - declared
+    problems = []
+    if missing:
+        problems.append(f"missing (the operator declares them, {where} does not grant): {fmt(missing)}")
+    if extra:
+        problems.append(f"extra (granted by {where}, not declared by the operator): {fmt(extra)}")
+    require(not problems, "\n".join(problems))
+
+
+def declared_rbac() -> list[dict[str, Any]]:
+    """The operator's own list, from its binary."""
+    cmd = ["cargo", "run", "-q", "-p", "obsrv-operator", "--", "print-rbac"]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    except FileNotFoundError:
+        raise CheckFailed("cargo not found: install Rust (scripts/setup.sh) to run `obsrv-operator print-rbac`")
+    require(
+        proc.returncode == 0,
+        f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}",
+    )
+    try:
+        rules = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise CheckFailed(f"print-rbac did not print JSON ({exc}): {proc.stdout[:500]!r}") from None
+    require(isinstance(rules, list) and rules, f"print-rbac printed no rules: {proc.stdout[:500]!r}")
+    return rules
+
+
+def operator_help() -> str:
+    cmd = ["cargo", "run", "-q", "-p", "obsrv-operator", "--", "--help"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    require(proc.returncode == 0, f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def leader_election_on(values: dict[str, Any]) -> bool:
+    return bool(values["leaderElection"]["enabled"]) or int(values["replicas"]) > 1
+
+
+def check_rbac(objects: list[dict[str, Any]], values: dict[str, Any], declared: set[Triple]) -> str:
+    sa_name = values["serviceAccount"]["name"] or (values.get("fullnameOverride") or RELEASE)
+    subject = {"kind": "ServiceAccount", "name": sa_name, "namespace": RELEASE_NAMESPACE}
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objects if o["kind"] in ("ClusterRole", "Role")}
+    bound: list[tuple[str | None, dict[str, Any]]] = []  # (namespace or None for cluster-wide, role)
+    for b in objects:
+        if b["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
+            continue
+        require(b.get("subjects") == [subject], f"{ident(b)} binds {b.get('subjects')}, expected only {subject}")
+        ref = b["roleRef"]
+        ns = b["metadata"].get("namespace") if b["kind"] == "RoleBinding" else None
+        key = (ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"])
+        require(key in roles, f"{ident(b)} refers to {ref['kind']} {ref['name']}, which the chart does not render")
+        bound.append((ns, roles[key]))
+    unbound = {k for k in roles} - {(r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"]) for _, r in bound}
+    require(not unbound, f"roles rendered but bound to nobody: {sorted(unbound)}")
+
+    for _, role in bound:
+        for g, r, v in triples(role["rules"]):
+            require("*" not in (g, r, v), f"{ident(role)} grants a wildcard: {v} {g}/{r}")
+
+    lease = {t for t in declared if t[0] == LEASE_GROUP}
+    cluster_scoped = {t for t in declared if t[1].split("/")[0] in CLUSTER_SCOPED}
+    namespaced = declared - lease - cluster_scoped
+    leader = leader_election_on(values)
+    expected = declared if leader else declared - lease
+
+    granted_all: set[Triple] = set()
+    for _, role in bound:
+        granted_all |= triples(role["rules"])
+    compare_rbac(expected, granted_all, "the chart")
+
+    watched = values["watch"]["namespaces"]
+    cluster_grants = set().union(*[triples(r["rules"]) for ns, r in bound if ns is None]) if bound else set()
+    if watched:
+        compare_rbac(cluster_scoped, cluster_grants, "the chart's ClusterRole in namespaced mode")
+        for ns in watched:
+            ns_grants = set().union(*[triples(r["rules"]) for n, r in bound if n == ns] or [set()])
+            compare_rbac(namespaced, ns_grants, f"the Role in watched namespace {ns}")
+        extra_ns = {n for n, _ in bound if n is not None} - set(watched) - {RELEASE_NAMESPACE}
+        require(not extra_ns, f"Roles in namespaces that are not watched: {sorted(extra_ns)}")
+    else:
+        compare_rbac(cluster_scoped | namespaced, cluster_grants, "the chart's ClusterRole")
+    lease_grants = set().union(*[triples(r["rules"]) for n, r in bound if n == RELEASE_NAMESPACE and r["kind"] == "Role" and any(t[0] == LEASE_GROUP for t in triples(r["rules"]))] or [set()])
+    if leader:
+        compare_rbac(lease, lease_grants, f"the leader-election Role in {RELEASE_NAMESPACE}")
+    else:
+        require(not lease_grants, "leader election is off but the chart grants Lease access")
+    mode = f"namespaced: {', '.join(watched)}" if watched else "cluster-wide"
+    return f"{len(expected)} permissions, {mode}, leader election {'on' if leader else 'off'}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Secrets
+
+SECRET_NAME = re.compile(r"(PASS(WORD|WD)?|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|SASL_?JAAS)", re.I)
+SECRET_TEXT = [
+    re.compile(r"(password|passwd|secret|token)\s*[=:]\s*\S+", re.I),  # key=value / key: value
+    re.compile(r"://[^/\s:@]+:[^/\s@]+@"),  # user:password@ in a URL
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\."),  # a JWT
+    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),  # an AWS access key id
+]
+
+
+def walk_strings(node: Any, path: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from walk_strings(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from walk_strings(v, f"{path}[{i}]")
+    elif isinstance(node, str):
+        yield path, node
+
+
+def secret_findings(objects: list[dict[str, Any]]) -> list[str]:
+    found: list[str] = []
+    for o in objects:
+        body = strip(o)
+        if body.get("kind") == "Secret" and (body.get("data") or body.get("stringData")):
+            found.append(f"{ident(o)}: a Secret with data is rendered by the chart")
+        for path, text in walk_strings(body):
+            if re.search(r"(^|\.)env\[\d+\]\.value$", path):
+                env_name = path  # the env var's name sits next to the value
+                parent = body
+                for part in re.findall(r"[^.\[\]]+|\[\d+\]", path)[:-1]:
+                    parent = parent[int(part[1:-1])] if part.startswith("[") else parent[part]
+                env_name = parent.get("name", "")
+                if text and SECRET_NAME.search(env_name):
+                    found.append(f"{ident(o)}: env {env_name} at {path} holds a literal value; use valueFrom.secretKeyRef")
+                    continue
+            if path.startswith("metadata.annotations") and "checksum/" in path:
+                continue
+            for pattern in SECRET_TEXT:
+                if pattern.search(text):
+                    found.append(f"{ident(o)}: {path} looks like it holds a secret ({pattern.pattern})")
+                    break
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks on one rendered value set
+
+
+def operator_deployment(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    deps = [d for d in of_kind(objects, "Deployment")]
+    require(len(deps) == 1, f"expected one Deployment, rendered {len(deps)}")
+    return deps[0]
+
+
+def flag_values(args: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for a in args:
+        require(a.startswith("--") and "=" in a, f"operator arg {a!r} is not --flag=value")
+        k, v = a[2:].split("=", 1)
+        require(k not in out, f"flag --{k} passed twice")
+        out[k] = v
+    return out
+
+
+def check_deployment(objects: list[dict[str, Any]], values: dict[str, Any]) -> str:
+    dep = operator_deployment(objects)
+    spec = dep["spec"]
+    pod = spec["template"]["spec"]
+    require(spec["replicas"] == values["replicas"], f"replicas {spec['replicas']} != values {values['replicas']}")
+    psc = pod.get("securityContext", {})
+    require(psc.get("runAsNonRoot") is True, "pod securityContext.runAsNonRoot must be true")
+    require(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", "pod seccompProfile must be RuntimeDefault")
+    require(not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), "host namespaces used")
+    require(len(pod["containers"]) == 1, "one operator container expected")
+    c = pod["containers"][0]
+    sc = c.get("securityContext", {})
+    require(sc.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation must be false")
+    require(sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem must be true")
+    require(sc.get("capabilities", {}).get("drop") == ["ALL"], "capabilities.drop must be [ALL]")
+    require(not sc.get("capabilities", {}).get("add"), "no capabilities may be added")
+    require(not sc.get("privileged"), "privileged container")
+
+    flags = flag_values(c.get("args", []))
+    leader = leader_election_on(values)
+    require(flags.get("leader-election") == ("true" if leader else "false"),
+            f"--leader-election={flags.get('leader-election')} but replicas={values['replicas']}, "
+            f"leaderElection.enabled={values['leaderElection']['enabled']}")
+    if leader:
+        require(flags.get("lease-namespace") == RELEASE_NAMESPACE, "--lease-namespace must be the release namespace")
+        require(flags.get("lease-name") == values["leaderElection"]["leaseName"], "--lease-name must follow values")
+    else:
+        require(spec.get("strategy", {}).get("type") == "Recreate",
+                "without leader election two operator pods must never overlap (strategy Recreate)")
+    watched = values["watch"]["namespaces"]
+    require(flags.get("namespaces", "") == ",".join(watched), f"--namespaces={flags.get('namespaces')} != {watched}")
+    sink = values["sink"]
+    for flag, key in [("sink-topic", "topic"), ("sink-failed-topic", "failedTopic"), ("sink-state-topic", "stateTopic"),
+                      ("sink-max-message-bytes", "maxMessageBytes"), ("sink-compression", "compression"),
+                      ("sink-bootstrap-servers", "bootstrapServers")]:
+        require(flags.get(flag) == str(sink[key]), f"--{flag}={flags.get(flag)!r} but values sink.{key}={sink[key]!r}")
+    img = values["connectorImage"]
+    want = f"{img['repository']}:{img['tag'] or '0.1.0'}"
+    require(flags.get("connector-image") == want, f"--connector-image={flags.get('connector-image')} != {want}")
+    port = values["adminPort"]
+    require(flags.get("admin-addr") == f"0.0.0.0:{port}", f"--admin-addr must listen on {port}")
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    require(ports.get("admin") == port, f"container port admin != {port}")
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        require(c.get(probe, {}).get("httpGet", {}).get("path") == path, f"{probe} must GET {path}")
+
+    svcs = of_kind(objects, "Service")
+    require(len(svcs) == 1, "one metrics Service expected")
+    svc = svcs[0]
+    labels = spec["template"]["metadata"]["labels"]
+    require(all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()), "Service selector does not match the operator pods")
+    require(svc["spec"]["ports"][0]["port"] == port and svc["spec"]["ports"][0]["targetPort"] == "admin", "Service must expose the admin port")
+    pdbs = of_kind(objects, "PodDisruptionBudget")
+    require(bool(pdbs) == (values["replicas"] > 1 and values["podDisruptionBudget"]["enabled"]), "PDB only with more than one replica")
+    return f"{len(flags)} flags, leader election {'on' if leader else 'off'}"
+
+
+def check_flags_known(objects: list[dict[str, Any]], help_text: str) -> None:
+    c = operator_deployment(objects)["spec"]["template"]["spec"]["containers"][0]
+    known = set(re.findall(r"--([a-z][a-z0-9-]+)", help_text))
+    unknown = [k for k in flag_values(c.get("args", [])) if k not in known]
+    require(not unknown, f"the chart passes flags obsrv-operator does not know: {unknown}")
+
+
+def check_monitoring(objects: list[dict[str, Any]], values: dict[str, Any]) -> str:
+    mon = values["monitoring"]
+    require(bool(of_kind(objects, "ServiceMonitor")) == mon["serviceMonitor"]["enabled"], "ServiceMonitor presence != values")
+    require(bool(of_kind(objects, "PodMonitor")) == mon["podMonitor"]["enabled"], "PodMonitor presence != values")
+    require(bool(of_kind(objects, "PrometheusRule")) == mon["prometheusRule"]["enabled"], "PrometheusRule presence != values")
+    require(bool(of_kind(objects, "NetworkPolicy")) == values["networkPolicy"]["enabled"], "NetworkPolicy presence != values")
+    metrics: set[str] = set()
+    alerts: list[str] = []
+    for rule_obj in of_kind(objects, "PrometheusRule"):
+        for group in rule_obj["spec"]["groups"]:
+            for rule in group["rules"]:
+                try:
+                    promql_parser.parse(rule["expr"])
+                except ValueError as exc:
+                    raise CheckFailed(f"alert {rule.get('alert')}: expr is not valid PromQL ({exc}): {rule['expr']}") from None
+                metrics |= set(re.findall(r"\b(obsrv_[a-z_]+)\b", rule["expr"]))
+                alerts.append(rule.get("alert", rule.get("record", "?")))
+    if mon["prometheusRule"]["enabled"]:
+        for want in ("ObsrvConnectorNotReady", "ObsrvConnectorLagGrowing", "ObsrvConnectorFailedRecords", "ObsrvOperatorReconcileErrors"):
+            require(want in alerts, f"alert {want} missing")
+        return f"alerts {', '.join(alerts)}; metrics {', '.join(sorted(metrics))}"
+    return "monitoring off"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Examples
+
+
+def example_files() -> list[Path]:
+    return sorted(p for p in EXAMPLES.glob("*.yaml"))
+
+
+def referenced_secret_keys(spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """(secretName, key) pairs a Connector spec references, with the CRD's default keys."""
+    out: list[tuple[str, str]] = []
+
+    def creds(c: dict[str, Any] | None) -> None:
+        if c:
+            out.append((c["secretName"], c.get("usernameKey", "username")))
+            out.append((c["secretName"], c.get("passwordKey", "password")))
+
+    def tls(t: dict[str, Any] | None) -> None:
+        if t and t.get("ca"):
+            out.append((t["ca"]["secretName"], t["ca"]["key"]))
+
+    src = spec.get("source", {})
+    for kind in ("postgres", "mysql", "mariadb"):
+        if kind in src:
+            creds(src[kind]["credentials"])
+            tls(src[kind].get("tls"))
+    if "kafka" in src:
+        creds((src["kafka"].get("sasl") or {}).get("credentials"))
+        tls(src["kafka"].get("tls"))
+    if "s3" in src and src["s3"].get("credentials"):
+        c = src["s3"]["credentials"]
+        out.append((c["secretName"], c.get("accessKeyIdKey", "accessKeyId")))
+        out.append((c["secretName"], c.get("secretAccessKeyKey", "secretAccessKey")))
+    sink = (spec.get("sink") or {}).get("kafka") or {}
+    creds((sink.get("sasl") or {}).get("credentials"))
+    tls(sink.get("tls"))
+    for e in (spec.get("template") or {}).get("env", []):
+        ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+        if ref:
+            out.append((ref["name"], ref["key"]))
+    return out
+
+
+def check_example(path: Path, validator: jsonschema.protocols.Validator) -> str:
+    docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    connectors = [d for d in docs if d.get("kind") == "Connector"]
+    secrets = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Secret"}
+    require(len(connectors) >= 1, f"{path.name}: no Connector")
+    kinds = []
+    for d in docs:
+        if d.get("kind") == "Connector":
+            errs = schema_errors(validator, d)
+            require(not errs, f"{path.name}: Connector {d['metadata'].get('name')} does not match the CRD schema:\n" + "\n".join(errs))
+        else:
+            validate_k8s(d)
+    for conn in connectors:
+        src = conn["spec"]["source"]
+        require(len(src) == 1, f"{path.name}: {conn['metadata']['name']} must set exactly one source kind")
+        kinds.append(next(iter(src)))
+        ns = conn["metadata"].get("namespace")
+        for name, key in referenced_secret_keys(conn["spec"]):
+            require(name in secrets, f"{path.name}: {conn['metadata']['name']} references Secret {name}, which the file does not define")
+            sec = secrets[name]
+            require(sec["metadata"].get("namespace") == ns, f"{path.name}: Secret {name} must be in the Connector's namespace {ns}")
+            keys = set((sec.get("stringData") or {}).keys()) | set((sec.get("data") or {}).keys())
+            require(key in keys, f"{path.name}: Secret {name} has no key {key!r} (has {sorted(keys)})")
+    return ", ".join(kinds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argo CD health check
+
+
+def lua_to_py(value: Any) -> Any:
+    if lua51.lua_type(value) == "table":
+        return {k: lua_to_py(v) for k, v in value.items()}
+    return value
+
+
+def argocd_health(script: str, obj: dict[str, Any]) -> dict[str, Any]:
+    lua = lua51.LuaRuntime(unpack_returned_tuples=True)
+    # Argo CD runs the script as a function body with the object in the global `obj`.
+    fn = lua.execute("return function(obj) " + script + "\nend")
+    return lua_to_py(fn(lua.table_from(obj, recursive=True)))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    os.chdir(ROOT)
+    run = Runner()
+    print(f"checking {CHART.relative_to(ROOT)} with Helm {helm.helm_sdk_version()} (helm-python-sdk {helm.__version__}), "
+          f"kubernetes-validate {kubernetes_validate.__version__} strict for Kubernetes {KUBE_VERSION}")
+
+    def crds_in_sync() -> str:
+        chart_crd = CHART / "crds" / "connector.yaml"
+        require(chart_crd.exists(), f"{chart_crd} missing: cp crds/connector.yaml {chart_crd.relative_to(ROOT)}")
+        require(chart_crd.read_bytes() == CRD_FILE.read_bytes(),
+                f"{chart_crd.relative_to(ROOT)} differs from crds/connector.yaml: cp crds/connector.yaml {chart_crd.relative_to(ROOT)}")
+        with helm.Chart.load(CHART) as chart:
+            names = [c["name"] for c in chart.crds]
+        require(names, "Helm loads no CRD from the chart's crds/")
+        crd = load_yaml(CRD_FILE)
+        validate_k8s(crd)
+        return f"{crd['metadata']['name']}, loaded by Helm as {names}"
+
+    run.check("chart crds/ is identical to crds/connector.yaml and valid", crds_in_sync)
+
+    sets = value_sets()
+    rendered: dict[str, tuple[list[dict[str, Any]], str, dict[str, Any]]] = {}
+    for name, values in sets:
+        def lint(values: dict[str, Any] = values) -> str:
+            report = helm.lint(CHART, values, strict=True, namespace=RELEASE_NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+            bad = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + [{"error": e} for e in report.get("errors") or []]
+            require(not bad, "helm lint --strict:\n" + "\n".join(f"{m.get('path', '')}: {m['error']}" for m in bad))
+            return f"{len(report.get('messages', []))} info message(s)"
+
+        run.check(f"[{name}] helm lint --strict", lint)
+
+        def do_render(name: str = name, values: dict[str, Any] = values) -> str:
+            rendered[name] = render(values)
+            objs = rendered[name][0]
+            return f"{len(objs)} objects: " + ", ".join(sorted({o['kind'] for o in objs}))
+
+        run.check(f"[{name}] renders with the Helm engine", do_render)
+        if name not in rendered:
+            continue
+        objects, notes, merged = rendered[name]
+
+        def validate_all(objects: list[dict[str, Any]] = objects) -> str:
+            problems = []
+            for o in objects:
+                try:
+                    validate_k8s(o)
+                except CheckFailed as exc:
+                    problems.append(str(exc))
+            require(not problems, "\n".join(problems))
+            return f"{len(objects)} objects valid"
+
+        run.check(f"[{name}] every object validates (strict, Kubernetes {KUBE_VERSION})", validate_all)
+        run.check(f"[{name}] operator Deployment: restricted security, flags follow values", lambda o=objects, m=merged: check_deployment(o, m))
+        run.check(f"[{name}] monitoring objects and alert expressions", lambda o=objects, m=merged: check_monitoring(o, m))
+
+        def no_secrets(objects: list[dict[str, Any]] = objects) -> None:
+            found = secret_findings(objects)
+            require(not found, "\n".join(found))
+
+        run.check(f"[{name}] no rendered object holds a secret value", no_secrets)
+
+        def notes_ok(notes: str = notes, merged: dict[str, Any] = merged) -> None:
+            require("kubectl" in notes and "Connector" in notes, "NOTES.txt does not tell the user what to do next")
+            for ns in merged["watch"]["namespaces"]:
+                require(ns in notes, f"NOTES.txt does not name watched namespace {ns}")
+
+        run.check(f"[{name}] NOTES.txt tells what to do next", notes_ok)
+
+    declared: list[dict[str, Any]] = []
+
+    def get_declared() -> str:
+        declared.extend(declared_rbac())
+        return f"{len(triples(declared))} permissions from `obsrv-operator print-rbac`"
+
+    run.check("operator declares its RBAC (cargo run -q -p obsrv-operator -- print-rbac)", get_declared)
+    if declared:
+        decl = triples(declared)
+
+        def chart_copy() -> None:
+            copy_rules = json.loads((CHART / "files" / "rbac-rules.json").read_text(encoding="utf-8"))
+            compare_rbac(decl, triples(copy_rules), "helm/obsrv-connectors/files/rbac-rules.json "
+                         "(refresh: cargo run -q -p obsrv-operator -- print-rbac > helm/obsrv-connectors/files/rbac-rules.json)")
+
+        run.check("chart's files/rbac-rules.json equals print-rbac", chart_copy)
+        for name, (objects, _, merged) in rendered.items():
+            run.check(f"[{name}] RBAC grants exactly what the operator declares", lambda o=objects, m=merged: check_rbac(o, m, decl))
+
+        def rbac_check_can_fail() -> None:
+            objects, _, merged = rendered["default"]
+            for label, mutated in [
+                ("a missing permission", decl - {sorted(decl)[0]}),
+                ("an extra permission", decl | {("", "secrets", "delete")}),
+            ]:
+                try:
+                    check_rbac(objects, merged, mutated)
+                except CheckFailed:
+                    continue
+                raise CheckFailed(f"the RBAC comparison did not notice {label}")
+
+        if "default" in rendered:
+            run.check("RBAC comparison catches a missing and an extra permission", rbac_check_can_fail)
+
+    def flags_known() -> str:
+        help_text = operator_help()
+        for name, (objects, _, _) in rendered.items():
+            check_flags_known(objects, help_text)
+        return f"checked against `obsrv-operator --help` for {len(rendered)} value sets"
+
+    run.check("every flag the chart passes is known to obsrv-operator", flags_known)
+
+    def bad_secret_caught() -> str:
+        objects, _, _ = render(load_yaml(CI / "bad-values-secret-env.yaml"))
+        found = secret_findings(objects)
+        require(found, "a literal OBSRV_SINK_PASSWORD in the operator's env went unnoticed")
+        return found[0].split(": ", 1)[1]
+
+    run.check("secret detector catches helm/ci/bad-values-secret-env.yaml", bad_secret_caught)
+
+    def bad_schema_rejected() -> str:
+        cases = load_yaml(CI / "bad-values-schema.yaml")
+        with helm.Chart.load(CHART) as chart:
+            for case in cases:
+                try:
+                    chart.validate_schema(case)
+                except helm.HelmValuesError:
+                    continue
+                raise CheckFailed(f"values.schema.json accepted bad values {case}")
+        return f"{len(cases)} bad value sets rejected"
+
+    run.check("values.schema.json rejects bad values", bad_schema_rejected)
+
+    validator = connector_validator()
+    files = example_files()
+    seen_kinds: list[str] = []
+    for path in files:
+        def one(path: Path = path) -> str:
+            kinds = check_example(path, validator)
+            seen_kinds.extend(kinds.split(", "))
+            return kinds
+
+        run.check(f"example {path.relative_to(ROOT)} is valid and its Secrets exist", one)
+
+    def all_kinds() -> None:
+        missing = [k for k in SOURCE_KINDS if k not in seen_kinds]
+        require(not missing, f"examples/ lacks a Connector for source kind(s): {missing}")
+        readme = (EXAMPLES / "README.md")
+        require(readme.exists(), "examples/README.md missing")
+        text = readme.read_text(encoding="utf-8")
+        for p in files:
+            require(p.name in text, f"examples/README.md does not mention {p.name}")
+
+    run.check("examples/ cover every source kind and the README lists them", all_kinds)
+
+    def strict_schema_can_fail() -> None:
+        good = next(d for d in yaml.safe_load_all((files[0]).read_text(encoding="utf-8")) if d and d.get("kind") == "Connector")
+        bad = copy.deepcopy(good)
+        bad["spec"]["sourceTypo"] = True
+        require(schema_errors(validator, bad), "the Connector schema check accepted an unknown field")
+
+    if files:
+        run.check("Connector schema check rejects an unknown field", strict_schema_can_fail)
+
+    script = (CHART / "files" / "argocd-health.lua").read_text(encoding="utf-8")
+    fixtures = load_yaml(CI / "argocd-health-fixtures.yaml")
+    expected_statuses = {f["expect"] for f in fixtures}
+    for fx in fixtures:
+        def health(fx: dict[str, Any] = fx) -> str:
+            errs = schema_errors(validator, fx["object"])
+            require(not errs, "fixture does not match the CRD schema:\n" + "\n".join(errs))
+            hs = argocd_health(script, fx["object"])
+            require(hs.get("status") == fx["expect"], f"expected {fx['expect']}, Lua returned {hs}")
+            require(bool(hs.get("message")), f"no message: {hs}")
+            return hs["message"]
+
+        run.check(f"argocd health: {fx['name']} -> {fx['expect']}", health)
+
+    def all_statuses() -> None:
+        missing = {"Healthy", "Progressing", "Degraded", "Suspended"} - expected_statuses
+        require(not missing, f"no Argo CD fixture for {sorted(missing)}")
+
+    run.check("argocd health fixtures cover Healthy, Progressing, Degraded, Suspended", all_statuses)
+
+    def docs_embed_lua() -> None:
+        doc_path = ROOT / "docs" / "gitops.md"
+        require(doc_path.exists(), "docs/gitops.md missing")
+        doc = doc_path.read_text(encoding="utf-8")
+        # The argocd-cm snippet holds the script under `health.lua: |`, indented.
+        m = re.search(r"health\.lua: \|\n((?:[ ]+.*\n|\n)+)", doc)
+        require(m is not None, "docs/gitops.md has no argocd-cm snippet with `health.lua: |`")
+        embedded = textwrap.dedent(m.group(1)).strip()
+        require(embedded == script.strip(),
+                "the Lua in docs/gitops.md differs from helm/obsrv-connectors/files/argocd-health.lua "
+                "(the file is the tested one: copy it into the doc)")
+
+    run.check("docs/gitops.md carries the tested Lua verbatim", docs_embed_lua)
+
+    if run.failures:
+        print("\nfailed checks:\n  " + "\n  ".join(run.failures))
+    print(f"{run.passed} passed, {run.failed} failed")
+    return 1 if run.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
