@@ -297,12 +297,25 @@ pub enum OffsetReset {
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
-#[serde(rename_all = "SCREAMING-KEBAB-CASE")]
 pub enum SaslMechanism {
     #[default]
+    #[serde(rename = "PLAIN")]
     Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
     ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
     ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The name librdkafka's `sasl.mechanism` expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
