@@ -2,9 +2,16 @@
 //! and PodDisruptionBudget, scales it, and reports health and lag from the pods' `/status`.
 //!
 //! Reconcile is a pipeline: [`validate`] (pure) → [`builders`] (pure) → apply → [`observe`] →
-//! [`status`] (pure) → write when changed. [`scaling`] decides replicas, also purely.
+//! [`status`] (pure) → write when changed. [`scaling`] and [`cleanup`] decide, also purely.
 
 pub mod builders;
+pub mod cleanup;
 pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod observe;
 pub mod rbac;
+pub mod reconcile;
+pub mod scaling;
+pub mod status;
 pub mod validate;

@@ -1,0 +1,339 @@
+//! Pure status computation: kstatus conditions, phase and the observed numbers, from what was
+//! applied and observed. Conditions keep their `lastTransitionTime` while their status holds.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use obsrv_crds::status::{ConnectorStatus, LagStatus, Phase, condition};
+use obsrv_crds::{DesiredState, SourceKind};
+
+use crate::observe::Observed;
+use crate::scaling::ScaleDecision;
+
+/// Something that stops the operator from running the spec (the running Deployment is left as it is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    pub reason: String,
+    pub message: String,
+    /// The spec itself is wrong (`ConfigValid=False`), rather than the world around it.
+    pub invalid_spec: bool,
+}
+
+/// How far the Deployment has rolled out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rollout {
+    pub ready: i32,
+    pub updated: i32,
+    pub total: i32,
+    /// The Deployment controller has seen the latest spec.
+    pub observed: bool,
+}
+
+impl Rollout {
+    pub fn of(d: Option<&Deployment>) -> Rollout {
+        let Some(d) = d else {
+            return Rollout::default();
+        };
+        let s = d.status.clone().unwrap_or_default();
+        Rollout {
+            ready: s.ready_replicas.unwrap_or(0),
+            updated: s.updated_replicas.unwrap_or(0),
+            total: s.replicas.unwrap_or(0),
+            observed: match (d.metadata.generation, s.observed_generation) {
+                (Some(g), Some(o)) => o >= g,
+                (None, _) => true,
+                _ => false,
+            },
+        }
+    }
+
+    /// Every wanted replica runs the latest template and is ready; no old pods are left.
+    pub fn complete(&self, want: i32) -> bool {
+        self.observed && self.updated >= want && self.ready >= want && self.total <= want
+    }
+}
+
+/// What the reconcile did, for status.
+#[derive(Debug, Clone)]
+pub enum Outcome<'a> {
+    Blocked(Blocked),
+    Applied {
+        decision: &'a ScaleDecision,
+        rollout: Rollout,
+        observed: &'a Observed,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct StatusInput<'a> {
+    pub previous: Option<&'a ConnectorStatus>,
+    pub generation: Option<i64>,
+    pub now: Timestamp,
+    pub state: DesiredState,
+    pub source_kind: Option<SourceKind>,
+    pub selector: String,
+    pub outcome: Outcome<'a>,
+}
+
+fn cond(
+    i: &StatusInput<'_>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_string();
+    let since = i
+        .previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(i.now));
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: i.generation,
+        last_transition_time: since,
+    }
+}
+
+/// The Connector's next status.
+pub fn compute(i: &StatusInput<'_>) -> ConnectorStatus {
+    let mut s = i.previous.cloned().unwrap_or_default();
+    s.observed_generation = i.generation;
+    s.source_kind = i
+        .source_kind
+        .map(|k| k.as_str().to_string())
+        .or(s.source_kind);
+    s.selector = Some(i.selector.clone());
+    let conditions = match &i.outcome {
+        Outcome::Blocked(b) => {
+            s.phase = Some(Phase::Failed);
+            vec![
+                cond(i, condition::READY, false, &b.reason, b.message.clone()),
+                cond(
+                    i,
+                    condition::RECONCILING,
+                    false,
+                    &b.reason,
+                    "Waiting for a change that fixes this.".into(),
+                ),
+                cond(i, condition::STALLED, true, &b.reason, b.message.clone()),
+                if b.invalid_spec {
+                    cond(
+                        i,
+                        condition::CONFIG_VALID,
+                        false,
+                        &b.reason,
+                        b.message.clone(),
+                    )
+                } else {
+                    cond(
+                        i,
+                        condition::CONFIG_VALID,
+                        true,
+                        "Valid",
+                        "The spec is valid.".into(),
+                    )
+                },
+                previous_or(i, condition::SCALING_LIMITED),
+            ]
+        }
+        Outcome::Applied {
+            decision,
+            rollout,
+            observed,
+        } => applied(i, &mut s, decision, *rollout, observed),
+    };
+    s.conditions = conditions;
+    s
+}
+
+fn previous_or(i: &StatusInput<'_>, type_: &str) -> Condition {
+    i.previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_).cloned())
+        .map(|c| Condition {
+            observed_generation: i.generation,
+            ..c
+        })
+        .unwrap_or_else(|| {
+            cond(
+                i,
+                type_,
+                false,
+                "NotLimited",
+                "Replicas are not limited.".into(),
+            )
+        })
+}
+
+fn applied(
+    i: &StatusInput<'_>,
+    s: &mut ConnectorStatus,
+    decision: &ScaleDecision,
+    rollout: Rollout,
+    observed: &Observed,
+) -> Vec<Condition> {
+    let want = decision.replicas;
+    s.replicas = want;
+    s.ready_replicas = rollout.ready;
+    s.replicas_summary = Some(format!("{}/{}", rollout.ready, want));
+    s.last_high_lag_time = decision.last_high_lag_time.map(Time);
+    if s.replicas != i.previous.map(|p| p.replicas).unwrap_or(-1) {
+        s.last_scale_time = Some(Time(i.now));
+    }
+    if observed.answered > 0 {
+        let lag = observed.lag_records.map(|records| LagStatus {
+            records,
+            seconds: observed.lag_seconds,
+            observed_at: None,
+        });
+        // Keep observedAt while the numbers hold, so an unchanged lag does not cause a write.
+        s.lag = match (lag, s.lag.take()) {
+            (Some(new), Some(old)) if old.records == new.records && old.seconds == new.seconds => {
+                Some(old)
+            }
+            (Some(new), _) => Some(LagStatus {
+                observed_at: Some(Time(i.now)),
+                ..new
+            }),
+            (None, old) => old,
+        };
+        s.totals = observed.totals.or(s.totals);
+        s.watermark = observed.watermark.clone().or(s.watermark.take());
+        s.max_parallelism = observed.max_parallelism.or(s.max_parallelism);
+    }
+    if let Some(e) = &observed.worst_error {
+        let same = s
+            .last_error
+            .as_ref()
+            .is_some_and(|p| p.reason == e.reason && p.message == e.message);
+        if !same {
+            s.last_error = Some(obsrv_crds::status::LastError {
+                time: Some(Time(i.now)),
+                ..e.clone()
+            });
+        }
+    }
+
+    let complete = rollout.complete(want);
+    let healthy = observed.failing == 0;
+    let (ready, ready_reason, ready_msg, phase) = match i.state {
+        DesiredState::Stopped if rollout.total == 0 => (
+            true,
+            "Stopped",
+            "Stopped: no replicas run, as asked.".to_string(),
+            Phase::Stopped,
+        ),
+        DesiredState::Stopped => (
+            false,
+            "Stopping",
+            format!("Stopping: {} pods still run.", rollout.total),
+            Phase::Stopped,
+        ),
+        _ if !complete => (
+            false,
+            "RollingOut",
+            format!(
+                "{} of {want} replicas ready and up to date.",
+                rollout.ready.min(rollout.updated)
+            ),
+            if observed.failing > 0 {
+                Phase::Degraded
+            } else {
+                Phase::Pending
+            },
+        ),
+        _ if !healthy => {
+            let e = observed.worst_error.as_ref();
+            (
+                false,
+                e.map_or("Degraded", |e| e.reason.as_str()),
+                e.map_or_else(
+                    || "A replica reports an error.".into(),
+                    |e| e.message.clone(),
+                ),
+                Phase::Degraded,
+            )
+        }
+        DesiredState::Paused => (
+            true,
+            "Paused",
+            format!("Paused: {want} replicas connected, not reading."),
+            Phase::Paused,
+        ),
+        DesiredState::Running if observed.reading < want => (
+            false,
+            "NotReading",
+            format!(
+                "{} of {want} replicas report they are reading.",
+                observed.reading
+            ),
+            Phase::Pending,
+        ),
+        DesiredState::Running => (
+            true,
+            "Running",
+            format!("{want} of {want} replicas reading."),
+            Phase::Running,
+        ),
+    };
+    s.phase = Some(phase);
+    let reconciling = !complete && healthy;
+    let limited = match &decision.limit {
+        Some(l) => cond(
+            i,
+            condition::SCALING_LIMITED,
+            true,
+            l.reason,
+            l.message.clone(),
+        ),
+        None => cond(
+            i,
+            condition::SCALING_LIMITED,
+            false,
+            "NotLimited",
+            "Replicas are not limited.".into(),
+        ),
+    };
+    vec![
+        cond(i, condition::READY, ready, ready_reason, ready_msg.clone()),
+        cond(
+            i,
+            condition::RECONCILING,
+            reconciling,
+            if reconciling {
+                "RollingOut"
+            } else {
+                "Reconciled"
+            },
+            if reconciling {
+                ready_msg
+            } else {
+                "The Deployment matches the spec.".into()
+            },
+        ),
+        cond(
+            i,
+            condition::STALLED,
+            false,
+            "Progressing",
+            "Nothing blocks progress.".into(),
+        ),
+        cond(
+            i,
+            condition::CONFIG_VALID,
+            true,
+            "Valid",
+            "The spec is valid.".into(),
+        ),
+        limited,
+    ]
+}
+
+/// Whether two statuses differ in anything a user would see (so a write is needed).
+pub fn changed(old: Option<&ConnectorStatus>, new: &ConnectorStatus) -> bool {
+    old != Some(new)
+}
