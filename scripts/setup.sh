@@ -12,7 +12,7 @@ export PATH="$CARGO_BIN:$PATH"
 NISSHI_VERSION=0.6.0
 S3S_FS_VERSION=0.14.1
 APT_PACKAGES=(postgresql postgresql-client mariadb-server mariadb-client libssl-dev pkg-config
-  build-essential python3-venv libsasl2-dev)
+  build-essential python3-venv)
 
 step_started=0
 step() { step_started=$(date +%s); printf '==> %s\n' "$*"; }
