@@ -488,6 +488,24 @@ def check_flags_known(objects: list[dict[str, Any]], help_text: str) -> None:
     require(not unknown, f"the chart passes flags obsrv-operator does not know: {unknown}")
 
 
+METRIC_SOURCES = [ROOT / "operator" / "src" / "metrics.rs", ROOT / "connector-image" / "src" / "metrics.rs"]
+
+
+def exported_metrics() -> set[str]:
+    """Series names the operator and the runtime register with prometheus-client (a counter is
+    exposed with `_total`, a histogram with `_bucket`/`_sum`/`_count`)."""
+    out: set[str] = set()
+    for path in METRIC_SOURCES:
+        require(path.exists(), f"{path.relative_to(ROOT)} missing: cannot tell which metrics exist")
+        src = path.read_text(encoding="utf-8")
+        prefix = re.search(r'Registry::with_prefix\(\s*"([a-z_]+)"', src)
+        require(prefix is not None, f"{path.relative_to(ROOT)}: no Registry::with_prefix(..)")
+        for name in re.findall(r'\.register(?:_with_unit)?\(\s*"([a-z_]+)"', src):
+            base = f"{prefix.group(1)}_{name}"
+            out |= {base, f"{base}_total", f"{base}_bucket", f"{base}_sum", f"{base}_count"}
+    return out
+
+
 def check_monitoring(objects: list[dict[str, Any]], values: dict[str, Any]) -> str:
     mon = values["monitoring"]
     require(bool(of_kind(objects, "ServiceMonitor")) == mon["serviceMonitor"]["enabled"], "ServiceMonitor presence != values")
@@ -505,6 +523,11 @@ def check_monitoring(objects: list[dict[str, Any]], values: dict[str, Any]) -> s
                     raise CheckFailed(f"alert {rule.get('alert')}: expr is not valid PromQL ({exc}): {rule['expr']}") from None
                 metrics |= set(re.findall(r"\b(obsrv_[a-z_]+)\b", rule["expr"]))
                 alerts.append(rule.get("alert", rule.get("record", "?")))
+    if metrics:
+        exported = exported_metrics()
+        unknown = sorted(m for m in metrics if m not in exported)
+        require(not unknown, f"alerts use metrics that neither operator/src nor connector-image/src exports: {unknown}"
+                f" (exported: {', '.join(sorted(exported))})")
     if mon["prometheusRule"]["enabled"]:
         for want in ("ObsrvConnectorNotReady", "ObsrvConnectorLagGrowing", "ObsrvConnectorFailedRecords", "ObsrvOperatorReconcileErrors"):
             require(want in alerts, f"alert {want} missing")
