@@ -1,0 +1,389 @@
+//! Loading what a connector runs: the operator's rendered [`RuntimeConfig`] or, for local runs, a
+//! `Connector` manifest; resolving the sink over the operator's defaults; reading Secret values from
+//! env vars or a `--secrets-dir`.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use obsrv_crds::{
+    Compression, Connector, Delivery, KafkaSink, Sasl, SaslMechanism, Tls, TlsMode,
+    runtime::{RuntimeConfig, SecretEnv, secret_env},
+};
+
+use crate::error::{Error, Result};
+
+/// Parses a config file: a `RuntimeConfig` (what the operator writes in the ConfigMap) or a
+/// `Connector` manifest (anything with a `kind`), so a manifest runs locally as it would in a cluster.
+pub fn parse_config(text: &str) -> Result<RuntimeConfig> {
+    let value: serde_yaml::Value = serde_yaml::from_str(text)
+        .map_err(|e| Error::Config(format!("config is not YAML: {e}")))?;
+    if value.get("kind").is_some() {
+        let c: Connector = serde_yaml::from_value(value)
+            .map_err(|e| Error::Config(format!("not a valid Connector manifest: {e}")))?;
+        let name = c
+            .metadata
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| Error::Config("the Connector manifest has no metadata.name".into()))?;
+        Ok(RuntimeConfig {
+            namespace: c
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            name,
+            uid: c.metadata.uid.clone(),
+            spec: c.spec,
+        })
+    } else {
+        let rc: RuntimeConfig = serde_yaml::from_value(value)
+            .map_err(|e| Error::Config(format!("not a valid runtime config: {e}")))?;
+        if rc.spec.dataset.is_empty() {
+            return Err(Error::Config("spec.dataset must not be empty".into()));
+        }
+        Ok(rc)
+    }
+}
+
+/// Parses a Go-style duration (`30s`, `1m30s`, `500ms`, `1.5h`).
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let bad = || Error::Config(format!("`{s}` is not a duration such as 30s, 5m or 1h"));
+    let mut total = 0f64;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        if num_len == 0 {
+            return Err(bad());
+        }
+        let n: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let secs = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += n * secs;
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// The operator's sink defaults, as flags/env of the runtime (same names and defaults as the
+/// operator's `--sink-*` flags) so a bare Connector manifest runs locally.
+pub fn default_sink(
+    bootstrap: Option<String>,
+    topic: String,
+    failed: String,
+    state: String,
+    max: i32,
+    compression: Compression,
+) -> KafkaSink {
+    KafkaSink {
+        bootstrap_servers: bootstrap,
+        topic: Some(topic),
+        failed_topic: Some(failed),
+        state_topic: Some(state),
+        max_message_bytes: Some(max),
+        compression: Some(compression),
+        ..KafkaSink::default()
+    }
+}
+
+/// The sink with every field decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SinkSettings {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    pub failed_topic: String,
+    pub state_topic: String,
+    pub max_message_bytes: usize,
+    pub compression: Compression,
+    pub linger_ms: i32,
+    pub batch_bytes: Option<i32>,
+    pub tls: Option<Tls>,
+    pub sasl: Option<Sasl>,
+    pub delivery: Delivery,
+}
+
+impl SinkSettings {
+    /// The Connector's sink over `defaults`; fails when no bootstrap server is known.
+    pub fn resolve(spec: &obsrv_crds::ConnectorSpec, defaults: &KafkaSink) -> Result<SinkSettings> {
+        let own = spec
+            .sink
+            .as_ref()
+            .and_then(|s| s.kafka.clone())
+            .unwrap_or_default();
+        let k = own.merged_over(defaults);
+        let bootstrap_servers = k.bootstrap_servers.filter(|b| !b.is_empty()).ok_or_else(|| {
+            Error::Config("no sink bootstrap servers: set spec.sink.kafka.bootstrapServers or --sink-bootstrap-servers".into())
+        })?;
+        let max = k.max_message_bytes.unwrap_or(1_048_576);
+        if max < 1024 {
+            return Err(Error::Config(
+                "maxMessageBytes must be at least 1024".into(),
+            ));
+        }
+        Ok(SinkSettings {
+            bootstrap_servers,
+            topic: k.topic.unwrap_or_else(|| "ingest".into()),
+            failed_topic: k.failed_topic.unwrap_or_else(|| "connectors.failed".into()),
+            state_topic: k.state_topic.unwrap_or_else(|| "connectors.state".into()),
+            max_message_bytes: max as usize,
+            compression: k.compression.unwrap_or_default(),
+            linger_ms: k.linger_ms.unwrap_or(20),
+            batch_bytes: k.batch_bytes,
+            tls: k.tls,
+            sasl: k.sasl,
+            delivery: spec.delivery,
+        })
+    }
+}
+
+/// librdkafka security settings for a TLS/SASL section. `ca` is the PEM bundle, `creds` the
+/// SASL username and password (already read from their Secret).
+pub fn kafka_security(
+    tls: Option<&Tls>,
+    sasl: Option<&Sasl>,
+    ca: Option<&str>,
+    creds: Option<(&str, &str)>,
+) -> BTreeMap<&'static str, String> {
+    let mut out = BTreeMap::new();
+    let tls_on = tls.is_some_and(|t| t.mode != TlsMode::Disable);
+    let protocol = match (tls_on, sasl.is_some()) {
+        (false, false) => "plaintext",
+        (true, false) => "ssl",
+        (false, true) => "sasl_plaintext",
+        (true, true) => "sasl_ssl",
+    };
+    out.insert("security.protocol", protocol.to_string());
+    if let Some(t) = tls.filter(|_| tls_on) {
+        let verify = t.mode == TlsMode::VerifyFull;
+        out.insert("enable.ssl.certificate.verification", verify.to_string());
+        out.insert(
+            "ssl.endpoint.identification.algorithm",
+            if verify { "https" } else { "none" }.to_string(),
+        );
+        if let Some(ca) = ca {
+            out.insert("ssl.ca.pem", ca.to_string());
+        }
+    }
+    if let Some(s) = sasl {
+        let mech = match s.mechanism {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        };
+        out.insert("sasl.mechanism", mech.to_string());
+        if let Some((u, p)) = creds {
+            out.insert("sasl.username", u.to_string());
+            out.insert("sasl.password", p.to_string());
+        }
+    }
+    out
+}
+
+/// Secret values by env var name, read once at start.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    values: BTreeMap<&'static str, String>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Names only: a value must never reach a log line.
+        f.debug_list().entries(self.values.keys()).finish()
+    }
+}
+
+impl Secrets {
+    /// Reads every Secret value the spec needs: the env var first, then `<dir>/<secret>/<key>`.
+    pub fn load(spec: &obsrv_crds::ConnectorSpec, dir: Option<&PathBuf>) -> Result<Secrets> {
+        Self::load_with(&secret_env(spec), dir, |k| std::env::var(k).ok())
+    }
+
+    fn load_with(
+        wanted: &[SecretEnv],
+        dir: Option<&PathBuf>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Secrets> {
+        let mut values = BTreeMap::new();
+        for s in wanted {
+            let value = match env(s.env) {
+                Some(v) => v,
+                None => match dir {
+                    Some(d) => {
+                        let path = d.join(&s.secret_name).join(&s.key);
+                        let v = std::fs::read_to_string(&path).map_err(|e| {
+                            Error::Config(format!(
+                                "{} (Secret {} key {}) not set and {} unreadable: {e}",
+                                s.env,
+                                s.secret_name,
+                                s.key,
+                                path.display()
+                            ))
+                        })?;
+                        v.strip_suffix('\n').map(str::to_string).unwrap_or(v)
+                    }
+                    None => {
+                        return Err(Error::Config(format!(
+                            "{} (Secret {} key {}) is not set; set it or pass --secrets-dir",
+                            s.env, s.secret_name, s.key
+                        )));
+                    }
+                },
+            };
+            values.insert(s.env, value);
+        }
+        Ok(Secrets { values })
+    }
+
+    pub fn get(&self, env: &str) -> Option<&str> {
+        self.values.get(env).map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"
+apiVersion: obsrv.io/v1alpha1
+kind: Connector
+metadata: {name: orders, namespace: shop}
+spec:
+  dataset: orders
+  source:
+    postgres:
+      host: localhost
+      database: shop
+      credentials: {secretName: pg-creds}
+      tables: [{name: public.orders, cursor: {column: updated_at, tieBreaker: id}}]
+"#;
+
+    #[test]
+    fn a_manifest_and_a_runtime_config_give_the_same_identity() {
+        let from_manifest = parse_config(MANIFEST).unwrap();
+        assert_eq!(from_manifest.instance_id(), "shop/orders");
+        let rc = serde_yaml::to_string(&from_manifest).unwrap();
+        assert_eq!(parse_config(&rc).unwrap(), from_manifest);
+    }
+
+    #[test]
+    fn a_manifest_without_name_is_refused() {
+        let e = parse_config(&MANIFEST.replace("name: orders, ", "")).unwrap_err();
+        assert!(e.to_string().contains("metadata.name"), "{e}");
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        for bad in ["", "10", "s", "5x", "1m 3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sink_fields_fall_back_to_the_operator_defaults() {
+        let mut rc = parse_config(MANIFEST).unwrap();
+        let defaults = default_sink(
+            Some("k:9092".into()),
+            "ingest".into(),
+            "failed".into(),
+            "state".into(),
+            2048,
+            Compression::Lz4,
+        );
+        let s = SinkSettings::resolve(&rc.spec, &defaults).unwrap();
+        assert_eq!(
+            (
+                s.bootstrap_servers.as_str(),
+                s.topic.as_str(),
+                s.max_message_bytes
+            ),
+            ("k:9092", "ingest", 2048)
+        );
+        rc.spec.sink = Some(obsrv_crds::Sink {
+            kafka: Some(KafkaSink {
+                topic: Some("mine".into()),
+                ..Default::default()
+            }),
+        });
+        let s = SinkSettings::resolve(&rc.spec, &defaults).unwrap();
+        assert_eq!(
+            (s.topic.as_str(), s.failed_topic.as_str(), s.compression),
+            ("mine", "failed", Compression::Lz4)
+        );
+        let none = default_sink(
+            None,
+            "i".into(),
+            "f".into(),
+            "s".into(),
+            2048,
+            Compression::Zstd,
+        );
+        assert!(matches!(
+            SinkSettings::resolve(&rc.spec, &none),
+            Err(Error::Config(_))
+        ));
+    }
+
+    #[test]
+    fn secrets_come_from_env_then_the_secrets_dir_and_never_print() {
+        let rc = parse_config(MANIFEST).unwrap();
+        let wanted = secret_env(&rc.spec);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("pg-creds")).unwrap();
+        std::fs::write(dir.path().join("pg-creds/password"), "s3cret\n").unwrap();
+        let d = dir.path().to_path_buf();
+        let s = Secrets::load_with(&wanted, Some(&d), |k| {
+            (k == "OBSRV_SOURCE_USERNAME").then(|| "app".to_string())
+        })
+        .unwrap();
+        assert_eq!(s.get("OBSRV_SOURCE_USERNAME"), Some("app"));
+        assert_eq!(s.get("OBSRV_SOURCE_PASSWORD"), Some("s3cret"));
+        assert!(!format!("{s:?}").contains("s3cret"));
+        let e = Secrets::load_with(&wanted, None, |_| None).unwrap_err();
+        assert!(
+            e.to_string().contains("OBSRV_SOURCE_USERNAME") && e.to_string().contains("pg-creds"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn kafka_security_maps_tls_and_sasl() {
+        let plain = kafka_security(None, None, None, None);
+        assert_eq!(plain["security.protocol"], "plaintext");
+        let tls = Tls {
+            mode: TlsMode::VerifyFull,
+            ca: None,
+        };
+        let sasl = Sasl {
+            mechanism: SaslMechanism::ScramSha512,
+            credentials: obsrv_crds::CredentialsRef {
+                secret_name: "x".into(),
+                username_key: "u".into(),
+                password_key: "p".into(),
+            },
+        };
+        let s = kafka_security(Some(&tls), Some(&sasl), Some("PEM"), Some(("u", "p")));
+        assert_eq!(s["security.protocol"], "sasl_ssl");
+        assert_eq!(s["sasl.mechanism"], "SCRAM-SHA-512");
+        assert_eq!(s["enable.ssl.certificate.verification"], "true");
+        assert_eq!(s["ssl.ca.pem"], "PEM");
+    }
+}

@@ -1,0 +1,237 @@
+//! Obsrv's record shapes: the ingest envelope, the failed-record document, and the deterministic
+//! event id. Pure functions: the sink only moves the bytes they return.
+
+use obsrv_crds::SourceKind;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+/// Header carrying the event id (also the message key).
+pub const EVENT_ID_HEADER: &str = "obsrv-event-id";
+/// Input that is not a JSON object.
+pub const CE_UNPARSEABLE: &str = "CE_1000";
+/// A record whose envelope exceeds the sink's `maxMessageBytes`.
+pub const CE_TOO_LARGE: &str = "CE_1001";
+/// How much of an oversize record is kept in its failed-topic document.
+pub const FAILED_EVENT_PREVIEW_BYTES: usize = 4096;
+
+/// A deterministic id for the record at a source position: the same position always gives the same
+/// id, so downstream can drop the duplicates an at-least-once restart produces. The parts are
+/// length-prefixed so no two different positions hash the same input.
+pub fn event_id(instance: &str, parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in std::iter::once(&instance).chain(parts.iter()) {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut out = String::with_capacity(32);
+    for b in &digest[..16] {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Who a record comes from, pre-rendered once so building an envelope is a few memcpy.
+#[derive(Clone, Debug)]
+pub struct Context {
+    pub dataset: String,
+    pub instance: String,
+    pub kind: SourceKind,
+    prefix: String,
+    meta_head: String,
+    meta_tail: String,
+}
+
+impl Context {
+    pub fn new(dataset: &str, instance: &str, kind: SourceKind) -> Context {
+        let q = |s: &str| serde_json::to_string(s).expect("strings serialize");
+        Context {
+            dataset: dataset.to_string(),
+            instance: instance.to_string(),
+            kind,
+            prefix: format!("{{\"dataset\":{},\"event\":", q(dataset)),
+            meta_head: ",\"obsrv_meta\":{\"syncts\":".to_string(),
+            meta_tail: format!(
+                ",\"flags\":{{}},\"timespans\":{{}},\"error\":{{}},\"source\":{{\"connector\":{},\"connectorInstance\":{}}}}}}}",
+                q(kind.as_str()),
+                q(instance)
+            ),
+        }
+    }
+
+    /// The envelope around `event`, which must be the text of a JSON object.
+    pub fn envelope(&self, event: &str, syncts_ms: i64) -> Vec<u8> {
+        let ts = syncts_ms.to_string();
+        let mut out = Vec::with_capacity(
+            self.prefix.len()
+                + event.len()
+                + self.meta_head.len()
+                + ts.len()
+                + self.meta_tail.len(),
+        );
+        out.extend_from_slice(self.prefix.as_bytes());
+        out.extend_from_slice(event.as_bytes());
+        out.extend_from_slice(self.meta_head.as_bytes());
+        out.extend_from_slice(ts.as_bytes());
+        out.extend_from_slice(self.meta_tail.as_bytes());
+        out
+    }
+
+    /// The failed-topic document for a record that cannot be ingested.
+    pub fn failed(&self, event: serde_json::Value, code: &str, msg: &str) -> Vec<u8> {
+        let doc = json!({
+            "event": event,
+            "error": {"error_code": code, "error_msg": msg},
+            "connector_ctx": {
+                "connector_id": self.kind.as_str(),
+                "dataset_id": self.dataset,
+                "connector_instance_id": self.instance,
+                "connector_type": "source",
+            },
+        });
+        serde_json::to_vec(&doc).expect("JSON values serialize")
+    }
+}
+
+/// What a source hands over for one record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Payload {
+    /// The text of a JSON object (a database that rendered the row as JSON, or validated input).
+    Json(String),
+    /// Input that is not a JSON object, with why.
+    Unparseable { raw: String, reason: String },
+}
+
+/// Checks that `raw` is a JSON object, for sources whose input is not rendered by us.
+pub fn validate(raw: &[u8]) -> Payload {
+    match serde_json::from_slice::<&serde_json::value::RawValue>(raw) {
+        Ok(v) if v.get().trim_start().starts_with('{') => Payload::Json(v.get().to_string()),
+        Ok(_) => Payload::Unparseable {
+            raw: String::from_utf8_lossy(raw).into_owned(),
+            reason: "event is not a JSON object".into(),
+        },
+        Err(e) => Payload::Unparseable {
+            raw: String::from_utf8_lossy(raw).into_owned(),
+            reason: format!("event is not valid JSON: {e}"),
+        },
+    }
+}
+
+/// Where a record goes, with the bytes to write.
+#[derive(Debug, PartialEq)]
+pub enum Routed {
+    Ingest(Vec<u8>),
+    Failed(Vec<u8>),
+}
+
+/// Decides the topic and bytes for one record.
+pub fn route(ctx: &Context, payload: &Payload, syncts_ms: i64, max_message_bytes: usize) -> Routed {
+    match payload {
+        Payload::Json(event) => {
+            let env = ctx.envelope(event, syncts_ms);
+            if env.len() > max_message_bytes {
+                let mut cut = FAILED_EVENT_PREVIEW_BYTES.min(event.len());
+                while !event.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                let msg = format!(
+                    "record of {} bytes exceeds maxMessageBytes {}; event holds its first {} bytes",
+                    env.len(),
+                    max_message_bytes,
+                    cut
+                );
+                Routed::Failed(ctx.failed(
+                    serde_json::Value::String(event[..cut].to_string()),
+                    CE_TOO_LARGE,
+                    &msg,
+                ))
+            } else {
+                Routed::Ingest(env)
+            }
+        }
+        Payload::Unparseable { raw, reason } => {
+            let mut cut = FAILED_EVENT_PREVIEW_BYTES
+                .max(max_message_bytes / 2)
+                .min(raw.len());
+            while !raw.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            Routed::Failed(ctx.failed(
+                serde_json::Value::String(raw[..cut].to_string()),
+                CE_UNPARSEABLE,
+                reason,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn ctx() -> Context {
+        Context::new("orders", "shop/orders-pg", SourceKind::Postgres)
+    }
+
+    #[test]
+    fn envelope_matches_the_contract_field_by_field() {
+        let bytes = ctx().envelope(r#"{"id":1,"note":"a \"q\""}"#, 1_700_000_000_123);
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            v,
+            json!({"dataset": "orders", "event": {"id": 1, "note": "a \"q\""},
+                   "obsrv_meta": {"syncts": 1_700_000_000_123_i64, "flags": {}, "timespans": {}, "error": {},
+                                  "source": {"connector": "postgres", "connectorInstance": "shop/orders-pg"}}})
+        );
+        // Key order as the contract writes it.
+        let text = String::from_utf8(bytes).unwrap();
+        let pos = |k: &str| text.find(k).unwrap();
+        assert!(pos("\"dataset\"") < pos("\"event\"") && pos("\"event\"") < pos("\"obsrv_meta\""));
+        assert!(pos("\"syncts\"") < pos("\"flags\"") && pos("\"error\"") < pos("\"source\""));
+    }
+
+    #[test]
+    fn event_ids_are_deterministic_and_position_specific() {
+        let a = event_id("ns/c", &["public.t", "2024-01-01", "1"]);
+        assert_eq!(a, event_id("ns/c", &["public.t", "2024-01-01", "1"]));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, event_id("ns/c", &["public.t", "2024-01-01", "2"]));
+        assert_ne!(a, event_id("ns/other", &["public.t", "2024-01-01", "1"]));
+        // Length prefixes: moving a boundary changes the id.
+        assert_ne!(event_id("x", &["ab", "c"]), event_id("x", &["a", "bc"]));
+    }
+
+    #[test]
+    fn unparseable_input_is_routed_to_failed_with_ce_1000() {
+        let p = validate(b"{not json");
+        let Routed::Failed(doc) = route(&ctx(), &p, 1, 1 << 20) else {
+            panic!("expected failed")
+        };
+        let v: Value = serde_json::from_slice(&doc).unwrap();
+        assert_eq!(v["event"], "{not json");
+        assert_eq!(v["error"]["error_code"], "CE_1000");
+        assert_eq!(
+            v["connector_ctx"],
+            json!({"connector_id": "postgres", "dataset_id": "orders", "connector_instance_id": "shop/orders-pg", "connector_type": "source"})
+        );
+        assert!(matches!(validate(b"[1,2]"), Payload::Unparseable { .. }));
+        assert_eq!(validate(b" {\"a\":1} "), Payload::Json("{\"a\":1}".into()));
+    }
+
+    #[test]
+    fn oversize_records_go_to_failed_with_ce_1001_and_stay_small() {
+        let big = format!("{{\"blob\":\"{}\"}}", "é".repeat(3000));
+        let Routed::Failed(doc) = route(&ctx(), &Payload::Json(big.clone()), 1, 2048) else {
+            panic!("expected failed")
+        };
+        let v: Value = serde_json::from_slice(&doc).unwrap();
+        assert_eq!(v["error"]["error_code"], "CE_1001");
+        assert!(v["error"]["error_msg"].as_str().unwrap().contains("2048"));
+        assert!(doc.len() < 2 * FAILED_EVENT_PREVIEW_BYTES);
+        assert!(matches!(
+            route(&ctx(), &Payload::Json(big), 1, 1 << 20),
+            Routed::Ingest(_)
+        ));
+    }
+}

@@ -1,0 +1,143 @@
+//! The connector's HTTP port: `/healthz`, `/readyz`, `/metrics`, `/status`.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use obsrv_crds::{
+    RuntimeState, RuntimeStatus,
+    status::{LastError, Totals},
+};
+
+use crate::{error::Error, metrics::Metrics};
+
+/// What the runtime reports, shared by the pipeline and the HTTP server.
+pub struct Shared {
+    status: Mutex<RuntimeStatus>,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    pub fn new(config_checksum: Option<String>) -> Arc<Shared> {
+        let status = RuntimeStatus {
+            started_at: Some(Time(Timestamp::now())),
+            config_checksum,
+            ..RuntimeStatus::default()
+        };
+        Arc::new(Shared {
+            status: Mutex::new(status),
+            metrics: Metrics::new(),
+        })
+    }
+
+    pub fn status(&self) -> RuntimeStatus {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RuntimeStatus> {
+        // A panic while holding the lock cannot leave the status half-written in a harmful way.
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_state(&self, state: RuntimeState) {
+        self.lock().state = state;
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.lock().ready = ready;
+    }
+
+    pub fn set_max_parallelism(&self, p: Option<i32>) {
+        self.lock().max_parallelism = p;
+    }
+
+    pub fn set_lag(&self, records: i64, seconds: Option<f64>) {
+        {
+            let mut s = self.lock();
+            s.lag_records = Some(records);
+            s.lag_seconds = seconds;
+        }
+        self.metrics.lag_records.set(records);
+        self.metrics.lag_seconds.set(seconds.unwrap_or(0.0));
+    }
+
+    /// Records a failure: `Degraded` with the reason, until the next success.
+    pub fn error(&self, e: &Error) {
+        tracing::warn!(reason = e.reason(), error = %e, "connector error");
+        self.metrics.error(e.reason());
+        let mut s = self.lock();
+        if s.state != RuntimeState::Stopping {
+            s.state = RuntimeState::Degraded;
+        }
+        s.last_error = Some(LastError {
+            reason: e.reason().to_string(),
+            message: e.to_string(),
+            time: Some(Time(Timestamp::now())),
+        });
+    }
+
+    /// Records an acknowledged batch.
+    pub fn success(&self, add: Totals, watermark: Option<String>) {
+        let now = Timestamp::now();
+        self.metrics.last_success.set(now.as_second());
+        let mut s = self.lock();
+        s.totals = s.totals + add;
+        if watermark.is_some() {
+            s.watermark = watermark;
+        }
+        s.last_success_at = Some(Time(now));
+        s.last_error = None;
+        s.ready = true;
+        if matches!(s.state, RuntimeState::Degraded | RuntimeState::Starting) {
+            s.state = RuntimeState::Running;
+        }
+    }
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(shared)
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    if s.status().ready {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> Json<RuntimeStatus> {
+    Json(s.status())
+}
+
+/// Binds the HTTP port and serves until the process ends.
+pub async fn serve(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "http listening");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(shared)).await {
+            tracing::error!(error = %e, "http server stopped");
+        }
+    }))
+}

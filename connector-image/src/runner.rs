@@ -1,0 +1,543 @@
+//! The pipeline: a reader task pulls batches from the source into a small bounded channel; the
+//! writer hands each batch to the producer, keeps a few in flight, and commits a batch's position
+//! only once it and every batch before it are acknowledged. Errors are retried with backoff and
+//! shown as `lastError`; SIGTERM stops reading, drains, commits and returns.
+
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use obsrv_crds::{
+    DesiredState, RuntimeState, SourceKind, SourceRef, runtime::RuntimeConfig, status::Totals,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    config::{Secrets, SinkSettings, parse_duration},
+    envelope::Context,
+    error::{Error, Result},
+    http::Shared,
+    sink::{InFlight, Sink, client_config},
+    source::{Batch, Source, SourceCommitter, kafka::KafkaSource, sql::SqlSource},
+    state::StateStore,
+};
+
+/// Batches handed to the producer and not yet acknowledged; bounds memory with the batch size.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// How often positions are written while data flows (always on catch-up and on shutdown).
+pub const COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// How long a drain on shutdown may take before giving up (the position then stays behind).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often lag is measured while data flows.
+pub const LAG_EVERY: Duration = Duration::from_secs(10);
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Exponential backoff with jitter: 1s, 2s, 4s ... 30s.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn next_delay(&mut self) -> Duration {
+        let base = 1000u64.saturating_mul(1 << self.attempt.min(5)).min(30_000);
+        self.attempt += 1;
+        // Jitter from the clock's sub-second part: +-20%, no RNG dependency needed.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0) as u64;
+        let jitter = (nanos % 401) as i64 - 200; // -200..=200 per mille / 5
+        Duration::from_millis((base as i64 + base as i64 * jitter / 1000) as u64)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Resolves when `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
+}
+
+/// Any source the runtime knows.
+pub enum AnySource {
+    Sql(SqlSource),
+    Kafka(KafkaSource),
+}
+
+impl Source for AnySource {
+    async fn next_batch(&mut self) -> Result<Option<Batch>> {
+        match self {
+            AnySource::Sql(s) => s.next_batch().await,
+            AnySource::Kafka(s) => s.next_batch().await,
+        }
+    }
+    fn max_parallelism(&self) -> Option<i32> {
+        match self {
+            AnySource::Sql(s) => s.max_parallelism(),
+            AnySource::Kafka(s) => s.max_parallelism(),
+        }
+    }
+    async fn lag(&mut self) -> Result<Option<crate::source::Lag>> {
+        match self {
+            AnySource::Sql(s) => s.lag().await,
+            AnySource::Kafka(s) => s.lag().await,
+        }
+    }
+    fn committer(&self) -> Option<Box<dyn SourceCommitter>> {
+        match self {
+            AnySource::Sql(s) => s.committer(),
+            AnySource::Kafka(s) => s.committer(),
+        }
+    }
+}
+
+/// Opens the configured source, resuming after `position`.
+pub async fn open_source(
+    rc: &RuntimeConfig,
+    secrets: &Secrets,
+    position: Option<&serde_json::Value>,
+) -> Result<AnySource> {
+    let instance = rc.instance_id();
+    match rc
+        .spec
+        .source
+        .resolve()
+        .map_err(|e| Error::Config(e.to_string()))?
+    {
+        SourceRef::Sql(kind, spec) => Ok(AnySource::Sql(
+            SqlSource::connect(kind, spec, secrets, &instance, position).await?,
+        )),
+        SourceRef::Kafka(spec) => Ok(AnySource::Kafka(KafkaSource::connect(
+            spec,
+            secrets,
+            rc,
+            batch_size_for(rc),
+        )?)),
+        SourceRef::S3(_) => Err(Error::Config(
+            "the s3 source is not available in this build of obsrv-connector".into(),
+        )),
+    }
+}
+
+fn batch_size_for(rc: &RuntimeConfig) -> usize {
+    match rc.spec.source.resolve() {
+        Ok(SourceRef::Sql(_, s)) => s.batch_size.max(1) as usize,
+        _ => 10_000,
+    }
+}
+
+/// The poll interval of the configured source.
+pub fn poll_interval(rc: &RuntimeConfig) -> Result<Duration> {
+    match rc
+        .spec
+        .source
+        .resolve()
+        .map_err(|e| Error::Config(e.to_string()))?
+    {
+        SourceRef::Sql(_, s) => parse_duration(&s.poll_interval),
+        SourceRef::S3(s) => parse_duration(&s.poll_interval),
+        SourceRef::Kafka(_) => Ok(Duration::from_millis(200)),
+    }
+}
+
+enum Committer {
+    State(StateStore),
+    Source(Box<dyn SourceCommitter>),
+}
+
+impl Committer {
+    async fn commit(&self, position: &serde_json::Value, watermark: Option<String>) -> Result<()> {
+        match self {
+            Committer::State(s) => s.commit(position, watermark, now_ms()).await,
+            Committer::Source(c) => c.commit(position),
+        }
+    }
+}
+
+enum Item {
+    Batch(Batch),
+    CaughtUp,
+}
+
+/// How a pipeline run ended without error.
+#[derive(Debug, PartialEq, Eq)]
+enum Finished {
+    /// SIGTERM.
+    Stopped,
+    /// `schedule.once` and everything read.
+    Done,
+}
+
+/// Everything a run needs.
+pub struct Runtime {
+    pub config: RuntimeConfig,
+    pub sink: SinkSettings,
+    pub secrets: Secrets,
+    pub shared: Arc<Shared>,
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Runs the connector until `stop`. Never gives up on retryable errors; configuration errors are
+/// reported on `/status` and the process waits for SIGTERM (a new config rolls the pod).
+pub async fn run(rt: Runtime) -> Result<()> {
+    let Runtime {
+        config,
+        sink: settings,
+        secrets,
+        shared,
+        mut stop,
+    } = rt;
+    let kind = match config.spec.source.resolve() {
+        Ok(s) => s.kind(),
+        Err(e) => return park(&shared, &mut stop, Error::Config(e.to_string())).await,
+    };
+    let instance = config.instance_id();
+    let ctx = Context::new(&config.spec.dataset, &instance, kind);
+    if config.spec.delivery == obsrv_crds::Delivery::ExactlyOnce {
+        tracing::warn!(
+            "delivery exactlyOnce is not implemented yet: running atLeastOnce (event ids let downstream drop duplicates)"
+        );
+    }
+    let sink = match Sink::new(settings.clone(), &secrets, ctx) {
+        Ok(s) => s,
+        Err(e) => return park(&shared, &mut stop, e).await,
+    };
+    let poll = match poll_interval(&config) {
+        Ok(p) => p,
+        Err(e) => return park(&shared, &mut stop, e).await,
+    };
+    let once = config
+        .spec
+        .schedule
+        .as_ref()
+        .and_then(|s| s.once)
+        .unwrap_or(false);
+    let state = (kind != SourceKind::Kafka).then(|| {
+        StateStore::new(
+            sink.producer().clone(),
+            client_config(&settings, &secrets),
+            &settings.state_topic,
+            &instance,
+            kind.as_str(),
+        )
+    });
+
+    if config.spec.state == DesiredState::Paused {
+        return paused(&config, &secrets, &sink, &shared, &mut stop).await;
+    }
+
+    let mut backoff = Backoff::default();
+    let mut committed: Option<serde_json::Value> = None;
+    let mut loaded = state.is_none();
+    let mut state = state;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let attempt = async {
+            if !loaded {
+                let st = state.as_ref().expect("state store when not loaded");
+                st.ensure_topic().await?;
+                committed = st.load().await?.map(|r| r.position);
+                loaded = true;
+                tracing::info!(resumed = committed.is_some(), "state loaded");
+            }
+            let source = open_source(&config, &secrets, committed.as_ref()).await?;
+            shared.set_max_parallelism(source.max_parallelism());
+            shared.set_ready(true);
+            let committer = match source.committer() {
+                Some(c) => Committer::Source(c),
+                None => Committer::State(
+                    state
+                        .take()
+                        .expect("a state store for sources without their own"),
+                ),
+            };
+            let res = pipeline(
+                source,
+                &sink,
+                &committer,
+                &mut committed,
+                &shared,
+                stop.clone(),
+                poll,
+                once,
+                &mut backoff,
+            )
+            .await;
+            if let Committer::State(s) = committer {
+                state = Some(s);
+            }
+            res
+        };
+        match attempt.await {
+            Ok(Finished::Stopped) => break,
+            Ok(Finished::Done) => {
+                shared.set_state(RuntimeState::Idle);
+                tracing::info!("schedule once: everything read, idle until stopped");
+                stopped(&mut stop).await;
+                break;
+            }
+            Err(e) => {
+                shared.error(&e);
+                if !e.is_retryable() {
+                    shared.set_ready(false);
+                    stopped(&mut stop).await;
+                    break;
+                }
+                let d = backoff.next_delay();
+                tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+        }
+    }
+    shared.set_state(RuntimeState::Stopping);
+    let _ = sink.flush(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// A configuration error: report it and wait for SIGTERM instead of crash-looping.
+async fn park(shared: &Shared, stop: &mut watch::Receiver<bool>, e: Error) -> Result<()> {
+    shared.error(&e);
+    shared.set_ready(false);
+    stopped(stop).await;
+    Err(e)
+}
+
+/// `spec.state: Paused`: stay connected (ready when source and sink answer), read nothing.
+async fn paused(
+    config: &RuntimeConfig,
+    secrets: &Secrets,
+    sink: &Sink,
+    shared: &Shared,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<()> {
+    let mut backoff = Backoff::default();
+    loop {
+        let check = async {
+            sink.check().await?;
+            open_source(config, secrets, None)
+                .await
+                .map(|s| s.max_parallelism())
+        };
+        match check.await {
+            Ok(p) => {
+                shared.set_max_parallelism(p);
+                shared.set_ready(true);
+                shared.set_state(RuntimeState::Paused);
+                stopped(stop).await;
+                return Ok(());
+            }
+            Err(e) => {
+                shared.error(&e);
+                tokio::select! {
+                    _ = stopped(stop) => return Ok(()),
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pipeline(
+    mut source: AnySource,
+    sink: &Sink,
+    committer: &Committer,
+    committed: &mut Option<serde_json::Value>,
+    shared: &Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    poll: Duration,
+    once: bool,
+    backoff: &mut Backoff,
+) -> Result<Finished> {
+    let (tx, mut rx) = mpsc::channel::<Result<Item>>(2);
+    let reader_shared = shared.clone();
+    let mut reader_stop = stop.clone();
+    let reader = tokio::spawn(async move {
+        let mut last_lag: Option<Instant> = None;
+        loop {
+            let r = tokio::select! {
+                _ = stopped(&mut reader_stop) => break,
+                r = source.next_batch() => r,
+            };
+            match r {
+                Ok(Some(b)) => {
+                    if tx.send(Ok(Item::Batch(b))).await.is_err() {
+                        break;
+                    }
+                    if last_lag.is_none_or(|t| t.elapsed() >= LAG_EVERY) {
+                        last_lag = Some(Instant::now());
+                        match source.lag().await {
+                            Ok(Some(l)) => reader_shared.set_lag(l.records, l.seconds),
+                            Ok(None) => {}
+                            Err(e) => tracing::debug!(error = %e, "lag not measured"),
+                        }
+                    }
+                }
+                Ok(None) => {
+                    reader_shared.set_lag(0, Some(0.0));
+                    if tx.send(Ok(Item::CaughtUp)).await.is_err() || once {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = stopped(&mut reader_stop) => break,
+                        _ = tokio::time::sleep(poll) => {}
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+            }
+        }
+    });
+    let _abort = AbortOnDrop(reader);
+
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let mut pending: Option<(serde_json::Value, Option<String>)> = None;
+    let mut last_commit = Instant::now();
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => {
+                tracing::info!(in_flight = inflight.len(), "stopping: draining in-flight batches");
+                let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut inflight, &mut pending, shared)).await;
+                commit(committer, committed, &mut pending).await?;
+                return match drained {
+                    Ok(r) => r.map(|_| Finished::Stopped),
+                    Err(_) => Err(Error::SinkUnreachable("in-flight records not acknowledged within the drain timeout".into())),
+                };
+            }
+            m = rx.recv() => m,
+        };
+        match item {
+            Some(Ok(Item::Batch(b))) => {
+                inflight.push_back(sink.send(b, now_ms()).await?);
+                while inflight.len() > MAX_IN_FLIGHT {
+                    ack_front(&mut inflight, &mut pending, shared).await?;
+                    backoff.reset();
+                }
+                if last_commit.elapsed() >= COMMIT_EVERY && pending.is_some() {
+                    commit(committer, committed, &mut pending).await?;
+                    last_commit = Instant::now();
+                }
+            }
+            Some(Ok(Item::CaughtUp)) => {
+                drain(&mut inflight, &mut pending, shared).await?;
+                commit(committer, committed, &mut pending).await?;
+                last_commit = Instant::now();
+                backoff.reset();
+                if shared.status().state != RuntimeState::Degraded {
+                    shared.set_state(RuntimeState::Running);
+                }
+                if once {
+                    return Ok(Finished::Done);
+                }
+            }
+            Some(Err(e)) => {
+                // What was read before the error is still delivered and committed.
+                drain(&mut inflight, &mut pending, shared).await?;
+                commit(committer, committed, &mut pending).await?;
+                return Err(e);
+            }
+            None => {
+                drain(&mut inflight, &mut pending, shared).await?;
+                commit(committer, committed, &mut pending).await?;
+                return Ok(if once {
+                    Finished::Done
+                } else {
+                    Finished::Stopped
+                });
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn ack_front(
+    inflight: &mut VecDeque<InFlight>,
+    pending: &mut Option<(serde_json::Value, Option<String>)>,
+    shared: &Shared,
+) -> Result<()> {
+    let Some(mut f) = inflight.pop_front() else {
+        return Ok(());
+    };
+    f.acked().await?;
+    let o = f.outcome;
+    shared.metrics.add("ingested", o.ingested, o.bytes_ingested);
+    shared.metrics.add("failed", o.failed, o.bytes_failed);
+    shared
+        .metrics
+        .batch_seconds
+        .observe(f.started.elapsed().as_secs_f64());
+    shared.success(
+        Totals {
+            records_ingested: o.ingested,
+            records_failed: o.failed,
+            bytes_ingested: o.bytes_ingested,
+        },
+        f.watermark.clone(),
+    );
+    *pending = Some((f.position, f.watermark));
+    Ok(())
+}
+
+async fn drain(
+    inflight: &mut VecDeque<InFlight>,
+    pending: &mut Option<(serde_json::Value, Option<String>)>,
+    shared: &Shared,
+) -> Result<()> {
+    while !inflight.is_empty() {
+        ack_front(inflight, pending, shared).await?;
+    }
+    Ok(())
+}
+
+async fn commit(
+    committer: &Committer,
+    committed: &mut Option<serde_json::Value>,
+    pending: &mut Option<(serde_json::Value, Option<String>)>,
+) -> Result<()> {
+    if let Some((pos, wm)) = pending.take() {
+        committer.commit(&pos, wm).await?;
+        *committed = Some(pos);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_a_cap_and_resets() {
+        let mut b = Backoff::default();
+        let d: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert!((800..=1200).contains(&d[0]), "{d:?}");
+        assert!((1600..=2400).contains(&d[1]), "{d:?}");
+        assert!(d[7] <= 36_000 && d[7] >= 24_000, "{d:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(1200));
+    }
+}

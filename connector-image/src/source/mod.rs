@@ -1,0 +1,62 @@
+//! Sources: each hands out batches of records, every batch carrying the position it reaches. The
+//! runner commits a batch's position only once the sink has acknowledged it and every batch before.
+
+pub mod kafka;
+pub mod sql;
+
+use std::future::Future;
+
+use crate::{envelope::Payload, error::Result};
+
+/// One record read from a source.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    /// Deterministic id derived from the record's source position (see [`crate::envelope::event_id`]).
+    pub id: String,
+    pub payload: Payload,
+}
+
+/// Records read together, and the position reached once all of them (and all before) are delivered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    /// Opaque to the runner: stored as-is in the state topic (or given back to the source to commit).
+    pub position: serde_json::Value,
+    /// Human-readable position for `/status`.
+    pub watermark: Option<String>,
+}
+
+/// How far behind the source the connector is.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Lag {
+    pub records: i64,
+    pub seconds: Option<f64>,
+}
+
+/// A source of records.
+pub trait Source: Send + 'static {
+    /// The next batch after everything handed out so far; `None` when there is nothing new now
+    /// (the runner waits for the poll interval).
+    fn next_batch(&mut self) -> impl Future<Output = Result<Option<Batch>>> + Send;
+
+    /// How many replicas could share the work (Kafka: partitions; a table: 1).
+    fn max_parallelism(&self) -> Option<i32> {
+        Some(1)
+    }
+
+    /// Current lag, when the source can tell cheaply enough. Called now and then, not per batch.
+    fn lag(&mut self) -> impl Future<Output = Result<Option<Lag>>> + Send {
+        async { Ok(None) }
+    }
+
+    /// Where positions are kept: `None` = the state topic; otherwise the source commits them itself
+    /// (Kafka consumer groups).
+    fn committer(&self) -> Option<Box<dyn SourceCommitter>> {
+        None
+    }
+}
+
+/// Commits positions where the source keeps them (a Kafka consumer group).
+pub trait SourceCommitter: Send + Sync {
+    fn commit(&self, position: &serde_json::Value) -> Result<()>;
+}
