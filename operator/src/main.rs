@@ -1,13 +1,17 @@
 use clap::Parser;
 use obsrv_operator::config::{Cli, Command};
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::PrintRbac) => {
             println!("{}", obsrv_operator::rbac::policy_rules_json());
             Ok(())
         }
-        Some(Command::Run) | None => Ok(()),
+        Some(Command::Run) | None => {
+            obsrv_operator::telemetry::init(cli.config.log_format);
+            obsrv_operator::run::run(cli.config).await
+        }
     }
 }

@@ -1,0 +1,104 @@
+//! Wiring: watch Connectors (spec and finalizer changes only), their owned objects and the Secrets
+//! they reference, and run the reconciler until shutdown.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::{Api, PartialObjectMeta};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::utils::Predicate;
+use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
+use kube::{Client, ResourceExt};
+use obsrv_crds::{Connector, labels};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::reconcile::{Context, error_policy, reconcile};
+
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs one controller per watched namespace (or one for all) until `shutdown` flips to true.
+pub async fn run(ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
+    let namespaces = ctx.config.watched_namespaces();
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let runs = scopes
+        .into_iter()
+        .map(|ns| run_scope(ctx.clone(), ns, shutdown.clone()));
+    futures::future::join_all(runs).await;
+}
+
+async fn run_scope(ctx: Arc<Context>, ns: Option<String>, mut shutdown: watch::Receiver<bool>) {
+    info!(
+        namespace = ns.as_deref().unwrap_or("*"),
+        "watching Connectors"
+    );
+    let client = ctx.client.clone();
+    let ns = ns.as_deref();
+    let (reader, writer) = reflector::store::<Connector>();
+    // Only spec (generation) and finalizer changes trigger: status writes, ours included, do not.
+    let connectors = watcher(
+        api::<Connector>(&client, ns),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(
+        predicates::generation.combine(predicates::finalizers),
+        Default::default(),
+    );
+    let owned =
+        watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    let store = reader.clone();
+    // Secrets are watched as metadata only: values never enter the operator's memory.
+    let secrets = watcher(
+        api::<PartialObjectMeta<Secret>>(&client, ns),
+        watcher::Config::default(),
+    )
+    .touched_objects();
+    let stop = async move {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    Controller::for_stream(connectors, reader)
+        .owns(api::<Deployment>(&client, ns), owned.clone())
+        .owns(api::<ConfigMap>(&client, ns), owned.clone())
+        .owns(api::<Service>(&client, ns), owned)
+        .watches_stream(secrets, move |secret| {
+            let secret_ns = secret.namespace();
+            let name = secret.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|c| c.namespace() == secret_ns)
+                .filter(|c| obsrv_crds::runtime::referenced_secrets(&c.spec).contains(&name))
+                .map(|c| ObjectRef::from_obj(&*c))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "controller error");
+            }
+        })
+        .await;
+}
