@@ -30,8 +30,10 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import traceback
 from pathlib import Path
@@ -733,6 +735,41 @@ def main() -> int:
         return f"checked against `obsrv-operator --help` for {len(rendered)} value sets"
 
     run.check("every flag the chart passes is known to obsrv-operator", flags_known)
+
+    def validation_can_fail() -> str:
+        objects, _, _ = rendered["default"]
+        dep = copy.deepcopy(operator_deployment(objects))
+        dep["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFS"] = True
+        caught = []
+        for label, obj in [("an unknown field", dep)]:
+            try:
+                validate_k8s(obj)
+            except CheckFailed as exc:
+                caught.append(f"{label}: {str(exc).split(': ', 1)[1]}")
+                continue
+            raise CheckFailed(f"kubernetes-validate (strict) accepted {label}")
+        return "; ".join(caught)
+
+    if "default" in rendered:
+        run.check("strict validation catches an unknown field in a rendered object", validation_can_fail)
+
+    def broken_template_caught() -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            broken = Path(tmp) / CHART.name
+            shutil.copytree(CHART, broken)
+            dep = broken / "templates" / "deployment.yaml"
+            dep.write_text(dep.read_text(encoding="utf-8").replace("{{ .Values.replicas }}", "{{ .Values.replicas"), encoding="utf-8")
+            report = helm.lint(broken, {}, strict=True, namespace=RELEASE_NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+            errors = [m for m in report.get("messages", []) if m.get("severity", 0) >= 3] + list(report.get("errors") or [])
+            require(errors, "helm lint did not report a template with an unclosed action")
+            with helm.Chart.load(broken) as chart:
+                try:
+                    chart.render({}, name=RELEASE, namespace=RELEASE_NAMESPACE)
+                except helm.HelmError:
+                    return "lint and render both fail"
+            raise CheckFailed("the Helm engine rendered a template with an unclosed action")
+
+    run.check("a broken template fails lint and render", broken_template_caught)
 
     def bad_secret_caught() -> str:
         objects, _, _ = render(load_yaml(CI / "bad-values-secret-env.yaml"))
