@@ -1,0 +1,357 @@
+//! The Postgres source end to end: real Postgres, real broker, the real binary.
+
+mod common;
+
+use std::{collections::BTreeSet, time::Duration};
+
+use anyhow::Result;
+use common::{Harness, consume_exactly, ids, total};
+use obsrv_e2e::services::{Broker, Postgres};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(60);
+
+fn manifest(
+    pg: &Postgres,
+    table: &str,
+    cursor: &str,
+    tie_breaker: Option<&str>,
+    batch: usize,
+    extra: &str,
+) -> String {
+    let tb = tie_breaker
+        .map(|t| format!(", tieBreaker: {t}"))
+        .unwrap_or_default();
+    format!(
+        r#"apiVersion: obsrv.io/v1alpha1
+kind: Connector
+metadata: {{name: NAME, namespace: tests}}
+spec:
+  dataset: orders
+  source:
+    postgres:
+      host: {host}
+      port: {port}
+      database: {db}
+      credentials: {{secretName: pg-creds}}
+      tls: {{mode: disable}}
+      tables: [{{name: {table}, cursor: {{column: {cursor}{tb}}}}}]
+      pollInterval: 200ms
+      batchSize: {batch}
+{extra}"#,
+        host = pg.host(),
+        port = pg.port(),
+        db = pg.database(),
+    )
+}
+
+fn creds(pg: &Postgres) -> Vec<(&'static str, &'static str, String)> {
+    vec![
+        ("pg-creds", "username", pg.user().to_string()),
+        ("pg-creds", "password", pg.password().to_string()),
+    ]
+}
+
+async fn harness(
+    broker: &Broker,
+    manifest: &str,
+    creds: &[(&'static str, &'static str, String)],
+) -> Result<Harness> {
+    let c: Vec<(&str, &str, &str)> = creds.iter().map(|(a, b, c)| (*a, *b, c.as_str())).collect();
+    Harness::new(broker, manifest, &c).await
+}
+
+/// Full load of typed rows tied on the cursor (batch boundaries fall inside tie groups), the
+/// envelope field by field, new rows picked up, then a graceful restart resuming from state with
+/// neither loss nor duplicates.
+#[tokio::test]
+async fn full_load_ties_types_new_rows_and_restart() -> Result<()> {
+    let (pg, broker) = tokio::try_join!(Postgres::start(), Broker::start())?;
+    pg.psql(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, updated_at timestamptz NOT NULL, amount numeric(30,10), doc jsonb, \
+         raw bytea, local_ts timestamp, uid uuid, tags int[], note text); \
+         INSERT INTO orders SELECT g, timestamptz '2024-01-01 00:00:00+00' + (g / 25) * interval '1 minute', \
+         12345678901234567890.0123456789 + g, jsonb_build_object('n', g, 'nested', jsonb_build_array(1, 2)), \
+         decode('00ff10', 'hex'), timestamp '2024-05-06 07:08:09.123456', '6f1c1e5e-0000-4000-8000-000000000000', \
+         ARRAY[g, g + 1], CASE WHEN g % 2 = 0 THEN NULL ELSE 'n' || g END FROM generate_series(1, 250) g;",
+    )
+    .await?;
+    let h = harness(
+        &broker,
+        &manifest(&pg, "public.orders", "updated_at", Some("id"), 7, ""),
+        &creds(&pg),
+    )
+    .await?;
+    let conn = h.start()?;
+
+    let recs = consume_exactly(&broker, &h.ingest, 250, T).await?;
+    assert_eq!(recs.len(), 250, "{}", conn.log_tail());
+    assert_eq!(
+        ids(&recs)?.len(),
+        250,
+        "every row once, each with its own id"
+    );
+    let events: Vec<Value> = recs.iter().map(|r| r.json()).collect::<Result<_>>()?;
+    let mut seen: BTreeSet<i64> = events
+        .iter()
+        .map(|e| e["event"]["id"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(seen.len(), 250);
+    assert_eq!((seen.pop_first(), seen.pop_last()), (Some(1), Some(250)));
+
+    // The envelope, exactly per contract.
+    let first = recs
+        .iter()
+        .find(|r| r.json().map(|v| v["event"]["id"] == 1).unwrap_or(false))
+        .expect("row 1");
+    let v = first.json()?;
+    let syncts = v["obsrv_meta"]["syncts"]
+        .as_i64()
+        .expect("syncts is epoch millis");
+    assert!(syncts > 1_700_000_000_000);
+    assert_eq!(
+        v,
+        json!({
+            "dataset": "orders",
+            "event": {"id": 1, "updated_at": "2024-01-01T00:00:00+00:00", "amount": 12345678901234567891.0123456789_f64,
+                      "doc": {"n": 1, "nested": [1, 2]}, "raw": "AP8Q", "local_ts": "2024-05-06T07:08:09.123456+00:00",
+                      "uid": "6f1c1e5e-0000-4000-8000-000000000000", "tags": [1, 2], "note": "n1"},
+            "obsrv_meta": {"syncts": syncts, "flags": {}, "timespans": {}, "error": {},
+                           "source": {"connector": "postgres", "connectorInstance": format!("tests/{}", h.name)}}
+        })
+    );
+    // Numerics keep every digit (the JSON text itself, not a float).
+    let text = String::from_utf8(first.value.clone().unwrap_or_default())?;
+    assert!(
+        text.contains("\"amount\":12345678901234567891.0123456789"),
+        "{text}"
+    );
+    let even = events
+        .iter()
+        .find(|e| e["event"]["id"] == 2)
+        .expect("row 2");
+    assert_eq!(even["event"]["note"], Value::Null);
+
+    let status = conn
+        .wait_status("250 ingested and caught up", T, |s| {
+            total(s, "recordsIngested") == 250 && s["lagRecords"] == 0
+        })
+        .await?;
+    assert_eq!(status["state"], "Running");
+    assert_eq!(status["ready"], true);
+    assert_eq!(status["maxParallelism"], 1);
+    assert!(
+        status["watermark"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("public.orders"),
+        "{status}"
+    );
+    assert_eq!(conn.get("/readyz").await?.0, 200);
+    let (_, metrics) = conn.get("/metrics").await?;
+    assert!(
+        metrics.contains("obsrv_connector_records_total{outcome=\"ingested\"} 250"),
+        "{metrics}"
+    );
+
+    // New rows, including one tied with the last delivered cursor value, are picked up.
+    pg.psql(
+        "INSERT INTO orders (id, updated_at) SELECT g, timestamptz '2024-01-01 00:10:00+00' + (g - 250) * interval '1 second' \
+         FROM generate_series(251, 270) g; INSERT INTO orders (id, updated_at) VALUES (271, timestamptz '2024-01-01 00:10:00+00')",
+    )
+    .await?;
+    let recs = consume_exactly(&broker, &h.ingest, 271, T).await?;
+    assert_eq!(recs.len(), 271, "{}", conn.log_tail());
+    conn.wait_status("271 ingested", T, |s| total(s, "recordsIngested") == 271)
+        .await?;
+
+    // SIGTERM: drains, commits, exits 0. A restart resumes after the committed position.
+    let exit = conn.terminate().await?;
+    assert!(exit.success(), "{exit:?}");
+    pg.psql("INSERT INTO orders (id, updated_at) SELECT g, timestamptz '2024-01-02 00:00:00+00' FROM generate_series(272, 300) g").await?;
+    let conn = h.start()?;
+    let recs = consume_exactly(&broker, &h.ingest, 300, T).await?;
+    assert_eq!(
+        recs.len(),
+        300,
+        "no row lost and none re-sent after a graceful restart\n{}",
+        conn.log_tail()
+    );
+    assert_eq!(ids(&recs)?.len(), 300);
+    let status = conn
+        .wait_status("resumed run delivered 29", T, |s| {
+            total(s, "recordsIngested") == 29
+        })
+        .await?;
+    assert_eq!(status["lastError"], Value::Null);
+    Ok(())
+}
+
+/// Without a tie-breaker, a page ending inside a group of equal cursor values never skips the rest
+/// of the group.
+#[tokio::test]
+async fn rows_tied_on_the_cursor_are_all_delivered_without_tie_breaker() -> Result<()> {
+    let (pg, broker) = tokio::try_join!(Postgres::start(), Broker::start())?;
+    pg.psql("CREATE TABLE events (ts int NOT NULL, v text); INSERT INTO events SELECT g / 10, 'v' || g FROM generate_series(0, 30) g").await?;
+    let h = harness(
+        &broker,
+        &manifest(&pg, "events", "ts", None, 4, ""),
+        &creds(&pg),
+    )
+    .await?;
+    let conn = h.start()?;
+    let recs = consume_exactly(&broker, &h.ingest, 31, T).await?;
+    assert_eq!(recs.len(), 31, "{}", conn.log_tail());
+    let vs: BTreeSet<String> = recs
+        .iter()
+        .map(|r| {
+            r.json()
+                .map(|v| v["event"]["v"].as_str().unwrap_or_default().to_string())
+        })
+        .collect::<Result<_>>()?;
+    assert_eq!(vs.len(), 31);
+    assert_eq!(ids(&recs)?.len(), 31);
+    Ok(())
+}
+
+/// A record whose envelope exceeds maxMessageBytes goes to the failed topic (CE_1001) and the
+/// stream goes on.
+#[tokio::test]
+async fn oversize_rows_go_to_the_failed_topic() -> Result<()> {
+    let (pg, broker) = tokio::try_join!(Postgres::start(), Broker::start())?;
+    pg.psql("CREATE TABLE docs (id int PRIMARY KEY, body text); INSERT INTO docs VALUES (1, 'a'), (2, repeat('x', 5000)), (3, 'c')").await?;
+    let extra = "  sink:\n    kafka: {maxMessageBytes: 2048}\n";
+    let h = harness(
+        &broker,
+        &manifest(&pg, "docs", "id", None, 100, extra),
+        &creds(&pg),
+    )
+    .await?;
+    let conn = h.start()?;
+    let ok = consume_exactly(&broker, &h.ingest, 2, T).await?;
+    assert_eq!(ok.len(), 2, "{}", conn.log_tail());
+    let failed = consume_exactly(&broker, &h.failed, 1, T).await?;
+    assert_eq!(failed.len(), 1);
+    let f = failed[0].json()?;
+    assert_eq!(f["error"]["error_code"], "CE_1001");
+    assert_eq!(
+        f["connector_ctx"],
+        json!({"connector_id": "postgres", "dataset_id": "orders", "connector_instance_id": format!("tests/{}", h.name), "connector_type": "source"})
+    );
+    assert!(
+        f["event"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("{\"id\":2"),
+        "{f}"
+    );
+    assert!(failed[0].value.as_ref().map(Vec::len).unwrap_or(0) < 2048 * 4);
+    let s = conn
+        .wait_status("totals", T, |s| {
+            total(s, "recordsIngested") == 2 && total(s, "recordsFailed") == 1
+        })
+        .await?;
+    assert_eq!(s["state"], "Running");
+    Ok(())
+}
+
+/// kill -9 in the middle of a load, then a restart: every row arrives (duplicates allowed, losses
+/// not), counted by distinct event id.
+#[tokio::test]
+async fn kill_9_mid_load_then_restart_loses_nothing() -> Result<()> {
+    let (pg, broker) = tokio::try_join!(Postgres::start(), Broker::start())?;
+    let n = 30_000;
+    pg.psql(&format!(
+        "CREATE TABLE big (id bigint PRIMARY KEY, at timestamptz NOT NULL, payload text); \
+         INSERT INTO big SELECT g, timestamptz '2024-01-01' + (g / 7) * interval '1 ms', md5(g::text) FROM generate_series(1, {n}) g; \
+         CREATE INDEX ON big (at, id)"
+    ))
+    .await?;
+    let h = harness(
+        &broker,
+        &manifest(&pg, "big", "at", Some("id"), 500, ""),
+        &creds(&pg),
+    )
+    .await?;
+    let conn = h.start()?;
+    let s = conn
+        .wait_status("part of the load", T, |s| {
+            total(s, "recordsIngested") >= 3000
+        })
+        .await?;
+    conn.kill9()?;
+    assert!(
+        total(&s, "recordsIngested") < n as u64,
+        "killed in the middle of the load: {s}"
+    );
+    let conn = h.start()?;
+    conn.wait_status("caught up after restart", Duration::from_secs(120), |s| {
+        s["lagRecords"] == 0 && total(s, "recordsIngested") > 0
+    })
+    .await?;
+    let recs = broker
+        .consume_all(&h.ingest, 2 * n, Duration::from_secs(10))
+        .await?;
+    let distinct = ids(&recs)?;
+    assert_eq!(
+        distinct.len(),
+        n,
+        "distinct ids after kill -9 and restart ({} records read)\n{}",
+        recs.len(),
+        conn.log_tail()
+    );
+    Ok(())
+}
+
+/// Wrong credentials: `lastError` AuthFailed, not ready, no crash. `check` says what is wrong.
+#[tokio::test]
+async fn auth_failure_is_reported_and_check_explains() -> Result<()> {
+    let (pg, broker) = tokio::try_join!(Postgres::start(), Broker::start())?;
+    pg.psql("CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let bad = vec![
+        ("pg-creds", "username", pg.user().to_string()),
+        ("pg-creds", "password", "wrong".to_string()),
+    ];
+    let h = harness(&broker, &manifest(&pg, "t", "id", None, 10, ""), &bad).await?;
+    let mut conn = h.start()?;
+    let s = conn
+        .wait_status("AuthFailed", T, |s| {
+            s["lastError"]["reason"] == "AuthFailed"
+        })
+        .await?;
+    assert_eq!(s["state"], "Degraded");
+    assert!(
+        !s.to_string().contains("wrong"),
+        "no secret value in status: {s}"
+    );
+    assert_eq!(conn.get("/readyz").await?.0, 503);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(conn.is_running(), "retries instead of crashing");
+    let (code, out) = h.command("check")?;
+    assert!(!code.success());
+    assert!(out.contains("source: AuthFailed"), "{out}");
+    assert!(out.contains("sink: ok"), "{out}");
+
+    let good = harness(
+        &broker,
+        &manifest(&pg, "t", "id", None, 10, ""),
+        &creds(&pg),
+    )
+    .await?;
+    let (code, out) = good.command("check")?;
+    assert!(code.success(), "{out}");
+    let missing = harness(
+        &broker,
+        &manifest(&pg, "nope", "id", None, 10, ""),
+        &creds(&pg),
+    )
+    .await?;
+    let (code, out) = missing.command("check")?;
+    assert!(
+        !code.success() && out.contains("source: SchemaError"),
+        "{out}"
+    );
+    let (code, out) = good.command("cleanup")?;
+    assert!(code.success() && out.contains("nothing held"), "{out}");
+    Ok(())
+}
