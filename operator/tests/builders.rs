@@ -1,0 +1,271 @@
+//! Pure builder tests: Connector manifests (fixtures) in, owned objects out.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use obsrv_crds::runtime::RuntimeConfig;
+use obsrv_crds::{Connector, DesiredState, KafkaSink, SourceKind, labels};
+use obsrv_operator::builders::{self, Desired, Inputs};
+use obsrv_operator::config::Config;
+
+fn fixture(yaml: &str) -> Connector {
+    let mut c: Connector = serde_yaml::from_str(yaml).expect("fixture parses");
+    c.metadata.uid = Some("uid-1".into());
+    c
+}
+
+fn defaults() -> KafkaSink {
+    let mut cfg = Config::defaults();
+    cfg.sink_bootstrap_servers = Some("kafka.obsrv:9092".into());
+    cfg.sink_defaults()
+}
+
+fn build(c: &Connector, versions: &BTreeMap<String, String>, replicas: i32) -> Desired {
+    let kind = c.spec.source.resolve().expect("one source").kind();
+    builders::build(&Inputs {
+        connector: c,
+        image: "ghcr.io/obsrv/obsrv-connector:test",
+        sink_defaults: &defaults(),
+        source_kind: kind,
+        secret_versions: versions,
+        replicas,
+    })
+}
+
+fn versions(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+const POSTGRES: &str = include_str!("fixtures/postgres.yaml");
+const KAFKA: &str = include_str!("fixtures/kafka-autoscale.yaml");
+const S3: &str = include_str!("fixtures/s3-two-replicas.yaml");
+
+#[test]
+fn config_map_holds_runtime_config_with_merged_sink_and_no_secret() {
+    let c = fixture(POSTGRES);
+    let d = build(&c, &versions(&[("pg-ca", "7"), ("pg-creds", "3")]), 1);
+    let yaml = &d.config_map.data.as_ref().expect("data")["connector.yaml"];
+    let rc: RuntimeConfig = serde_yaml::from_str(yaml).expect("runtime config parses");
+    assert_eq!(rc.namespace, "shop");
+    assert_eq!(rc.name, "orders");
+    assert_eq!(rc.uid.as_deref(), Some("uid-1"));
+    let sink = rc.spec.sink.and_then(|s| s.kafka).expect("sink merged");
+    assert_eq!(
+        sink.topic.as_deref(),
+        Some("orders-ingest"),
+        "the Connector's own topic wins"
+    );
+    assert_eq!(
+        sink.bootstrap_servers.as_deref(),
+        Some("kafka.obsrv:9092"),
+        "default bootstrap fills in"
+    );
+    assert_eq!(sink.failed_topic.as_deref(), Some("connectors.failed"));
+    assert_eq!(sink.max_message_bytes, Some(1_048_576));
+    // Only references: a Secret's name may appear, never a value (the fixture has none to leak,
+    // but the literal override of a credential env var must not reach the pod either).
+    assert!(yaml.contains("pg-creds"));
+    let owner = &d
+        .config_map
+        .metadata
+        .owner_references
+        .as_ref()
+        .expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("Connector", "uid-1", Some(true))
+    );
+}
+
+#[test]
+fn deployment_pod_template_is_locked_down_and_uses_secret_refs() {
+    let c = fixture(POSTGRES);
+    let d = build(&c, &versions(&[("pg-ca", "7"), ("pg-creds", "3")]), 1);
+    let dep = d.deployment;
+    let spec = dep.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(1));
+    let sel = spec.selector.match_labels.as_ref().expect("selector");
+    assert_eq!(sel[labels::INSTANCE], "orders");
+    let tmpl = &spec.template;
+    let meta = tmpl.metadata.as_ref().expect("pod meta");
+    let ann = meta.annotations.as_ref().expect("annotations");
+    assert_eq!(ann[labels::CONFIG_CHECKSUM], d.checksum);
+    assert_eq!(ann["team"], "payments");
+    let pod_labels = meta.labels.as_ref().expect("labels");
+    assert_eq!(pod_labels[labels::SOURCE], "postgres");
+    assert_eq!(pod_labels[labels::DATASET], "orders");
+    assert_eq!(pod_labels[labels::MANAGED_BY], "obsrv-operator");
+    let pod = tmpl.spec.as_ref().expect("pod spec");
+    assert_eq!(
+        pod.security_context
+            .as_ref()
+            .and_then(|s| s.run_as_non_root),
+        Some(true)
+    );
+    let ctr = &pod.containers[0];
+    assert_eq!(
+        ctr.image.as_deref(),
+        Some("ghcr.io/obsrv/obsrv-connector:test")
+    );
+    let sc = ctr.security_context.as_ref().expect("container security");
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
+    };
+    assert_eq!(path(&ctr.liveness_probe).as_deref(), Some("/healthz"));
+    assert_eq!(path(&ctr.readiness_probe).as_deref(), Some("/readyz"));
+    let env = ctr.env.as_ref().expect("env");
+    let secret_ref = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .map(|r| (r.name.clone(), r.key.clone()))
+    };
+    assert_eq!(
+        secret_ref("OBSRV_SOURCE_USERNAME"),
+        Some(("pg-creds".into(), "username".into()))
+    );
+    assert_eq!(
+        secret_ref("OBSRV_SOURCE_PASSWORD"),
+        Some(("pg-creds".into(), "password".into()))
+    );
+    assert_eq!(
+        secret_ref("OBSRV_SOURCE_TLS_CA"),
+        Some(("pg-ca".into(), "ca.crt".into()))
+    );
+    assert!(
+        env.iter()
+            .all(|e| e.value.as_deref() != Some("must-not-override")),
+        "a literal never replaces a secretKeyRef"
+    );
+    assert!(
+        env.iter()
+            .any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("info"))
+    );
+    let mounts = ctr.volume_mounts.as_ref().expect("mounts");
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.mount_path == "/etc/obsrv-connector" && m.read_only == Some(true))
+    );
+    assert!(
+        d.pdb.is_none(),
+        "no PodDisruptionBudget for a single replica"
+    );
+    let svc = d.service.spec.expect("service spec");
+    assert_eq!(svc.ports.expect("ports")[0].port, 8080);
+}
+
+#[test]
+fn checksum_rolls_on_spec_edit_and_secret_rotation_only() {
+    let c = fixture(POSTGRES);
+    let v1 = versions(&[("pg-ca", "7"), ("pg-creds", "3")]);
+    let base = build(&c, &v1, 1).checksum;
+    assert_eq!(
+        build(&c, &v1, 1).checksum,
+        base,
+        "same inputs, same checksum"
+    );
+    assert_eq!(
+        build(&c, &v1, 3).checksum,
+        base,
+        "scaling does not roll pods"
+    );
+    let rotated = versions(&[("pg-ca", "7"), ("pg-creds", "4")]);
+    assert_ne!(
+        build(&c, &rotated, 1).checksum,
+        base,
+        "a Secret rotation rolls"
+    );
+    let mut edited = c.clone();
+    if let Some(pg) = edited.spec.source.postgres.as_mut() {
+        pg.batch_size = 500;
+    }
+    assert_ne!(build(&edited, &v1, 1).checksum, base, "a spec edit rolls");
+    let mut paused = c.clone();
+    paused.spec.state = DesiredState::Paused;
+    let d = build(&paused, &v1, 1);
+    assert_ne!(
+        d.checksum, base,
+        "pausing reaches the pods through their config"
+    );
+    let rc: RuntimeConfig =
+        serde_yaml::from_str(&d.config_map.data.expect("data")["connector.yaml"]).expect("parses");
+    assert_eq!(rc.spec.state, DesiredState::Paused);
+}
+
+#[test]
+fn template_overrides_apply() {
+    let c = fixture(KAFKA);
+    let d = build(&c, &BTreeMap::new(), 2);
+    let pod = d.deployment.spec.expect("spec").template.spec.expect("pod");
+    assert_eq!(
+        pod.containers[0].image.as_deref(),
+        Some("registry.example/my-connector:1.2.3")
+    );
+    assert_eq!(pod.service_account_name.as_deref(), Some("clicks-reader"));
+    assert_eq!(pod.node_selector.expect("node selector")["pool"], "ingest");
+    assert!(d.pdb.is_some());
+}
+
+#[test]
+fn pdb_for_more_than_one_replica() {
+    let c = fixture(S3);
+    let d = build(&c, &versions(&[("s3-creds", "1")]), 2);
+    let pdb = d.pdb.expect("pdb");
+    let spec = pdb.spec.expect("spec");
+    assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(
+        spec.selector
+            .expect("selector")
+            .match_labels
+            .expect("labels")[labels::INSTANCE],
+        "files"
+    );
+    let env = d
+        .deployment
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod")
+        .containers[0]
+        .env
+        .clone()
+        .expect("env");
+    assert!(
+        env.iter()
+            .any(|e| e.name == "OBSRV_SOURCE_SECRET_ACCESS_KEY")
+    );
+}
+
+#[test]
+fn cleanup_job_is_bounded() {
+    let c = fixture(POSTGRES);
+    let v = BTreeMap::new();
+    let job = builders::cleanup_job(
+        &Inputs {
+            connector: &c,
+            image: "img",
+            sink_defaults: &defaults(),
+            source_kind: SourceKind::Postgres,
+            secret_versions: &v,
+            replicas: 0,
+        },
+        300,
+    );
+    let spec = job.spec.expect("spec");
+    assert_eq!(spec.active_deadline_seconds, Some(300));
+    let pod = spec.template.spec.expect("pod");
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(pod.containers[0].args.as_ref().expect("args")[0], "cleanup");
+    assert_eq!(job.metadata.name.as_deref(), Some("orders-cleanup"));
+}
