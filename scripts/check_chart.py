@@ -461,7 +461,8 @@ def check_deployment(objects: list[dict[str, Any]], values: dict[str, Any]) -> s
     for flag, key in [("sink-topic", "topic"), ("sink-failed-topic", "failedTopic"), ("sink-state-topic", "stateTopic"),
                       ("sink-max-message-bytes", "maxMessageBytes"), ("sink-compression", "compression"),
                       ("sink-bootstrap-servers", "bootstrapServers")]:
-        require(flags.get(flag) == str(sink[key]), f"--{flag}={flags.get(flag)!r} but values sink.{key}={sink[key]!r}")
+        want_flag = str(sink[key]) if sink[key] != "" else None  # an empty value leaves the flag out
+        require(flags.get(flag) == want_flag, f"--{flag}={flags.get(flag)!r} but values sink.{key}={sink[key]!r}")
     img = values["connectorImage"]
     want = f"{img['repository']}:{img['tag'] or '0.1.0'}"
     require(flags.get("connector-image") == want, f"--connector-image={flags.get('connector-image')} != {want}")
