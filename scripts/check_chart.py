@@ -611,17 +611,28 @@ def check_example(path: Path, validator: jsonschema.protocols.Validator) -> str:
 # Argo CD health check
 
 
+ARGOCD_ACTIONS = [("pause", "Paused"), ("resume", "Running"), ("stop", "Stopped")]
+
+
 def lua_to_py(value: Any) -> Any:
     if lua51.lua_type(value) == "table":
-        return {k: lua_to_py(v) for k, v in value.items()}
+        d = {k: lua_to_py(v) for k, v in value.items()}
+        if d and all(isinstance(k, int) for k in d) and sorted(d) == list(range(1, len(d) + 1)):
+            return [d[i] for i in range(1, len(d) + 1)]
+        return d
     return value
 
 
-def argocd_health(script: str, obj: dict[str, Any]) -> dict[str, Any]:
+def argocd_run(script: str, obj: dict[str, Any]) -> Any:
+    """Run an Argo CD Lua script (health check or resource action) the way Argo CD does: the live
+    object in the global `obj`, the script's return value as the result."""
     lua = lua51.LuaRuntime(unpack_returned_tuples=True)
-    # Argo CD runs the script as a function body with the object in the global `obj`.
-    fn = lua.execute("return function(obj) " + script + "\nend")
-    return lua_to_py(fn(lua.table_from(obj, recursive=True)))
+    lua.globals().obj = lua.table_from(obj, recursive=True)
+    return lua_to_py(lua.execute(script))
+
+
+def argocd_health(script: str, obj: dict[str, Any]) -> dict[str, Any]:
+    return argocd_run(script, obj)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -844,19 +855,59 @@ def main() -> int:
 
     run.check("argocd health fixtures cover Healthy, Progressing, Degraded, Suspended", all_statuses)
 
-    def docs_embed_lua() -> None:
+    def lua_blocks(doc: str) -> set[str]:
+        """Every `<name>.lua: |` block of the doc's YAML snippets, dedented."""
+        blocks: set[str] = set()
+        lines = doc.split("\n")
+        for i, line in enumerate(lines):
+            if not re.search(r"\.lua: \|$", line):
+                continue
+            indent = len(line) - len(line.lstrip())
+            body = []
+            for nxt in lines[i + 1:]:
+                if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= indent:
+                    break
+                body.append(nxt)
+            blocks.add(textwrap.dedent("\n".join(body)).strip())
+        return blocks
+
+    def docs_embed_lua() -> str:
         doc_path = ROOT / "docs" / "gitops.md"
         require(doc_path.exists(), "docs/gitops.md missing")
-        doc = doc_path.read_text(encoding="utf-8")
-        # The argocd-cm snippet holds the script under `health.lua: |`, indented.
-        m = re.search(r"health\.lua: \|\n((?:[ ]+.*\n|\n)+)", doc)
-        require(m is not None, "docs/gitops.md has no argocd-cm snippet with `health.lua: |`")
-        embedded = textwrap.dedent(m.group(1)).strip()
-        require(embedded == script.strip(),
-                "the Lua in docs/gitops.md differs from helm/obsrv-connectors/files/argocd-health.lua "
-                "(the file is the tested one: copy it into the doc)")
+        blocks = lua_blocks(doc_path.read_text(encoding="utf-8"))
+        scripts = sorted((CHART / "files").glob("argocd-*.lua"))
+        differ = [p.name for p in scripts if p.read_text(encoding="utf-8").strip() not in blocks]
+        require(not differ, f"docs/gitops.md does not carry these tested scripts verbatim (copy them into the doc): {differ}")
+        return f"{len(scripts)} scripts"
 
     run.check("docs/gitops.md carries the tested Lua verbatim", docs_embed_lua)
+
+    discovery = (CHART / "files" / "argocd-actions-discovery.lua").read_text(encoding="utf-8")
+    actions = {
+        name: (CHART / "files" / f"argocd-action-{name}.lua").read_text(encoding="utf-8")
+        for name, _ in ARGOCD_ACTIONS
+    }
+    def act() -> str:
+        seen = []
+        for fx in fixtures:
+            state = (fx["object"].get("spec") or {}).get("state", "Running")
+            where = f"fixture '{fx['name']}' (spec.state {state})"
+            offered = argocd_run(discovery, fx["object"])
+            require(set(offered) == {n for n, _ in ARGOCD_ACTIONS}, f"{where}: discovery offers {sorted(offered)}")
+            for name, target in ARGOCD_ACTIONS:
+                disabled = bool(offered[name].get("disabled"))
+                require(disabled == (state == target), f"{where}: action {name} disabled={disabled}")
+                after = argocd_run(actions[name], copy.deepcopy(fx["object"]))
+                require(after["spec"]["state"] == target, f"{where}: action {name} left spec.state {after['spec'].get('state')}")
+                errs = schema_errors(validator, after)
+                require(not errs, f"{where}: action {name} produced an invalid Connector:\n" + "\n".join(errs))
+                rest = {k: v for k, v in after["spec"].items() if k != "state"}
+                require(rest == {k: v for k, v in fx["object"]["spec"].items() if k != "state"},
+                        f"{where}: action {name} changed more than spec.state")
+            seen.append(state)
+        return f"{len(fixtures)} fixtures, states {', '.join(sorted(set(seen)))}"
+
+    run.check("argocd actions pause/resume/stop: offered by state, set only spec.state", act)
 
     if run.failures:
         print("\nfailed checks:\n  " + "\n  ".join(run.failures))

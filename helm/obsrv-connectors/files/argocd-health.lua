@@ -70,7 +70,9 @@ end
 
 if state == "Paused" or state == "Stopped" or phase == "Paused" or phase == "Stopped" then
   hs.status = "Suspended"
-  if state == "Stopped" or phase == "Stopped" then
+  if (state == "Stopped" or phase == "Stopped") and (status.readyReplicas or 0) > 0 then
+    hs.message = "Connector is stopping (spec.state: Stopped): " .. tostring(status.readyReplicas) .. " pods still run"
+  elseif state == "Stopped" or phase == "Stopped" then
     hs.message = "Connector is stopped (spec.state: Stopped, no pods run)"
   else
     hs.message = "Connector is paused (spec.state: Paused, pods kept, not reading)"

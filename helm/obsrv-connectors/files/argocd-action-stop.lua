@@ -1,0 +1,3 @@
+-- Argo CD resource action "stop" for obsrv.io/Connector: sets spec.state to Stopped.
+obj.spec.state = "Stopped"
+return obj
