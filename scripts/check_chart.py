@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks the Helm chart, the examples and the Argo CD health check.
+"""Checks the Helm chart, the examples and the Argo CD health check and actions.
 
 Run from the repository root with the project's venv (scripts/setup.sh creates it):
 
@@ -17,11 +17,14 @@ What it checks (each line of output is one check; the last line is `N passed, M 
 - the operator Deployment meets Pod Security "restricted", leader election follows replicas, the sink
   defaults and watched namespaces reach the flags;
 - no rendered object holds a secret value (and the detector does catch helm/ci/bad-values-secret-env.yaml);
-- PrometheusRule expressions parse as PromQL;
+- PrometheusRule expressions parse as PromQL and use only metrics the operator / runtime register;
 - examples/: one Connector per source kind, each valid against the CRD's schema (strict: unknown fields
   fail), each Secret it references present in the same file with the keys it names;
 - files/argocd-health.lua (run by real Lua 5.1, as Argo CD's gopher-lua) gives the expected health for
-  every fixture in helm/ci/argocd-health-fixtures.yaml.
+  every fixture in helm/ci/argocd-health-fixtures.yaml, the pause/resume/stop resource actions change
+  only spec.state, and docs/gitops.md carries every script verbatim;
+- self-tests that the checks can fail: a broken template, an unknown field, a missing or an extra
+  permission, a literal secret in values.
 """
 
 from __future__ import annotations
