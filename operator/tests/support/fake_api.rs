@@ -68,7 +68,15 @@ fn parse(uri: &http::Uri) -> Option<Target> {
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), percent_decode(v)))
         .collect();
-    Some(Target { group, version, resource, namespace, name, sub, query })
+    Some(Target {
+        group,
+        version,
+        resource,
+        namespace,
+        name,
+        sub,
+        query,
+    })
 }
 
 fn percent_decode(s: &str) -> String {
@@ -76,12 +84,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
         }
         out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
         i += 1;
@@ -147,10 +156,13 @@ fn merge(target: &mut Value, patch: &Value) {
 }
 
 fn labels_match(obj: &Value, selector: &str) -> bool {
-    selector.split(',').filter(|s| !s.is_empty()).all(|term| match term.split_once('=') {
-        Some((k, v)) => obj["metadata"]["labels"][k].as_str() == Some(v),
-        None => true,
-    })
+    selector
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some((k, v)) => obj["metadata"]["labels"][k].as_str() == Some(v),
+            None => true,
+        })
 }
 
 /// Everything but metadata and status: a change here bumps `metadata.generation`.
@@ -190,7 +202,10 @@ impl FakeApi {
 
     /// Calls with this verb on this resource since the last `clear_calls`.
     pub fn count(&self, verb: &str, resource: &str) -> usize {
-        self.calls().iter().filter(|c| c.verb == verb && c.resource == resource).count()
+        self.calls()
+            .iter()
+            .filter(|c| c.verb == verb && c.resource == resource)
+            .count()
     }
 
     fn next_rv(&self) -> String {
@@ -198,11 +213,19 @@ impl FakeApi {
     }
 
     fn key(group: &str, resource: &str, ns: &str, name: &str) -> Key {
-        (format!("{group}/{resource}"), ns.to_string(), name.to_string())
+        (
+            format!("{group}/{resource}"),
+            ns.to_string(),
+            name.to_string(),
+        )
     }
 
     pub fn get(&self, group: &str, resource: &str, ns: &str, name: &str) -> Option<Value> {
-        self.objects.lock().expect("lock").get(&Self::key(group, resource, ns, name)).cloned()
+        self.objects
+            .lock()
+            .expect("lock")
+            .get(&Self::key(group, resource, ns, name))
+            .cloned()
     }
 
     pub fn list(&self, group: &str, resource: &str, ns: &str) -> Vec<Value> {
@@ -218,19 +241,32 @@ impl FakeApi {
 
     /// Stores an object as a client would create it (uid, generation 1, resourceVersion).
     pub fn create(&self, group: &str, resource: &str, ns: &str, mut obj: Value) -> Value {
-        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let uid = format!("uid-{}", self.uid.fetch_add(1, Ordering::SeqCst) + 1);
         obj["metadata"]["namespace"] = json!(ns);
         obj["metadata"]["uid"] = json!(uid);
         obj["metadata"]["generation"] = json!(1);
         obj["metadata"]["resourceVersion"] = json!(self.next_rv());
         obj["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
-        self.objects.lock().expect("lock").insert(Self::key(group, resource, ns, &name), obj.clone());
+        self.objects
+            .lock()
+            .expect("lock")
+            .insert(Self::key(group, resource, ns, &name), obj.clone());
         obj
     }
 
     /// Changes an object as another client would (e.g. `kubectl edit`, a kubelet updating status).
-    pub fn edit(&self, group: &str, resource: &str, ns: &str, name: &str, f: impl FnOnce(&mut Value)) {
+    pub fn edit(
+        &self,
+        group: &str,
+        resource: &str,
+        ns: &str,
+        name: &str,
+        f: impl FnOnce(&mut Value),
+    ) {
         let mut objects = self.objects.lock().expect("lock");
         let Some(obj) = objects.get_mut(&Self::key(group, resource, ns, name)) else {
             panic!("no {group}/{resource} {ns}/{name} to edit");
@@ -249,7 +285,9 @@ impl FakeApi {
         let mut objects = self.objects.lock().expect("lock");
         let key = Self::key(group, resource, ns, name);
         let obj = objects.get_mut(&key)?;
-        let has_finalizers = obj["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+        let has_finalizers = obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
         if has_finalizers {
             if obj["metadata"]["deletionTimestamp"].is_null() {
                 obj["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:10:00Z");
@@ -267,7 +305,9 @@ impl FakeApi {
     fn collect_garbage(objects: &mut BTreeMap<Key, Value>, owner: &Value) {
         let uid = owner["metadata"]["uid"].clone();
         objects.retain(|_, v| {
-            !v["metadata"]["ownerReferences"].as_array().is_some_and(|o| o.iter().any(|r| r["uid"] == uid))
+            !v["metadata"]["ownerReferences"]
+                .as_array()
+                .is_some_and(|o| o.iter().any(|r| r["uid"] == uid))
         });
     }
 
@@ -286,7 +326,10 @@ impl FakeApi {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let watch = t.query.get("watch").is_some_and(|w| w == "true" || w == "1");
+        let watch = t
+            .query
+            .get("watch")
+            .is_some_and(|w| w == "true" || w == "1");
         let verb = match (&parts.method, &t.name) {
             (&Method::GET, Some(_)) => "get",
             (&Method::GET, None) if watch => "watch",
@@ -312,7 +355,9 @@ impl FakeApi {
         } else {
             match serde_json::from_slice(&body) {
                 Ok(v) => v,
-                Err(e) => return status_response(400, "BadRequest", format!("body is not JSON: {e}")),
+                Err(e) => {
+                    return status_response(400, "BadRequest", format!("body is not JSON: {e}"));
+                }
             }
         };
         match verb {
@@ -321,11 +366,20 @@ impl FakeApi {
             "create" => self.do_create(&t, body),
             "update" => self.do_update(&t, body),
             "patch" => self.do_patch(&t, &content_type, body),
-            "delete" => match self.delete(&t.group, &t.resource, &t.namespace, t.name.as_deref().unwrap_or_default()) {
+            "delete" => match self.delete(
+                &t.group,
+                &t.resource,
+                &t.namespace,
+                t.name.as_deref().unwrap_or_default(),
+            ) {
                 Some(v) => ok(200, &v),
                 None => status_response(404, "NotFound", format!("{} not found", t.resource)),
             },
-            _ => status_response(405, "MethodNotAllowed", format!("{} not supported", parts.method)),
+            _ => status_response(
+                405,
+                "MethodNotAllowed",
+                format!("{} not supported", parts.method),
+            ),
         }
     }
 
@@ -333,7 +387,11 @@ impl FakeApi {
         let name = t.name.as_deref().unwrap_or_default();
         match self.get(&t.group, &t.resource, &t.namespace, name) {
             Some(v) => ok(200, &v),
-            None => status_response(404, "NotFound", format!("{} \"{name}\" not found", t.resource)),
+            None => status_response(
+                404,
+                "NotFound",
+                format!("{} \"{name}\" not found", t.resource),
+            ),
         }
     }
 
@@ -344,7 +402,11 @@ impl FakeApi {
             .into_iter()
             .filter(|o| labels_match(o, &selector))
             .collect();
-        let api_version = if t.group.is_empty() { t.version.clone() } else { format!("{}/{}", t.group, t.version) };
+        let api_version = if t.group.is_empty() {
+            t.version.clone()
+        } else {
+            format!("{}/{}", t.group, t.version)
+        };
         ok(
             200,
             &json!({
@@ -358,12 +420,26 @@ impl FakeApi {
 
     fn do_create(&self, t: &Target, mut body: Value) -> Response<Body> {
         if body["metadata"]["name"].is_null() {
-            let prefix = body["metadata"]["generateName"].as_str().unwrap_or("obj-").to_string();
-            body["metadata"]["name"] = json!(format!("{prefix}{}", self.rv.load(Ordering::SeqCst) + 1));
+            let prefix = body["metadata"]["generateName"]
+                .as_str()
+                .unwrap_or("obj-")
+                .to_string();
+            body["metadata"]["name"] =
+                json!(format!("{prefix}{}", self.rv.load(Ordering::SeqCst) + 1));
         }
-        let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
-        if self.get(&t.group, &t.resource, &t.namespace, &name).is_some() {
-            return status_response(409, "AlreadyExists", format!("{} \"{name}\" already exists", t.resource));
+        let name = body["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if self
+            .get(&t.group, &t.resource, &t.namespace, &name)
+            .is_some()
+        {
+            return status_response(
+                409,
+                "AlreadyExists",
+                format!("{} \"{name}\" already exists", t.resource),
+            );
         }
         let created = self.create(&t.group, &t.resource, &t.namespace, body);
         ok(201, &created)
@@ -372,7 +448,11 @@ impl FakeApi {
     fn do_update(&self, t: &Target, body: Value) -> Response<Body> {
         let name = t.name.clone().unwrap_or_default();
         let Some(live) = self.get(&t.group, &t.resource, &t.namespace, &name) else {
-            return status_response(404, "NotFound", format!("{} \"{name}\" not found", t.resource));
+            return status_response(
+                404,
+                "NotFound",
+                format!("{} \"{name}\" not found", t.resource),
+            );
         };
         if body["metadata"]["resourceVersion"] != live["metadata"]["resourceVersion"] {
             return status_response(409, "Conflict", "the object has been modified".into());
@@ -392,7 +472,11 @@ impl FakeApi {
         if content_type.starts_with("application/apply-patch") {
             let Some(_) = live else {
                 if status_only {
-                    return status_response(404, "NotFound", format!("{} \"{name}\" not found", t.resource));
+                    return status_response(
+                        404,
+                        "NotFound",
+                        format!("{} \"{name}\" not found", t.resource),
+                    );
                 }
                 let mut obj = body;
                 obj["metadata"]["name"] = json!(name);
@@ -407,12 +491,21 @@ impl FakeApi {
                 // The operator is the only field manager: its applied fields replace the live ones;
                 // server-set metadata and status stay.
                 let mut next = body.clone();
-                for k in ["uid", "generation", "creationTimestamp", "resourceVersion", "deletionTimestamp", "namespace"] {
+                for k in [
+                    "uid",
+                    "generation",
+                    "creationTimestamp",
+                    "resourceVersion",
+                    "deletionTimestamp",
+                    "namespace",
+                ] {
                     if !o["metadata"][k].is_null() {
                         next["metadata"][k] = o["metadata"][k].clone();
                     }
                 }
-                if next["metadata"]["finalizers"].is_null() && !o["metadata"]["finalizers"].is_null() {
+                if next["metadata"]["finalizers"].is_null()
+                    && !o["metadata"]["finalizers"].is_null()
+                {
                     next["metadata"]["finalizers"] = o["metadata"]["finalizers"].clone();
                 }
                 if !o["status"].is_null() {
@@ -423,13 +516,24 @@ impl FakeApi {
             return self.do_get(t);
         }
         let Some(mut obj) = live else {
-            return status_response(404, "NotFound", format!("{} \"{name}\" not found", t.resource));
+            return status_response(
+                404,
+                "NotFound",
+                format!("{} \"{name}\" not found", t.resource),
+            );
         };
         if content_type.starts_with("application/json-patch") {
-            let patch: json_patch::Patch = match serde_json::from_value(body) {
+            let mut patch: json_patch::Patch = match serde_json::from_value(body) {
                 Ok(p) => p,
                 Err(e) => return status_response(400, "BadRequest", e.to_string()),
             };
+            // Like the API server, a `test` for null passes on a missing field.
+            patch.0.retain(|op| match op {
+                json_patch::PatchOperation::Test(t) if t.value.is_null() => {
+                    !obj.pointer(t.path.as_str()).is_none_or(Value::is_null)
+                }
+                _ => true,
+            });
             if let Err(e) = json_patch::patch(&mut obj, &patch) {
                 return status_response(422, "Invalid", e.to_string());
             }
@@ -444,10 +548,14 @@ impl FakeApi {
         // A deleted object whose last finalizer was removed goes away.
         if let Some(v) = self.get(&t.group, &t.resource, &t.namespace, &name)
             && !v["metadata"]["deletionTimestamp"].is_null()
-            && v["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty())
+            && v["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(|f| f.is_empty())
         {
             let mut objects = self.objects.lock().expect("lock");
-            if let Some(removed) = objects.remove(&Self::key(&t.group, &t.resource, &t.namespace, &name)) {
+            if let Some(removed) =
+                objects.remove(&Self::key(&t.group, &t.resource, &t.namespace, &name))
+            {
                 Self::collect_garbage(&mut objects, &removed);
                 return ok(200, &removed);
             }

@@ -1,0 +1,531 @@
+//! Reconcile tests against the in-memory API, with local HTTP servers standing in for pods.
+
+mod support;
+
+use kube::runtime::controller::Action;
+use obsrv_crds::Phase;
+use obsrv_crds::status::{LastError, RuntimeState, Totals, condition, reason};
+use obsrv_operator::rbac;
+use serde_json::json;
+use support::*;
+
+const POSTGRES: &str = include_str!("fixtures/postgres.yaml");
+const KAFKA: &str = include_str!("fixtures/kafka-autoscale.yaml");
+const S3: &str = include_str!("fixtures/s3-two-replicas.yaml");
+
+async fn postgres() -> Harness {
+    let h = Harness::new("shop").await;
+    h.secret(
+        "pg-creds",
+        &[("username", "app"), ("password", "s3cr3t-pw")],
+    );
+    h.secret("pg-ca", &[("ca.crt", "-----BEGIN CERTIFICATE-----")]);
+    h.apply_yaml(POSTGRES);
+    h
+}
+
+/// First reconcile adds the finalizer; the second applies.
+async fn create(h: &Harness, name: &str) {
+    assert_eq!(h.reconcile_ok(name).await, Action::await_change());
+    let c = h.connector(name).expect("connector");
+    assert_eq!(
+        c.metadata.finalizers,
+        Some(vec!["obsrv.io/cleanup".to_string()])
+    );
+    h.reconcile_ok(name).await;
+}
+
+/// Creates, rolls out with one pod answering `status`, and reconciles to Ready.
+async fn running_connector(h: &mut Harness, name: &str, lag: i64) -> String {
+    create(h, name).await;
+    let ip = h.pod(running(lag)).await;
+    h.roll_out(name, std::slice::from_ref(&ip));
+    h.reconcile_ok(name).await;
+    ip
+}
+
+#[tokio::test]
+async fn create_applies_owned_objects_and_reports_progress() {
+    let mut h = postgres().await;
+    create(&h, "orders").await;
+
+    let cm = h.object(CONFIGMAPS, "orders").expect("configmap");
+    let yaml = cm["data"]["connector.yaml"].as_str().expect("config");
+    assert!(yaml.contains("kafka.obsrv:9092"), "sink defaults merged in");
+    assert_eq!(cm["metadata"]["ownerReferences"][0]["kind"], "Connector");
+    assert!(h.object(SERVICES, "orders").is_some());
+    assert!(h.object(PDBS, "orders").is_none(), "one replica: no PDB");
+    assert_eq!(h.replicas("orders"), 1);
+    assert_eq!(h.checksum("orders").len(), 64);
+
+    let s = h.status("orders");
+    assert_eq!(s.phase, Some(Phase::Pending));
+    assert_eq!(s.source_kind.as_deref(), Some("postgres"));
+    assert_eq!(s.replicas_summary.as_deref(), Some("0/1"));
+    assert_eq!(
+        s.selector.as_deref(),
+        Some("app.kubernetes.io/instance=orders,app.kubernetes.io/name=obsrv-connector")
+    );
+    assert_eq!(h.condition("orders", condition::RECONCILING).0, "True");
+    assert_eq!(h.condition("orders", condition::READY).0, "False");
+    assert_eq!(h.condition("orders", condition::CONFIG_VALID).0, "True");
+    assert!(
+        s.conditions
+            .iter()
+            .all(|c| c.observed_generation == Some(1))
+    );
+    assert!(h.event_reasons().contains(&"Created".to_string()));
+
+    // Pods come up and report: Ready, Running, lag and totals in status.
+    let ip = h.pod(support::running(42)).await;
+    h.set_pod(&ip, |s| {
+        s.totals = Totals {
+            records_ingested: 1000,
+            records_failed: 2,
+            bytes_ingested: 64_000,
+        };
+        s.watermark = Some("updated_at=2026-01-01T00:00:00Z,id=17".into());
+        s.max_parallelism = Some(1);
+    });
+    h.roll_out("orders", std::slice::from_ref(&ip));
+    h.reconcile_ok("orders").await;
+    let s = h.status("orders");
+    assert_eq!(s.phase, Some(Phase::Running));
+    assert_eq!(h.condition("orders", condition::READY).0, "True");
+    assert_eq!(h.condition("orders", condition::RECONCILING).0, "False");
+    assert_eq!(s.replicas_summary.as_deref(), Some("1/1"));
+    assert_eq!(s.lag.as_ref().map(|l| l.records), Some(42));
+    assert_eq!(s.totals.map(|t| t.records_ingested), Some(1000));
+    assert_eq!(
+        s.watermark.as_deref(),
+        Some("updated_at=2026-01-01T00:00:00Z,id=17")
+    );
+    assert_eq!(s.max_parallelism, Some(1));
+
+    // Nothing changed: no write at all, neither objects' status nor events beyond applies.
+    h.api.clear_calls();
+    let writes_before = h.metrics.status_writes.get();
+    h.advance(15);
+    h.reconcile_ok("orders").await;
+    assert_eq!(
+        h.api.count("patch", "connectors/status"),
+        0,
+        "status written only when changed"
+    );
+    assert_eq!(h.metrics.status_writes.get(), writes_before);
+
+    // No secret value anywhere the operator writes.
+    for kind in [CONFIGMAPS, DEPLOYMENTS, SERVICES, CONNECTORS, EVENTS] {
+        for obj in h.api.list(kind.0, kind.1, "shop") {
+            let text = obj.to_string();
+            assert!(
+                !text.contains("s3cr3t-pw") && !text.contains("czNjcjN0LXB3"),
+                "secret leaked into {kind:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn spec_change_rolls_pods() {
+    let mut h = postgres().await;
+    running_connector(&mut h, "orders", 0).await;
+    let before = h.checksum("orders");
+    h.edit_spec("orders", |s| {
+        s["source"]["postgres"]["batchSize"] = json!(500)
+    });
+    h.reconcile_ok("orders").await;
+    assert_ne!(h.checksum("orders"), before);
+    assert!(h.event_reasons().contains(&"RollingOut".to_string()));
+    let cm = h.object(CONFIGMAPS, "orders").expect("configmap");
+    assert!(
+        cm["data"]["connector.yaml"]
+            .as_str()
+            .expect("config")
+            .contains("batchSize: 500")
+    );
+    assert_eq!(h.status("orders").observed_generation, Some(2));
+    assert_eq!(
+        h.condition("orders", condition::RECONCILING).0,
+        "True",
+        "the Deployment has not caught up yet"
+    );
+}
+
+#[tokio::test]
+async fn secret_rotation_rolls_pods() {
+    let mut h = postgres().await;
+    running_connector(&mut h, "orders", 0).await;
+    let before = h.checksum("orders");
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.checksum("orders"), before, "no rotation, no roll");
+    h.rotate_secret("pg-creds", "password", "rotated-pw");
+    h.reconcile_ok("orders").await;
+    assert_ne!(h.checksum("orders"), before, "rotation rolls");
+    let dep = h.deployment("orders").to_string();
+    assert!(!dep.contains("rotated-pw"));
+}
+
+#[tokio::test]
+async fn missing_secret_is_reported_without_applying() {
+    let h = Harness::new("shop").await;
+    h.apply_yaml(POSTGRES);
+    h.reconcile_ok("orders").await;
+    h.reconcile_ok("orders").await;
+    assert!(h.object(DEPLOYMENTS, "orders").is_none());
+    let (status, reason, message) = h.condition("orders", condition::READY);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "SecretNotFound")
+    );
+    assert!(message.contains("pg-c"), "{message}");
+}
+
+#[tokio::test]
+async fn pause_stop_resume() {
+    let mut h = Harness::new("lake").await;
+    h.secret(
+        "s3-creds",
+        &[("accessKeyId", "AK"), ("secretAccessKey", "SK")],
+    );
+    h.apply_yaml(S3);
+    create(&h, "files").await;
+    assert_eq!(h.replicas("files"), 2);
+    assert!(h.object(PDBS, "files").is_some(), "two replicas: PDB");
+    let a = h.pod(running(0)).await;
+    let b = h.pod(running(0)).await;
+    h.roll_out("files", &[a.clone(), b.clone()]);
+    h.reconcile_ok("files").await;
+    assert_eq!(h.status("files").phase, Some(Phase::Running));
+
+    // Paused: pods stay, their config says Paused.
+    h.edit_spec("files", |s| s["state"] = json!("Paused"));
+    h.reconcile_ok("files").await;
+    assert_eq!(h.replicas("files"), 2, "paused keeps pods");
+    let cm = h.object(CONFIGMAPS, "files").expect("configmap");
+    assert!(
+        cm["data"]["connector.yaml"]
+            .as_str()
+            .expect("config")
+            .contains("state: Paused")
+    );
+    for ip in [&a, &b] {
+        h.set_pod(ip, |s| s.state = RuntimeState::Paused);
+    }
+    h.roll_out("files", &[a.clone(), b.clone()]);
+    h.reconcile_ok("files").await;
+    assert_eq!(h.status("files").phase, Some(Phase::Paused));
+    assert_eq!(h.condition("files", condition::READY).1, "Paused");
+
+    // Stopped: zero replicas, no PDB; a /scale write does not win over the state.
+    h.edit_spec("files", |s| {
+        s["state"] = json!("Stopped");
+        s["scaling"]["replicas"] = json!(5);
+    });
+    h.reconcile_ok("files").await;
+    assert_eq!(h.replicas("files"), 0);
+    assert!(h.object(PDBS, "files").is_none());
+    h.roll_out("files", &[]);
+    h.reconcile_ok("files").await;
+    let s = h.status("files");
+    assert_eq!(s.phase, Some(Phase::Stopped));
+    assert_eq!(s.replicas_summary.as_deref(), Some("0/0"));
+    assert_eq!(h.condition("files", condition::READY).1, "Stopped");
+
+    // Resume: replicas from the spec (the /scale write), pods read again.
+    h.edit_spec("files", |s| {
+        s["state"] = json!("Running");
+        s["scaling"]["replicas"] = json!(2);
+    });
+    h.reconcile_ok("files").await;
+    assert_eq!(h.replicas("files"), 2);
+    assert!(h.object(PDBS, "files").is_some());
+    for ip in [&a, &b] {
+        h.set_pod(ip, |s| s.state = RuntimeState::Running);
+    }
+    h.roll_out("files", &[a, b]);
+    h.reconcile_ok("files").await;
+    assert_eq!(h.status("files").phase, Some(Phase::Running));
+}
+
+#[tokio::test]
+async fn autoscale_up_fast_down_slow_clamped_to_partitions() {
+    let mut h = Harness::new("web").await;
+    h.apply_yaml(KAFKA);
+    create(&h, "clicks").await;
+    assert_eq!(h.replicas("clicks"), 1, "starts at minReplicas");
+
+    // The one pod reports a lag asking for 5 replicas, on a topic with 3 partitions.
+    let ip = h.pod(running(4_500)).await;
+    h.set_pod(&ip, |s| s.max_parallelism = Some(3));
+    h.roll_out("clicks", std::slice::from_ref(&ip));
+    h.reconcile_ok("clicks").await; // observes the lag
+    h.reconcile_ok("clicks").await; // acts on it
+    assert_eq!(h.replicas("clicks"), 3, "clamped to the partition count");
+    let (limited, why, msg) = h.condition("clicks", condition::SCALING_LIMITED);
+    assert_eq!(
+        (limited.as_str(), why.as_str()),
+        ("True", "SourceParallelism")
+    );
+    assert!(msg.contains('3'), "{msg}");
+    assert!(h.event_reasons().contains(&"Scaled".to_string()));
+
+    // Lag gone: stays up during the scale-down delay, then steps down.
+    h.set_pod(&ip, |s| s.lag_records = Some(0));
+    h.roll_out("clicks", std::slice::from_ref(&ip));
+    h.reconcile_ok("clicks").await;
+    h.advance(60);
+    h.reconcile_ok("clicks").await;
+    assert_eq!(
+        h.replicas("clicks"),
+        3,
+        "no scale-down before scaleDownDelay"
+    );
+    h.advance(300);
+    h.reconcile_ok("clicks").await;
+    assert_eq!(h.replicas("clicks"), 1, "scaled down after the delay");
+    assert_eq!(h.condition("clicks", condition::SCALING_LIMITED).0, "False");
+
+    // Paused: no autoscaling even with a large lag.
+    h.set_pod(&ip, |s| s.lag_records = Some(100_000));
+    h.roll_out("clicks", std::slice::from_ref(&ip));
+    h.edit_spec("clicks", |s| s["state"] = json!("Paused"));
+    h.reconcile_ok("clicks").await;
+    h.reconcile_ok("clicks").await;
+    assert_eq!(h.replicas("clicks"), 1, "state wins over autoscaling");
+}
+
+#[tokio::test]
+async fn autoscale_limited_by_max_replicas() {
+    let mut h = Harness::new("web").await;
+    h.apply_yaml(KAFKA);
+    create(&h, "clicks").await;
+    let ip = h.pod(running(1_000_000)).await;
+    h.roll_out("clicks", std::slice::from_ref(&ip));
+    h.reconcile_ok("clicks").await;
+    h.reconcile_ok("clicks").await;
+    assert_eq!(h.replicas("clicks"), 8);
+    assert_eq!(
+        h.condition("clicks", condition::SCALING_LIMITED).1,
+        "MaxReplicas"
+    );
+}
+
+#[tokio::test]
+async fn aggregates_lag_and_errors_from_pods_one_unreachable() {
+    let mut h = Harness::new("web").await;
+    h.apply_yaml(KAFKA);
+    h.edit_spec("clicks", |s| s["scaling"] = json!({"replicas": 3}));
+    create(&h, "clicks").await;
+    assert_eq!(h.replicas("clicks"), 3);
+    let a = h.pod(running(100)).await;
+    h.set_pod(&a, |s| {
+        s.totals = Totals {
+            records_ingested: 10,
+            records_failed: 1,
+            bytes_ingested: 100,
+        };
+        s.watermark = Some("clicks/0@5".into());
+        s.lag_seconds = Some(1.5);
+    });
+    let b = h.pod(running(250)).await;
+    h.set_pod(&b, |s| {
+        s.state = RuntimeState::Degraded;
+        s.totals = Totals {
+            records_ingested: 20,
+            records_failed: 0,
+            bytes_ingested: 200,
+        };
+        s.watermark = Some("clicks/1@9".into());
+        s.lag_seconds = Some(4.0);
+        s.last_error = Some(LastError {
+            reason: reason::SOURCE_UNREACHABLE.into(),
+            message: "source-kafka:9092 refused the connection".into(),
+            time: None,
+        });
+    });
+    let c = h.unreachable_ip().await;
+    h.roll_out("clicks", &[a, b, c]);
+    h.reconcile_ok("clicks").await;
+    let s = h.status("clicks");
+    let lag = s.lag.expect("lag");
+    assert_eq!(lag.records, 350, "lag summed over the pods that answered");
+    assert_eq!(lag.seconds, Some(4.0), "worst lag in seconds");
+    assert_eq!(
+        s.totals,
+        Some(Totals {
+            records_ingested: 30,
+            records_failed: 1,
+            bytes_ingested: 300
+        })
+    );
+    let wm = s.watermark.expect("watermark");
+    assert!(
+        wm.contains("clicks/0@5") && wm.contains("clicks/1@9"),
+        "{wm}"
+    );
+    let err = s.last_error.expect("last error");
+    assert_eq!(
+        err.reason, "SourceUnreachable",
+        "the source error outranks an unreachable pod"
+    );
+    assert!(err.message.contains("clicks-pod-1"), "{}", err.message);
+    assert_eq!(s.phase, Some(Phase::Degraded));
+    let (ready, why, _) = h.condition("clicks", condition::READY);
+    assert_eq!(
+        (ready.as_str(), why.as_str()),
+        ("False", "SourceUnreachable")
+    );
+    assert_eq!(h.condition("clicks", condition::STALLED).0, "False");
+}
+
+#[tokio::test]
+async fn name_conflict_leaves_foreign_object_alone() {
+    let h = postgres().await;
+    h.api.create(
+        DEPLOYMENTS.0,
+        DEPLOYMENTS.1,
+        "shop",
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "orders", "labels": {"team": "other"}},
+               "spec": {"replicas": 4, "selector": {"matchLabels": {"app": "x"}}, "template": {}}}),
+    );
+    let foreign = h.deployment("orders");
+    create(&h, "orders").await;
+    assert_eq!(h.deployment("orders"), foreign, "not taken over");
+    assert!(
+        h.object(CONFIGMAPS, "orders").is_none(),
+        "nothing applied while blocked"
+    );
+    let (stalled, why, msg) = h.condition("orders", condition::STALLED);
+    assert_eq!((stalled.as_str(), why.as_str()), ("True", "NameConflict"));
+    assert!(msg.contains("Deployment"), "{msg}");
+    assert_eq!(h.status("orders").phase, Some(Phase::Failed));
+    assert!(h.event_reasons().contains(&"NameConflict".to_string()));
+}
+
+#[tokio::test]
+async fn deletion_runs_finalizer_and_releases_the_connector() {
+    let mut h = postgres().await;
+    running_connector(&mut h, "orders", 0).await;
+    h.api.delete(CONNECTORS.0, CONNECTORS.1, "shop", "orders");
+    let marked = h.connector("orders").expect("kept by the finalizer");
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    h.reconcile_ok("orders").await;
+    assert!(
+        h.connector("orders").is_none(),
+        "finalizer removed, Connector gone"
+    );
+    assert!(
+        h.object(DEPLOYMENTS, "orders").is_none(),
+        "owned objects garbage-collected"
+    );
+    assert_eq!(
+        h.api.count("patch", "jobs"),
+        0,
+        "postgres needs no cleanup Job"
+    );
+}
+
+#[tokio::test]
+async fn invalid_spec_reports_config_invalid_and_keeps_the_deployment() {
+    let mut h = postgres().await;
+    running_connector(&mut h, "orders", 0).await;
+    let deployment = h.deployment("orders");
+
+    // Two source kinds (an API server without CEL, or an old object, could let this through).
+    h.edit_spec("orders", |s| {
+        s["source"]["s3"] = json!({"bucket": "b", "format": "csv"})
+    });
+    let action = h.reconcile_ok("orders").await;
+    assert_eq!(
+        action,
+        Action::await_change(),
+        "waits for the next change, no requeue loop"
+    );
+    let (valid, why, msg) = h.condition("orders", condition::CONFIG_VALID);
+    assert_eq!((valid.as_str(), why.as_str()), ("False", "InvalidSource"));
+    assert!(msg.contains("exactly one"), "{msg}");
+    assert_eq!(h.condition("orders", condition::STALLED).0, "True");
+    assert_eq!(
+        h.deployment("orders"),
+        deployment,
+        "the running Deployment is untouched"
+    );
+    assert!(h.event_reasons().contains(&"InvalidSource".to_string()));
+
+    // Reconciling again changes nothing and writes nothing.
+    h.api.clear_calls();
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.api.count("patch", "connectors/status"), 0);
+    assert_eq!(h.api.count("patch", "deployments"), 0);
+
+    // A bad duration is also caught, with the field named.
+    h.edit_spec("orders", |s| {
+        s["source"].as_object_mut().expect("source").remove("s3");
+        s["source"]["postgres"]["pollInterval"] = json!("soon");
+    });
+    h.reconcile_ok("orders").await;
+    let (valid, why, msg) = h.condition("orders", condition::CONFIG_VALID);
+    assert_eq!((valid.as_str(), why.as_str()), ("False", "InvalidDuration"));
+    assert!(msg.contains("pollInterval"), "{msg}");
+    assert_eq!(h.deployment("orders"), deployment);
+
+    // Fixed: valid again and applied.
+    h.edit_spec("orders", |s| {
+        s["source"]["postgres"]["pollInterval"] = json!("10s")
+    });
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.condition("orders", condition::CONFIG_VALID).0, "True");
+    assert_ne!(
+        h.checksum("orders"),
+        deployment["spec"]["template"]["metadata"]["annotations"]["obsrv.io/config-checksum"]
+    );
+}
+
+#[tokio::test]
+async fn followers_do_not_write() {
+    let h = postgres().await;
+    h.ctx
+        .leader
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    h.reconcile_ok("orders").await;
+    assert!(
+        h.api
+            .calls()
+            .iter()
+            .all(|c| c.verb == "get" || c.verb == "list"),
+        "{:?}",
+        h.api.calls()
+    );
+    assert!(
+        h.connector("orders")
+            .expect("connector")
+            .metadata
+            .finalizers
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn every_api_call_is_declared_in_rbac() {
+    let mut h = postgres().await;
+    running_connector(&mut h, "orders", 0).await;
+    h.edit_spec("orders", |s| s["scaling"]["replicas"] = json!(2));
+    h.reconcile_ok("orders").await;
+    h.edit_spec("orders", |s| s["scaling"]["replicas"] = json!(1));
+    h.reconcile_ok("orders").await;
+    h.api.delete(CONNECTORS.0, CONNECTORS.1, "shop", "orders");
+    h.reconcile_ok("orders").await;
+    let calls = h.api.calls();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.resource == "poddisruptionbudgets" && c.verb == "delete")
+    );
+    for c in calls {
+        assert!(
+            rbac::allows(&c.group, &c.resource, &c.verb),
+            "undeclared API call: {c:?}"
+        );
+    }
+}
