@@ -88,7 +88,9 @@ impl KafkaSource {
                     OffsetReset::Latest => "latest",
                 },
             )
-            .set("client.id", format!("obsrv-connector/{}", rc.instance_id()));
+            .set("client.id", format!("obsrv-connector/{}", rc.instance_id()))
+            // A replaced pod's partitions move on within seconds, not the 45s default.
+            .set("session.timeout.ms", "10000");
         let creds = match (
             secrets.get(env::SOURCE_USERNAME),
             secrets.get(env::SOURCE_PASSWORD),
