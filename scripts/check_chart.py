@@ -127,6 +127,7 @@ def value_sets() -> list[tuple[str, dict[str, Any]]]:
         ("default", {}),
         ("namespaced-ha", load_yaml(CI / "values-namespaced-ha.yaml")),
         ("cluster-custom", load_yaml(CI / "values-cluster-custom.yaml")),
+        ("bring-your-own", load_yaml(CI / "values-bring-your-own.yaml")),
     ]
 
 
@@ -316,7 +317,17 @@ def leader_election_on(values: dict[str, Any]) -> bool:
 
 
 def check_rbac(objects: list[dict[str, Any]], values: dict[str, Any], declared: set[Triple]) -> str:
-    sa_name = values["serviceAccount"]["name"] or (values.get("fullnameOverride") or RELEASE)
+    sa_name = operator_deployment(objects)["spec"]["template"]["spec"]["serviceAccountName"]
+    sas = [o["metadata"]["name"] for o in of_kind(objects, "ServiceAccount")]
+    if values["serviceAccount"]["create"]:
+        require(sas == [sa_name], f"ServiceAccount {sa_name} used by the Deployment, rendered: {sas}")
+    else:
+        require(not sas, f"serviceAccount.create=false but the chart renders {sas}")
+    rbac_kinds = ("ClusterRole", "Role", "ClusterRoleBinding", "RoleBinding")
+    if not values["rbac"]["create"]:
+        rendered_rbac = [ident(o) for o in objects if o["kind"] in rbac_kinds]
+        require(not rendered_rbac, f"rbac.create=false but the chart renders {rendered_rbac}")
+        return "rbac.create=false: no RBAC rendered (the user grants print-rbac's rules)"
     subject = {"kind": "ServiceAccount", "name": sa_name, "namespace": RELEASE_NAMESPACE}
     roles = {
         (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
