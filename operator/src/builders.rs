@@ -47,7 +47,13 @@ pub struct Desired {
     /// Only when more than one replica is wanted.
     pub pdb: Option<PodDisruptionBudget>,
     pub checksum: String,
+    /// Hash of all of the above, also on the Deployment as [`APPLIED_HASH`]: when the live
+    /// Deployment carries the same, nothing needs applying (no writes in steady state).
+    pub applied_hash: String,
 }
+
+/// Deployment annotation: hash of every object last applied for the Connector.
+pub const APPLIED_HASH: &str = "obsrv.io/applied-hash";
 
 /// Labels selecting a Connector's pods (stable for the Deployment's lifetime).
 pub fn selector_labels(c: &Connector) -> BTreeMap<String, String> {
@@ -167,13 +173,33 @@ pub fn build(i: &Inputs<'_>) -> Desired {
         data: Some(BTreeMap::from([(runtime::CONFIG_FILE.to_string(), yaml)])),
         ..ConfigMap::default()
     };
-    Desired {
+    let mut desired = Desired {
         config_map,
         deployment: deployment(i, &sum),
         service: service(c, i.source_kind),
         pdb: (i.replicas > 1).then(|| pdb(c, i.source_kind)),
         checksum: sum,
+        applied_hash: String::new(),
+    };
+    let mut h = Sha256::new();
+    for part in [
+        serde_json::to_vec(&desired.config_map),
+        serde_json::to_vec(&desired.deployment),
+        serde_json::to_vec(&desired.service),
+        serde_json::to_vec(&desired.pdb),
+    ] {
+        // Plain data always serializes; an error would only weaken the skip, never break apply.
+        h.update(part.unwrap_or_default());
+        h.update(b"\0");
     }
+    desired.applied_hash = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    desired
+        .deployment
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(APPLIED_HASH.into(), desired.applied_hash.clone());
+    desired
 }
 
 /// `secretKeyRef` env for every Secret value the spec needs, then the template's own env.
@@ -343,7 +369,7 @@ fn deployment(i: &Inputs<'_>, checksum: &str) -> Deployment {
                 spec: Some(pod_spec(
                     c,
                     i.image,
-                    vec!["run".into(), "--config".into(), config_path()],
+                    vec!["run".into(), "--file".into(), config_path()],
                     true,
                 )),
             },
@@ -398,7 +424,7 @@ pub fn cleanup_job(i: &Inputs<'_>, timeout_seconds: i64) -> Job {
     let mut spec = pod_spec(
         c,
         i.image,
-        vec!["cleanup".into(), "--config".into(), config_path()],
+        vec!["cleanup".into(), "--file".into(), config_path()],
         false,
     );
     spec.restart_policy = Some("Never".into());

@@ -219,19 +219,19 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
     let live_deploy = deployments.get_opt(&name).await?;
+    let live_cm = config_maps.get_metadata_opt(&name).await?;
+    let live_svc = services.get_metadata_opt(&name).await?;
     let live_pdb = pdbs.get_metadata_opt(&name).await?;
+    let live_deploy_meta = live_deploy
+        .as_ref()
+        .map(|d| PartialObjectMeta::<Deployment> {
+            metadata: d.metadata.clone(),
+            ..PartialObjectMeta::default()
+        });
     let conflicts = [
-        conflict(
-            c,
-            &live_deploy
-                .as_ref()
-                .map(|d| PartialObjectMeta::<Deployment> {
-                    metadata: d.metadata.clone(),
-                    ..PartialObjectMeta::default()
-                }),
-        ),
-        conflict(c, &config_maps.get_metadata_opt(&name).await?),
-        conflict(c, &services.get_metadata_opt(&name).await?),
+        conflict(c, &live_deploy_meta),
+        conflict(c, &live_cm),
+        conflict(c, &live_svc),
         conflict(c, &live_pdb),
     ];
     if let Some(b) = conflicts.into_iter().flatten().next() {
