@@ -75,3 +75,69 @@ pub async fn serve(
         })
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use obsrv_crds::Phase;
+    use tower::ServiceExt;
+
+    async fn get(state: &AdminState, path: &str) -> (StatusCode, String) {
+        let resp = router(state.clone())
+            .oneshot(Request::get(path).body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics() {
+        let metrics = Arc::new(Metrics::new());
+        let state = AdminState {
+            metrics: metrics.clone(),
+            ready: Arc::new(AtomicBool::new(false)),
+            leader: Arc::new(AtomicBool::new(true)),
+        };
+        assert_eq!(get(&state, "/healthz").await.0, StatusCode::OK);
+        assert_eq!(
+            get(&state, "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        state.ready.store(true, Ordering::Relaxed);
+        assert_eq!(get(&state, "/readyz").await.0, StatusCode::OK);
+
+        metrics.reconciled(std::time::Duration::from_millis(20));
+        metrics.failed("TooManyRequests");
+        metrics.set_phase("shop/orders", Some(Phase::Running));
+        metrics.set_phase("shop/files", Some(Phase::Running));
+        metrics.set_phase("shop/old", Some(Phase::Failed));
+        metrics.set_phase("shop/old", None);
+        let (code, body) = get(&state, "/metrics").await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(body.contains("obsrv_operator_reconciles_total 1"), "{body}");
+        assert!(
+            body.contains("obsrv_operator_reconcile_failures_total{reason=\"TooManyRequests\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("obsrv_operator_reconcile_duration_seconds_count 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("obsrv_operator_connectors{phase=\"Running\"} 2"),
+            "{body}"
+        );
+        assert!(
+            body.contains("obsrv_operator_connectors{phase=\"Failed\"} 0"),
+            "{body}"
+        );
+        assert!(body.contains("obsrv_operator_leader 1"), "{body}");
+        assert!(body.ends_with("# EOF\n"));
+    }
+}

@@ -144,3 +144,44 @@ fn parse_compression(s: &str) -> Result<Compression, String> {
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     crate::validate::parse_duration(s).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_as_the_chart_sets_them() {
+        let cli = Cli::try_parse_from([
+            "obsrv-operator",
+            "--connector-image=img:1",
+            "--sink-bootstrap-servers=kafka:9092",
+            "--sink-compression=lz4",
+            "--namespaces=a, b,,c",
+            "--status-poll-interval=30s",
+            "--admin-addr=127.0.0.1:9000",
+            "--leader-election=true",
+            "--lease-namespace=ops",
+            "--log-format=text",
+            "--cleanup-timeout=2m",
+        ])
+        .expect("flags parse");
+        let c = cli.config;
+        assert_eq!(c.connector_image, "img:1");
+        assert_eq!(c.watched_namespaces(), vec!["a", "b", "c"]);
+        assert_eq!(c.status_poll_interval, Duration::from_secs(30));
+        assert!(c.leader_election);
+        assert_eq!(c.lease_namespace(), "ops");
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.cleanup_timeout, Duration::from_secs(120));
+        let sink = c.sink_defaults();
+        assert_eq!(sink.bootstrap_servers.as_deref(), Some("kafka:9092"));
+        assert_eq!(sink.compression, Some(Compression::Lz4));
+        assert_eq!(sink.topic.as_deref(), Some("ingest"));
+        assert!(Cli::try_parse_from(["obsrv-operator", "--status-poll-interval=soon"]).is_err());
+        assert!(Cli::try_parse_from(["obsrv-operator", "--sink-compression=brotli"]).is_err());
+        assert!(matches!(
+            Cli::try_parse_from(["obsrv-operator", "print-rbac"]).map(|c| c.command),
+            Ok(Some(Command::PrintRbac))
+        ));
+    }
+}
