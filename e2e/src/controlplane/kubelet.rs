@@ -1,0 +1,1076 @@
+//! The local "kubelet" plus the two controllers that create pods: Deployments and Jobs.
+//!
+//! - Deployment controller: keeps `spec.replicas` pods of the current template (labelled with
+//!   `pod-template-hash`, owned directly by the Deployment: there are no ReplicaSets here); a template
+//!   change creates new pods and removes old ones as the new ones become ready (surge first, like
+//!   RollingUpdate with maxUnavailable 0); writes Deployment status.
+//! - Job controller: one pod at a time until one succeeds (`completions: 1`) or `backoffLimit`
+//!   failures; writes Job status and Complete/Failed conditions.
+//! - Kubelet: every pod whose container image matches an [`ImageBinary`] runs that program as a real
+//!   process on its own loopback address 127.0.0.N, with the container's env (values, `secretKeyRef`,
+//!   `configMapKeyRef`, `fieldRef`, `envFrom`), ConfigMap/Secret/emptyDir volumes materialised to
+//!   directories (mount paths in args and env values are rewritten to them), `OBSRV_LISTEN=<ip>:<port>`,
+//!   readiness from the readiness probe's HTTP GET, restarts with back-off, SIGTERM then SIGKILL after
+//!   the grace period when the pod is deleted.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::store::{DeleteOptions, NODE_NAME, Selectors, Store, Sub, WriteOptions, now, random_suffix};
+
+/// Which local program runs a container image.
+#[derive(Clone, Debug)]
+pub struct ImageBinary {
+    /// Image repository (`ghcr.io/obsrv/obsrv-connector`); a tag or digest here must match exactly,
+    /// without one any tag matches.
+    pub image: String,
+    /// The program that replaces the image's entrypoint.
+    pub program: PathBuf,
+    /// Arguments put before the container's own (e.g. a script for an interpreter).
+    pub args: Vec<String>,
+}
+
+impl ImageBinary {
+    pub fn new(image: impl Into<String>, program: impl Into<PathBuf>) -> Self {
+        ImageBinary { image: image.into(), program: program.into(), args: vec![] }
+    }
+
+    pub fn matches(&self, image: &str) -> bool {
+        if image == self.image {
+            return true;
+        }
+        let repo = image.split('@').next().unwrap_or(image);
+        let repo = match repo.rsplit_once(':') {
+            Some((r, tag)) if !tag.contains('/') => r,
+            _ => repo,
+        };
+        repo == self.image
+    }
+}
+
+/// Kubelet configuration.
+#[derive(Clone, Debug)]
+pub struct KubeletOptions {
+    pub images: Vec<ImageBinary>,
+    /// Variables passed through from this process (a container gets no other host environment).
+    pub inherit_env: Vec<String>,
+    /// How often readiness probes run (the pod's periodSeconds is not used, to keep tests fast).
+    pub probe_period: Duration,
+    /// Upper bound of the restart back-off (it doubles from 500ms).
+    pub max_restart_backoff: Duration,
+    /// Upper bound on the grace period at shutdown of the whole control plane.
+    pub shutdown_grace: Duration,
+}
+
+impl KubeletOptions {
+    pub fn new(images: Vec<ImageBinary>) -> Self {
+        KubeletOptions {
+            images,
+            inherit_env: ["PATH", "HOME", "LANG", "TMPDIR", "RUST_LOG", "RUST_BACKTRACE", "LD_LIBRARY_PATH"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            probe_period: Duration::from_millis(300),
+            max_restart_backoff: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Loopback addresses in use by any control plane of this process.
+fn addresses() -> &'static Mutex<HashSet<Ipv4Addr>> {
+    static A: OnceLock<Mutex<HashSet<Ipv4Addr>>> = OnceLock::new();
+    A.get_or_init(Default::default)
+}
+
+/// Pids started per control-plane directory, killed synchronously on drop.
+fn pids() -> &'static Mutex<HashMap<PathBuf, HashSet<i32>>> {
+    static P: OnceLock<Mutex<HashMap<PathBuf, HashSet<i32>>>> = OnceLock::new();
+    P.get_or_init(Default::default)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// SIGKILLs every process started for the control plane in `dir` (used by `Drop`).
+pub fn kill_all_now(dir: &Path) {
+    let set = lock(pids()).remove(dir).unwrap_or_default();
+    for pid in set {
+        signal(pid, libc::SIGKILL);
+    }
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on a process group we created; no memory is touched. The group id equals the
+    // child's pid because it was spawned with process_group(0).
+    unsafe {
+        libc::kill(-pid, sig);
+    }
+}
+
+/// 127.0.0.N free for `port`: not used by another pod here and bindable now.
+fn allocate_address(port: u16) -> Option<Ipv4Addr> {
+    let mut used = lock(addresses());
+    for third in 0..=255u8 {
+        for fourth in 2..=254u8 {
+            let ip = Ipv4Addr::new(127, 0, third, fourth);
+            if used.contains(&ip) {
+                continue;
+            }
+            if std::net::TcpListener::bind((ip, port)).is_ok() {
+                used.insert(ip);
+                return Some(ip);
+            }
+        }
+    }
+    None
+}
+
+fn release_address(ip: Ipv4Addr) {
+    lock(addresses()).remove(&ip);
+}
+
+/// FNV-1a of the pod template: the `pod-template-hash` label.
+pub fn template_hash(template: &Value) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in template.to_string().bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{:010x}", h & 0xff_ffff_ffff)
+}
+
+fn s<'a>(v: &'a Value, p: &str) -> &'a str {
+    v.pointer(p).and_then(Value::as_str).unwrap_or("")
+}
+
+fn owned_by(pod: &Value, uid: &str) -> bool {
+    pod.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .is_some_and(|r| r.iter().any(|r| r["uid"] == uid && r["controller"] == json!(true)))
+}
+
+fn terminating(o: &Value) -> bool {
+    o.pointer("/metadata/deletionTimestamp").is_some()
+}
+
+fn pod_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+/// What the Deployment controller does for one Deployment: a pure decision on its pods.
+#[derive(Debug, Default, PartialEq)]
+pub struct DeploymentPlan {
+    pub create: usize,
+    /// Names of pods to delete.
+    pub delete: Vec<String>,
+    pub status: Value,
+}
+
+/// Decides pod creations/deletions and the status of a Deployment from its (owned) pods.
+pub fn plan_deployment(dep: &Value, pods: &[Value]) -> DeploymentPlan {
+    let desired = dep.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).max(0) as usize;
+    let hash = template_hash(&dep["spec"]["template"]);
+    let live: Vec<&Value> = pods.iter().filter(|p| !terminating(p)).collect();
+    let (current, old): (Vec<&Value>, Vec<&Value>) =
+        live.iter().partition(|p| p.pointer("/metadata/labels/pod-template-hash").and_then(Value::as_str) == Some(hash.as_str()));
+    let name = |p: &Value| s(p, "/metadata/name").to_string();
+    let mut plan = DeploymentPlan::default();
+    // Not-ready first, then newest first.
+    let order = |v: &mut Vec<&Value>| {
+        v.sort_by(|a, b| {
+            pod_ready(a).cmp(&pod_ready(b)).then_with(|| s(b, "/metadata/creationTimestamp").cmp(s(a, "/metadata/creationTimestamp")))
+        })
+    };
+    let mut current_sorted = current.clone();
+    order(&mut current_sorted);
+    if current.len() < desired {
+        plan.create = desired - current.len();
+    } else {
+        plan.delete.extend(current_sorted.iter().take(current.len() - desired).map(|p| name(p)));
+    }
+    let recreate = s(dep, "/spec/strategy/type") == "Recreate";
+    let ready_current = current.iter().filter(|p| pod_ready(p)).count().min(desired);
+    let keep_old = if recreate { 0 } else { desired - ready_current };
+    let mut old_sorted = old.clone();
+    order(&mut old_sorted);
+    // Old pods that are not ready never count as keeping the service up.
+    let mut kept = 0;
+    for p in old_sorted.iter().rev() {
+        if pod_ready(p) && kept < keep_old {
+            kept += 1;
+        } else {
+            plan.delete.push(name(p));
+        }
+    }
+    let ready = live.iter().filter(|p| pod_ready(p)).count();
+    let updated = current.len().min(desired);
+    let generation = dep.pointer("/metadata/generation").cloned().unwrap_or(json!(1));
+    let available = ready >= desired;
+    let complete = updated == desired && old.is_empty() && current.iter().filter(|p| pod_ready(p)).count() >= desired;
+    let previous = dep.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+    let condition = |type_: &str, ok: bool, reason: &str, message: String| {
+        let status = if ok { "True" } else { "False" };
+        let since = previous
+            .iter()
+            .find(|c| c["type"] == type_ && c["status"] == status)
+            .and_then(|c| c.get("lastTransitionTime").cloned())
+            .unwrap_or_else(|| json!(now()));
+        json!({"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since, "lastUpdateTime": since})
+    };
+    let mut status = json!({
+        "observedGeneration": generation,
+        "replicas": live.len(),
+        "updatedReplicas": updated,
+        "readyReplicas": ready,
+        "availableReplicas": ready,
+        "conditions": [
+            condition("Available", available, if available { "MinimumReplicasAvailable" } else { "MinimumReplicasUnavailable" },
+                format!("{ready} of {desired} replicas are available")),
+            condition("Progressing", true, if complete { "NewReplicaSetAvailable" } else { "ReplicaSetUpdated" },
+                format!("{updated} of {desired} replicas run the current template")),
+        ],
+    });
+    if desired > ready {
+        status["unavailableReplicas"] = json!(desired - ready);
+    }
+    for k in ["readyReplicas", "availableReplicas", "updatedReplicas", "replicas"] {
+        if status[k] == json!(0) {
+            status.as_object_mut().map(|m| m.remove(k));
+        }
+    }
+    plan.status = status;
+    plan
+}
+
+/// What the Job controller does for one Job.
+#[derive(Debug, Default, PartialEq)]
+pub struct JobPlan {
+    pub create: bool,
+    pub status: Value,
+}
+
+pub fn plan_job(job: &Value, pods: &[Value]) -> JobPlan {
+    let phase = |p: &Value| s(p, "/status/phase").to_string();
+    let succeeded = pods.iter().filter(|p| phase(p) == "Succeeded").count();
+    let failed = pods.iter().filter(|p| phase(p) == "Failed").count();
+    let active = pods.iter().filter(|p| !terminating(p) && !["Succeeded", "Failed"].contains(&phase(p).as_str())).count();
+    let completions = job.pointer("/spec/completions").and_then(Value::as_i64).unwrap_or(1).max(1) as usize;
+    let backoff = job.pointer("/spec/backoffLimit").and_then(Value::as_i64).unwrap_or(6).max(0) as usize;
+    let mut status = job.get("status").cloned().filter(Value::is_object).unwrap_or_else(|| json!({}));
+    if status.get("startTime").is_none() {
+        status["startTime"] = json!(now());
+    }
+    let done = |st: &Value| {
+        st.get("conditions").and_then(Value::as_array).is_some_and(|c| c.iter().any(|c| (c["type"] == "Complete" || c["type"] == "Failed") && c["status"] == "True"))
+    };
+    let mut create = false;
+    if !done(&status) {
+        let ts = now();
+        if succeeded >= completions {
+            status["completionTime"] = json!(ts);
+            status["conditions"] = json!([
+                {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached", "message": "Reached expected number of succeeded pods", "lastTransitionTime": ts, "lastProbeTime": ts},
+                {"type": "Complete", "status": "True", "reason": "CompletionsReached", "message": "Reached expected number of succeeded pods", "lastTransitionTime": ts, "lastProbeTime": ts},
+            ]);
+        } else if failed > backoff {
+            status["conditions"] = json!([
+                {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit", "lastTransitionTime": ts, "lastProbeTime": ts},
+                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit", "lastTransitionTime": ts, "lastProbeTime": ts},
+            ]);
+        } else if active == 0 && job.pointer("/spec/suspend") != Some(&json!(true)) {
+            create = true;
+        }
+    }
+    let set = |st: &mut Value, k: &str, n: usize| {
+        if n > 0 {
+            st[k] = json!(n);
+        } else if let Some(m) = st.as_object_mut() {
+            m.remove(k);
+        }
+    };
+    set(&mut status, "succeeded", succeeded);
+    set(&mut status, "failed", failed);
+    set(&mut status, "active", active + usize::from(create));
+    JobPlan { create, status }
+}
+
+/// Runs the controllers and the kubelet until `stop` turns true, then stops every process.
+pub async fn run(store: Arc<Store>, opts: KubeletOptions, dir: PathBuf, mut stop: watch::Receiver<bool>) {
+    let mut k = Kubelet { store: store.clone(), opts, dir, workers: HashMap::new() };
+    let mut changes = store.subscribe();
+    loop {
+        k.sync_deployments();
+        k.sync_jobs();
+        k.sync_pods().await;
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = changes.recv() => {
+                // Coalesce bursts.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while changes.try_recv().is_ok() {}
+            }
+            _ = tokio::time::sleep(k.opts.probe_period) => {}
+        }
+    }
+    k.stop_all().await;
+}
+
+struct Worker {
+    uid: String,
+    namespace: String,
+    name: String,
+    ip: Ipv4Addr,
+    state: Arc<Mutex<Runtime>>,
+    stop: watch::Sender<Option<Duration>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What the kubelet knows about a pod's container.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Runtime {
+    started_at: Option<String>,
+    running: bool,
+    ready: bool,
+    restart_count: i64,
+    waiting: Option<(String, String)>,
+    terminated: Option<(i32, String, String)>,
+    last_terminated: Option<(i32, String, String)>,
+    /// Pod phase once the container will not run again (restartPolicy Never/OnFailure).
+    final_phase: Option<String>,
+}
+
+struct Kubelet {
+    store: Arc<Store>,
+    opts: KubeletOptions,
+    dir: PathBuf,
+    workers: HashMap<String, Worker>,
+}
+
+fn rt(store: &Store, group: &str, plural: &str) -> Option<Arc<super::registry::ResourceType>> {
+    store.resolve(group, "v1", plural)
+}
+
+fn system() -> WriteOptions {
+    WriteOptions { field_manager: Some("obsrv-local-kubelet".into()), ..WriteOptions::default() }
+}
+
+impl Kubelet {
+    fn pods(&self) -> Vec<Value> {
+        rt(&self.store, "", "pods").map(|t| self.store.list(&t, None, &Selectors::default()).0).unwrap_or_default()
+    }
+
+    fn new_pod(&self, owner: &Value, owner_api: &str, name: String, labels: Value, restart_policy: Option<&str>) -> Value {
+        let template = &owner["spec"]["template"];
+        let mut spec = template.get("spec").cloned().unwrap_or(json!({}));
+        if let Some(r) = restart_policy {
+            spec["restartPolicy"] = json!(r);
+        }
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": owner["metadata"]["namespace"],
+                "labels": labels,
+                "annotations": template.pointer("/metadata/annotations").cloned().unwrap_or(json!({})),
+                "ownerReferences": [{
+                    "apiVersion": owner_api, "kind": owner["kind"], "name": owner["metadata"]["name"],
+                    "uid": owner["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true,
+                }],
+            },
+            "spec": spec,
+        })
+    }
+
+    fn write_status(&self, group: &str, plural: &str, obj: &Value, status: Value) {
+        if obj.get("status") == Some(&status) {
+            return;
+        }
+        let Some(t) = rt(&self.store, group, plural) else { return };
+        let mut body = obj.clone();
+        body["status"] = status;
+        if let Some(m) = body["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+        }
+        let (ns, name) = (s(obj, "/metadata/namespace"), s(obj, "/metadata/name"));
+        if let Err(e) = self.store.replace(&t, ns, name, body, Sub::Status, &system()) {
+            tracing::debug!(error = %e, "status write lost a race; next sync retries");
+        }
+    }
+
+    fn sync_deployments(&self) {
+        let Some(dt) = self.store.resolve("apps", "v1", "deployments") else { return };
+        let Some(pt) = rt(&self.store, "", "pods") else { return };
+        let pods = self.pods();
+        for dep in self.store.list(&dt, None, &Selectors::default()).0 {
+            if terminating(&dep) {
+                continue;
+            }
+            let uid = s(&dep, "/metadata/uid");
+            let owned: Vec<Value> = pods.iter().filter(|p| owned_by(p, uid)).cloned().collect();
+            let plan = plan_deployment(&dep, &owned);
+            let ns = s(&dep, "/metadata/namespace");
+            let hash = template_hash(&dep["spec"]["template"]);
+            for _ in 0..plan.create {
+                let mut labels = dep.pointer("/spec/template/metadata/labels").cloned().unwrap_or(json!({}));
+                labels["pod-template-hash"] = json!(hash);
+                let name = format!("{}-{hash}-{}", s(&dep, "/metadata/name"), random_suffix());
+                let pod = self.new_pod(&dep, "apps/v1", name, labels, None);
+                if let Err(e) = self.store.create(&pt, ns, pod, &system()) {
+                    tracing::warn!(error = %e, "creating a pod failed");
+                }
+            }
+            for name in &plan.delete {
+                let _ = self.store.delete(&pt, ns, name, &DeleteOptions::default());
+            }
+            self.write_status("apps", "deployments", &dep, plan.status);
+        }
+    }
+
+    fn sync_jobs(&self) {
+        let Some(jt) = self.store.resolve("batch", "v1", "jobs") else { return };
+        let Some(pt) = rt(&self.store, "", "pods") else { return };
+        let pods = self.pods();
+        for job in self.store.list(&jt, None, &Selectors::default()).0 {
+            if terminating(&job) {
+                continue;
+            }
+            let uid = s(&job, "/metadata/uid");
+            let owned: Vec<Value> = pods.iter().filter(|p| owned_by(p, uid)).cloned().collect();
+            let plan = plan_job(&job, &owned);
+            if plan.create {
+                let job_name = s(&job, "/metadata/name");
+                let mut labels = job.pointer("/spec/template/metadata/labels").cloned().unwrap_or(json!({}));
+                labels["batch.kubernetes.io/job-name"] = json!(job_name);
+                labels["job-name"] = json!(job_name);
+                labels["batch.kubernetes.io/controller-uid"] = json!(uid);
+                let policy = match s(&job, "/spec/template/spec/restartPolicy") {
+                    "OnFailure" => "OnFailure",
+                    _ => "Never",
+                };
+                let pod = self.new_pod(&job, "batch/v1", format!("{job_name}-{}", random_suffix()), labels, Some(policy));
+                if let Err(e) = self.store.create(&pt, s(&job, "/metadata/namespace"), pod, &system()) {
+                    tracing::warn!(error = %e, "creating a job pod failed");
+                }
+            }
+            self.write_status("batch", "jobs", &job, plan.status);
+        }
+    }
+
+    fn image_for(&self, pod: &Value) -> Option<(usize, ImageBinary)> {
+        let containers = pod.pointer("/spec/containers").and_then(Value::as_array)?;
+        containers.iter().enumerate().find_map(|(i, c)| {
+            let image = c["image"].as_str()?;
+            self.opts.images.iter().find(|b| b.matches(image)).map(|b| (i, b.clone()))
+        })
+    }
+
+    async fn sync_pods(&mut self) {
+        let Some(pt) = rt(&self.store, "", "pods") else { return };
+        let pods = self.pods();
+        let live: HashMap<String, &Value> = pods.iter().map(|p| (s(p, "/metadata/uid").to_string(), p)).collect();
+        // Pods gone from the API (deleted with grace 0, or their namespace): stop their processes.
+        let gone: Vec<String> = self.workers.keys().filter(|u| !live.contains_key(*u)).cloned().collect();
+        for uid in gone {
+            if let Some(w) = self.workers.remove(&uid) {
+                let _ = w.stop.send(Some(Duration::from_secs(2)));
+                release_address(w.ip);
+                let _ = w.task.await;
+            }
+        }
+        for pod in &pods {
+            let uid = s(pod, "/metadata/uid").to_string();
+            let ns = s(pod, "/metadata/namespace").to_string();
+            let name = s(pod, "/metadata/name").to_string();
+            if terminating(pod) {
+                let grace = pod.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30).max(0) as u64;
+                match self.workers.get(&uid) {
+                    Some(w) => {
+                        let _ = w.stop.send(Some(Duration::from_secs(grace)));
+                        if w.task.is_finished() {
+                            if let Some(w) = self.workers.remove(&uid) {
+                                release_address(w.ip);
+                            }
+                            let _ = self.store.delete(&pt, &ns, &name, &DeleteOptions { grace_period_seconds: Some(0), ..DeleteOptions::default() });
+                        }
+                    }
+                    None => {
+                        let _ = self.store.delete(&pt, &ns, &name, &DeleteOptions { grace_period_seconds: Some(0), ..DeleteOptions::default() });
+                    }
+                }
+                continue;
+            }
+            let node = s(pod, "/spec/nodeName");
+            if !node.is_empty() && node != NODE_NAME {
+                continue;
+            }
+            if !self.workers.contains_key(&uid) {
+                match self.image_for(pod) {
+                    Some((index, binary)) => self.start_worker(pod, index, binary, &pt),
+                    None => {
+                        let images: Vec<&str> = self.opts.images.iter().map(|b| b.image.as_str()).collect();
+                        let image = s(pod, "/spec/containers/0/image");
+                        let msg = format!("the local kubelet runs only the images {images:?}; {image:?} is not one of them");
+                        let mut status = pod.get("status").cloned().unwrap_or(json!({}));
+                        status["phase"] = json!("Pending");
+                        status["conditions"] = json!([{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": msg}]);
+                        self.write_status("", "pods", pod, status);
+                    }
+                }
+            }
+            if let Some(w) = self.workers.get(&uid) {
+                let runtime = lock(&w.state).clone();
+                let status = pod_status(pod, &runtime, w.ip);
+                self.write_status("", "pods", pod, status);
+            }
+        }
+    }
+
+    fn start_worker(&mut self, pod: &Value, index: usize, binary: ImageBinary, pt: &super::registry::ResourceType) {
+        let container = pod["spec"]["containers"][index].clone();
+        let port = container_port(&container);
+        let Some(ip) = allocate_address(port) else {
+            tracing::error!("no free loopback address for a pod");
+            return;
+        };
+        let uid = s(pod, "/metadata/uid").to_string();
+        let (ns, name) = (s(pod, "/metadata/namespace").to_string(), s(pod, "/metadata/name").to_string());
+        // Bind the pod to this node.
+        let mut bound = pod.clone();
+        bound["spec"]["nodeName"] = json!(NODE_NAME);
+        if let Some(m) = bound["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+        }
+        let bound = match self.store.replace(pt, &ns, &name, bound, Sub::Main, &system()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(error = %e, "binding the pod failed; retrying");
+                release_address(ip);
+                return;
+            }
+        };
+        let state = Arc::new(Mutex::new(Runtime::default()));
+        let (stop, stopped) = watch::channel(None);
+        let ctx = ProcessContext {
+            store: self.store.clone(),
+            pod: bound,
+            container,
+            binary,
+            ip,
+            port,
+            pod_dir: self.dir.join("pods").join(format!("{ns}_{name}")),
+            log: self.dir.join("logs").join(format!("{ns}_{name}.log")),
+            opts: self.opts.clone(),
+            cp_dir: self.dir.clone(),
+        };
+        let task = tokio::spawn(run_container(ctx, state.clone(), stopped));
+        self.workers.insert(uid.clone(), Worker { uid, namespace: ns, name, ip, state, stop, task });
+    }
+
+    async fn stop_all(&mut self) {
+        for w in self.workers.values() {
+            let _ = w.stop.send(Some(self.opts.shutdown_grace));
+        }
+        for (_, w) in self.workers.drain() {
+            tracing::debug!(pod = %format!("{}/{}", w.namespace, w.name), uid = %w.uid, "stopping");
+            let _ = w.task.await;
+            release_address(w.ip);
+        }
+    }
+}
+
+fn container_port(c: &Value) -> u16 {
+    c.pointer("/ports/0/containerPort").and_then(Value::as_u64).and_then(|p| u16::try_from(p).ok()).unwrap_or(8080)
+}
+
+fn pod_status(pod: &Value, r: &Runtime, ip: Ipv4Addr) -> Value {
+    let prev = pod.get("status").cloned().unwrap_or(json!({}));
+    let phase = r.final_phase.clone().unwrap_or_else(|| if r.started_at.is_some() { "Running".into() } else { "Pending".into() });
+    let since = |type_: &str, ok: bool| {
+        let status = if ok { "True" } else { "False" };
+        let t = prev
+            .get("conditions")
+            .and_then(Value::as_array)
+            .and_then(|c| c.iter().find(|c| c["type"] == type_ && c["status"] == status))
+            .and_then(|c| c.get("lastTransitionTime").cloned())
+            .unwrap_or_else(|| json!(now()));
+        json!({"type": type_, "status": status, "lastTransitionTime": t})
+    };
+    let ready = r.ready && r.running;
+    let state = if r.running {
+        json!({"running": {"startedAt": r.started_at}})
+    } else if let Some((reason, message)) = &r.waiting {
+        json!({"waiting": {"reason": reason, "message": message}})
+    } else if let Some((code, reason, at)) = &r.terminated {
+        json!({"terminated": {"exitCode": code, "reason": reason, "finishedAt": at, "startedAt": r.started_at}})
+    } else {
+        json!({"waiting": {"reason": "ContainerCreating"}})
+    };
+    let last_state = match &r.last_terminated {
+        Some((code, reason, at)) => json!({"terminated": {"exitCode": code, "reason": reason, "finishedAt": at}}),
+        None => json!({}),
+    };
+    let c = &pod["spec"]["containers"][0];
+    json!({
+        "phase": phase,
+        "podIP": ip.to_string(),
+        "podIPs": [{"ip": ip.to_string()}],
+        "hostIP": "127.0.0.1",
+        "startTime": prev.get("startTime").cloned().unwrap_or_else(|| json!(now())),
+        "qosClass": prev.get("qosClass").cloned().unwrap_or(json!("BestEffort")),
+        "conditions": [since("PodScheduled", true), since("Initialized", true), since("ContainersReady", ready), since("Ready", ready)],
+        "containerStatuses": [{
+            "name": c["name"], "image": c["image"], "imageID": "", "ready": ready, "started": r.running,
+            "restartCount": r.restart_count, "state": state, "lastState": last_state,
+        }],
+    })
+}
+
+struct ProcessContext {
+    store: Arc<Store>,
+    pod: Value,
+    container: Value,
+    binary: ImageBinary,
+    ip: Ipv4Addr,
+    port: u16,
+    pod_dir: PathBuf,
+    log: PathBuf,
+    opts: KubeletOptions,
+    cp_dir: PathBuf,
+}
+
+/// A directory standing in for a volume mount.
+struct Mount {
+    path: String,
+    local: PathBuf,
+}
+
+impl ProcessContext {
+    fn lookup(&self, plural: &str, name: &str) -> Result<Value, String> {
+        let t = rt(&self.store, "", plural).ok_or("no such resource")?;
+        self.store.get(&t, s(&self.pod, "/metadata/namespace"), name).map_err(|_| {
+            format!("{} \"{name}\" not found", if plural == "secrets" { "secret" } else { "configmap" })
+        })
+    }
+
+    /// Key of a ConfigMap or Secret, decoded.
+    fn key_of(&self, plural: &str, obj: &Value, key: &str) -> Option<Vec<u8>> {
+        if plural == "secrets" {
+            obj.get("data").and_then(|d| d.get(key)).and_then(Value::as_str).and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+        } else {
+            obj.get("data")
+                .and_then(|d| d.get(key))
+                .and_then(Value::as_str)
+                .map(|v| v.as_bytes().to_vec())
+                .or_else(|| obj.get("binaryData").and_then(|d| d.get(key)).and_then(Value::as_str).and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok()))
+        }
+    }
+
+    /// Materialises the pod's volumes; returns the mounts of this container.
+    fn volumes(&self) -> Result<Vec<Mount>, String> {
+        let vol_dir = self.pod_dir.join("volumes");
+        let mut locals: HashMap<String, PathBuf> = HashMap::new();
+        for v in self.pod.pointer("/spec/volumes").and_then(Value::as_array).into_iter().flatten() {
+            let name = v["name"].as_str().unwrap_or("");
+            let dir = vol_dir.join(name);
+            let source = if let Some(cm) = v.get("configMap") {
+                Some(("configmaps", cm, cm["name"].as_str().unwrap_or("")))
+            } else if let Some(sec) = v.get("secret") {
+                Some(("secrets", sec, sec["secretName"].as_str().unwrap_or("")))
+            } else {
+                None
+            };
+            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            if let Some((plural, src, obj_name)) = source {
+                let optional = src["optional"] == json!(true);
+                let obj = match self.lookup(plural, obj_name) {
+                    Ok(o) => o,
+                    Err(_) if optional => json!({}),
+                    Err(e) => return Err(e),
+                };
+                let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+                match src.get("items").and_then(Value::as_array) {
+                    Some(items) => {
+                        for it in items {
+                            let key = it["key"].as_str().unwrap_or("");
+                            let value = self.key_of(plural, &obj, key).ok_or_else(|| format!("couldn't find key {key} in {plural} {obj_name}"))?;
+                            files.insert(it["path"].as_str().unwrap_or(key).to_string(), value);
+                        }
+                    }
+                    None => {
+                        for field in ["data", "binaryData"] {
+                            for key in obj.get(field).and_then(Value::as_object).into_iter().flatten().map(|(k, _)| k.clone()) {
+                                if let Some(value) = self.key_of(plural, &obj, &key) {
+                                    files.insert(key, value);
+                                }
+                            }
+                        }
+                    }
+                }
+                for (path, bytes) in files {
+                    let file = dir.join(&path);
+                    if let Some(parent) = file.parent() {
+                        std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+                    }
+                    std::fs::write(&file, bytes).map_err(|e| format!("writing {}: {e}", file.display()))?;
+                }
+            }
+            locals.insert(name.to_string(), dir);
+        }
+        let mut mounts = Vec::new();
+        for m in self.container.get("volumeMounts").and_then(Value::as_array).into_iter().flatten() {
+            let name = m["name"].as_str().unwrap_or("");
+            let local = locals.get(name).ok_or_else(|| format!("volume {name:?} is mounted but not defined"))?;
+            let local = match m["subPath"].as_str().filter(|p| !p.is_empty()) {
+                Some(sub) => local.join(sub),
+                None => local.clone(),
+            };
+            mounts.push(Mount { path: m["mountPath"].as_str().unwrap_or("").trim_end_matches('/').to_string(), local });
+        }
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.path.len()));
+        Ok(mounts)
+    }
+
+    fn env(&self, mounts: &[Mount]) -> Result<Vec<(String, String)>, String> {
+        let mut env: Vec<(String, String)> =
+            self.opts.inherit_env.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v))).collect();
+        let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
+            env.retain(|(ek, _)| *ek != k);
+            env.push((k, v));
+        };
+        for from in self.container.get("envFrom").and_then(Value::as_array).into_iter().flatten() {
+            let prefix = from["prefix"].as_str().unwrap_or("");
+            for (plural, r) in [("configmaps", from.get("configMapRef")), ("secrets", from.get("secretRef"))] {
+                let Some(r) = r else { continue };
+                let obj = match self.lookup(plural, r["name"].as_str().unwrap_or("")) {
+                    Ok(o) => o,
+                    Err(_) if r["optional"] == json!(true) => continue,
+                    Err(e) => return Err(e),
+                };
+                for key in obj.get("data").and_then(Value::as_object).into_iter().flatten().map(|(k, _)| k.clone()) {
+                    if let Some(v) = self.key_of(plural, &obj, &key) {
+                        set(&mut env, format!("{prefix}{key}"), String::from_utf8_lossy(&v).into_owned());
+                    }
+                }
+            }
+        }
+        for e in self.container.get("env").and_then(Value::as_array).into_iter().flatten() {
+            let name = e["name"].as_str().unwrap_or("").to_string();
+            let value = if let Some(v) = e.get("value").and_then(Value::as_str) {
+                expand(v, &env)
+            } else if let Some(from) = e.get("valueFrom") {
+                let key_ref = |plural: &str, r: &Value| -> Result<Option<String>, String> {
+                    let (obj_name, key) = (r["name"].as_str().unwrap_or(""), r["key"].as_str().unwrap_or(""));
+                    let optional = r["optional"] == json!(true);
+                    let obj = match self.lookup(plural, obj_name) {
+                        Ok(o) => o,
+                        Err(_) if optional => return Ok(None),
+                        Err(e) => return Err(e),
+                    };
+                    match self.key_of(plural, &obj, key) {
+                        Some(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
+                        None if optional => Ok(None),
+                        None => Err(format!(
+                            "couldn't find key {key} in {} {}/{obj_name}",
+                            if plural == "secrets" { "Secret" } else { "ConfigMap" },
+                            s(&self.pod, "/metadata/namespace")
+                        )),
+                    }
+                };
+                let v = if let Some(r) = from.get("secretKeyRef") {
+                    key_ref("secrets", r)?
+                } else if let Some(r) = from.get("configMapKeyRef") {
+                    key_ref("configmaps", r)?
+                } else if let Some(f) = from.pointer("/fieldRef/fieldPath").and_then(Value::as_str) {
+                    Some(match f {
+                        "status.podIP" => self.ip.to_string(),
+                        "status.hostIP" => "127.0.0.1".into(),
+                        "spec.nodeName" => NODE_NAME.into(),
+                        other => super::store::get_dotted(&self.pod, other)
+                            .map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string()))
+                            .unwrap_or_default(),
+                    })
+                } else {
+                    None
+                };
+                match v {
+                    Some(v) => v,
+                    None => continue,
+                }
+            } else {
+                String::new()
+            };
+            set(&mut env, name, value);
+        }
+        set(&mut env, "OBSRV_LISTEN".into(), format!("{}:{}", self.ip, self.port));
+        Ok(env.into_iter().map(|(k, v)| (k, rewrite(&v, mounts))).collect())
+    }
+
+    fn args(&self, mounts: &[Mount]) -> Vec<String> {
+        let strings = |v: &Value| -> Vec<String> { v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(String::from)).collect() };
+        let mut args = self.binary.args.clone();
+        // `command[0]` is the image's program, replaced by ours; the rest are arguments.
+        args.extend(strings(&self.container["command"]).into_iter().skip(1));
+        args.extend(strings(&self.container["args"]));
+        args.into_iter().map(|a| rewrite(&a, mounts)).collect()
+    }
+
+    fn probe(&self) -> Option<(String, u16)> {
+        let p = self.container.pointer("/readinessProbe/httpGet")?;
+        let path = p["path"].as_str().unwrap_or("/").to_string();
+        let port = match &p["port"] {
+            Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()).unwrap_or(self.port),
+            Value::String(name) => self
+                .container
+                .get("ports")
+                .and_then(Value::as_array)
+                .and_then(|ps| ps.iter().find(|p| p["name"] == *name.as_str()))
+                .and_then(|p| p["containerPort"].as_u64())
+                .and_then(|n| u16::try_from(n).ok())
+                .unwrap_or(self.port),
+            _ => self.port,
+        };
+        Some((path, port))
+    }
+}
+
+/// `$(VAR)` references to earlier variables, as Kubernetes expands them.
+fn expand(v: &str, env: &[(String, String)]) -> String {
+    let mut out = v.to_string();
+    for (k, val) in env {
+        out = out.replace(&format!("$({k})"), val);
+    }
+    out
+}
+
+/// Replaces a mount path (at a path boundary) with its local directory.
+fn rewrite(v: &str, mounts: &[Mount]) -> String {
+    for m in mounts.iter().filter(|m| !m.path.is_empty()) {
+        let mut out = String::new();
+        let mut rest = v;
+        let mut changed = false;
+        while let Some(i) = rest.find(&m.path) {
+            let after = rest[i + m.path.len()..].chars().next();
+            let before_ok = i == 0 || rest[..i].ends_with(['=', ' ', ':', ',', '"', '\'']);
+            if before_ok && after.is_none_or(|c| c == '/' || c == ' ' || c == ',' || c == ':' || c == '"') {
+                out.push_str(&rest[..i]);
+                out.push_str(&m.local.to_string_lossy());
+                changed = true;
+            } else {
+                out.push_str(&rest[..i + m.path.len()]);
+            }
+            rest = &rest[i + m.path.len()..];
+        }
+        if changed {
+            out.push_str(rest);
+            return out;
+        }
+    }
+    v.to_string()
+}
+
+fn set_state(state: &Mutex<Runtime>, f: impl FnOnce(&mut Runtime)) {
+    f(&mut lock(state));
+}
+
+/// Runs one container for the life of its pod.
+async fn run_container(ctx: ProcessContext, state: Arc<Mutex<Runtime>>, mut stop: watch::Receiver<Option<Duration>>) {
+    let policy = s(&ctx.pod, "/spec/restartPolicy").to_string();
+    let mut backoff = Duration::from_millis(500);
+    let probe_client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().ok();
+    loop {
+        if stop.borrow().is_some() {
+            return;
+        }
+        let prepared = ctx.volumes().and_then(|m| Ok((ctx.env(&m)?, ctx.args(&m))));
+        let (env, args) = match prepared {
+            Ok(p) => p,
+            Err(message) => {
+                set_state(&state, |r| {
+                    r.running = false;
+                    r.ready = false;
+                    r.waiting = Some(("CreateContainerConfigError".into(), message));
+                });
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if let Some(parent) = ctx.log.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = std::fs::create_dir_all(&ctx.pod_dir);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&ctx.log);
+        let (out, err) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
+            Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
+            Err(_) => (Stdio::null(), Stdio::null()),
+        };
+        let mut cmd = tokio::process::Command::new(&ctx.binary.program);
+        cmd.args(&args).env_clear().envs(env).current_dir(&ctx.pod_dir).stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true).process_group(0);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                set_state(&state, |r| {
+                    r.waiting = Some(("RunContainerError".into(), format!("starting {}: {e}", ctx.binary.program.display())));
+                });
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(backoff) => { backoff = (backoff * 2).min(ctx.opts.max_restart_backoff); continue }
+                }
+            }
+        };
+        let pid = child.id().and_then(|p| i32::try_from(p).ok());
+        if let Some(pid) = pid {
+            lock(pids()).entry(ctx.cp_dir.clone()).or_default().insert(pid);
+        }
+        set_state(&state, |r| {
+            r.running = true;
+            r.ready = false;
+            r.waiting = None;
+            r.terminated = None;
+            r.started_at = Some(now());
+        });
+        let probe = ctx.probe();
+        let mut tick = tokio::time::interval(ctx.opts.probe_period);
+        let exit = loop {
+            tokio::select! {
+                status = child.wait() => break status.ok(),
+                _ = stop.changed() => {
+                    let grace = stop.borrow().unwrap_or(Duration::from_secs(30));
+                    if let Some(pid) = pid {
+                        signal(pid, libc::SIGTERM);
+                    }
+                    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                        if let Some(pid) = pid {
+                            signal(pid, libc::SIGKILL);
+                        }
+                        let _ = child.kill().await;
+                    }
+                    if let Some(pid) = pid {
+                        lock(pids()).entry(ctx.cp_dir.clone()).or_default().remove(&pid);
+                    }
+                    set_state(&state, |r| {
+                        r.running = false;
+                        r.ready = false;
+                        r.terminated = Some((0, "Completed".into(), now()));
+                    });
+                    return;
+                }
+                _ = tick.tick() => {
+                    let ready = match (&probe, &probe_client) {
+                        (Some((path, port)), Some(client)) => {
+                            let url = format!("http://{}:{port}{path}", ctx.ip);
+                            client.get(&url).send().await.is_ok_and(|r| r.status().is_success() || r.status().is_redirection())
+                        }
+                        _ => true,
+                    };
+                    set_state(&state, |r| r.ready = ready);
+                }
+            }
+        };
+        if let Some(pid) = pid {
+            lock(pids()).entry(ctx.cp_dir.clone()).or_default().remove(&pid);
+        }
+        let code = exit.and_then(|s| s.code()).unwrap_or(137);
+        let reason = if code == 0 { "Completed" } else { "Error" };
+        let restart = match policy.as_str() {
+            "Never" => false,
+            "OnFailure" => code != 0,
+            _ => true,
+        };
+        set_state(&state, |r| {
+            r.running = false;
+            r.ready = false;
+            r.terminated = Some((code, reason.into(), now()));
+            if restart {
+                r.last_terminated = r.terminated.take();
+                r.restart_count += 1;
+                r.waiting = Some(("CrashLoopBackOff".into(), format!("back-off restarting the container (exit code {code})")));
+            } else {
+                r.final_phase = Some(if code == 0 { "Succeeded".into() } else { "Failed".into() });
+            }
+        });
+        if !restart {
+            // Keep the pod (and its status) until it is deleted.
+            while stop.borrow().is_none() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+            return;
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(ctx.opts.max_restart_backoff);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, hash: &str, ready: bool, created: &str) -> Value {
+        json!({"metadata": {"name": name, "creationTimestamp": created, "labels": {"pod-template-hash": hash}},
+               "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}})
+    }
+
+    #[test]
+    fn rolling_update_keeps_old_pods_until_new_ones_are_ready() {
+        let dep = json!({"metadata": {"generation": 2}, "spec": {"replicas": 2, "template": {"spec": {"containers": [{"image": "b"}]}}}});
+        let h = template_hash(&dep["spec"]["template"]);
+        let old = vec![pod("old-1", "x", true, "1"), pod("old-2", "x", true, "2")];
+        let plan = plan_deployment(&dep, &old);
+        assert_eq!(plan.create, 2);
+        assert!(plan.delete.is_empty(), "{plan:?}");
+        let mut pods = old.clone();
+        pods.push(pod("new-1", &h, true, "3"));
+        pods.push(pod("new-2", &h, false, "4"));
+        let plan = plan_deployment(&dep, &pods);
+        assert_eq!((plan.create, plan.delete.len()), (0, 1), "{plan:?}");
+        pods[3] = pod("new-2", &h, true, "4");
+        let plan = plan_deployment(&dep, &pods);
+        assert_eq!(plan.delete.len(), 2);
+        assert_eq!(plan.status["observedGeneration"], 2);
+    }
+
+    #[test]
+    fn scale_down_deletes_not_ready_pods_first() {
+        let dep = json!({"spec": {"replicas": 1, "template": {}}});
+        let h = template_hash(&dep["spec"]["template"]);
+        let plan = plan_deployment(&dep, &[pod("a", &h, true, "1"), pod("b", &h, false, "2")]);
+        assert_eq!(plan.delete, vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn mount_paths_are_rewritten_at_path_boundaries() {
+        let mounts = vec![Mount { path: "/etc/obsrv-connector".into(), local: PathBuf::from("/tmp/x/config") }, Mount { path: "/tmp".into(), local: PathBuf::from("/w/tmp") }];
+        assert_eq!(rewrite("/etc/obsrv-connector/connector.yaml", &mounts), "/tmp/x/config/connector.yaml");
+        assert_eq!(rewrite("--config=/etc/obsrv-connector/connector.yaml", &mounts), "--config=/tmp/x/config/connector.yaml");
+        assert_eq!(rewrite("/tmpfoo", &mounts), "/tmpfoo");
+        assert_eq!(rewrite("/tmp", &mounts), "/w/tmp");
+    }
+
+    #[test]
+    fn images_match_by_repository() {
+        let b = ImageBinary::new("ghcr.io/obsrv/obsrv-connector", "/bin/true");
+        assert!(b.matches("ghcr.io/obsrv/obsrv-connector:0.1.0"));
+        assert!(b.matches("ghcr.io/obsrv/obsrv-connector@sha256:abc"));
+        assert!(!b.matches("ghcr.io/obsrv/other:0.1.0"));
+        assert!(ImageBinary::new("localhost:5000/x", "/bin/true").matches("localhost:5000/x:1"));
+    }
+}

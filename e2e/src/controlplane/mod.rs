@@ -1,0 +1,224 @@
+//! A local Kubernetes control plane for the end-to-end suite and the demo: an API server (kubectl and
+//! kube-rs talk to it through an ordinary kubeconfig) and a local "kubelet" that runs Deployment and
+//! Job pods whose image is the connector image as real processes on loopback addresses 127.0.0.N.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), obsrv_e2e::controlplane::ControlPlaneError> {
+//! use obsrv_e2e::controlplane::{ControlPlane, ControlPlaneOptions, KubeletOptions, ImageBinary};
+//! let cp = ControlPlane::start(ControlPlaneOptions {
+//!     kubelet: Some(KubeletOptions::new(vec![ImageBinary::new("ghcr.io/obsrv/obsrv-connector", "target/debug/obsrv-connector")])),
+//!     ..ControlPlaneOptions::default()
+//! })
+//! .await?;
+//! let client = cp.client().await?;
+//! println!("KUBECONFIG={}", cp.kubeconfig_path().display());
+//! # drop(client); cp.shutdown().await; Ok(()) }
+//! ```
+//!
+//! What is simplified compared to a real cluster is listed in `docs` of each module and in
+//! `coord/notes-controlplane.md`.
+
+pub mod error;
+pub mod kubelet;
+pub mod patch;
+pub mod registry;
+pub mod schema;
+pub mod server;
+pub mod store;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use kubelet::{ImageBinary, KubeletOptions};
+pub use store::Store;
+
+/// Why the control plane could not start or a client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot build a client from {path}: {message}")]
+    Client { path: PathBuf, message: String },
+}
+
+impl ControlPlaneError {
+    /// Stable CamelCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ControlPlaneError::Bind { .. } => "BindFailed",
+            ControlPlaneError::Write { .. } => "WriteFailed",
+            ControlPlaneError::Client { .. } => "ClientFailed",
+        }
+    }
+}
+
+/// How to start the control plane.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneOptions {
+    /// Port on 127.0.0.1; 0 picks a free one.
+    pub port: u16,
+    /// Directory for the kubeconfig, pod directories and logs; a temporary directory (removed on
+    /// drop) when `None`.
+    pub dir: Option<PathBuf>,
+    /// How many changes the watch history keeps; a watch from an older resourceVersion gets 410 Gone.
+    pub watch_history: usize,
+    /// Run pods as processes; `None` runs only the API server (pods stay Pending).
+    pub kubelet: Option<KubeletOptions>,
+}
+
+impl Default for ControlPlaneOptions {
+    fn default() -> Self {
+        ControlPlaneOptions { port: 0, dir: None, watch_history: 10_000, kubelet: None }
+    }
+}
+
+/// A running control plane. Dropping it stops the server and kills every process it started;
+/// [`ControlPlane::shutdown`] stops them gracefully (SIGTERM first).
+pub struct ControlPlane {
+    addr: SocketAddr,
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    kubeconfig: PathBuf,
+    store: Arc<Store>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    kubelet: Option<JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    pub async fn start(opts: ControlPlaneOptions) -> Result<Self, ControlPlaneError> {
+        let (temp, dir) = match &opts.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).map_err(|source| ControlPlaneError::Write { path: d.clone(), source })?;
+                (None, d.clone())
+            }
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("obsrv-local-cluster-")
+                    .tempdir()
+                    .map_err(|source| ControlPlaneError::Write { path: std::env::temp_dir(), source })?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let bind = format!("127.0.0.1:{}", opts.port);
+        let listener =
+            tokio::net::TcpListener::bind(&bind).await.map_err(|source| ControlPlaneError::Bind { addr: bind.clone(), source })?;
+        let addr = listener.local_addr().map_err(|source| ControlPlaneError::Bind { addr: bind, source })?;
+        let store = Store::new(opts.watch_history, opts.kubelet.is_some());
+        let app = Arc::new(server::App { store: store.clone(), address: addr.to_string(), logs: dir.join("logs") });
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut server_stop = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            let serve = axum::serve(listener, server::router(app)).with_graceful_shutdown(async move {
+                let _ = server_stop.changed().await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "local API server stopped");
+            }
+        }));
+        tasks.push(tokio::spawn(garbage_collector(store.clone(), stopped.clone())));
+        let kubelet = opts.kubelet.clone().map(|k| tokio::spawn(kubelet::run(store.clone(), k, dir.clone(), stopped.clone())));
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(&format!("http://{addr}")))
+            .map_err(|source| ControlPlaneError::Write { path: kubeconfig.clone(), source })?;
+        Ok(ControlPlane { addr, dir, _temp: temp, kubeconfig, store, stop, tasks, kubelet })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// Where pod directories and logs live.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes the kubeconfig to another path too (the binary's `--kubeconfig`).
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<(), ControlPlaneError> {
+        std::fs::write(path, kubeconfig_yaml(&self.url())).map_err(|source| ControlPlaneError::Write { path: path.to_path_buf(), source })
+    }
+
+    /// A kube-rs client built from the kubeconfig, as any other client would.
+    pub async fn client(&self) -> Result<kube::Client, ControlPlaneError> {
+        let err = |message: String| ControlPlaneError::Client { path: self.kubeconfig.clone(), message };
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).map_err(|e| err(e.to_string()))?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        kube::Client::try_from(config).map_err(|e| err(e.to_string()))
+    }
+
+    /// Direct access to the store (tests: [`Store::compact`] to provoke 410 Gone).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Stops the kubelet (SIGTERM to every process, SIGKILL after the grace period), then the server.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(k) = self.kubelet.take() {
+            let _ = k.await;
+        }
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        // Processes are spawned with kill_on_drop and a registry the kubelet kills synchronously.
+        kubelet::kill_all_now(&self.dir);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn garbage_collector(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
+    let mut changes = store.subscribe();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            r = changes.recv() => {
+                let deleted = match r {
+                    Ok(c) => c.kind == "DELETED" || c.object.pointer("/metadata/deletionTimestamp").is_some(),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if deleted {
+                    // Let a burst of deletions land, then sweep once.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while changes.try_recv().is_ok() {}
+                    while store.collect_garbage() > 0 {}
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                store.collect_garbage();
+            }
+        }
+    }
+}
+
+/// A kubeconfig for `server` (plain HTTP, no credentials: the local API server does not authenticate).
+pub fn kubeconfig_yaml(server: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: obsrv-local\n  cluster:\n    server: {server}\ncontexts:\n- name: obsrv-local\n  context:\n    cluster: obsrv-local\n    user: obsrv-local\n    namespace: default\ncurrent-context: obsrv-local\nusers:\n- name: obsrv-local\n  user: {{}}\n"
+    )
+}
