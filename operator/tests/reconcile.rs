@@ -345,7 +345,8 @@ async fn aggregates_lag_and_errors_from_pods_one_unreachable() {
         });
     });
     let c = h.unreachable_ip().await;
-    h.roll_out("clicks", &[a, b, c]);
+    // The unreachable pod sorts first: the worst error must still win over it.
+    h.roll_out("clicks", &[c, a, b]);
     h.reconcile_ok("clicks").await;
     let s = h.status("clicks");
     let lag = s.lag.expect("lag");
@@ -369,7 +370,7 @@ async fn aggregates_lag_and_errors_from_pods_one_unreachable() {
         err.reason, "SourceUnreachable",
         "the source error outranks an unreachable pod"
     );
-    assert!(err.message.contains("clicks-pod-1"), "{}", err.message);
+    assert!(err.message.contains("clicks-pod-2"), "{}", err.message);
     assert_eq!(s.phase, Some(Phase::Degraded));
     let (ready, why, _) = h.condition("clicks", condition::READY);
     assert_eq!(
