@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use obsrv_crds::status::{LastError, RuntimeState, RuntimeStatus, Totals};
+use obsrv_crds::status::{LastError, Restarts, RuntimeState, RuntimeStatus, Totals};
 
 /// Reason used when a ready pod does not answer `/status`.
 pub const POD_UNREACHABLE: &str = "PodUnreachable";
@@ -51,6 +51,35 @@ pub fn targets(pods: &[Pod], port: u16) -> Vec<Target> {
         .collect();
     out.sort_by(|a, b| a.pod.cmp(&b.pod));
     out
+}
+
+/// Container restarts over the Connector's pods (current pods only: a replaced pod's count is gone
+/// with it), and the latest time a container last terminated.
+pub fn restarts(pods: &[Pod]) -> Option<Restarts> {
+    let statuses: Vec<_> = pods
+        .iter()
+        .filter_map(|p| p.status.as_ref()?.container_statuses.as_ref())
+        .flatten()
+        .collect();
+    if statuses.is_empty() {
+        return None;
+    }
+    let count = statuses.iter().map(|s| i64::from(s.restart_count)).sum();
+    let last = statuses
+        .iter()
+        .filter_map(|s| {
+            s.last_state
+                .as_ref()?
+                .terminated
+                .as_ref()?
+                .finished_at
+                .clone()
+        })
+        .max();
+    Some(Restarts {
+        count,
+        last_restart_time: last,
+    })
 }
 
 /// Polls every target, at most `concurrency` at a time, each bounded by the client's timeout.
@@ -122,6 +151,7 @@ pub struct Observed {
     pub worst_error: Option<LastError>,
     /// How many pods report an error or could not be reached.
     pub failing: i32,
+    pub restarts: Option<Restarts>,
 }
 
 /// How bad an error is: the worst one is shown in status.

@@ -301,9 +301,12 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         let lp = ListParams::default().labels(&builders::selector_string(c));
         let list = pods.list(&lp).await?;
         let targets = observe::targets(&list.items, ctx.status_port);
-        observe::aggregate(
-            &observe::poll(&ctx.http, targets, ctx.poll_concurrency, ctx.poll_timeout).await,
-        )
+        let reports =
+            observe::poll(&ctx.http, targets, ctx.poll_concurrency, ctx.poll_timeout).await;
+        observe::Observed {
+            restarts: observe::restarts(&list.items),
+            ..observe::aggregate(&reports)
+        }
     } else {
         observe::Observed::default()
     };

@@ -84,6 +84,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 async fn wait_for_crd(client: &Client, mut stop: watch::Receiver<bool>) -> bool {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let name = Connector::crd_name();
+    let mut pause = Duration::from_secs(1);
     loop {
         let wait = tokio::time::timeout(
             Duration::from_secs(30),
@@ -100,7 +101,12 @@ async fn wait_for_crd(client: &Client, mut stop: watch::Receiver<bool>) -> bool 
             },
             _ = stop.changed() => return false,
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Back off while the API server is unreachable, up to 30s, still answering to shutdown.
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => return false,
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
     }
 }
 

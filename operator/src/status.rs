@@ -20,13 +20,15 @@ pub struct Blocked {
 }
 
 /// How far the Deployment has rolled out.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rollout {
     pub ready: i32,
     pub updated: i32,
     pub total: i32,
     /// The Deployment controller has seen the latest spec.
     pub observed: bool,
+    /// The Deployment controller gave up (`Progressing=False`, e.g. `ProgressDeadlineExceeded`).
+    pub stuck: Option<(String, String)>,
 }
 
 impl Rollout {
@@ -35,7 +37,23 @@ impl Rollout {
             return Rollout::default();
         };
         let s = d.status.clone().unwrap_or_default();
+        let stuck = s
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Progressing" && c.status == "False")
+            .map(|c| {
+                (
+                    c.reason
+                        .clone()
+                        .unwrap_or_else(|| "ProgressDeadlineExceeded".into()),
+                    c.message
+                        .clone()
+                        .unwrap_or_else(|| "The Deployment stopped progressing.".into()),
+                )
+            });
         Rollout {
+            stuck,
             ready: s.ready_replicas.unwrap_or(0),
             updated: s.updated_replicas.unwrap_or(0),
             total: s.replicas.unwrap_or(0),
@@ -145,7 +163,7 @@ pub fn compute(i: &StatusInput<'_>) -> ConnectorStatus {
             decision,
             rollout,
             observed,
-        } => applied(i, &mut s, decision, *rollout, observed),
+        } => applied(i, &mut s, decision, rollout, observed),
     };
     s.conditions = conditions;
     s
@@ -173,7 +191,7 @@ fn applied(
     i: &StatusInput<'_>,
     s: &mut ConnectorStatus,
     decision: &ScaleDecision,
-    rollout: Rollout,
+    rollout: &Rollout,
     observed: &Observed,
 ) -> Vec<Condition> {
     let want = decision.replicas;
@@ -205,6 +223,9 @@ fn applied(
         s.watermark = observed.watermark.clone().or(s.watermark.take());
         s.max_parallelism = observed.max_parallelism.or(s.max_parallelism);
     }
+    if observed.restarts.is_some() {
+        s.restarts = observed.restarts.clone();
+    }
     if let Some(e) = &observed.worst_error {
         let same = s
             .last_error
@@ -233,6 +254,15 @@ fn applied(
             format!("Stopping: {} pods still run.", rollout.total),
             Phase::Stopped,
         ),
+        _ if rollout.stuck.is_some() && !complete => {
+            let (reason, message) = rollout.stuck.clone().unwrap_or_default();
+            (
+                false,
+                "RolloutStuck",
+                format!("{reason}: {message}"),
+                Phase::Degraded,
+            )
+        }
         _ if !complete => (
             false,
             "RollingOut",
@@ -281,7 +311,8 @@ fn applied(
         ),
     };
     s.phase = Some(phase);
-    let reconciling = !complete && healthy;
+    let stuck = rollout.stuck.is_some() && !complete;
+    let reconciling = !complete && healthy && !stuck;
     let limited = match &decision.limit {
         Some(l) => cond(
             i,
@@ -315,13 +346,23 @@ fn applied(
                 "The Deployment matches the spec.".into()
             },
         ),
-        cond(
-            i,
-            condition::STALLED,
-            false,
-            "Progressing",
-            "Nothing blocks progress.".into(),
-        ),
+        if stuck {
+            cond(
+                i,
+                condition::STALLED,
+                true,
+                "RolloutStuck",
+                ready_msg_for_stalled(rollout),
+            )
+        } else {
+            cond(
+                i,
+                condition::STALLED,
+                false,
+                "Progressing",
+                "Nothing blocks progress.".into(),
+            )
+        },
         cond(
             i,
             condition::CONFIG_VALID,
@@ -333,7 +374,172 @@ fn applied(
     ]
 }
 
+fn ready_msg_for_stalled(r: &Rollout) -> String {
+    r.stuck
+        .as_ref()
+        .map(|(reason, message)| {
+            format!("The Deployment stopped progressing ({reason}): {message}")
+        })
+        .unwrap_or_default()
+}
+
 /// Whether two statuses differ in anything a user would see (so a write is needed).
 pub fn changed(old: Option<&ConnectorStatus>, new: &ConnectorStatus) -> bool {
     old != Some(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scaling::{Limit, ScaleDecision};
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).expect("valid")
+    }
+
+    fn input<'a>(
+        prev: Option<&'a ConnectorStatus>,
+        now: i64,
+        outcome: Outcome<'a>,
+    ) -> StatusInput<'a> {
+        StatusInput {
+            previous: prev,
+            generation: Some(4),
+            now: at(now),
+            state: DesiredState::Running,
+            source_kind: Some(SourceKind::Kafka),
+            selector: "app=x".into(),
+            outcome,
+        }
+    }
+
+    fn get<'a>(s: &'a ConnectorStatus, t: &str) -> &'a Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .expect("condition present")
+    }
+
+    #[test]
+    fn rollout_then_ready_keeps_transition_times() {
+        let d = ScaleDecision {
+            replicas: 2,
+            limit: None,
+            last_high_lag_time: None,
+        };
+        let rolling = Rollout {
+            ready: 1,
+            updated: 1,
+            total: 2,
+            observed: true,
+            stuck: None,
+        };
+        let obs = Observed {
+            polled: 1,
+            answered: 1,
+            reading: 1,
+            ..Observed::default()
+        };
+        let s1 = compute(&input(
+            None,
+            100,
+            Outcome::Applied {
+                decision: &d,
+                rollout: rolling,
+                observed: &obs,
+            },
+        ));
+        assert_eq!(get(&s1, condition::RECONCILING).status, "True");
+        assert_eq!(get(&s1, condition::READY).status, "False");
+        assert_eq!(s1.replicas_summary.as_deref(), Some("1/2"));
+        assert!(
+            s1.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(4))
+        );
+
+        let done = Rollout {
+            ready: 2,
+            updated: 2,
+            total: 2,
+            observed: true,
+            stuck: None,
+        };
+        let obs = Observed {
+            polled: 2,
+            answered: 2,
+            reading: 2,
+            ..Observed::default()
+        };
+        let s2 = compute(&input(
+            Some(&s1),
+            200,
+            Outcome::Applied {
+                decision: &d,
+                rollout: done.clone(),
+                observed: &obs,
+            },
+        ));
+        assert_eq!(get(&s2, condition::READY).status, "True");
+        assert_eq!(
+            get(&s2, condition::READY).last_transition_time,
+            Time(at(200))
+        );
+        assert_eq!(
+            get(&s2, condition::STALLED).last_transition_time,
+            Time(at(100)),
+            "unchanged status keeps its time"
+        );
+        assert_eq!(s2.phase, Some(Phase::Running));
+
+        let s3 = compute(&input(
+            Some(&s2),
+            300,
+            Outcome::Applied {
+                decision: &d,
+                rollout: done,
+                observed: &obs,
+            },
+        ));
+        assert!(
+            !changed(Some(&s2), &s3),
+            "same observation, same status: no write"
+        );
+    }
+
+    #[test]
+    fn stuck_rollout_is_stalled_and_limits_are_reported() {
+        let d = ScaleDecision {
+            replicas: 3,
+            limit: Some(Limit {
+                reason: "SourceParallelism",
+                message: "3 partitions".into(),
+            }),
+            last_high_lag_time: None,
+        };
+        let stuck = Rollout {
+            ready: 0,
+            updated: 1,
+            total: 1,
+            observed: true,
+            stuck: Some(("ProgressDeadlineExceeded".into(), "ImagePullBackOff".into())),
+        };
+        let s = compute(&input(
+            None,
+            100,
+            Outcome::Applied {
+                decision: &d,
+                rollout: stuck,
+                observed: &Observed::default(),
+            },
+        ));
+        assert_eq!(get(&s, condition::STALLED).status, "True");
+        assert_eq!(get(&s, condition::RECONCILING).status, "False");
+        assert_eq!(get(&s, condition::READY).reason, "RolloutStuck");
+        assert_eq!(
+            get(&s, condition::SCALING_LIMITED).reason,
+            "SourceParallelism"
+        );
+        assert_eq!(s.phase, Some(Phase::Degraded));
+    }
 }

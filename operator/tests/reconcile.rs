@@ -347,6 +347,12 @@ async fn aggregates_lag_and_errors_from_pods_one_unreachable() {
     let c = h.unreachable_ip().await;
     // The unreachable pod sorts first: the worst error must still win over it.
     h.roll_out("clicks", &[c, a, b]);
+    h.api.edit(PODS.0, PODS.1, "web", "clicks-pod-2", |p| {
+        p["status"]["containerStatuses"] = json!([{
+            "name": "connector", "ready": true, "restartCount": 2, "image": "img", "imageID": "img@sha",
+            "lastState": {"terminated": {"exitCode": 1, "finishedAt": "2026-01-01T00:05:00Z"}}
+        }]);
+    });
     h.reconcile_ok("clicks").await;
     let s = h.status("clicks");
     let lag = s.lag.expect("lag");
@@ -372,6 +378,9 @@ async fn aggregates_lag_and_errors_from_pods_one_unreachable() {
     );
     assert!(err.message.contains("clicks-pod-2"), "{}", err.message);
     assert_eq!(s.phase, Some(Phase::Degraded));
+    let restarts = s.restarts.expect("restarts");
+    assert_eq!(restarts.count, 2);
+    assert!(restarts.last_restart_time.is_some());
     let (ready, why, _) = h.condition("clicks", condition::READY);
     assert_eq!(
         (ready.as_str(), why.as_str()),
