@@ -20,7 +20,7 @@ use crate::{
     error::{Error, Result},
     http::Shared,
     sink::{InFlight, Sink, client_config},
-    source::{Batch, Source, SourceCommitter, kafka::KafkaSource, sql::SqlSource},
+    source::{Batch, Source, SourceCommitter, kafka::KafkaSource, s3::S3Source, sql::SqlSource},
     state::StateStore,
 };
 
@@ -73,6 +73,7 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
 pub enum AnySource {
     Sql(SqlSource),
     Kafka(KafkaSource),
+    S3(Box<S3Source>),
 }
 
 impl Source for AnySource {
@@ -80,24 +81,28 @@ impl Source for AnySource {
         match self {
             AnySource::Sql(s) => s.next_batch().await,
             AnySource::Kafka(s) => s.next_batch().await,
+            AnySource::S3(s) => s.next_batch().await,
         }
     }
     fn max_parallelism(&self) -> Option<i32> {
         match self {
             AnySource::Sql(s) => s.max_parallelism(),
             AnySource::Kafka(s) => s.max_parallelism(),
+            AnySource::S3(s) => s.max_parallelism(),
         }
     }
     async fn lag(&mut self) -> Result<Option<crate::source::Lag>> {
         match self {
             AnySource::Sql(s) => s.lag().await,
             AnySource::Kafka(s) => s.lag().await,
+            AnySource::S3(s) => s.lag().await,
         }
     }
     fn committer(&self) -> Option<Box<dyn SourceCommitter>> {
         match self {
             AnySource::Sql(s) => s.committer(),
             AnySource::Kafka(s) => s.committer(),
+            AnySource::S3(s) => s.committer(),
         }
     }
 }
@@ -124,9 +129,9 @@ pub async fn open_source(
             rc,
             batch_size_for(rc),
         )?)),
-        SourceRef::S3(_) => Err(Error::Config(
-            "the s3 source is not available in this build of obsrv-connector".into(),
-        )),
+        SourceRef::S3(spec) => Ok(AnySource::S3(Box::new(
+            S3Source::connect(spec, secrets, &instance, position).await?,
+        ))),
     }
 }
 

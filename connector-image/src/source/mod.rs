@@ -2,6 +2,7 @@
 //! runner commits a batch's position only once the sink has acknowledged it and every batch before.
 
 pub mod kafka;
+pub mod s3;
 pub mod sql;
 
 use std::future::Future;
