@@ -2,6 +2,10 @@
 //! connector runtime: the spec users write, the status the operator reports, and the contract
 //! between the operator and connector pods (config file, Secret env, `/status` JSON).
 
+// clippy (1.95) reads the repeated `type_ = "string"` of the `printcolumn(...)` entries inside
+// `#[kube(...)]` as duplicated attributes; they are separate columns.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod connector;
 pub mod labels;
 pub mod runtime;
