@@ -366,15 +366,19 @@ pub fn server_side_apply(current: &Value, req: &ApplyRequest) -> ApiResult<Value
         meta.remove("resourceVersion");
     }
     deep_merge(&mut result, &applied);
-    all.retain(|m| !(m.manager == req.manager && m.operation == "Apply" && m.subresource == req.subresource));
-    all.push(Manager {
+    let entry = Manager {
         manager: req.manager.to_string(),
         operation: "Apply".into(),
         api_version: req.api_version.to_string(),
         subresource: req.subresource.to_string(),
         fields: new_fields,
         time: req.now.to_string(),
-    });
+    };
+    // Keep the entry's position so an unchanged apply leaves managedFields unchanged.
+    match all.iter().position(|m| m.manager == req.manager && m.operation == "Apply" && m.subresource == req.subresource) {
+        Some(i) => all[i] = entry,
+        None => all.push(entry),
+    }
     set_managers(&mut result, &all);
     Ok(result)
 }

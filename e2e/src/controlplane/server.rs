@@ -491,7 +491,7 @@ fn watch(
         let mut receiver = start.receiver;
         let deadline = tokio::time::sleep(Duration::from_secs(timeout));
         tokio::pin!(deadline);
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5));
         loop {
             for c in pending.drain(..) {
                 if c.rv <= last_rv {
