@@ -19,7 +19,7 @@ pub const RULES: &[Rule] = &[
     Rule {
         api_group: "obsrv.io",
         resources: &["connectors"],
-        verbs: &["get", "list", "watch", "patch"],
+        verbs: &["list", "watch", "patch"],
     },
     // Status is written with server-side apply on the status subresource.
     Rule {
@@ -27,8 +27,8 @@ pub const RULES: &[Rule] = &[
         resources: &["connectors/status"],
         verbs: &["patch"],
     },
-    // Owned objects: server-side apply (patch), watched for changes; PDBs and cleanup Jobs are deleted
-    // when no longer wanted.
+    // Owned objects: read (metadata) to refuse foreign ones, server-side apply (patch); ConfigMaps,
+    // Services and Deployments are watched; PDBs and cleanup Jobs are deleted when no longer wanted.
     Rule {
         api_group: "",
         resources: &["configmaps", "services"],
@@ -42,7 +42,7 @@ pub const RULES: &[Rule] = &[
     Rule {
         api_group: "policy",
         resources: &["poddisruptionbudgets"],
-        verbs: &["get", "list", "watch", "patch", "delete"],
+        verbs: &["get", "patch", "delete"],
     },
     Rule {
         api_group: "batch",
@@ -74,11 +74,11 @@ pub const RULES: &[Rule] = &[
         resources: &["leases"],
         verbs: &["get", "create", "update"],
     },
-    // Wait for the Connector CRD to be Established before starting.
+    // Wait for the Connector CRD to be Established before starting (a watch on its name).
     Rule {
         api_group: "apiextensions.k8s.io",
         resources: &["customresourcedefinitions"],
-        verbs: &["get", "list", "watch"],
+        verbs: &["list", "watch"],
     },
 ];
 

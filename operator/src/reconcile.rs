@@ -345,6 +345,8 @@ async fn blocked(
     b: Blocked,
     retry: Option<Duration>,
 ) -> Result<Action, Error> {
+    // Counted with the failures so an invalid spec or a conflict shows up by reason in metrics.
+    ctx.metrics.failed(&b.reason);
     let next = status::compute(&StatusInput {
         previous: c.status.as_ref(),
         generation: c.metadata.generation,
