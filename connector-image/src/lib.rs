@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod runner;
+pub mod schedule;
 pub mod sink;
 pub mod source;
 pub mod state;

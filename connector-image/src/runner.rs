@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use k8s_openapi::jiff::Timestamp;
 use obsrv_crds::{
     DesiredState, RuntimeState, SourceKind, SourceRef, runtime::RuntimeConfig, status::Totals,
 };
@@ -19,6 +20,7 @@ use crate::{
     envelope::Context,
     error::{Error, Result},
     http::Shared,
+    schedule::{Cron, Plan},
     sink::{InFlight, Sink, client_config},
     source::{Batch, Source, SourceCommitter, kafka::KafkaSource, s3::S3Source, sql::SqlSource},
     state::StateStore,
@@ -222,12 +224,17 @@ pub async fn run(rt: Runtime) -> Result<()> {
         Ok(p) => p,
         Err(e) => return park(&shared, &mut stop, e).await,
     };
-    let once = config
-        .spec
-        .schedule
-        .as_ref()
-        .and_then(|s| s.once)
-        .unwrap_or(false);
+    let plan = match Plan::from_spec(config.spec.schedule.as_ref()) {
+        Ok(p) => p,
+        Err(e) => return park(&shared, &mut stop, e).await,
+    };
+    let once = plan.is_batch();
+    if let Plan::Cron(cron) = plan {
+        // The first run waits for the schedule too.
+        if !wait_for_next_run(&cron, &shared, &mut stop).await {
+            return Ok(());
+        }
+    }
     let state = (kind != SourceKind::Kafka).then(|| {
         StateStore::new(
             sink.producer().clone(),
@@ -288,12 +295,19 @@ pub async fn run(rt: Runtime) -> Result<()> {
         };
         match attempt.await {
             Ok(Finished::Stopped) => break,
-            Ok(Finished::Done) => {
-                shared.set_state(RuntimeState::Idle);
-                tracing::info!("schedule once: everything read, idle until stopped");
-                stopped(&mut stop).await;
-                break;
-            }
+            Ok(Finished::Done) => match plan {
+                Plan::Cron(cron) => {
+                    if !wait_for_next_run(&cron, &shared, &mut stop).await {
+                        break;
+                    }
+                }
+                _ => {
+                    shared.set_state(RuntimeState::Idle);
+                    tracing::info!("schedule once: everything read, idle until stopped");
+                    stopped(&mut stop).await;
+                    break;
+                }
+            },
             Err(e) => {
                 shared.error(&e);
                 if !e.is_retryable() {
@@ -312,6 +326,26 @@ pub async fn run(rt: Runtime) -> Result<()> {
     shared.set_state(RuntimeState::Stopping);
     let _ = sink.flush(Duration::from_secs(5)).await;
     Ok(())
+}
+
+/// Idles until the next scheduled run; false when stopped first.
+async fn wait_for_next_run(cron: &Cron, shared: &Shared, stop: &mut watch::Receiver<bool>) -> bool {
+    shared.set_state(RuntimeState::Idle);
+    let now = Timestamp::now();
+    let Some(next) = cron.next_after(now) else {
+        tracing::warn!("schedule.cron never matches: idle until stopped");
+        stopped(stop).await;
+        return false;
+    };
+    let wait = Duration::from_millis(next.duration_since(now).as_millis().max(0) as u64);
+    tracing::info!(next = %next, "idle until the next scheduled run");
+    tokio::select! {
+        _ = stopped(stop) => false,
+        _ = tokio::time::sleep(wait) => {
+            shared.set_state(RuntimeState::Running);
+            true
+        }
+    }
 }
 
 /// A configuration error: report it and wait for SIGTERM instead of crash-looping.

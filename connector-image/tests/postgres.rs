@@ -355,3 +355,42 @@ async fn auth_failure_is_reported_and_check_explains() -> Result<()> {
     assert!(code.success() && out.contains("nothing held"), "{out}");
     Ok(())
 }
+
+/// `state: Paused` connects but reads nothing; `schedule: {once: true}` loads everything then idles.
+#[tokio::test]
+async fn paused_reads_nothing_and_once_idles_after_the_load() -> Result<()> {
+    let (pg, broker) = tokio::try_join!(Postgres::start(), Broker::start())?;
+    pg.psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 40)")
+        .await?;
+    let paused = manifest(&pg, "t", "id", None, 10, "").replace(
+        "  dataset: orders\n",
+        "  dataset: orders\n  state: Paused\n",
+    );
+    let h = harness(&broker, &paused, &creds(&pg)).await?;
+    let conn = h.start()?;
+    let s = conn
+        .wait_status("Paused and ready", T, |s| s["state"] == "Paused")
+        .await?;
+    assert_eq!(s["ready"], true);
+    assert!(
+        broker
+            .consume_all(&h.ingest, 1, Duration::from_secs(2))
+            .await?
+            .is_empty(),
+        "a paused connector reads nothing"
+    );
+    drop(conn);
+
+    let once = manifest(&pg, "t", "id", None, 10, "").replace(
+        "  dataset: orders\n",
+        "  dataset: orders\n  schedule: {once: true}\n",
+    );
+    let h = harness(&broker, &once, &creds(&pg)).await?;
+    let conn = h.start()?;
+    let s = conn
+        .wait_status("Idle after the load", T, |s| s["state"] == "Idle")
+        .await?;
+    assert_eq!(total(&s, "recordsIngested"), 40);
+    assert_eq!(consume_exactly(&broker, &h.ingest, 40, T).await?.len(), 40);
+    Ok(())
+}
