@@ -70,6 +70,11 @@ async fn mariadb_full_load_ties_types_and_restart() -> Result<()> {
     assert_eq!(v["event"]["raw"], "AP8Q", "{text}");
     assert_eq!(v["event"]["note"], "n1");
     assert_eq!(
+        v["event"]["doc"],
+        json!({"n": 1}),
+        "JSON columns nest: {text}"
+    );
+    assert_eq!(
         v["obsrv_meta"]["source"],
         json!({"connector": "mariadb", "connectorInstance": format!("tests/{}", h.name)})
     );
