@@ -8,7 +8,10 @@ use common::*;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+    WatchEvent, WatchParams,
+};
 use kube::{Api, Client};
 use obsrv_e2e::controlplane::{ControlPlane, ControlPlaneOptions};
 use serde_json::{Value, json};
@@ -45,66 +48,172 @@ async fn server_side_apply_owns_fields_and_force_takes_them_over() {
     let client = cp.client().await.expect("client");
     let api: Api<ConfigMap> = Api::default_namespaced(client);
     let first = api
-        .patch("app", &PatchParams::apply("team-a"), &Patch::Apply(cm("app", json!({"mode": "fast", "extra": "x"}))))
+        .patch(
+            "app",
+            &PatchParams::apply("team-a"),
+            &Patch::Apply(cm("app", json!({"mode": "fast", "extra": "x"}))),
+        )
         .await
         .expect("create by apply");
-    assert_eq!(first.data.as_ref().and_then(|d| d.get("mode")).map(String::as_str), Some("fast"));
+    assert_eq!(
+        first
+            .data
+            .as_ref()
+            .and_then(|d| d.get("mode"))
+            .map(String::as_str),
+        Some("fast")
+    );
 
     let err = api
-        .patch("app", &PatchParams::apply("team-b"), &Patch::Apply(cm("app", json!({"mode": "safe"}))))
+        .patch(
+            "app",
+            &PatchParams::apply("team-b"),
+            &Patch::Apply(cm("app", json!({"mode": "safe"}))),
+        )
         .await
         .expect_err("another manager changing an owned field conflicts");
     assert_eq!(api_code(&err), Some(409), "{err}");
-    assert!(err.to_string().contains("team-a") && err.to_string().contains(".data.mode"), "{err}");
+    assert!(
+        err.to_string().contains("team-a") && err.to_string().contains(".data.mode"),
+        "{err}"
+    );
 
     let forced = api
-        .patch("app", &PatchParams::apply("team-b").force(), &Patch::Apply(cm("app", json!({"mode": "safe"}))))
+        .patch(
+            "app",
+            &PatchParams::apply("team-b").force(),
+            &Patch::Apply(cm("app", json!({"mode": "safe"}))),
+        )
         .await
         .expect("force takes the field over");
-    assert_eq!(forced.data.as_ref().and_then(|d| d.get("mode")).map(String::as_str), Some("safe"));
-    let managers: Vec<String> = forced.metadata.managed_fields.iter().flatten().filter_map(|m| m.manager.clone()).collect();
-    assert!(managers.contains(&"team-a".to_string()) && managers.contains(&"team-b".to_string()), "{managers:?}");
+    assert_eq!(
+        forced
+            .data
+            .as_ref()
+            .and_then(|d| d.get("mode"))
+            .map(String::as_str),
+        Some("safe")
+    );
+    let managers: Vec<String> = forced
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(
+        managers.contains(&"team-a".to_string()) && managers.contains(&"team-b".to_string()),
+        "{managers:?}"
+    );
 
     // team-a stops applying "extra": it goes away; "mode" now belongs to team-b and stays.
-    let after = api.patch("app", &PatchParams::apply("team-a"), &Patch::Apply(cm("app", json!({})))).await.expect("apply");
+    let after = api
+        .patch(
+            "app",
+            &PatchParams::apply("team-a"),
+            &Patch::Apply(cm("app", json!({}))),
+        )
+        .await
+        .expect("apply");
     let data = after.data.unwrap_or_default();
     assert_eq!(data.get("mode").map(String::as_str), Some("safe"));
     assert!(!data.contains_key("extra"), "{data:?}");
 
     // An apply that changes nothing does not write (same resourceVersion).
-    let again = api.patch("app", &PatchParams::apply("team-b"), &Patch::Apply(cm("app", json!({"mode": "safe"})))).await.expect("apply");
-    assert_eq!(again.metadata.resource_version, after.metadata.resource_version);
+    let again = api
+        .patch(
+            "app",
+            &PatchParams::apply("team-b"),
+            &Patch::Apply(cm("app", json!({"mode": "safe"}))),
+        )
+        .await
+        .expect("apply");
+    assert_eq!(
+        again.metadata.resource_version,
+        after.metadata.resource_version
+    );
 }
 
 #[tokio::test]
 async fn watch_resumes_from_a_resource_version_and_answers_410_when_too_old() {
-    let cp = ControlPlane::start(ControlPlaneOptions { watch_history: 50, ..ControlPlaneOptions::default() }).await.expect("start");
+    let cp = ControlPlane::start(ControlPlaneOptions {
+        watch_history: 50,
+        ..ControlPlaneOptions::default()
+    })
+    .await
+    .expect("start");
     let client = cp.client().await.expect("client");
     let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
     let pp = PostParams::default();
-    api.create(&pp, &serde_json::from_value(cm("one", json!({"k": "1"}))).expect("cm")).await.expect("create");
-    let rv = api.list(&ListParams::default()).await.expect("list").metadata.resource_version.expect("list rv");
+    api.create(
+        &pp,
+        &serde_json::from_value(cm("one", json!({"k": "1"}))).expect("cm"),
+    )
+    .await
+    .expect("create");
+    let rv = api
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .expect("list rv");
 
-    api.create(&pp, &serde_json::from_value(cm("two", json!({"k": "2"}))).expect("cm")).await.expect("create");
-    api.patch("two", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "3"}}))).await.expect("patch");
-    api.delete("one", &DeleteParams::default()).await.expect("delete");
+    api.create(
+        &pp,
+        &serde_json::from_value(cm("two", json!({"k": "2"}))).expect("cm"),
+    )
+    .await
+    .expect("create");
+    api.patch(
+        "two",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"k": "3"}})),
+    )
+    .await
+    .expect("patch");
+    api.delete("one", &DeleteParams::default())
+        .await
+        .expect("delete");
 
-    let events: Vec<WatchEvent<ConfigMap>> =
-        api.watch(&WatchParams::default().timeout(2), &rv).await.expect("watch").take(3).try_collect().await.expect("events");
+    let events: Vec<WatchEvent<ConfigMap>> = api
+        .watch(&WatchParams::default().timeout(2), &rv)
+        .await
+        .expect("watch")
+        .take(3)
+        .try_collect()
+        .await
+        .expect("events");
     let seen: Vec<String> = events
         .iter()
         .map(|e| match e {
-            WatchEvent::Added(o) => format!("ADDED {}", o.metadata.name.clone().unwrap_or_default()),
-            WatchEvent::Modified(o) => format!("MODIFIED {}", o.metadata.name.clone().unwrap_or_default()),
-            WatchEvent::Deleted(o) => format!("DELETED {}", o.metadata.name.clone().unwrap_or_default()),
+            WatchEvent::Added(o) => {
+                format!("ADDED {}", o.metadata.name.clone().unwrap_or_default())
+            }
+            WatchEvent::Modified(o) => {
+                format!("MODIFIED {}", o.metadata.name.clone().unwrap_or_default())
+            }
+            WatchEvent::Deleted(o) => {
+                format!("DELETED {}", o.metadata.name.clone().unwrap_or_default())
+            }
             other => format!("{other:?}"),
         })
         .collect();
     assert_eq!(seen, ["ADDED two", "MODIFIED two", "DELETED one"]);
 
     // A label-selected watch only sees matching objects.
-    let mut labelled = api.watch(&WatchParams::default().labels("tier=db").timeout(2), &rv).await.expect("watch").boxed();
-    api.create(&pp, &serde_json::from_value(json!({"metadata": {"name": "db", "labels": {"tier": "db"}}})).expect("cm")).await.expect("create");
+    let mut labelled = api
+        .watch(&WatchParams::default().labels("tier=db").timeout(2), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    api.create(
+        &pp,
+        &serde_json::from_value(json!({"metadata": {"name": "db", "labels": {"tier": "db"}}}))
+            .expect("cm"),
+    )
+    .await
+    .expect("create");
     match labelled.try_next().await.expect("event") {
         Some(WatchEvent::Added(o)) => assert_eq!(o.metadata.name.as_deref(), Some("db")),
         other => panic!("expected ADDED db, got {other:?}"),
@@ -112,7 +221,11 @@ async fn watch_resumes_from_a_resource_version_and_answers_410_when_too_old() {
 
     // After compaction the old version is gone: 410 Expired, as etcd compaction does.
     cp.store().compact();
-    let mut stream = api.watch(&WatchParams::default(), &rv).await.expect("watch").boxed();
+    let mut stream = api
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
     match stream.try_next().await.expect("event") {
         Some(WatchEvent::Error(e)) => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
         other => panic!("expected a 410 error event, got {other:?}"),
@@ -133,9 +246,17 @@ async fn watch_resumes_from_a_resource_version_and_answers_410_when_too_old() {
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    api.create(&pp, &serde_json::from_value(cm("late", json!({}))).expect("cm")).await.expect("create");
+    api.create(
+        &pp,
+        &serde_json::from_value(cm("late", json!({}))).expect("cm"),
+    )
+    .await
+    .expect("create");
     let seen = tokio::time::timeout(Duration::from_secs(10), seen_late).await;
-    assert!(matches!(seen, Ok(Ok(true))), "kube-runtime watcher never saw the new object");
+    assert!(
+        matches!(seen, Ok(Ok(true))),
+        "kube-runtime watcher never saw the new object"
+    );
 }
 
 #[tokio::test]
@@ -144,7 +265,13 @@ async fn status_and_scale_subresources_and_generation() {
     let client = cp.client().await.expect("client");
     install_connector_crd(&client).await;
     let api = connectors(&client);
-    let created = api.create(&PostParams::default(), &dynamic(connector("orders", "orders"))).await.expect("create");
+    let created = api
+        .create(
+            &PostParams::default(),
+            &dynamic(connector("orders", "orders")),
+        )
+        .await
+        .expect("create");
     assert_eq!(created.metadata.generation, Some(1));
     assert!(created.metadata.uid.is_some() && created.metadata.creation_timestamp.is_some());
     // Defaults from the schema are applied.
@@ -153,30 +280,68 @@ async fn status_and_scale_subresources_and_generation() {
 
     // Status goes through /status only and does not bump the generation.
     let status = json!({"status": {"replicas": 1, "readyReplicas": 1, "selector": "app.kubernetes.io/instance=orders", "observedGeneration": 1}});
-    let with_status = api.patch_status("orders", &PatchParams::default(), &Patch::Merge(&status)).await.expect("status");
+    let with_status = api
+        .patch_status("orders", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("status");
     assert_eq!(with_status.metadata.generation, Some(1));
     assert_eq!(with_status.data["status"]["replicas"], 1);
     let ignored = api
-        .patch("orders", &PatchParams::default(), &Patch::Merge(json!({"status": {"replicas": 9}, "metadata": {"labels": {"a": "b"}}})))
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"replicas": 9}, "metadata": {"labels": {"a": "b"}}})),
+        )
         .await
         .expect("patch");
-    assert_eq!(ignored.data["status"]["replicas"], 1, "status is ignored on the main resource");
-    assert_eq!(ignored.metadata.generation, Some(1), "metadata changes do not bump the generation");
+    assert_eq!(
+        ignored.data["status"]["replicas"], 1,
+        "status is ignored on the main resource"
+    );
+    assert_eq!(
+        ignored.metadata.generation,
+        Some(1),
+        "metadata changes do not bump the generation"
+    );
 
-    let edited = api.patch("orders", &PatchParams::default(), &Patch::Merge(json!({"spec": {"state": "Paused"}}))).await.expect("patch");
+    let edited = api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"state": "Paused"}})),
+        )
+        .await
+        .expect("patch");
     assert_eq!(edited.metadata.generation, Some(2));
 
     // Scale reads and writes the CRD's paths.
     let scale = api.get_scale("orders").await.expect("scale");
     assert_eq!(scale.spec.and_then(|s| s.replicas), Some(1));
     let st = scale.status.expect("scale status");
-    assert_eq!((st.replicas, st.selector.as_deref()), (1, Some("app.kubernetes.io/instance=orders")));
-    let scaled = api.patch_scale("orders", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.expect("scale");
+    assert_eq!(
+        (st.replicas, st.selector.as_deref()),
+        (1, Some("app.kubernetes.io/instance=orders"))
+    );
+    let scaled = api
+        .patch_scale(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .expect("scale");
     assert_eq!(scaled.spec.and_then(|s| s.replicas), Some(3));
     let after = api.get("orders").await.expect("get");
     assert_eq!(after.data["spec"]["scaling"]["replicas"], 3);
     assert_eq!(after.metadata.generation, Some(3));
-    let err = api.patch_scale("orders", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": -1}}))).await.expect_err("negative");
+    let err = api
+        .patch_scale(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": -1}})),
+        )
+        .await
+        .expect_err("negative");
     assert_eq!(api_code(&err), Some(422));
 
     // Deployments have a scale subresource too.
@@ -187,9 +352,22 @@ async fn status_and_scale_subresources_and_generation() {
                  "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}}},
     }))
     .expect("deployment");
-    deployments.create(&PostParams::default(), &dep).await.expect("create");
-    let s = deployments.patch_scale("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 4}}))).await.expect("scale");
-    assert_eq!(s.status.and_then(|s| s.selector).as_deref(), Some("app=web"));
+    deployments
+        .create(&PostParams::default(), &dep)
+        .await
+        .expect("create");
+    let s = deployments
+        .patch_scale(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .expect("scale");
+    assert_eq!(
+        s.status.and_then(|s| s.selector).as_deref(),
+        Some("app=web")
+    );
     let web = deployments.get("web").await.expect("get");
     assert_eq!(web.spec.and_then(|s| s.replicas), Some(4));
     assert_eq!(web.metadata.generation, Some(2));
@@ -203,21 +381,45 @@ async fn invalid_custom_resources_get_422_with_the_rule_message() {
     let api = connectors(&client);
     let mut bad = connector("bad", "orders");
     bad["spec"]["scaling"]["autoscale"] = json!({"minReplicas": 5, "maxReplicas": 2});
-    let err = api.create(&PostParams::default(), &dynamic(bad)).await.expect_err("min > max is rejected");
+    let err = api
+        .create(&PostParams::default(), &dynamic(bad))
+        .await
+        .expect_err("min > max is rejected");
     match err {
         kube::Error::Api(s) => {
             assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
-            assert!(s.message.contains("autoscale.minReplicas must not exceed autoscale.maxReplicas"), "{}", s.message);
-            assert!(s.message.contains("spec.scaling.autoscale"), "{}", s.message);
+            assert!(
+                s.message
+                    .contains("autoscale.minReplicas must not exceed autoscale.maxReplicas"),
+                "{}",
+                s.message
+            );
+            assert!(
+                s.message.contains("spec.scaling.autoscale"),
+                "{}",
+                s.message
+            );
         }
         other => panic!("expected an API error, got {other}"),
     }
-    api.create(&PostParams::default(), &dynamic(connector("good", "orders"))).await.expect("valid connector");
+    api.create(
+        &PostParams::default(),
+        &dynamic(connector("good", "orders")),
+    )
+    .await
+    .expect("valid connector");
     let err = api
-        .patch("good", &PatchParams::apply("me").force(), &Patch::Apply(connector("good", "other")))
+        .patch(
+            "good",
+            &PatchParams::apply("me").force(),
+            &Patch::Apply(connector("good", "other")),
+        )
         .await
         .expect_err("dataset is immutable");
-    assert!(err.to_string().contains("spec.dataset is immutable"), "{err}");
+    assert!(
+        err.to_string().contains("spec.dataset is immutable"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -228,14 +430,34 @@ async fn finalizers_hold_deletion_until_removed() {
     let api = connectors(&client);
     let mut c = connector("orders", "orders");
     c["metadata"]["finalizers"] = json!(["obsrv.io/cleanup"]);
-    api.create(&PostParams::default(), &dynamic(c)).await.expect("create");
-    let mut events = api.watch(&WatchParams::default().fields("metadata.name=orders").timeout(5), "0").await.expect("watch").boxed();
+    api.create(&PostParams::default(), &dynamic(c))
+        .await
+        .expect("create");
+    let mut events = api
+        .watch(
+            &WatchParams::default()
+                .fields("metadata.name=orders")
+                .timeout(5),
+            "0",
+        )
+        .await
+        .expect("watch")
+        .boxed();
 
-    api.delete("orders", &DeleteParams::default()).await.expect("delete");
-    let held = api.get("orders").await.expect("still there while the finalizer is set");
+    api.delete("orders", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let held = api
+        .get("orders")
+        .await
+        .expect("still there while the finalizer is set");
     assert!(held.metadata.deletion_timestamp.is_some());
     let err = api
-        .patch("orders", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": ["obsrv.io/cleanup", "x.io/more"]}})))
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["obsrv.io/cleanup", "x.io/more"]}})),
+        )
         .await
         .expect_err("no new finalizers while terminating");
     assert_eq!(api_code(&err), Some(422));
@@ -245,8 +467,13 @@ async fn finalizers_hold_deletion_until_removed() {
         {"op": "remove", "path": "/metadata/finalizers/0"},
     ]);
     let patch: json_patch::Patch = serde_json::from_value(remove).expect("patch");
-    api.patch("orders", &PatchParams::default(), &Patch::<()>::Json(patch)).await.expect("remove finalizer");
-    let err = api.get("orders").await.expect_err("gone once the last finalizer is removed");
+    api.patch("orders", &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+        .expect("remove finalizer");
+    let err = api
+        .get("orders")
+        .await
+        .expect_err("gone once the last finalizer is removed");
     assert_eq!(api_code(&err), Some(404));
 
     let mut kinds = Vec::new();
@@ -272,32 +499,76 @@ async fn owner_references_are_garbage_collected() {
     let client = cp.client().await.expect("client");
     install_connector_crd(&client).await;
     let conns = connectors(&client);
-    let owner = conns.create(&PostParams::default(), &dynamic(connector("orders", "orders"))).await.expect("create");
+    let owner = conns
+        .create(
+            &PostParams::default(),
+            &dynamic(connector("orders", "orders")),
+        )
+        .await
+        .expect("create");
     let uid = owner.metadata.uid.clone().expect("uid");
     let owner_ref = json!([{"apiVersion": "obsrv.io/v1alpha1", "kind": "Connector", "name": "orders", "uid": uid, "controller": true, "blockOwnerDeletion": true}]);
     let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
     for name in ["orders-config", "orders-extra"] {
-        let obj = json!({"metadata": {"name": name, "ownerReferences": owner_ref}, "data": {"k": "v"}});
-        cms.create(&PostParams::default(), &serde_json::from_value(obj).expect("cm")).await.expect("create");
+        let obj =
+            json!({"metadata": {"name": name, "ownerReferences": owner_ref}, "data": {"k": "v"}});
+        cms.create(
+            &PostParams::default(),
+            &serde_json::from_value(obj).expect("cm"),
+        )
+        .await
+        .expect("create");
     }
-    cms.create(&PostParams::default(), &serde_json::from_value(cm("unrelated", json!({}))).expect("cm")).await.expect("create");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(cm("unrelated", json!({}))).expect("cm"),
+    )
+    .await
+    .expect("create");
 
-    conns.delete("orders", &DeleteParams::background()).await.expect("delete");
+    conns
+        .delete("orders", &DeleteParams::background())
+        .await
+        .expect("delete");
     let collected = eventually(Duration::from_secs(10), || async {
-        let names: Vec<String> = cms.list(&ListParams::default()).await.ok()?.items.into_iter().filter_map(|c| c.metadata.name).collect();
+        let names: Vec<String> = cms
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect();
         (!names.iter().any(|n| n.starts_with("orders-"))).then_some(names)
     })
     .await;
     assert_eq!(collected, Some(vec!["unrelated".to_string()]));
 
     // Orphan propagation keeps dependents and drops the reference.
-    let owner = conns.create(&PostParams::default(), &dynamic(connector("keep", "keep"))).await.expect("create");
+    let owner = conns
+        .create(&PostParams::default(), &dynamic(connector("keep", "keep")))
+        .await
+        .expect("create");
     let r = json!([{"apiVersion": "obsrv.io/v1alpha1", "kind": "Connector", "name": "keep", "uid": owner.metadata.uid, "controller": true}]);
-    cms.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "kept", "ownerReferences": r}})).expect("cm")).await.expect("create");
-    conns.delete("keep", &DeleteParams::orphan()).await.expect("delete");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "kept", "ownerReferences": r}}))
+            .expect("cm"),
+    )
+    .await
+    .expect("create");
+    conns
+        .delete("keep", &DeleteParams::orphan())
+        .await
+        .expect("delete");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let kept = cms.get("kept").await.expect("orphaned dependent stays");
-    assert!(kept.metadata.owner_references.unwrap_or_default().is_empty());
+    assert!(
+        kept.metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -306,9 +577,21 @@ async fn namespaces_and_label_selectors() {
     let client = cp.client().await.expect("client");
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let missing: Api<ConfigMap> = Api::namespaced(client.clone(), "team-a");
-    let err = missing.create(&PostParams::default(), &serde_json::from_value(cm("x", json!({}))).expect("cm")).await.expect_err("no namespace");
+    let err = missing
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(cm("x", json!({}))).expect("cm"),
+        )
+        .await
+        .expect_err("no namespace");
     assert_eq!(api_code(&err), Some(404));
-    namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "team-a"}})).expect("ns")).await.expect("ns");
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "team-a"}})).expect("ns"),
+        )
+        .await
+        .expect("ns");
 
     let in_a: Api<ConfigMap> = Api::namespaced(client.clone(), "team-a");
     let in_default: Api<ConfigMap> = Api::default_namespaced(client.clone());
@@ -319,22 +602,75 @@ async fn namespaces_and_label_selectors() {
         (&in_default, "d2", json!({"app": "z"})),
     ] {
         let obj = json!({"metadata": {"name": name, "labels": labels}});
-        api.create(&PostParams::default(), &serde_json::from_value(obj).expect("cm")).await.expect("create");
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(obj).expect("cm"),
+        )
+        .await
+        .expect("create");
     }
     let all: Api<ConfigMap> = Api::all(client.clone());
     let names = |l: kube::api::ObjectList<ConfigMap>| -> Vec<String> {
-        let mut n: Vec<String> = l.items.into_iter().filter_map(|c| c.metadata.name).collect();
+        let mut n: Vec<String> = l
+            .items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect();
         n.sort();
         n
     };
-    assert_eq!(names(all.list(&ListParams::default().labels("app in (x,y),!skip")).await.expect("list")), ["a1", "d1"]);
-    assert_eq!(names(all.list(&ListParams::default().labels("app!=x")).await.expect("list")), ["a2", "d2"]);
-    assert_eq!(names(in_a.list(&ListParams::default()).await.expect("list")), ["a1", "a2"]);
-    assert_eq!(names(all.list(&ListParams::default().fields("metadata.namespace=default")).await.expect("list")), ["d1", "d2"]);
+    assert_eq!(
+        names(
+            all.list(&ListParams::default().labels("app in (x,y),!skip"))
+                .await
+                .expect("list")
+        ),
+        ["a1", "d1"]
+    );
+    assert_eq!(
+        names(
+            all.list(&ListParams::default().labels("app!=x"))
+                .await
+                .expect("list")
+        ),
+        ["a2", "d2"]
+    );
+    assert_eq!(
+        names(in_a.list(&ListParams::default()).await.expect("list")),
+        ["a1", "a2"]
+    );
+    assert_eq!(
+        names(
+            all.list(&ListParams::default().fields("metadata.namespace=default"))
+                .await
+                .expect("list")
+        ),
+        ["d1", "d2"]
+    );
 
-    namespaces.delete("team-a", &DeleteParams::default()).await.expect("delete ns");
-    let gone = eventually(Duration::from_secs(10), || async { namespaces.get("team-a").await.is_err().then_some(()) }).await;
+    namespaces
+        .delete("team-a", &DeleteParams::default())
+        .await
+        .expect("delete ns");
+    let gone = eventually(Duration::from_secs(10), || async {
+        namespaces.get("team-a").await.is_err().then_some(())
+    })
+    .await;
     assert!(gone.is_some(), "the namespace is removed once empty");
-    assert!(in_a.list(&ListParams::default()).await.expect("list").items.is_empty());
-    assert_eq!(in_default.list(&ListParams::default()).await.expect("list").items.len(), 2);
+    assert!(
+        in_a.list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+    assert_eq!(
+        in_default
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        2
+    );
 }

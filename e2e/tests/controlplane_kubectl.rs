@@ -8,17 +8,39 @@ use common::*;
 async fn kubectl_apply_crd_then_connector_shows_printer_columns() {
     let cp = api_server().await;
     let out = kubectl(&cp, &["apply", "-f", "crds/connector.yaml"], None);
-    assert!(out.status.success(), "applying the CRD failed: {}", stderr(&out));
-    assert!(stdout(&out).contains("customresourcedefinition.apiextensions.k8s.io/connectors.obsrv.io created"), "{}", stdout(&out));
+    assert!(
+        out.status.success(),
+        "applying the CRD failed: {}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out)
+            .contains("customresourcedefinition.apiextensions.k8s.io/connectors.obsrv.io created"),
+        "{}",
+        stdout(&out)
+    );
 
     let manifest = serde_json::to_string(&connector("orders", "orders-ds")).expect("json");
     let out = kubectl(&cp, &["apply", "-f", "-"], Some(&manifest));
-    assert!(out.status.success(), "applying the Connector failed: {}", stderr(&out));
-    assert!(stdout(&out).contains("connector.obsrv.io/orders created"), "{}", stdout(&out));
+    assert!(
+        out.status.success(),
+        "applying the Connector failed: {}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("connector.obsrv.io/orders created"),
+        "{}",
+        stdout(&out)
+    );
 
     // Re-applying the same manifest is a no-op, as with a real API server.
     let out = kubectl(&cp, &["apply", "-f", "-"], Some(&manifest));
-    assert!(stdout(&out).contains("connector.obsrv.io/orders unchanged"), "{} {}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("connector.obsrv.io/orders unchanged"),
+        "{} {}",
+        stdout(&out),
+        stderr(&out)
+    );
 
     // The status a controller would write shows up in the columns (short name `conn`).
     let client = cp.client().await.expect("client");
@@ -37,29 +59,63 @@ async fn kubectl_apply_crd_then_connector_shows_printer_columns() {
         "sourceKind": "postgres", "replicasSummary": "1/1", "lag": {"records": 42}, "phase": "Running",
         "conditions": [{"type": "Ready", "status": "True", "reason": "Ready", "message": "reading", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
     }});
-    api.patch_status("orders", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status)).await.expect("status patch");
+    api.patch_status(
+        "orders",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&status),
+    )
+    .await
+    .expect("status patch");
 
     let out = kubectl(&cp, &["get", "conn"], None);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
-    assert_eq!(header, ["NAME", "DATASET", "SOURCE", "STATE", "READY", "REPLICAS", "LAG", "AGE"], "{text}");
+    assert_eq!(
+        header,
+        [
+            "NAME", "DATASET", "SOURCE", "STATE", "READY", "REPLICAS", "LAG", "AGE"
+        ],
+        "{text}"
+    );
     let row: Vec<&str> = lines.next().expect("a row").split_whitespace().collect();
-    assert_eq!(&row[..7], ["orders", "orders-ds", "postgres", "Running", "True", "1/1", "42"], "{text}");
+    assert_eq!(
+        &row[..7],
+        [
+            "orders",
+            "orders-ds",
+            "postgres",
+            "Running",
+            "True",
+            "1/1",
+            "42"
+        ],
+        "{text}"
+    );
     assert!(row[7].ends_with('s'), "age column: {text}");
 
     // Priority-1 columns appear with -o wide.
     let wide = stdout(&kubectl(&cp, &["get", "connectors", "-o", "wide"], None));
-    assert!(wide.lines().next().is_some_and(|h| h.contains("PHASE")) && wide.contains("Running"), "{wide}");
+    assert!(
+        wide.lines().next().is_some_and(|h| h.contains("PHASE")) && wide.contains("Running"),
+        "{wide}"
+    );
     // Category `obsrv` lists it too.
     let by_category = stdout(&kubectl(&cp, &["get", "obsrv"], None));
-    assert!(by_category.contains("DATASET") && by_category.contains("orders-ds"), "{by_category}");
+    assert!(
+        by_category.contains("DATASET") && by_category.contains("orders-ds"),
+        "{by_category}"
+    );
 }
 
 fn reject(cp: &obsrv_e2e::controlplane::ControlPlane, manifest: &serde_json::Value) -> String {
     let out = kubectl(cp, &["apply", "-f", "-"], Some(&manifest.to_string()));
-    assert!(!out.status.success(), "kubectl accepted an invalid Connector: {}", stdout(&out));
+    assert!(
+        !out.status.success(),
+        "kubectl accepted an invalid Connector: {}",
+        stdout(&out)
+    );
     stderr(&out)
 }
 
@@ -73,28 +129,46 @@ async fn invalid_connectors_are_rejected_with_the_cel_message() {
     two_sources["spec"]["source"]["s3"] = serde_json::json!({"bucket": "b", "format": "json"});
     let err = reject(&cp, &two_sources);
     assert!(err.contains("The Connector \"two\" is invalid"), "{err}");
-    assert!(err.contains("spec.source must set exactly one source kind"), "{err}");
+    assert!(
+        err.contains("spec.source must set exactly one source kind"),
+        "{err}"
+    );
 
     let mut no_tables = connector("empty", "ds");
     no_tables["spec"]["source"]["postgres"]["tables"] = serde_json::json!([]);
     let err = reject(&cp, &no_tables);
-    assert!(err.contains("spec.source.postgres.tables") && err.contains("tables must list at least one table"), "{err}");
+    assert!(
+        err.contains("spec.source.postgres.tables")
+            && err.contains("tables must list at least one table"),
+        "{err}"
+    );
 
     let mut bad_enum = connector("enum", "ds");
     bad_enum["spec"]["state"] = serde_json::json!("Sleeping");
     let err = reject(&cp, &bad_enum);
-    assert!(err.contains("spec.state") && err.contains("Unsupported value: \"Sleeping\""), "{err}");
+    assert!(
+        err.contains("spec.state") && err.contains("Unsupported value: \"Sleeping\""),
+        "{err}"
+    );
 
     let mut unknown = connector("typo", "ds");
     unknown["spec"]["replicas"] = serde_json::json!(3);
     let err = reject(&cp, &unknown);
     assert!(err.contains("unknown field \"spec.replicas\""), "{err}");
 
-    let out = kubectl(&cp, &["apply", "-f", "-"], Some(&connector("orders", "orders").to_string()));
+    let out = kubectl(
+        &cp,
+        &["apply", "-f", "-"],
+        Some(&connector("orders", "orders").to_string()),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let err = reject(&cp, &connector("orders", "payments"));
     assert!(err.contains("spec.dataset is immutable"), "{err}");
-    let shown = stdout(&kubectl(&cp, &["get", "conn", "orders", "-o", "jsonpath={.spec.dataset}"], None));
+    let shown = stdout(&kubectl(
+        &cp,
+        &["get", "conn", "orders", "-o", "jsonpath={.spec.dataset}"],
+        None,
+    ));
     assert_eq!(shown, "orders");
 }
 
@@ -103,17 +177,36 @@ async fn kubectl_server_side_apply_and_builtin_tables() {
     let cp = api_server().await;
     let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  labels: {team: a}\ndata:\n  a: \"1\"\n  b: \"2\"\n";
     let out = kubectl(&cp, &["apply", "--server-side", "-f", "-"], Some(cm));
-    assert!(out.status.success() && stdout(&out).contains("serverside-applied"), "{} {}", stdout(&out), stderr(&out));
+    assert!(
+        out.status.success() && stdout(&out).contains("serverside-applied"),
+        "{} {}",
+        stdout(&out),
+        stderr(&out)
+    );
     // Dropping a key from the applied manifest removes it (the manager owned it).
-    let out = kubectl(&cp, &["apply", "--server-side", "-f", "-"], Some(&cm.replace("  b: \"2\"\n", "")));
+    let out = kubectl(
+        &cp,
+        &["apply", "--server-side", "-f", "-"],
+        Some(&cm.replace("  b: \"2\"\n", "")),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    let data = stdout(&kubectl(&cp, &["get", "cm", "settings", "-o", "jsonpath={.data}"], None));
+    let data = stdout(&kubectl(
+        &cp,
+        &["get", "cm", "settings", "-o", "jsonpath={.data}"],
+        None,
+    ));
     assert_eq!(data, r#"{"a":"1"}"#);
 
     let table = stdout(&kubectl(&cp, &["get", "configmaps", "-l", "team=a"], None));
-    assert!(table.starts_with("NAME") && table.contains("DATA") && table.contains("settings"), "{table}");
+    assert!(
+        table.starts_with("NAME") && table.contains("DATA") && table.contains("settings"),
+        "{table}"
+    );
     let none = stderr(&kubectl(&cp, &["get", "configmaps", "-l", "team=b"], None));
     assert!(none.contains("No resources found"), "{none}");
     let namespaces = stdout(&kubectl(&cp, &["get", "ns"], None));
-    assert!(namespaces.contains("default") && namespaces.contains("Active"), "{namespaces}");
+    assert!(
+        namespaces.contains("default") && namespaces.contains("Active"),
+        "{namespaces}"
+    );
 }

@@ -44,11 +44,23 @@ fn deployment(name: &str, replicas: i32, env: Value) -> Deployment {
 
 async fn setup(client: &kube::Client) {
     let secrets: Api<Secret> = Api::default_namespaced(client.clone());
-    let secret = json!({"metadata": {"name": "pg-creds"}, "stringData": {"password": "s3cr3t-value"}});
-    secrets.create(&PostParams::default(), &serde_json::from_value(secret).expect("secret")).await.expect("secret");
+    let secret =
+        json!({"metadata": {"name": "pg-creds"}, "stringData": {"password": "s3cr3t-value"}});
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(secret).expect("secret"),
+        )
+        .await
+        .expect("secret");
     let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
     let cm = json!({"metadata": {"name": "cfg"}, "data": {"connector.yaml": "namespace: default\nname: orders\n"}});
-    cms.create(&PostParams::default(), &serde_json::from_value(cm).expect("cm")).await.expect("cm");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(cm).expect("cm"),
+    )
+    .await
+    .expect("cm");
 }
 
 fn secret_env() -> Value {
@@ -59,20 +71,37 @@ fn secret_env() -> Value {
 }
 
 async fn http(ip: &str, path: &str) -> Option<String> {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
-    let r = client.get(format!("http://{ip}:8080{path}")).send().await.ok()?;
-    if r.status().is_success() { r.text().await.ok() } else { None }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    let r = client
+        .get(format!("http://{ip}:8080{path}"))
+        .send()
+        .await
+        .ok()?;
+    if r.status().is_success() {
+        r.text().await.ok()
+    } else {
+        None
+    }
 }
 
 /// Ready pods of `app` (names and IPs) once exactly `n` are ready and no other pod is left.
 async fn ready_pods(pods: &Api<Pod>, app: &str, n: usize) -> Option<Vec<(String, String)>> {
     eventually(WAIT, || async {
-        let list = pods.list(&ListParams::default().labels(&format!("app={app}"))).await.ok()?;
+        let list = pods
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await
+            .ok()?;
         let ready: Vec<(String, String)> = list
             .items
             .iter()
             .filter(|p| {
-                p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
             })
             .filter_map(|p| Some((p.metadata.name.clone()?, p.status.as_ref()?.pod_ip.clone()?)))
             .collect();
@@ -87,7 +116,13 @@ async fn deployment_replicas_run_as_processes_with_secrets_and_config_materialis
     let client = cp.client().await.expect("client");
     setup(&client).await;
     let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
-    deployments.create(&PostParams::default(), &deployment("orders", 3, secret_env())).await.expect("create");
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment("orders", 3, secret_env()),
+        )
+        .await
+        .expect("create");
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     let ready = ready_pods(&pods, "orders", 3).await.expect("3 ready pods");
 
@@ -97,14 +132,29 @@ async fn deployment_replicas_run_as_processes_with_secrets_and_config_materialis
     assert_eq!(ips.len(), 3, "each pod has its own address: {ready:?}");
     for (name, ip) in &ready {
         assert!(ip.starts_with("127.0."), "{ip}");
-        assert_eq!(http(ip, "/env/OBSRV_LISTEN").await.as_deref(), Some(format!("{ip}:8080").as_str()));
-        assert_eq!(http(ip, "/env/OBSRV_SOURCE_PASSWORD").await.as_deref(), Some("s3cr3t-value"));
-        assert_eq!(http(ip, "/env/POD_NAME").await.as_deref(), Some(name.as_str()));
+        assert_eq!(
+            http(ip, "/env/OBSRV_LISTEN").await.as_deref(),
+            Some(format!("{ip}:8080").as_str())
+        );
+        assert_eq!(
+            http(ip, "/env/OBSRV_SOURCE_PASSWORD").await.as_deref(),
+            Some("s3cr3t-value")
+        );
+        assert_eq!(
+            http(ip, "/env/POD_NAME").await.as_deref(),
+            Some(name.as_str())
+        );
         // The ConfigMap mount path in the args points at a materialised directory.
         let args = http(ip, "/args").await.expect("args");
         let config = args.lines().last().expect("config path");
-        assert!(config.ends_with("/connector.yaml") && !config.starts_with("/etc/"), "{args}");
-        assert_eq!(http(ip, &format!("/file{config}")).await.as_deref(), Some("namespace: default\nname: orders\n"));
+        assert!(
+            config.ends_with("/connector.yaml") && !config.starts_with("/etc/"),
+            "{args}"
+        );
+        assert_eq!(
+            http(ip, &format!("/file{config}")).await.as_deref(),
+            Some("namespace: default\nname: orders\n")
+        );
     }
 
     let status = eventually(WAIT, || async {
@@ -113,11 +163,21 @@ async fn deployment_replicas_run_as_processes_with_secrets_and_config_materialis
     })
     .await
     .expect("deployment status");
-    assert_eq!((s_i(status.replicas), s_i(status.updated_replicas), s_i(status.available_replicas)), (3, 3, 3));
+    assert_eq!(
+        (
+            s_i(status.replicas),
+            s_i(status.updated_replicas),
+            s_i(status.available_replicas)
+        ),
+        (3, 3, 3)
+    );
     assert_eq!(status.observed_generation, Some(1));
     cp.shutdown().await;
     for ip in ips {
-        assert!(http(ip, "/healthz").await.is_none(), "{ip} still answers after shutdown");
+        assert!(
+            http(ip, "/healthz").await.is_none(),
+            "{ip} still answers after shutdown"
+        );
     }
 }
 
@@ -131,39 +191,97 @@ async fn template_change_replaces_pods_and_scale_down_and_delete_stop_processes(
     let client = cp.client().await.expect("client");
     setup(&client).await;
     let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
-    deployments.create(&PostParams::default(), &deployment("orders", 2, secret_env())).await.expect("create");
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment("orders", 2, secret_env()),
+        )
+        .await
+        .expect("create");
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     let first = ready_pods(&pods, "orders", 2).await.expect("2 ready pods");
 
     // A template change (e.g. the operator's config checksum annotation) rolls every pod.
     let patch = json!({"spec": {"template": {"metadata": {"annotations": {"obsrv.io/config-checksum": "v2"}}}}});
-    deployments.patch("orders", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
+    deployments
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch");
     let second = eventually(WAIT, || async {
         let now = ready_pods(&pods, "orders", 2).await?;
-        now.iter().all(|(n, _)| first.iter().all(|(f, _)| f != n)).then_some(now)
+        now.iter()
+            .all(|(n, _)| first.iter().all(|(f, _)| f != n))
+            .then_some(now)
     })
     .await
     .expect("two new pods replaced the old ones");
     for (_, ip) in &first {
         if second.iter().all(|(_, i)| i != ip) {
-            assert!(eventually(WAIT, || async { http(ip, "/healthz").await.is_none().then_some(()) }).await.is_some(), "old pod at {ip} still runs");
+            assert!(
+                eventually(WAIT, || async {
+                    http(ip, "/healthz").await.is_none().then_some(())
+                })
+                .await
+                .is_some(),
+                "old pod at {ip} still runs"
+            );
         }
     }
-    let status = deployments.get("orders").await.expect("get").status.expect("status");
+    let status = deployments
+        .get("orders")
+        .await
+        .expect("get")
+        .status
+        .expect("status");
     assert_eq!(status.observed_generation, Some(2));
 
     // Scale down: one pod and its process go away.
-    deployments.patch_scale("orders", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 1}}))).await.expect("scale");
+    deployments
+        .patch_scale(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .expect("scale");
     let one = ready_pods(&pods, "orders", 1).await.expect("one pod left");
-    let (_, removed_ip) = second.iter().find(|(n, _)| *n != one[0].0).expect("a removed pod");
-    assert!(eventually(WAIT, || async { http(removed_ip, "/healthz").await.is_none().then_some(()) }).await.is_some(), "scaled-down pod still runs");
+    let (_, removed_ip) = second
+        .iter()
+        .find(|(n, _)| *n != one[0].0)
+        .expect("a removed pod");
+    assert!(
+        eventually(WAIT, || async {
+            http(removed_ip, "/healthz").await.is_none().then_some(())
+        })
+        .await
+        .is_some(),
+        "scaled-down pod still runs"
+    );
     assert!(http(&one[0].1, "/healthz").await.is_some());
 
     // Delete: the garbage collector removes the pods, the kubelet stops the process.
-    deployments.delete("orders", &DeleteParams::default()).await.expect("delete");
-    let empty = eventually(WAIT, || async { pods.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(()) }).await;
+    deployments
+        .delete("orders", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let empty = eventually(WAIT, || async {
+        pods.list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
     assert!(empty.is_some(), "pods are garbage collected");
-    assert!(eventually(WAIT, || async { http(&one[0].1, "/healthz").await.is_none().then_some(()) }).await.is_some(), "process stopped");
+    assert!(
+        eventually(WAIT, || async {
+            http(&one[0].1, "/healthz").await.is_none().then_some(())
+        })
+        .await
+        .is_some(),
+        "process stopped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +291,13 @@ async fn crashed_processes_restart_and_missing_secrets_wait_with_a_reason() {
     setup(&client).await;
     let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    deployments.create(&PostParams::default(), &deployment("orders", 1, secret_env())).await.expect("create");
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment("orders", 1, secret_env()),
+        )
+        .await
+        .expect("create");
     let ready = ready_pods(&pods, "orders", 1).await.expect("ready pod");
     let (name, ip) = &ready[0];
     let _ = http(ip, "/exit/3").await;
@@ -184,24 +308,58 @@ async fn crashed_processes_restart_and_missing_secrets_wait_with_a_reason() {
     })
     .await
     .expect("the container restarts and becomes ready again");
-    let last = restarted.last_state.and_then(|s| s.terminated).expect("last state");
+    let last = restarted
+        .last_state
+        .and_then(|s| s.terminated)
+        .expect("last state");
     assert_eq!(last.exit_code, 3);
 
     let env = json!([{"name": "OBSRV_SOURCE_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "later-creds", "key": "password"}}}]);
-    deployments.create(&PostParams::default(), &deployment("later", 1, env)).await.expect("create");
+    deployments
+        .create(&PostParams::default(), &deployment("later", 1, env))
+        .await
+        .expect("create");
     let waiting = eventually(WAIT, || async {
-        let list = pods.list(&ListParams::default().labels("app=later")).await.ok()?;
-        let cs = list.items.into_iter().next()?.status?.container_statuses?.into_iter().next()?;
-        cs.state?.waiting.filter(|w| w.reason.as_deref() == Some("CreateContainerConfigError"))
+        let list = pods
+            .list(&ListParams::default().labels("app=later"))
+            .await
+            .ok()?;
+        let cs = list
+            .items
+            .into_iter()
+            .next()?
+            .status?
+            .container_statuses?
+            .into_iter()
+            .next()?;
+        cs.state?
+            .waiting
+            .filter(|w| w.reason.as_deref() == Some("CreateContainerConfigError"))
     })
     .await
     .expect("the pod waits for its secret");
-    assert_eq!(waiting.message.as_deref(), Some("secret \"later-creds\" not found"));
+    assert_eq!(
+        waiting.message.as_deref(),
+        Some("secret \"later-creds\" not found")
+    );
     let secrets: Api<Secret> = Api::default_namespaced(client.clone());
     let secret = json!({"metadata": {"name": "later-creds"}, "stringData": {"password": "p"}});
-    secrets.create(&PostParams::default(), &serde_json::from_value(secret).expect("secret")).await.expect("secret");
-    let ready = ready_pods(&pods, "later", 1).await.expect("ready once the secret exists");
-    assert_eq!(http(&ready[0].1, "/env/OBSRV_SOURCE_PASSWORD").await.as_deref(), Some("p"));
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(secret).expect("secret"),
+        )
+        .await
+        .expect("secret");
+    let ready = ready_pods(&pods, "later", 1)
+        .await
+        .expect("ready once the secret exists");
+    assert_eq!(
+        http(&ready[0].1, "/env/OBSRV_SOURCE_PASSWORD")
+            .await
+            .as_deref(),
+        Some("p")
+    );
 }
 
 fn job(name: &str, script: &str, backoff: i32) -> Job {
@@ -218,18 +376,30 @@ fn job(name: &str, script: &str, backoff: i32) -> Job {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_to_completion_or_fail_after_the_backoff_limit() {
     let kubelet = KubeletOptions::new(vec![ImageBinary::new("example.com/obsrv/shell", "/bin/sh")]);
-    let cp = ControlPlane::start(ControlPlaneOptions { kubelet: Some(kubelet), ..ControlPlaneOptions::default() }).await.expect("start");
+    let cp = ControlPlane::start(ControlPlaneOptions {
+        kubelet: Some(kubelet),
+        ..ControlPlaneOptions::default()
+    })
+    .await
+    .expect("start");
     let client = cp.client().await.expect("client");
     let jobs: Api<Job> = Api::default_namespaced(client.clone());
-    jobs.create(&PostParams::default(), &job("ok", "echo cleaned", 2)).await.expect("create");
-    jobs.create(&PostParams::default(), &job("bad", "exit 4", 1)).await.expect("create");
+    jobs.create(&PostParams::default(), &job("ok", "echo cleaned", 2))
+        .await
+        .expect("create");
+    jobs.create(&PostParams::default(), &job("bad", "exit 4", 1))
+        .await
+        .expect("create");
     let condition = |name: &'static str, type_: &'static str| {
         let jobs = jobs.clone();
         async move {
             eventually(WAIT, || async {
                 let j = jobs.get(name).await.ok()?;
                 let st = j.status?;
-                st.conditions?.iter().any(|c| c.type_ == type_ && c.status == "True").then_some((st.succeeded, st.failed))
+                st.conditions?
+                    .iter()
+                    .any(|c| c.type_ == type_ && c.status == "True")
+                    .then_some((st.succeeded, st.failed))
             })
             .await
         }
@@ -238,7 +408,20 @@ async fn jobs_run_to_completion_or_fail_after_the_backoff_limit() {
     assert_eq!(condition("bad", "Failed").await, Some((None, Some(2))));
     // The job's output is served as the pod log.
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    let pod = pods.list(&ListParams::default().labels("job-name=ok")).await.expect("list").items.into_iter().next().expect("job pod");
-    let log = pods.logs(pod.metadata.name.as_deref().unwrap_or(""), &Default::default()).await.expect("logs");
+    let pod = pods
+        .list(&ListParams::default().labels("job-name=ok"))
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .next()
+        .expect("job pod");
+    let log = pods
+        .logs(
+            pod.metadata.name.as_deref().unwrap_or(""),
+            &Default::default(),
+        )
+        .await
+        .expect("logs");
     assert_eq!(log.trim(), "cleaned");
 }

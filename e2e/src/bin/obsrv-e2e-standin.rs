@@ -13,7 +13,11 @@ use std::net::{TcpListener, TcpStream};
 
 fn respond(mut s: TcpStream, code: u16, body: &str) {
     let reason = if code == 200 { "OK" } else { "Error" };
-    let _ = write!(s, "HTTP/1.1 {code} {reason}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+    let _ = write!(
+        s,
+        "HTTP/1.1 {code} {reason}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 fn main() {
@@ -35,10 +39,15 @@ fn main() {
         match path.as_str() {
             "/healthz" => respond(stream, 200, "ok"),
             "/readyz" => {
-                let not_ready = std::env::var("STANDIN_NOT_READY").is_ok_and(|f| std::path::Path::new(&f).exists());
+                let not_ready = std::env::var("STANDIN_NOT_READY")
+                    .is_ok_and(|f| std::path::Path::new(&f).exists());
                 respond(stream, if not_ready { 503 } else { 200 }, "")
             }
-            "/args" => respond(stream, 200, &std::env::args().skip(1).collect::<Vec<_>>().join("\n")),
+            "/args" => respond(
+                stream,
+                200,
+                &std::env::args().skip(1).collect::<Vec<_>>().join("\n"),
+            ),
             p if p.starts_with("/env/") => match std::env::var(&p[5..]) {
                 Ok(v) => respond(stream, 200, &v),
                 Err(_) => respond(stream, 404, ""),

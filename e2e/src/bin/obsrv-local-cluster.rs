@@ -11,7 +11,11 @@ use obsrv_e2e::controlplane::{ControlPlane, ControlPlaneOptions, ImageBinary, Ku
 #[command(name = "obsrv-local-cluster", version)]
 struct Args {
     /// Where to write the kubeconfig.
-    #[arg(long, env = "OBSRV_LOCAL_KUBECONFIG", default_value = "target/obsrv-local/kubeconfig")]
+    #[arg(
+        long,
+        env = "OBSRV_LOCAL_KUBECONFIG",
+        default_value = "target/obsrv-local/kubeconfig"
+    )]
     kubeconfig: PathBuf,
     /// Port of the API server on 127.0.0.1 (0 = any free port).
     #[arg(long, env = "OBSRV_LOCAL_PORT", default_value_t = 0)]
@@ -20,10 +24,18 @@ struct Args {
     #[arg(long, env = "OBSRV_LOCAL_DIR", default_value = "target/obsrv-local")]
     dir: PathBuf,
     /// Image (repository, any tag) whose pods run as local processes.
-    #[arg(long, env = "OBSRV_CONNECTOR_IMAGE", default_value = "ghcr.io/obsrv/obsrv-connector")]
+    #[arg(
+        long,
+        env = "OBSRV_CONNECTOR_IMAGE",
+        default_value = "ghcr.io/obsrv/obsrv-connector"
+    )]
     connector_image: String,
     /// The program those pods run (the `obsrv-connector` binary).
-    #[arg(long, env = "OBSRV_CONNECTOR_BINARY", default_value = "target/debug/obsrv-connector")]
+    #[arg(
+        long,
+        env = "OBSRV_CONNECTOR_BINARY",
+        default_value = "target/debug/obsrv-connector"
+    )]
     connector_binary: PathBuf,
     /// Do not run pods (API server only).
     #[arg(long)]
@@ -33,18 +45,32 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let args = Args::parse();
-    let binary = std::fs::canonicalize(&args.connector_binary).unwrap_or(args.connector_binary.clone());
+    let binary =
+        std::fs::canonicalize(&args.connector_binary).unwrap_or(args.connector_binary.clone());
     if !args.no_kubelet && !binary.exists() {
         eprintln!(
             "warning: {} does not exist yet; connector pods will show RunContainerError until it does (cargo build -p obsrv-connector)",
             binary.display()
         );
     }
-    let kubelet = (!args.no_kubelet).then(|| KubeletOptions::new(vec![ImageBinary::new(args.connector_image.clone(), binary.clone())]));
-    let cp = ControlPlane::start(ControlPlaneOptions { port: args.port, dir: Some(args.dir.clone()), kubelet, ..ControlPlaneOptions::default() }).await?;
+    let kubelet = (!args.no_kubelet).then(|| {
+        KubeletOptions::new(vec![ImageBinary::new(
+            args.connector_image.clone(),
+            binary.clone(),
+        )])
+    });
+    let cp = ControlPlane::start(ControlPlaneOptions {
+        port: args.port,
+        dir: Some(args.dir.clone()),
+        kubelet,
+        ..ControlPlaneOptions::default()
+    })
+    .await?;
     if let Some(parent) = args.kubeconfig.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -54,7 +80,12 @@ async fn main() -> anyhow::Result<()> {
     println!("  export KUBECONFIG={}", kubeconfig.display());
     println!("  kubectl apply -f crds/connector.yaml && kubectl get connectors");
     if !args.no_kubelet {
-        println!("Pods with image {}[:tag] run {} on 127.0.0.N; logs in {}/logs", args.connector_image, binary.display(), args.dir.display());
+        println!(
+            "Pods with image {}[:tag] run {} on 127.0.0.N; logs in {}/logs",
+            args.connector_image,
+            binary.display(),
+            args.dir.display()
+        );
     }
     println!("Stop with Ctrl-C (stops every process it started).");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

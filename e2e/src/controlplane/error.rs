@@ -19,13 +19,27 @@ pub struct Cause {
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{message}")]
-    NotFound { message: String, kind: String, name: String },
+    NotFound {
+        message: String,
+        kind: String,
+        name: String,
+    },
     #[error("{message}")]
-    AlreadyExists { message: String, kind: String, name: String },
+    AlreadyExists {
+        message: String,
+        kind: String,
+        name: String,
+    },
     #[error("{0}")]
     Conflict(String),
     #[error("{message}")]
-    Invalid { message: String, kind: String, name: String, group: String, causes: Vec<Cause> },
+    Invalid {
+        message: String,
+        kind: String,
+        name: String,
+        group: String,
+        causes: Vec<Cause>,
+    },
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -58,17 +72,36 @@ impl ApiError {
     /// The object is invalid: `<Kind>.<group> "<name>" is invalid: <field>: <message>, ...` like a real
     /// API server, so the message alone tells the user what to fix.
     pub fn invalid(kind: &str, group: &str, name: &str, causes: Vec<Cause>) -> Self {
-        let qualified = if group.is_empty() { kind.to_string() } else { format!("{kind}.{group}") };
+        let qualified = if group.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{kind}.{group}")
+        };
         let details: Vec<String> = causes
             .iter()
-            .map(|c| if c.field.is_empty() { c.message.clone() } else { format!("{}: {}", c.field, c.message) })
+            .map(|c| {
+                if c.field.is_empty() {
+                    c.message.clone()
+                } else {
+                    format!("{}: {}", c.field, c.message)
+                }
+            })
             .collect();
         let message = if details.len() == 1 {
             format!("{qualified} \"{name}\" is invalid: {}", details[0])
         } else {
-            format!("{qualified} \"{name}\" is invalid: [{}]", details.join(", "))
+            format!(
+                "{qualified} \"{name}\" is invalid: [{}]",
+                details.join(", ")
+            )
         };
-        ApiError::Invalid { message, kind: kind.to_string(), name: name.to_string(), group: group.to_string(), causes }
+        ApiError::Invalid {
+            message,
+            kind: kind.to_string(),
+            name: name.to_string(),
+            group: group.to_string(),
+            causes,
+        }
     }
 
     pub fn code(&self) -> u16 {
@@ -114,12 +147,19 @@ impl ApiError {
             ApiError::NotFound { kind, name, .. } | ApiError::AlreadyExists { kind, name, .. } => {
                 status["details"] = json!({"name": name, "kind": kind});
             }
-            ApiError::Invalid { kind, name, group, causes, .. } => {
+            ApiError::Invalid {
+                kind,
+                name,
+                group,
+                causes,
+                ..
+            } => {
                 let causes: Vec<Value> = causes
                     .iter()
                     .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
                     .collect();
-                status["details"] = json!({"name": name, "group": group, "kind": kind, "causes": causes});
+                status["details"] =
+                    json!({"name": name, "group": group, "kind": kind, "causes": causes});
             }
             _ => {}
         }
@@ -130,7 +170,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = StatusCode::from_u16(self.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (code, [("content-type", "application/json")], self.status().to_string()).into_response()
+        (
+            code,
+            [("content-type", "application/json")],
+            self.status().to_string(),
+        )
+            .into_response()
     }
 }
 

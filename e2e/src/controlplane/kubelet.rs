@@ -24,7 +24,9 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::store::{DeleteOptions, NODE_NAME, Selectors, Store, Sub, WriteOptions, now, random_suffix};
+use super::store::{
+    DeleteOptions, NODE_NAME, Selectors, Store, Sub, WriteOptions, now, random_suffix,
+};
 
 /// Which local program runs a container image.
 #[derive(Clone, Debug)]
@@ -40,7 +42,11 @@ pub struct ImageBinary {
 
 impl ImageBinary {
     pub fn new(image: impl Into<String>, program: impl Into<PathBuf>) -> Self {
-        ImageBinary { image: image.into(), program: program.into(), args: vec![] }
+        ImageBinary {
+            image: image.into(),
+            program: program.into(),
+            args: vec![],
+        }
     }
 
     pub fn matches(&self, image: &str) -> bool {
@@ -74,10 +80,18 @@ impl KubeletOptions {
     pub fn new(images: Vec<ImageBinary>) -> Self {
         KubeletOptions {
             images,
-            inherit_env: ["PATH", "HOME", "LANG", "TMPDIR", "RUST_LOG", "RUST_BACKTRACE", "LD_LIBRARY_PATH"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            inherit_env: [
+                "PATH",
+                "HOME",
+                "LANG",
+                "TMPDIR",
+                "RUST_LOG",
+                "RUST_BACKTRACE",
+                "LD_LIBRARY_PATH",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
             probe_period: Duration::from_millis(300),
             max_restart_backoff: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
@@ -156,7 +170,10 @@ fn s<'a>(v: &'a Value, p: &str) -> &'a str {
 fn owned_by(pod: &Value, uid: &str) -> bool {
     pod.pointer("/metadata/ownerReferences")
         .and_then(Value::as_array)
-        .is_some_and(|r| r.iter().any(|r| r["uid"] == uid && r["controller"] == json!(true)))
+        .is_some_and(|r| {
+            r.iter()
+                .any(|r| r["uid"] == uid && r["controller"] == json!(true))
+        })
 }
 
 fn terminating(o: &Value) -> bool {
@@ -166,7 +183,10 @@ fn terminating(o: &Value) -> bool {
 fn pod_ready(pod: &Value) -> bool {
     pod.pointer("/status/conditions")
         .and_then(Value::as_array)
-        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
 }
 
 /// What the Deployment controller does for one Deployment: a pure decision on its pods.
@@ -180,17 +200,26 @@ pub struct DeploymentPlan {
 
 /// Decides pod creations/deletions and the status of a Deployment from its (owned) pods.
 pub fn plan_deployment(dep: &Value, pods: &[Value]) -> DeploymentPlan {
-    let desired = dep.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).max(0) as usize;
+    let desired = dep
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(1)
+        .max(0) as usize;
     let hash = template_hash(&dep["spec"]["template"]);
     let live: Vec<&Value> = pods.iter().filter(|p| !terminating(p)).collect();
-    let (current, old): (Vec<&Value>, Vec<&Value>) =
-        live.iter().partition(|p| p.pointer("/metadata/labels/pod-template-hash").and_then(Value::as_str) == Some(hash.as_str()));
+    let (current, old): (Vec<&Value>, Vec<&Value>) = live.iter().partition(|p| {
+        p.pointer("/metadata/labels/pod-template-hash")
+            .and_then(Value::as_str)
+            == Some(hash.as_str())
+    });
     let name = |p: &Value| s(p, "/metadata/name").to_string();
     let mut plan = DeploymentPlan::default();
     // Not-ready first, then newest first.
     let order = |v: &mut Vec<&Value>| {
         v.sort_by(|a, b| {
-            pod_ready(a).cmp(&pod_ready(b)).then_with(|| s(b, "/metadata/creationTimestamp").cmp(s(a, "/metadata/creationTimestamp")))
+            pod_ready(a).cmp(&pod_ready(b)).then_with(|| {
+                s(b, "/metadata/creationTimestamp").cmp(s(a, "/metadata/creationTimestamp"))
+            })
         })
     };
     let mut current_sorted = current.clone();
@@ -198,7 +227,12 @@ pub fn plan_deployment(dep: &Value, pods: &[Value]) -> DeploymentPlan {
     if current.len() < desired {
         plan.create = desired - current.len();
     } else {
-        plan.delete.extend(current_sorted.iter().take(current.len() - desired).map(|p| name(p)));
+        plan.delete.extend(
+            current_sorted
+                .iter()
+                .take(current.len() - desired)
+                .map(|p| name(p)),
+        );
     }
     let recreate = s(dep, "/spec/strategy/type") == "Recreate";
     let ready_current = current.iter().filter(|p| pod_ready(p)).count().min(desired);
@@ -216,10 +250,19 @@ pub fn plan_deployment(dep: &Value, pods: &[Value]) -> DeploymentPlan {
     }
     let ready = live.iter().filter(|p| pod_ready(p)).count();
     let updated = current.len().min(desired);
-    let generation = dep.pointer("/metadata/generation").cloned().unwrap_or(json!(1));
+    let generation = dep
+        .pointer("/metadata/generation")
+        .cloned()
+        .unwrap_or(json!(1));
     let available = ready >= desired;
-    let complete = updated == desired && old.is_empty() && current.iter().filter(|p| pod_ready(p)).count() >= desired;
-    let previous = dep.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+    let complete = updated == desired
+        && old.is_empty()
+        && current.iter().filter(|p| pod_ready(p)).count() >= desired;
+    let previous = dep
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let condition = |type_: &str, ok: bool, reason: &str, message: String| {
         let status = if ok { "True" } else { "False" };
         let since = previous
@@ -245,7 +288,12 @@ pub fn plan_deployment(dep: &Value, pods: &[Value]) -> DeploymentPlan {
     if desired > ready {
         status["unavailableReplicas"] = json!(desired - ready);
     }
-    for k in ["readyReplicas", "availableReplicas", "updatedReplicas", "replicas"] {
+    for k in [
+        "readyReplicas",
+        "availableReplicas",
+        "updatedReplicas",
+        "replicas",
+    ] {
         if status[k] == json!(0) {
             status.as_object_mut().map(|m| m.remove(k));
         }
@@ -265,15 +313,36 @@ pub fn plan_job(job: &Value, pods: &[Value]) -> JobPlan {
     let phase = |p: &Value| s(p, "/status/phase").to_string();
     let succeeded = pods.iter().filter(|p| phase(p) == "Succeeded").count();
     let failed = pods.iter().filter(|p| phase(p) == "Failed").count();
-    let active = pods.iter().filter(|p| !terminating(p) && !["Succeeded", "Failed"].contains(&phase(p).as_str())).count();
-    let completions = job.pointer("/spec/completions").and_then(Value::as_i64).unwrap_or(1).max(1) as usize;
-    let backoff = job.pointer("/spec/backoffLimit").and_then(Value::as_i64).unwrap_or(6).max(0) as usize;
-    let mut status = job.get("status").cloned().filter(Value::is_object).unwrap_or_else(|| json!({}));
+    let active = pods
+        .iter()
+        .filter(|p| !terminating(p) && !["Succeeded", "Failed"].contains(&phase(p).as_str()))
+        .count();
+    let completions = job
+        .pointer("/spec/completions")
+        .and_then(Value::as_i64)
+        .unwrap_or(1)
+        .max(1) as usize;
+    let backoff = job
+        .pointer("/spec/backoffLimit")
+        .and_then(Value::as_i64)
+        .unwrap_or(6)
+        .max(0) as usize;
+    let mut status = job
+        .get("status")
+        .cloned()
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}));
     if status.get("startTime").is_none() {
         status["startTime"] = json!(now());
     }
     let done = |st: &Value| {
-        st.get("conditions").and_then(Value::as_array).is_some_and(|c| c.iter().any(|c| (c["type"] == "Complete" || c["type"] == "Failed") && c["status"] == "True"))
+        st.get("conditions")
+            .and_then(Value::as_array)
+            .is_some_and(|c| {
+                c.iter().any(|c| {
+                    (c["type"] == "Complete" || c["type"] == "Failed") && c["status"] == "True"
+                })
+            })
     };
     let mut create = false;
     if !done(&status) {
@@ -307,8 +376,18 @@ pub fn plan_job(job: &Value, pods: &[Value]) -> JobPlan {
 }
 
 /// Runs the controllers and the kubelet until `stop` turns true, then stops every process.
-pub async fn run(store: Arc<Store>, opts: KubeletOptions, dir: PathBuf, mut stop: watch::Receiver<bool>) {
-    let mut k = Kubelet { store: store.clone(), opts, dir, workers: HashMap::new() };
+pub async fn run(
+    store: Arc<Store>,
+    opts: KubeletOptions,
+    dir: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut k = Kubelet {
+        store: store.clone(),
+        opts,
+        dir,
+        workers: HashMap::new(),
+    };
     let mut changes = store.subscribe();
     loop {
         k.sync_deployments();
@@ -363,15 +442,27 @@ fn rt(store: &Store, group: &str, plural: &str) -> Option<Arc<super::registry::R
 }
 
 fn system() -> WriteOptions {
-    WriteOptions { field_manager: Some("obsrv-local-kubelet".into()), ..WriteOptions::default() }
+    WriteOptions {
+        field_manager: Some("obsrv-local-kubelet".into()),
+        ..WriteOptions::default()
+    }
 }
 
 impl Kubelet {
     fn pods(&self) -> Vec<Value> {
-        rt(&self.store, "", "pods").map(|t| self.store.list(&t, None, &Selectors::default()).0).unwrap_or_default()
+        rt(&self.store, "", "pods")
+            .map(|t| self.store.list(&t, None, &Selectors::default()).0)
+            .unwrap_or_default()
     }
 
-    fn new_pod(&self, owner: &Value, owner_api: &str, name: String, labels: Value, restart_policy: Option<&str>) -> Value {
+    fn new_pod(
+        &self,
+        owner: &Value,
+        owner_api: &str,
+        name: String,
+        labels: Value,
+        restart_policy: Option<&str>,
+    ) -> Value {
         let template = &owner["spec"]["template"];
         let mut spec = template.get("spec").cloned().unwrap_or(json!({}));
         if let Some(r) = restart_policy {
@@ -398,21 +489,30 @@ impl Kubelet {
         if obj.get("status") == Some(&status) {
             return;
         }
-        let Some(t) = rt(&self.store, group, plural) else { return };
+        let Some(t) = rt(&self.store, group, plural) else {
+            return;
+        };
         let mut body = obj.clone();
         body["status"] = status;
         if let Some(m) = body["metadata"].as_object_mut() {
             m.remove("resourceVersion");
         }
         let (ns, name) = (s(obj, "/metadata/namespace"), s(obj, "/metadata/name"));
-        if let Err(e) = self.store.replace(&t, ns, name, body, Sub::Status, &system()) {
+        if let Err(e) = self
+            .store
+            .replace(&t, ns, name, body, Sub::Status, &system())
+        {
             tracing::debug!(error = %e, "status write lost a race; next sync retries");
         }
     }
 
     fn sync_deployments(&self) {
-        let Some(dt) = self.store.resolve("apps", "v1", "deployments") else { return };
-        let Some(pt) = rt(&self.store, "", "pods") else { return };
+        let Some(dt) = self.store.resolve("apps", "v1", "deployments") else {
+            return;
+        };
+        let Some(pt) = rt(&self.store, "", "pods") else {
+            return;
+        };
         let pods = self.pods();
         for dep in self.store.list(&dt, None, &Selectors::default()).0 {
             if terminating(&dep) {
@@ -424,7 +524,10 @@ impl Kubelet {
             let ns = s(&dep, "/metadata/namespace");
             let hash = template_hash(&dep["spec"]["template"]);
             for _ in 0..plan.create {
-                let mut labels = dep.pointer("/spec/template/metadata/labels").cloned().unwrap_or(json!({}));
+                let mut labels = dep
+                    .pointer("/spec/template/metadata/labels")
+                    .cloned()
+                    .unwrap_or(json!({}));
                 labels["pod-template-hash"] = json!(hash);
                 let name = format!("{}-{hash}-{}", s(&dep, "/metadata/name"), random_suffix());
                 let pod = self.new_pod(&dep, "apps/v1", name, labels, None);
@@ -440,8 +543,12 @@ impl Kubelet {
     }
 
     fn sync_jobs(&self) {
-        let Some(jt) = self.store.resolve("batch", "v1", "jobs") else { return };
-        let Some(pt) = rt(&self.store, "", "pods") else { return };
+        let Some(jt) = self.store.resolve("batch", "v1", "jobs") else {
+            return;
+        };
+        let Some(pt) = rt(&self.store, "", "pods") else {
+            return;
+        };
         let pods = self.pods();
         for job in self.store.list(&jt, None, &Selectors::default()).0 {
             if terminating(&job) {
@@ -452,7 +559,10 @@ impl Kubelet {
             let plan = plan_job(&job, &owned);
             if plan.create {
                 let job_name = s(&job, "/metadata/name");
-                let mut labels = job.pointer("/spec/template/metadata/labels").cloned().unwrap_or(json!({}));
+                let mut labels = job
+                    .pointer("/spec/template/metadata/labels")
+                    .cloned()
+                    .unwrap_or(json!({}));
                 labels["batch.kubernetes.io/job-name"] = json!(job_name);
                 labels["job-name"] = json!(job_name);
                 labels["batch.kubernetes.io/controller-uid"] = json!(uid);
@@ -460,8 +570,17 @@ impl Kubelet {
                     "OnFailure" => "OnFailure",
                     _ => "Never",
                 };
-                let pod = self.new_pod(&job, "batch/v1", format!("{job_name}-{}", random_suffix()), labels, Some(policy));
-                if let Err(e) = self.store.create(&pt, s(&job, "/metadata/namespace"), pod, &system()) {
+                let pod = self.new_pod(
+                    &job,
+                    "batch/v1",
+                    format!("{job_name}-{}", random_suffix()),
+                    labels,
+                    Some(policy),
+                );
+                if let Err(e) =
+                    self.store
+                        .create(&pt, s(&job, "/metadata/namespace"), pod, &system())
+                {
                     tracing::warn!(error = %e, "creating a job pod failed");
                 }
             }
@@ -473,16 +592,30 @@ impl Kubelet {
         let containers = pod.pointer("/spec/containers").and_then(Value::as_array)?;
         containers.iter().enumerate().find_map(|(i, c)| {
             let image = c["image"].as_str()?;
-            self.opts.images.iter().find(|b| b.matches(image)).map(|b| (i, b.clone()))
+            self.opts
+                .images
+                .iter()
+                .find(|b| b.matches(image))
+                .map(|b| (i, b.clone()))
         })
     }
 
     async fn sync_pods(&mut self) {
-        let Some(pt) = rt(&self.store, "", "pods") else { return };
+        let Some(pt) = rt(&self.store, "", "pods") else {
+            return;
+        };
         let pods = self.pods();
-        let live: HashMap<String, &Value> = pods.iter().map(|p| (s(p, "/metadata/uid").to_string(), p)).collect();
+        let live: HashMap<String, &Value> = pods
+            .iter()
+            .map(|p| (s(p, "/metadata/uid").to_string(), p))
+            .collect();
         // Pods gone from the API (deleted with grace 0, or their namespace): stop their processes.
-        let gone: Vec<String> = self.workers.keys().filter(|u| !live.contains_key(*u)).cloned().collect();
+        let gone: Vec<String> = self
+            .workers
+            .keys()
+            .filter(|u| !live.contains_key(*u))
+            .cloned()
+            .collect();
         for uid in gone {
             if let Some(w) = self.workers.remove(&uid) {
                 let _ = w.stop.send(Some(Duration::from_secs(2)));
@@ -495,7 +628,11 @@ impl Kubelet {
             let ns = s(pod, "/metadata/namespace").to_string();
             let name = s(pod, "/metadata/name").to_string();
             if terminating(pod) {
-                let grace = pod.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30).max(0) as u64;
+                let grace = pod
+                    .pointer("/metadata/deletionGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(30)
+                    .max(0) as u64;
                 match self.workers.get(&uid) {
                     Some(w) => {
                         let _ = w.stop.send(Some(Duration::from_secs(grace)));
@@ -503,11 +640,27 @@ impl Kubelet {
                             if let Some(w) = self.workers.remove(&uid) {
                                 release_address(w.ip);
                             }
-                            let _ = self.store.delete(&pt, &ns, &name, &DeleteOptions { grace_period_seconds: Some(0), ..DeleteOptions::default() });
+                            let _ = self.store.delete(
+                                &pt,
+                                &ns,
+                                &name,
+                                &DeleteOptions {
+                                    grace_period_seconds: Some(0),
+                                    ..DeleteOptions::default()
+                                },
+                            );
                         }
                     }
                     None => {
-                        let _ = self.store.delete(&pt, &ns, &name, &DeleteOptions { grace_period_seconds: Some(0), ..DeleteOptions::default() });
+                        let _ = self.store.delete(
+                            &pt,
+                            &ns,
+                            &name,
+                            &DeleteOptions {
+                                grace_period_seconds: Some(0),
+                                ..DeleteOptions::default()
+                            },
+                        );
                     }
                 }
                 continue;
@@ -520,9 +673,12 @@ impl Kubelet {
                 match self.image_for(pod) {
                     Some((index, binary)) => self.start_worker(pod, index, binary, &pt),
                     None => {
-                        let images: Vec<&str> = self.opts.images.iter().map(|b| b.image.as_str()).collect();
+                        let images: Vec<&str> =
+                            self.opts.images.iter().map(|b| b.image.as_str()).collect();
                         let image = s(pod, "/spec/containers/0/image");
-                        let msg = format!("the local kubelet runs only the images {images:?}; {image:?} is not one of them");
+                        let msg = format!(
+                            "the local kubelet runs only the images {images:?}; {image:?} is not one of them"
+                        );
                         let mut status = pod.get("status").cloned().unwrap_or(json!({}));
                         status["phase"] = json!("Pending");
                         status["conditions"] = json!([{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": msg}]);
@@ -538,7 +694,13 @@ impl Kubelet {
         }
     }
 
-    fn start_worker(&mut self, pod: &Value, index: usize, binary: ImageBinary, pt: &super::registry::ResourceType) {
+    fn start_worker(
+        &mut self,
+        pod: &Value,
+        index: usize,
+        binary: ImageBinary,
+        pt: &super::registry::ResourceType,
+    ) {
         let container = pod["spec"]["containers"][index].clone();
         let port = container_port(&container);
         let Some(ip) = allocate_address(port) else {
@@ -546,14 +708,20 @@ impl Kubelet {
             return;
         };
         let uid = s(pod, "/metadata/uid").to_string();
-        let (ns, name) = (s(pod, "/metadata/namespace").to_string(), s(pod, "/metadata/name").to_string());
+        let (ns, name) = (
+            s(pod, "/metadata/namespace").to_string(),
+            s(pod, "/metadata/name").to_string(),
+        );
         // Bind the pod to this node.
         let mut bound = pod.clone();
         bound["spec"]["nodeName"] = json!(NODE_NAME);
         if let Some(m) = bound["metadata"].as_object_mut() {
             m.remove("resourceVersion");
         }
-        let bound = match self.store.replace(pt, &ns, &name, bound, Sub::Main, &system()) {
+        let bound = match self
+            .store
+            .replace(pt, &ns, &name, bound, Sub::Main, &system())
+        {
             Ok(b) => b,
             Err(e) => {
                 tracing::debug!(error = %e, "binding the pod failed; retrying");
@@ -576,7 +744,18 @@ impl Kubelet {
             cp_dir: self.dir.clone(),
         };
         let task = tokio::spawn(run_container(ctx, state.clone(), stopped));
-        self.workers.insert(uid.clone(), Worker { uid, namespace: ns, name, ip, state, stop, task });
+        self.workers.insert(
+            uid.clone(),
+            Worker {
+                uid,
+                namespace: ns,
+                name,
+                ip,
+                state,
+                stop,
+                task,
+            },
+        );
     }
 
     async fn stop_all(&mut self) {
@@ -592,18 +771,30 @@ impl Kubelet {
 }
 
 fn container_port(c: &Value) -> u16 {
-    c.pointer("/ports/0/containerPort").and_then(Value::as_u64).and_then(|p| u16::try_from(p).ok()).unwrap_or(8080)
+    c.pointer("/ports/0/containerPort")
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(8080)
 }
 
 fn pod_status(pod: &Value, r: &Runtime, ip: Ipv4Addr) -> Value {
     let prev = pod.get("status").cloned().unwrap_or(json!({}));
-    let phase = r.final_phase.clone().unwrap_or_else(|| if r.started_at.is_some() { "Running".into() } else { "Pending".into() });
+    let phase = r.final_phase.clone().unwrap_or_else(|| {
+        if r.started_at.is_some() {
+            "Running".into()
+        } else {
+            "Pending".into()
+        }
+    });
     let since = |type_: &str, ok: bool| {
         let status = if ok { "True" } else { "False" };
         let t = prev
             .get("conditions")
             .and_then(Value::as_array)
-            .and_then(|c| c.iter().find(|c| c["type"] == type_ && c["status"] == status))
+            .and_then(|c| {
+                c.iter()
+                    .find(|c| c["type"] == type_ && c["status"] == status)
+            })
             .and_then(|c| c.get("lastTransitionTime").cloned())
             .unwrap_or_else(|| json!(now()));
         json!({"type": type_, "status": status, "lastTransitionTime": t})
@@ -619,7 +810,9 @@ fn pod_status(pod: &Value, r: &Runtime, ip: Ipv4Addr) -> Value {
         json!({"waiting": {"reason": "ContainerCreating"}})
     };
     let last_state = match &r.last_terminated {
-        Some((code, reason, at)) => json!({"terminated": {"exitCode": code, "reason": reason, "finishedAt": at}}),
+        Some((code, reason, at)) => {
+            json!({"terminated": {"exitCode": code, "reason": reason, "finishedAt": at}})
+        }
         None => json!({}),
     };
     let c = &pod["spec"]["containers"][0];
@@ -660,21 +853,38 @@ struct Mount {
 impl ProcessContext {
     fn lookup(&self, plural: &str, name: &str) -> Result<Value, String> {
         let t = rt(&self.store, "", plural).ok_or("no such resource")?;
-        self.store.get(&t, s(&self.pod, "/metadata/namespace"), name).map_err(|_| {
-            format!("{} \"{name}\" not found", if plural == "secrets" { "secret" } else { "configmap" })
-        })
+        self.store
+            .get(&t, s(&self.pod, "/metadata/namespace"), name)
+            .map_err(|_| {
+                format!(
+                    "{} \"{name}\" not found",
+                    if plural == "secrets" {
+                        "secret"
+                    } else {
+                        "configmap"
+                    }
+                )
+            })
     }
 
     /// Key of a ConfigMap or Secret, decoded.
     fn key_of(&self, plural: &str, obj: &Value, key: &str) -> Option<Vec<u8>> {
         if plural == "secrets" {
-            obj.get("data").and_then(|d| d.get(key)).and_then(Value::as_str).and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+            obj.get("data")
+                .and_then(|d| d.get(key))
+                .and_then(Value::as_str)
+                .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
         } else {
             obj.get("data")
                 .and_then(|d| d.get(key))
                 .and_then(Value::as_str)
                 .map(|v| v.as_bytes().to_vec())
-                .or_else(|| obj.get("binaryData").and_then(|d| d.get(key)).and_then(Value::as_str).and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok()))
+                .or_else(|| {
+                    obj.get("binaryData")
+                        .and_then(|d| d.get(key))
+                        .and_then(Value::as_str)
+                        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+                })
         }
     }
 
@@ -682,7 +892,13 @@ impl ProcessContext {
     fn volumes(&self) -> Result<Vec<Mount>, String> {
         let vol_dir = self.pod_dir.join("volumes");
         let mut locals: HashMap<String, PathBuf> = HashMap::new();
-        for v in self.pod.pointer("/spec/volumes").and_then(Value::as_array).into_iter().flatten() {
+        for v in self
+            .pod
+            .pointer("/spec/volumes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let name = v["name"].as_str().unwrap_or("");
             let dir = vol_dir.join(name);
             let source = if let Some(cm) = v.get("configMap") {
@@ -692,7 +908,8 @@ impl ProcessContext {
             } else {
                 None
             };
-            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
             if let Some((plural, src, obj_name)) = source {
                 let optional = src["optional"] == json!(true);
                 let obj = match self.lookup(plural, obj_name) {
@@ -705,13 +922,21 @@ impl ProcessContext {
                     Some(items) => {
                         for it in items {
                             let key = it["key"].as_str().unwrap_or("");
-                            let value = self.key_of(plural, &obj, key).ok_or_else(|| format!("couldn't find key {key} in {plural} {obj_name}"))?;
+                            let value = self.key_of(plural, &obj, key).ok_or_else(|| {
+                                format!("couldn't find key {key} in {plural} {obj_name}")
+                            })?;
                             files.insert(it["path"].as_str().unwrap_or(key).to_string(), value);
                         }
                     }
                     None => {
                         for field in ["data", "binaryData"] {
-                            for key in obj.get(field).and_then(Value::as_object).into_iter().flatten().map(|(k, _)| k.clone()) {
+                            for key in obj
+                                .get(field)
+                                .and_then(Value::as_object)
+                                .into_iter()
+                                .flatten()
+                                .map(|(k, _)| k.clone())
+                            {
                                 if let Some(value) = self.key_of(plural, &obj, &key) {
                                     files.insert(key, value);
                                 }
@@ -722,57 +947,106 @@ impl ProcessContext {
                 for (path, bytes) in files {
                     let file = dir.join(&path);
                     if let Some(parent) = file.parent() {
-                        std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+                        std::fs::create_dir_all(parent)
+                            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
                     }
-                    std::fs::write(&file, bytes).map_err(|e| format!("writing {}: {e}", file.display()))?;
+                    std::fs::write(&file, bytes)
+                        .map_err(|e| format!("writing {}: {e}", file.display()))?;
                 }
             }
             locals.insert(name.to_string(), dir);
         }
         let mut mounts = Vec::new();
-        for m in self.container.get("volumeMounts").and_then(Value::as_array).into_iter().flatten() {
+        for m in self
+            .container
+            .get("volumeMounts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let name = m["name"].as_str().unwrap_or("");
-            let local = locals.get(name).ok_or_else(|| format!("volume {name:?} is mounted but not defined"))?;
+            let local = locals
+                .get(name)
+                .ok_or_else(|| format!("volume {name:?} is mounted but not defined"))?;
             let local = match m["subPath"].as_str().filter(|p| !p.is_empty()) {
                 Some(sub) => local.join(sub),
                 None => local.clone(),
             };
-            mounts.push(Mount { path: m["mountPath"].as_str().unwrap_or("").trim_end_matches('/').to_string(), local });
+            mounts.push(Mount {
+                path: m["mountPath"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_end_matches('/')
+                    .to_string(),
+                local,
+            });
         }
         mounts.sort_by_key(|m| std::cmp::Reverse(m.path.len()));
         Ok(mounts)
     }
 
     fn env(&self, mounts: &[Mount]) -> Result<Vec<(String, String)>, String> {
-        let mut env: Vec<(String, String)> =
-            self.opts.inherit_env.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v))).collect();
+        let mut env: Vec<(String, String)> = self
+            .opts
+            .inherit_env
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+            .collect();
         let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
             env.retain(|(ek, _)| *ek != k);
             env.push((k, v));
         };
-        for from in self.container.get("envFrom").and_then(Value::as_array).into_iter().flatten() {
+        for from in self
+            .container
+            .get("envFrom")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let prefix = from["prefix"].as_str().unwrap_or("");
-            for (plural, r) in [("configmaps", from.get("configMapRef")), ("secrets", from.get("secretRef"))] {
+            for (plural, r) in [
+                ("configmaps", from.get("configMapRef")),
+                ("secrets", from.get("secretRef")),
+            ] {
                 let Some(r) = r else { continue };
                 let obj = match self.lookup(plural, r["name"].as_str().unwrap_or("")) {
                     Ok(o) => o,
                     Err(_) if r["optional"] == json!(true) => continue,
                     Err(e) => return Err(e),
                 };
-                for key in obj.get("data").and_then(Value::as_object).into_iter().flatten().map(|(k, _)| k.clone()) {
+                for key in obj
+                    .get("data")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, _)| k.clone())
+                {
                     if let Some(v) = self.key_of(plural, &obj, &key) {
-                        set(&mut env, format!("{prefix}{key}"), String::from_utf8_lossy(&v).into_owned());
+                        set(
+                            &mut env,
+                            format!("{prefix}{key}"),
+                            String::from_utf8_lossy(&v).into_owned(),
+                        );
                     }
                 }
             }
         }
-        for e in self.container.get("env").and_then(Value::as_array).into_iter().flatten() {
+        for e in self
+            .container
+            .get("env")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let name = e["name"].as_str().unwrap_or("").to_string();
             let value = if let Some(v) = e.get("value").and_then(Value::as_str) {
                 expand(v, &env)
             } else if let Some(from) = e.get("valueFrom") {
                 let key_ref = |plural: &str, r: &Value| -> Result<Option<String>, String> {
-                    let (obj_name, key) = (r["name"].as_str().unwrap_or(""), r["key"].as_str().unwrap_or(""));
+                    let (obj_name, key) = (
+                        r["name"].as_str().unwrap_or(""),
+                        r["key"].as_str().unwrap_or(""),
+                    );
                     let optional = r["optional"] == json!(true);
                     let obj = match self.lookup(plural, obj_name) {
                         Ok(o) => o,
@@ -784,7 +1058,11 @@ impl ProcessContext {
                         None if optional => Ok(None),
                         None => Err(format!(
                             "couldn't find key {key} in {} {}/{obj_name}",
-                            if plural == "secrets" { "Secret" } else { "ConfigMap" },
+                            if plural == "secrets" {
+                                "Secret"
+                            } else {
+                                "ConfigMap"
+                            },
                             s(&self.pod, "/metadata/namespace")
                         )),
                     }
@@ -793,17 +1071,21 @@ impl ProcessContext {
                     key_ref("secrets", r)?
                 } else if let Some(r) = from.get("configMapKeyRef") {
                     key_ref("configmaps", r)?
-                } else if let Some(f) = from.pointer("/fieldRef/fieldPath").and_then(Value::as_str) {
-                    Some(match f {
-                        "status.podIP" => self.ip.to_string(),
-                        "status.hostIP" => "127.0.0.1".into(),
-                        "spec.nodeName" => NODE_NAME.into(),
-                        other => super::store::get_dotted(&self.pod, other)
-                            .map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string()))
-                            .unwrap_or_default(),
-                    })
                 } else {
-                    None
+                    from.pointer("/fieldRef/fieldPath")
+                        .and_then(Value::as_str)
+                        .map(|f| match f {
+                            "status.podIP" => self.ip.to_string(),
+                            "status.hostIP" => "127.0.0.1".into(),
+                            "spec.nodeName" => NODE_NAME.into(),
+                            other => super::store::get_dotted(&self.pod, other)
+                                .map(|v| {
+                                    v.as_str()
+                                        .map(String::from)
+                                        .unwrap_or_else(|| v.to_string())
+                                })
+                                .unwrap_or_default(),
+                        })
                 };
                 match v {
                     Some(v) => v,
@@ -814,12 +1096,25 @@ impl ProcessContext {
             };
             set(&mut env, name, value);
         }
-        set(&mut env, "OBSRV_LISTEN".into(), format!("{}:{}", self.ip, self.port));
-        Ok(env.into_iter().map(|(k, v)| (k, rewrite(&v, mounts))).collect())
+        set(
+            &mut env,
+            "OBSRV_LISTEN".into(),
+            format!("{}:{}", self.ip, self.port),
+        );
+        Ok(env
+            .into_iter()
+            .map(|(k, v)| (k, rewrite(&v, mounts)))
+            .collect())
     }
 
     fn args(&self, mounts: &[Mount]) -> Vec<String> {
-        let strings = |v: &Value| -> Vec<String> { v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(String::from)).collect() };
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        };
         let mut args = self.binary.args.clone();
         // `command[0]` is the image's program, replaced by ours; the rest are arguments.
         args.extend(strings(&self.container["command"]).into_iter().skip(1));
@@ -831,7 +1126,10 @@ impl ProcessContext {
         let p = self.container.pointer("/readinessProbe/httpGet")?;
         let path = p["path"].as_str().unwrap_or("/").to_string();
         let port = match &p["port"] {
-            Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()).unwrap_or(self.port),
+            Value::Number(n) => n
+                .as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .unwrap_or(self.port),
             Value::String(name) => self
                 .container
                 .get("ports")
@@ -864,7 +1162,9 @@ fn rewrite(v: &str, mounts: &[Mount]) -> String {
         while let Some(i) = rest.find(&m.path) {
             let after = rest[i + m.path.len()..].chars().next();
             let before_ok = i == 0 || rest[..i].ends_with(['=', ' ', ':', ',', '"', '\'']);
-            if before_ok && after.is_none_or(|c| c == '/' || c == ' ' || c == ',' || c == ':' || c == '"') {
+            if before_ok
+                && after.is_none_or(|c| c == '/' || c == ' ' || c == ',' || c == ':' || c == '"')
+            {
                 out.push_str(&rest[..i]);
                 out.push_str(&m.local.to_string_lossy());
                 changed = true;
@@ -886,10 +1186,17 @@ fn set_state(state: &Mutex<Runtime>, f: impl FnOnce(&mut Runtime)) {
 }
 
 /// Runs one container for the life of its pod.
-async fn run_container(ctx: ProcessContext, state: Arc<Mutex<Runtime>>, mut stop: watch::Receiver<Option<Duration>>) {
+async fn run_container(
+    ctx: ProcessContext,
+    state: Arc<Mutex<Runtime>>,
+    mut stop: watch::Receiver<Option<Duration>>,
+) {
     let policy = s(&ctx.pod, "/spec/restartPolicy").to_string();
     let mut backoff = Duration::from_millis(500);
-    let probe_client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().ok();
+    let probe_client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .ok();
     loop {
         if stop.borrow().is_some() {
             return;
@@ -913,18 +1220,32 @@ async fn run_container(ctx: ProcessContext, state: Arc<Mutex<Runtime>>, mut stop
             let _ = std::fs::create_dir_all(parent);
         }
         let _ = std::fs::create_dir_all(&ctx.pod_dir);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&ctx.log);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&ctx.log);
         let (out, err) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
             Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
             Err(_) => (Stdio::null(), Stdio::null()),
         };
         let mut cmd = tokio::process::Command::new(&ctx.binary.program);
-        cmd.args(&args).env_clear().envs(env).current_dir(&ctx.pod_dir).stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true).process_group(0);
+        cmd.args(&args)
+            .env_clear()
+            .envs(env)
+            .current_dir(&ctx.pod_dir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .process_group(0);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 set_state(&state, |r| {
-                    r.waiting = Some(("RunContainerError".into(), format!("starting {}: {e}", ctx.binary.program.display())));
+                    r.waiting = Some((
+                        "RunContainerError".into(),
+                        format!("starting {}: {e}", ctx.binary.program.display()),
+                    ));
                 });
                 tokio::select! {
                     _ = stop.changed() => return,
@@ -934,7 +1255,10 @@ async fn run_container(ctx: ProcessContext, state: Arc<Mutex<Runtime>>, mut stop
         };
         let pid = child.id().and_then(|p| i32::try_from(p).ok());
         if let Some(pid) = pid {
-            lock(pids()).entry(ctx.cp_dir.clone()).or_default().insert(pid);
+            lock(pids())
+                .entry(ctx.cp_dir.clone())
+                .or_default()
+                .insert(pid);
         }
         set_state(&state, |r| {
             r.running = true;
@@ -982,7 +1306,10 @@ async fn run_container(ctx: ProcessContext, state: Arc<Mutex<Runtime>>, mut stop
             }
         };
         if let Some(pid) = pid {
-            lock(pids()).entry(ctx.cp_dir.clone()).or_default().remove(&pid);
+            lock(pids())
+                .entry(ctx.cp_dir.clone())
+                .or_default()
+                .remove(&pid);
         }
         let code = exit.and_then(|s| s.code()).unwrap_or(137);
         let reason = if code == 0 { "Completed" } else { "Error" };
@@ -998,9 +1325,16 @@ async fn run_container(ctx: ProcessContext, state: Arc<Mutex<Runtime>>, mut stop
             if restart {
                 r.last_terminated = r.terminated.take();
                 r.restart_count += 1;
-                r.waiting = Some(("CrashLoopBackOff".into(), format!("back-off restarting the container (exit code {code})")));
+                r.waiting = Some((
+                    "CrashLoopBackOff".into(),
+                    format!("back-off restarting the container (exit code {code})"),
+                ));
             } else {
-                r.final_phase = Some(if code == 0 { "Succeeded".into() } else { "Failed".into() });
+                r.final_phase = Some(if code == 0 {
+                    "Succeeded".into()
+                } else {
+                    "Failed".into()
+                });
             }
         });
         if !restart {
@@ -1058,9 +1392,24 @@ mod tests {
 
     #[test]
     fn mount_paths_are_rewritten_at_path_boundaries() {
-        let mounts = vec![Mount { path: "/etc/obsrv-connector".into(), local: PathBuf::from("/tmp/x/config") }, Mount { path: "/tmp".into(), local: PathBuf::from("/w/tmp") }];
-        assert_eq!(rewrite("/etc/obsrv-connector/connector.yaml", &mounts), "/tmp/x/config/connector.yaml");
-        assert_eq!(rewrite("--config=/etc/obsrv-connector/connector.yaml", &mounts), "--config=/tmp/x/config/connector.yaml");
+        let mounts = vec![
+            Mount {
+                path: "/etc/obsrv-connector".into(),
+                local: PathBuf::from("/tmp/x/config"),
+            },
+            Mount {
+                path: "/tmp".into(),
+                local: PathBuf::from("/w/tmp"),
+            },
+        ];
+        assert_eq!(
+            rewrite("/etc/obsrv-connector/connector.yaml", &mounts),
+            "/tmp/x/config/connector.yaml"
+        );
+        assert_eq!(
+            rewrite("--config=/etc/obsrv-connector/connector.yaml", &mounts),
+            "--config=/tmp/x/config/connector.yaml"
+        );
         assert_eq!(rewrite("/tmpfoo", &mounts), "/tmpfoo");
         assert_eq!(rewrite("/tmp", &mounts), "/w/tmp");
     }

@@ -42,9 +42,15 @@ pub use store::Store;
 #[derive(Debug, thiserror::Error)]
 pub enum ControlPlaneError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot build a client from {path}: {message}")]
     Client { path: PathBuf, message: String },
 }
@@ -76,7 +82,12 @@ pub struct ControlPlaneOptions {
 
 impl Default for ControlPlaneOptions {
     fn default() -> Self {
-        ControlPlaneOptions { port: 0, dir: None, watch_history: 10_000, kubelet: None }
+        ControlPlaneOptions {
+            port: 0,
+            dir: None,
+            watch_history: 10_000,
+            kubelet: None,
+        }
     }
 }
 
@@ -97,41 +108,77 @@ impl ControlPlane {
     pub async fn start(opts: ControlPlaneOptions) -> Result<Self, ControlPlaneError> {
         let (temp, dir) = match &opts.dir {
             Some(d) => {
-                std::fs::create_dir_all(d).map_err(|source| ControlPlaneError::Write { path: d.clone(), source })?;
+                std::fs::create_dir_all(d).map_err(|source| ControlPlaneError::Write {
+                    path: d.clone(),
+                    source,
+                })?;
                 (None, d.clone())
             }
             None => {
                 let t = tempfile::Builder::new()
                     .prefix("obsrv-local-cluster-")
                     .tempdir()
-                    .map_err(|source| ControlPlaneError::Write { path: std::env::temp_dir(), source })?;
+                    .map_err(|source| ControlPlaneError::Write {
+                        path: std::env::temp_dir(),
+                        source,
+                    })?;
                 let p = t.path().to_path_buf();
                 (Some(t), p)
             }
         };
         let bind = format!("127.0.0.1:{}", opts.port);
-        let listener =
-            tokio::net::TcpListener::bind(&bind).await.map_err(|source| ControlPlaneError::Bind { addr: bind.clone(), source })?;
-        let addr = listener.local_addr().map_err(|source| ControlPlaneError::Bind { addr: bind, source })?;
+        let listener = tokio::net::TcpListener::bind(&bind)
+            .await
+            .map_err(|source| ControlPlaneError::Bind {
+                addr: bind.clone(),
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ControlPlaneError::Bind { addr: bind, source })?;
         let store = Store::new(opts.watch_history, opts.kubelet.is_some());
-        let app = Arc::new(server::App { store: store.clone(), address: addr.to_string(), logs: dir.join("logs") });
+        let app = Arc::new(server::App {
+            store: store.clone(),
+            address: addr.to_string(),
+            logs: dir.join("logs"),
+        });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut server_stop = stopped.clone();
         tasks.push(tokio::spawn(async move {
-            let serve = axum::serve(listener, server::router(app)).with_graceful_shutdown(async move {
-                let _ = server_stop.changed().await;
-            });
+            let serve =
+                axum::serve(listener, server::router(app)).with_graceful_shutdown(async move {
+                    let _ = server_stop.changed().await;
+                });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "local API server stopped");
             }
         }));
-        tasks.push(tokio::spawn(garbage_collector(store.clone(), stopped.clone())));
-        let kubelet = opts.kubelet.clone().map(|k| tokio::spawn(kubelet::run(store.clone(), k, dir.clone(), stopped.clone())));
+        tasks.push(tokio::spawn(garbage_collector(
+            store.clone(),
+            stopped.clone(),
+        )));
+        let kubelet = opts
+            .kubelet
+            .clone()
+            .map(|k| tokio::spawn(kubelet::run(store.clone(), k, dir.clone(), stopped.clone())));
         let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(&format!("http://{addr}")))
-            .map_err(|source| ControlPlaneError::Write { path: kubeconfig.clone(), source })?;
-        Ok(ControlPlane { addr, dir, _temp: temp, kubeconfig, store, stop, tasks, kubelet })
+        std::fs::write(&kubeconfig, kubeconfig_yaml(&format!("http://{addr}"))).map_err(
+            |source| ControlPlaneError::Write {
+                path: kubeconfig.clone(),
+                source,
+            },
+        )?;
+        Ok(ControlPlane {
+            addr,
+            dir,
+            _temp: temp,
+            kubeconfig,
+            store,
+            stop,
+            tasks,
+            kubelet,
+        })
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -150,16 +197,26 @@ impl ControlPlane {
 
     /// Writes the kubeconfig to another path too (the binary's `--kubeconfig`).
     pub fn write_kubeconfig(&self, path: &Path) -> Result<(), ControlPlaneError> {
-        std::fs::write(path, kubeconfig_yaml(&self.url())).map_err(|source| ControlPlaneError::Write { path: path.to_path_buf(), source })
+        std::fs::write(path, kubeconfig_yaml(&self.url())).map_err(|source| {
+            ControlPlaneError::Write {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
     }
 
     /// A kube-rs client built from the kubeconfig, as any other client would.
     pub async fn client(&self) -> Result<kube::Client, ControlPlaneError> {
-        let err = |message: String| ControlPlaneError::Client { path: self.kubeconfig.clone(), message };
-        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).map_err(|e| err(e.to_string()))?;
-        let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
+        let err = |message: String| ControlPlaneError::Client {
+            path: self.kubeconfig.clone(),
+            message,
+        };
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)
             .map_err(|e| err(e.to_string()))?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| err(e.to_string()))?;
         kube::Client::try_from(config).map_err(|e| err(e.to_string()))
     }
 

@@ -8,9 +8,15 @@ use super::error::{ApiError, ApiResult};
 
 /// RFC 6902 JSON patch (`application/json-patch+json`), including `test` operations.
 pub fn json_patch(target: &Value, body: &[u8]) -> ApiResult<Value> {
-    let patch: json_patch::Patch =
-        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON patch: {e}")))?;
+    let mut patch: json_patch::Patch = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON patch: {e}")))?;
     let mut doc = target.clone();
+    // Kubernetes treats a missing path as null in `test` (kube's finalizer helper relies on it:
+    // `test /metadata/finalizers == null` before adding the first finalizer).
+    patch.0.retain(|op| match op {
+        json_patch::PatchOperation::Test(t) => !(t.value.is_null() && doc.pointer(&t.path.to_string()).is_none()),
+        _ => true,
+    });
     json_patch::patch(&mut doc, &patch).map_err(|e| match e.kind {
         json_patch::PatchErrorKind::TestFailed => ApiError::Invalid {
             message: format!("the server rejected our request due to an error in our request: {e}"),
@@ -32,7 +38,8 @@ pub fn json_patch(target: &Value, body: &[u8]) -> ApiResult<Value> {
 
 /// RFC 7386 merge patch (`application/merge-patch+json`).
 pub fn merge_patch(target: &Value, body: &[u8]) -> ApiResult<Value> {
-    let patch: Value = serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid merge patch: {e}")))?;
+    let patch: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid merge patch: {e}")))?;
     let mut doc = target.clone();
     json_patch::merge(&mut doc, &patch);
     Ok(doc)
@@ -42,7 +49,8 @@ pub fn merge_patch(target: &Value, body: &[u8]) -> ApiResult<Value> {
 /// `containerPort`, ...). Lists without one are replaced, as strategic merge does for them.
 fn merge_key(field: &str) -> Option<&'static str> {
     match field {
-        "containers" | "initContainers" | "env" | "volumes" | "imagePullSecrets" | "ownerReferences" => Some("name"),
+        "containers" | "initContainers" | "env" | "volumes" | "imagePullSecrets"
+        | "ownerReferences" => Some("name"),
         "volumeMounts" => Some("mountPath"),
         "ports" => Some("containerPort"),
         "conditions" => Some("type"),
@@ -55,19 +63,26 @@ fn merge_key(field: &str) -> Option<&'static str> {
 /// other list is replaced; `$setElementOrder`, `$retainKeys` and other directives are honoured only
 /// as far as ignoring them keeps the result right for those lists.
 pub fn strategic_merge_patch(target: &Value, body: &[u8]) -> ApiResult<Value> {
-    let patch: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid strategic merge patch: {e}")))?;
+    let patch: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid strategic merge patch: {e}")))?;
     Ok(smp(target, &patch))
 }
 
 fn smp(target: &Value, patch: &Value) -> Value {
-    let Value::Object(p) = patch else { return patch.clone() };
+    let Value::Object(p) = patch else {
+        return patch.clone();
+    };
     let mut out = match target {
         Value::Object(m) => m.clone(),
         _ => Map::new(),
     };
     if p.get("$patch").and_then(Value::as_str) == Some("replace") {
-        return Value::Object(p.iter().filter(|(k, _)| !k.starts_with('$')).map(|(k, v)| (k.clone(), v.clone())).collect());
+        return Value::Object(
+            p.iter()
+                .filter(|(k, _)| !k.starts_with('$'))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        );
     }
     for (k, v) in p {
         if k.starts_with('$') {
@@ -83,11 +98,17 @@ fn smp(target: &Value, patch: &Value) -> Value {
             }
             Value::Array(items) => {
                 let merged = match (merge_key(k), out.get(k)) {
-                    (Some(key), Some(Value::Array(current))) if items.iter().all(|i| i.get(key).is_some()) => {
+                    (Some(key), Some(Value::Array(current)))
+                        if items.iter().all(|i| i.get(key).is_some()) =>
+                    {
                         merge_list(current, items, key)
                     }
                     _ => Value::Array(
-                        items.iter().filter(|i| i.get("$patch").is_none()).map(|i| smp(&Value::Null, i)).collect(),
+                        items
+                            .iter()
+                            .filter(|i| i.get("$patch").is_none())
+                            .map(|i| smp(&Value::Null, i))
+                            .collect(),
                     ),
                 };
                 out.insert(k.clone(), merged);
@@ -125,7 +146,9 @@ pub type FieldPath = Vec<String>;
 /// `metadata.namespace`, `metadata.resourceVersion` and `metadata.managedFields` are not owned.
 pub fn field_set(applied: &Value) -> BTreeSet<FieldPath> {
     let mut out = BTreeSet::new();
-    let Value::Object(m) = applied else { return out };
+    let Value::Object(m) = applied else {
+        return out;
+    };
     for (k, v) in m {
         if k == "apiVersion" || k == "kind" {
             continue;
@@ -133,8 +156,16 @@ pub fn field_set(applied: &Value) -> BTreeSet<FieldPath> {
         if k == "metadata" {
             if let Value::Object(meta) = v {
                 for (mk, mv) in meta {
-                    if ["name", "namespace", "resourceVersion", "managedFields", "uid", "creationTimestamp", "generation"]
-                        .contains(&mk.as_str())
+                    if [
+                        "name",
+                        "namespace",
+                        "resourceVersion",
+                        "managedFields",
+                        "uid",
+                        "creationTimestamp",
+                        "generation",
+                    ]
+                    .contains(&mk.as_str())
                     {
                         continue;
                     }
@@ -181,7 +212,8 @@ pub fn to_fields_v1(set: &BTreeSet<FieldPath>) -> Value {
 pub fn from_fields_v1(v: &Value) -> BTreeSet<FieldPath> {
     fn walk(v: &Value, path: &FieldPath, out: &mut BTreeSet<FieldPath>) {
         let Value::Object(m) = v else { return };
-        let children: Vec<(&String, &Value)> = m.iter().filter(|(k, _)| k.starts_with("f:")).collect();
+        let children: Vec<(&String, &Value)> =
+            m.iter().filter(|(k, _)| k.starts_with("f:")).collect();
         if children.is_empty() {
             if !path.is_empty() {
                 out.insert(path.clone());
@@ -204,7 +236,9 @@ pub fn get_path<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
 }
 
 fn remove_path(v: &mut Value, path: &[String]) {
-    let Some((last, parents)) = path.split_last() else { return };
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
     let mut node = v;
     for p in parents {
         match node.get_mut(p) {
@@ -221,7 +255,9 @@ fn remove_path(v: &mut Value, path: &[String]) {
 fn prune_empty(v: &mut Value, path: &[String]) {
     for depth in (1..path.len()).rev() {
         let parent = &path[..depth];
-        if get_path(v, parent).is_some_and(|p| p.as_object().is_some_and(Map::is_empty)) && parent.len() > 1 {
+        if get_path(v, parent).is_some_and(|p| p.as_object().is_some_and(Map::is_empty))
+            && parent != ["metadata"]
+        {
             remove_path(v, parent);
         }
     }
@@ -233,7 +269,9 @@ pub fn deep_merge(target: &mut Value, applied: &Value) {
         (Value::Object(t), Value::Object(a)) => {
             for (k, v) in a {
                 match t.get_mut(k) {
-                    Some(existing) if existing.is_object() && v.is_object() => deep_merge(existing, v),
+                    Some(existing) if existing.is_object() && v.is_object() => {
+                        deep_merge(existing, v)
+                    }
                     _ => {
                         t.insert(k.clone(), v.clone());
                     }
@@ -318,7 +356,10 @@ pub fn server_side_apply(current: &Value, req: &ApplyRequest) -> ApiResult<Value
     let new_fields = field_set(req.applied);
     let mut all = managers(current);
     let mut conflicts = Vec::new();
-    for m in all.iter_mut().filter(|m| m.manager != req.manager && m.operation == "Apply") {
+    for m in all
+        .iter_mut()
+        .filter(|m| m.manager != req.manager && m.operation == "Apply")
+    {
         let clashing: Vec<FieldPath> = m
             .fields
             .iter()
@@ -349,11 +390,16 @@ pub fn server_side_apply(current: &Value, req: &ApplyRequest) -> ApiResult<Value
     let mut result = current.clone();
     let previous = all
         .iter()
-        .find(|m| m.manager == req.manager && m.operation == "Apply" && m.subresource == req.subresource)
+        .find(|m| {
+            m.manager == req.manager && m.operation == "Apply" && m.subresource == req.subresource
+        })
         .map(|m| m.fields.clone())
         .unwrap_or_default();
-    let others: BTreeSet<FieldPath> =
-        all.iter().filter(|m| m.manager != req.manager).flat_map(|m| m.fields.iter().cloned()).collect();
+    let others: BTreeSet<FieldPath> = all
+        .iter()
+        .filter(|m| m.manager != req.manager)
+        .flat_map(|m| m.fields.iter().cloned())
+        .collect();
     for gone in previous.difference(&new_fields) {
         if !others.contains(gone) && !new_fields.iter().any(|n| n.starts_with(gone)) {
             remove_path(&mut result, gone);
@@ -375,7 +421,9 @@ pub fn server_side_apply(current: &Value, req: &ApplyRequest) -> ApiResult<Value
         time: req.now.to_string(),
     };
     // Keep the entry's position so an unchanged apply leaves managedFields unchanged.
-    match all.iter().position(|m| m.manager == req.manager && m.operation == "Apply" && m.subresource == req.subresource) {
+    match all.iter().position(|m| {
+        m.manager == req.manager && m.operation == "Apply" && m.subresource == req.subresource
+    }) {
         Some(i) => all[i] = entry,
         None => all.push(entry),
     }
@@ -390,16 +438,34 @@ mod tests {
     fn apply(current: &Value, manager: &str, applied: Value, force: bool) -> ApiResult<Value> {
         server_side_apply(
             current,
-            &ApplyRequest { manager, force, applied: &applied, subresource: "", api_version: "v1", now: "t" },
+            &ApplyRequest {
+                manager,
+                force,
+                applied: &applied,
+                subresource: "",
+                api_version: "v1",
+                now: "t",
+            },
         )
     }
 
     #[test]
     fn apply_removes_fields_the_manager_no_longer_sets() {
         let base = json!({"metadata": {"name": "a"}});
-        let one = apply(&base, "op", json!({"metadata": {"name": "a", "labels": {"x": "1", "y": "2"}}, "data": {"k": "v"}}), false)
-            .unwrap();
-        let two = apply(&one, "op", json!({"metadata": {"name": "a", "labels": {"x": "1"}}}), false).unwrap();
+        let one = apply(
+            &base,
+            "op",
+            json!({"metadata": {"name": "a", "labels": {"x": "1", "y": "2"}}, "data": {"k": "v"}}),
+            false,
+        )
+        .unwrap();
+        let two = apply(
+            &one,
+            "op",
+            json!({"metadata": {"name": "a", "labels": {"x": "1"}}}),
+            false,
+        )
+        .unwrap();
         assert_eq!(two["metadata"]["labels"], json!({"x": "1"}));
         assert!(two.get("data").is_none(), "{two}");
     }
@@ -426,7 +492,10 @@ mod tests {
             br#"{"$setElementOrder/containers":[{"name":"a"},{"name":"b"}],"spec":{"containers":[{"name":"a","image":"z"}]}}"#,
         )
         .unwrap();
-        assert_eq!(out["spec"]["containers"][0], json!({"name": "a", "image": "z", "args": ["1"]}));
+        assert_eq!(
+            out["spec"]["containers"][0],
+            json!({"name": "a", "image": "z", "args": ["1"]})
+        );
         assert_eq!(out["spec"]["containers"][1]["image"], "y");
         assert!(out.get("$setElementOrder/containers").is_none());
     }

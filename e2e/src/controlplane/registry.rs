@@ -59,17 +59,28 @@ pub struct ResourceType {
 
 impl ResourceType {
     pub fn api_version(&self) -> String {
-        if self.group.is_empty() { self.version.clone() } else { format!("{}/{}", self.group, self.version) }
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
     }
 
     /// `deployments.apps`, `pods`: how the API names the resource in messages.
     pub fn qualified_plural(&self) -> String {
-        if self.group.is_empty() { self.plural.clone() } else { format!("{}.{}", self.plural, self.group) }
+        if self.group.is_empty() {
+            self.plural.clone()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
     }
 
     /// Storage key: one store per group and plural (versions of one kind share it).
     pub fn key(&self) -> ResKey {
-        ResKey { group: self.group.clone(), plural: self.plural.clone() }
+        ResKey {
+            group: self.group.clone(),
+            plural: self.plural.clone(),
+        }
     }
 }
 
@@ -100,17 +111,31 @@ fn age() -> Column {
 }
 
 fn int_at(v: &Value, p: &[&str]) -> i64 {
-    p.iter().try_fold(v, |v, k| v.get(*k)).and_then(Value::as_i64).unwrap_or(0)
+    p.iter()
+        .try_fold(v, |v, k| v.get(*k))
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
 }
 
 fn deployment_ready(v: &Value) -> Value {
-    json!(format!("{}/{}", int_at(v, &["status", "readyReplicas"]), int_at(v, &["spec", "replicas"])))
+    json!(format!(
+        "{}/{}",
+        int_at(v, &["status", "readyReplicas"]),
+        int_at(v, &["spec", "replicas"])
+    ))
 }
 
 fn pod_ready(v: &Value) -> Value {
-    let statuses = v.pointer("/status/containerStatuses").and_then(Value::as_array);
-    let total = v.pointer("/spec/containers").and_then(Value::as_array).map_or(0, Vec::len);
-    let ready = statuses.map_or(0, |s| s.iter().filter(|c| c["ready"] == json!(true)).count());
+    let statuses = v
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array);
+    let total = v
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let ready = statuses.map_or(0, |s| {
+        s.iter().filter(|c| c["ready"] == json!(true)).count()
+    });
     json!(format!("{ready}/{total}"))
 }
 
@@ -121,13 +146,26 @@ fn pod_status(v: &Value) -> Value {
     let waiting = v
         .pointer("/status/containerStatuses")
         .and_then(Value::as_array)
-        .and_then(|s| s.iter().find_map(|c| c.pointer("/state/waiting/reason").cloned()));
-    waiting.unwrap_or_else(|| v.pointer("/status/phase").cloned().unwrap_or(json!("Pending")))
+        .and_then(|s| {
+            s.iter()
+                .find_map(|c| c.pointer("/state/waiting/reason").cloned())
+        });
+    waiting.unwrap_or_else(|| {
+        v.pointer("/status/phase")
+            .cloned()
+            .unwrap_or(json!("Pending"))
+    })
 }
 
 fn pod_restarts(v: &Value) -> Value {
-    let statuses = v.pointer("/status/containerStatuses").and_then(Value::as_array);
-    json!(statuses.map_or(0, |s| s.iter().map(|c| c["restartCount"].as_i64().unwrap_or(0)).sum::<i64>()))
+    let statuses = v
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array);
+    json!(statuses.map_or(0, |s| {
+        s.iter()
+            .map(|c| c["restartCount"].as_i64().unwrap_or(0))
+            .sum::<i64>()
+    }))
 }
 
 fn data_count(v: &Value) -> Value {
@@ -136,13 +174,18 @@ fn data_count(v: &Value) -> Value {
 }
 
 fn job_completions(v: &Value) -> Value {
-    let want = v.pointer("/spec/completions").and_then(Value::as_i64).unwrap_or(1);
+    let want = v
+        .pointer("/spec/completions")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
     json!(format!("{}/{}", int_at(v, &["status", "succeeded"]), want))
 }
 
 fn job_status(v: &Value) -> Value {
     let conditions = v.pointer("/status/conditions").and_then(Value::as_array);
-    let done = |t: &str| conditions.is_some_and(|c| c.iter().any(|c| c["type"] == t && c["status"] == "True"));
+    let done = |t: &str| {
+        conditions.is_some_and(|c| c.iter().any(|c| c["type"] == t && c["status"] == "True"))
+    };
     json!(if done("Complete") {
         "Complete"
     } else if done("Failed") {
@@ -159,11 +202,19 @@ fn service_ports(v: &Value) -> Value {
         .flatten()
         .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("TCP")))
         .collect();
-    json!(if shown.is_empty() { "<none>".to_string() } else { shown.join(",") })
+    json!(if shown.is_empty() {
+        "<none>".to_string()
+    } else {
+        shown.join(",")
+    })
 }
 
 fn event_object(v: &Value) -> Value {
-    let o = v.get("involvedObject").or_else(|| v.get("regarding")).cloned().unwrap_or(Value::Null);
+    let o = v
+        .get("involvedObject")
+        .or_else(|| v.get("regarding"))
+        .cloned()
+        .unwrap_or(Value::Null);
     json!(format!(
         "{}/{}",
         o["kind"].as_str().unwrap_or("").to_lowercase(),
@@ -190,7 +241,11 @@ fn builtin(
         plural: plural.into(),
         singular: kind.to_lowercase(),
         short_names: short.iter().map(|s| s.to_string()).collect(),
-        categories: if ["Pod", "Service", "Deployment", "Job"].contains(&kind) { vec!["all".into()] } else { vec![] },
+        categories: if ["Pod", "Service", "Deployment", "Job"].contains(&kind) {
+            vec!["all".into()]
+        } else {
+            vec![]
+        },
         namespaced,
         status_subresource: status,
         scale: None,
@@ -224,8 +279,26 @@ pub fn builtins() -> Vec<ResourceType> {
         label_selector: None,
     });
     vec![
-        builtin("", "v1", "Namespace", "namespaces", &["ns"], false, true, vec![c("Status", "string", 0, path(".status.phase"))]),
-        builtin("", "v1", "ConfigMap", "configmaps", &["cm"], true, false, vec![c("Data", "integer", 0, CellSource::Computed(data_count))]),
+        builtin(
+            "",
+            "v1",
+            "Namespace",
+            "namespaces",
+            &["ns"],
+            false,
+            true,
+            vec![c("Status", "string", 0, path(".status.phase"))],
+        ),
+        builtin(
+            "",
+            "v1",
+            "ConfigMap",
+            "configmaps",
+            &["cm"],
+            true,
+            false,
+            vec![c("Data", "integer", 0, CellSource::Computed(data_count))],
+        ),
         builtin(
             "",
             "v1",
@@ -234,7 +307,10 @@ pub fn builtins() -> Vec<ResourceType> {
             &[],
             true,
             false,
-            vec![c("Type", "string", 0, path(".type")), c("Data", "integer", 0, CellSource::Computed(data_count))],
+            vec![
+                c("Type", "string", 0, path(".type")),
+                c("Data", "integer", 0, CellSource::Computed(data_count)),
+            ],
         ),
         builtin(
             "",
@@ -250,7 +326,16 @@ pub fn builtins() -> Vec<ResourceType> {
                 c("Port(s)", "string", 0, CellSource::Computed(service_ports)),
             ],
         ),
-        builtin("", "v1", "ServiceAccount", "serviceaccounts", &["sa"], true, false, vec![]),
+        builtin(
+            "",
+            "v1",
+            "ServiceAccount",
+            "serviceaccounts",
+            &["sa"],
+            true,
+            false,
+            vec![],
+        ),
         builtin(
             "",
             "v1",
@@ -294,7 +379,12 @@ pub fn builtins() -> Vec<ResourceType> {
             vec![
                 c("Min Available", "string", 0, path(".spec.minAvailable")),
                 c("Max Unavailable", "string", 0, path(".spec.maxUnavailable")),
-                c("Allowed Disruptions", "integer", 0, path(".status.disruptionsAllowed")),
+                c(
+                    "Allowed Disruptions",
+                    "integer",
+                    0,
+                    path(".status.disruptionsAllowed"),
+                ),
             ],
         ),
         builtin(
@@ -307,7 +397,12 @@ pub fn builtins() -> Vec<ResourceType> {
             true,
             vec![
                 c("Status", "string", 0, CellSource::Computed(job_status)),
-                c("Completions", "string", 0, CellSource::Computed(job_completions)),
+                c(
+                    "Completions",
+                    "string",
+                    0,
+                    CellSource::Computed(job_completions),
+                ),
             ],
         ),
         builtin(
@@ -351,37 +446,66 @@ pub fn builtins() -> Vec<ResourceType> {
 /// The resource types one CRD defines (one per served version), or a message saying what is wrong.
 pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, String> {
     let spec = crd.get("spec").ok_or("spec is required")?;
-    let group = spec["group"].as_str().filter(|g| !g.is_empty()).ok_or("spec.group is required")?;
+    let group = spec["group"]
+        .as_str()
+        .filter(|g| !g.is_empty())
+        .ok_or("spec.group is required")?;
     let names = &spec["names"];
-    let kind = names["kind"].as_str().filter(|k| !k.is_empty()).ok_or("spec.names.kind is required")?;
-    let plural = names["plural"].as_str().filter(|p| !p.is_empty()).ok_or("spec.names.plural is required")?;
+    let kind = names["kind"]
+        .as_str()
+        .filter(|k| !k.is_empty())
+        .ok_or("spec.names.kind is required")?;
+    let plural = names["plural"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .ok_or("spec.names.plural is required")?;
     let expected = format!("{plural}.{group}");
-    let name = crd.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    let name = crd
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if name != expected {
-        return Err(format!("metadata.name must be spec.names.plural+\".\"+spec.group ({expected})"));
+        return Err(format!(
+            "metadata.name must be spec.names.plural+\".\"+spec.group ({expected})"
+        ));
     }
     let strings = |v: &Value| -> Vec<String> {
-        v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(String::from)).collect()
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect()
     };
     let namespaced = match spec["scope"].as_str() {
         Some("Namespaced") => true,
         Some("Cluster") => false,
         _ => return Err("spec.scope must be Namespaced or Cluster".into()),
     };
-    let versions = spec["versions"].as_array().filter(|v| !v.is_empty()).ok_or("spec.versions must not be empty")?;
+    let versions = spec["versions"]
+        .as_array()
+        .filter(|v| !v.is_empty())
+        .ok_or("spec.versions must not be empty")?;
     let mut out = Vec::new();
     for v in versions {
         if v["served"] != json!(true) {
             continue;
         }
-        let version = v["name"].as_str().ok_or("spec.versions[].name is required")?;
+        let version = v["name"]
+            .as_str()
+            .ok_or("spec.versions[].name is required")?;
         let mut columns: Vec<Column> = strings_cols(&v["additionalPrinterColumns"]);
         if columns.is_empty() {
             columns.push(age());
         }
         let scale = v.pointer("/subresources/scale").map(|s| ScalePaths {
-            spec_replicas: s["specReplicasPath"].as_str().unwrap_or(".spec.replicas").into(),
-            status_replicas: s["statusReplicasPath"].as_str().unwrap_or(".status.replicas").into(),
+            spec_replicas: s["specReplicasPath"]
+                .as_str()
+                .unwrap_or(".spec.replicas")
+                .into(),
+            status_replicas: s["statusReplicasPath"]
+                .as_str()
+                .unwrap_or(".status.replicas")
+                .into(),
             label_selector: s["labelSelectorPath"].as_str().map(String::from),
         });
         out.push(ResourceType {
@@ -389,7 +513,10 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, String> {
             version: version.into(),
             kind: kind.into(),
             plural: plural.into(),
-            singular: names["singular"].as_str().map(String::from).unwrap_or_else(|| kind.to_lowercase()),
+            singular: names["singular"]
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| kind.to_lowercase()),
             short_names: strings(&names["shortNames"]),
             categories: strings(&names["categories"]),
             namespaced,
@@ -437,7 +564,10 @@ impl Registry {
     }
 
     pub fn insert(&mut self, t: ResourceType) {
-        self.types.insert((t.group.clone(), t.version.clone(), t.plural.clone()), Arc::new(t));
+        self.types.insert(
+            (t.group.clone(), t.version.clone(), t.plural.clone()),
+            Arc::new(t),
+        );
     }
 
     /// Removes every type registered by the named CRD.
@@ -446,16 +576,24 @@ impl Registry {
     }
 
     pub fn get(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
-        self.types.get(&(group.to_string(), version.to_string(), plural.to_string())).cloned()
+        self.types
+            .get(&(group.to_string(), version.to_string(), plural.to_string()))
+            .cloned()
     }
 
     /// Any served version of the resource stored under `key`.
     pub fn by_key(&self, key: &ResKey) -> Option<Arc<ResourceType>> {
-        self.types.values().find(|t| t.group == key.group && t.plural == key.plural).cloned()
+        self.types
+            .values()
+            .find(|t| t.group == key.group && t.plural == key.plural)
+            .cloned()
     }
 
     pub fn by_kind(&self, api_version: &str, kind: &str) -> Option<Arc<ResourceType>> {
-        self.types.values().find(|t| t.api_version() == api_version && t.kind == kind).cloned()
+        self.types
+            .values()
+            .find(|t| t.api_version() == api_version && t.kind == kind)
+            .cloned()
     }
 
     pub fn all(&self) -> impl Iterator<Item = &Arc<ResourceType>> {

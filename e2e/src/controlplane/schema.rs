@@ -17,7 +17,12 @@ pub enum UnknownFields {
 
 /// Applies defaults and prunes unknown fields, then checks the object. `old` is the stored object on
 /// updates (CEL transition rules such as `self == oldSelf` only run then).
-pub fn validate(schema: &Value, object: &Value, old: Option<&Value>, unknown: UnknownFields) -> Result<Value, Vec<Cause>> {
+pub fn validate(
+    schema: &Value,
+    object: &Value,
+    old: Option<&Value>,
+    unknown: UnknownFields,
+) -> Result<Value, Vec<Cause>> {
     let mut out = kube::core::cel::apply_defaults(schema, object);
     let mut causes = Vec::new();
     // Kubernetes does not validate apiVersion/kind/metadata against the CRD schema.
@@ -35,7 +40,10 @@ pub fn validate(schema: &Value, object: &Value, old: Option<&Value>, unknown: Un
             }
         }
         if unknown == UnknownFields::Prune && !preserves_unknown(schema) {
-            root.retain(|k, _| ["apiVersion", "kind", "metadata"].contains(&k.as_str()) || props.is_some_and(|p| p.contains_key(k)));
+            root.retain(|k, _| {
+                ["apiVersion", "kind", "metadata"].contains(&k.as_str())
+                    || props.is_some_and(|p| p.contains_key(k))
+            });
         }
         required(schema, root, "", &mut causes);
     }
@@ -45,7 +53,10 @@ pub fn validate(schema: &Value, object: &Value, old: Option<&Value>, unknown: Un
     if let Err(errors) = kube::core::cel::Validator::new().validate(schema, &out, old) {
         for e in errors.into_vec() {
             causes.push(Cause {
-                reason: e.reason.clone().unwrap_or_else(|| "FieldValueInvalid".into()),
+                reason: e
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "FieldValueInvalid".into()),
                 field: e.field_path.trim_start_matches('.').to_string(),
                 message: format!("Invalid value: \"object\": {}", e.message),
             });
@@ -53,11 +64,17 @@ pub fn validate(schema: &Value, object: &Value, old: Option<&Value>, unknown: Un
         // The CEL engine reports a rule on a field at its path; name the value's type like the API does.
         for c in &mut causes {
             if let Some(v) = lookup(&out, &c.field) {
-                c.message = c.message.replacen("\"object\"", &format!("\"{}\"", type_name(v)), 1);
+                c.message = c
+                    .message
+                    .replacen("\"object\"", &format!("\"{}\"", type_name(v)), 1);
             }
         }
     }
-    if causes.is_empty() { Ok(out) } else { Err(causes) }
+    if causes.is_empty() {
+        Ok(out)
+    } else {
+        Err(causes)
+    }
 }
 
 fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
@@ -94,24 +111,52 @@ fn preserves_unknown(schema: &Value) -> bool {
 }
 
 fn unknown_field(path: &str) -> Cause {
-    Cause { reason: "FieldValueInvalid".into(), field: String::new(), message: format!("unknown field \"{path}\"") }
+    Cause {
+        reason: "FieldValueInvalid".into(),
+        field: String::new(),
+        message: format!("unknown field \"{path}\""),
+    }
 }
 
 fn required(schema: &Value, obj: &Map<String, Value>, path: &str, causes: &mut Vec<Cause>) {
-    for r in schema.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+    for r in schema
+        .get("required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
         if !obj.contains_key(r) {
-            let field = if path.is_empty() { r.to_string() } else { format!("{path}.{r}") };
-            causes.push(Cause { reason: "FieldValueRequired".into(), field, message: "Required value".into() });
+            let field = if path.is_empty() {
+                r.to_string()
+            } else {
+                format!("{path}.{r}")
+            };
+            causes.push(Cause {
+                reason: "FieldValueRequired".into(),
+                field,
+                message: "Required value".into(),
+            });
         }
     }
 }
 
 fn invalid(path: &str, message: String) -> Cause {
-    Cause { reason: "FieldValueInvalid".into(), field: path.to_string(), message }
+    Cause {
+        reason: "FieldValueInvalid".into(),
+        field: path.to_string(),
+        message,
+    }
 }
 
 /// Checks `v` against `schema` at `path`, pruning unknown fields in place.
-fn check(schema: &Value, v: &mut Value, path: &str, unknown: UnknownFields, causes: &mut Vec<Cause>) {
+fn check(
+    schema: &Value,
+    v: &mut Value,
+    path: &str,
+    unknown: UnknownFields,
+    causes: &mut Vec<Cause>,
+) {
     if v.is_null() {
         if schema.get("nullable") != Some(&Value::Bool(true)) {
             // The API drops nulls for non-nullable fields during defaulting/pruning.
@@ -124,7 +169,10 @@ fn check(schema: &Value, v: &mut Value, path: &str, unknown: UnknownFields, caus
             causes.push(Cause {
                 reason: "FieldValueTypeInvalid".into(),
                 field: path.into(),
-                message: format!("Invalid value: \"{}\": {path} in body must be of type int-or-string", type_name(v)),
+                message: format!(
+                    "Invalid value: \"{}\": {path} in body must be of type int-or-string",
+                    type_name(v)
+                ),
             });
         }
         return;
@@ -143,7 +191,11 @@ fn check(schema: &Value, v: &mut Value, path: &str, unknown: UnknownFields, caus
         causes.push(Cause {
             reason: "FieldValueTypeInvalid".into(),
             field: path.into(),
-            message: format!("Invalid value: \"{}\": {path} in body must be of type {}", type_name(v), expected.unwrap_or("")),
+            message: format!(
+                "Invalid value: \"{}\": {path} in body must be of type {}",
+                type_name(v),
+                expected.unwrap_or("")
+            ),
         });
         return;
     }
@@ -154,19 +206,30 @@ fn check(schema: &Value, v: &mut Value, path: &str, unknown: UnknownFields, caus
         causes.push(Cause {
             reason: "FieldValueNotSupported".into(),
             field: path.into(),
-            message: format!("Unsupported value: {v}: supported values: {}", list.join(", ")),
+            message: format!(
+                "Unsupported value: {v}: supported values: {}",
+                list.join(", ")
+            ),
         });
     }
     if let Some(n) = v.as_f64() {
         if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
             && n < min
         {
-            causes.push(invalid(path, format!("Invalid value: {v}: {path} in body should be greater than or equal to {min}")));
+            causes.push(invalid(
+                path,
+                format!(
+                    "Invalid value: {v}: {path} in body should be greater than or equal to {min}"
+                ),
+            ));
         }
         if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
             && n > max
         {
-            causes.push(invalid(path, format!("Invalid value: {v}: {path} in body should be less than or equal to {max}")));
+            causes.push(invalid(
+                path,
+                format!("Invalid value: {v}: {path} in body should be less than or equal to {max}"),
+            ));
         }
     }
     if let Some(s) = v.as_str() {
@@ -174,7 +237,10 @@ fn check(schema: &Value, v: &mut Value, path: &str, unknown: UnknownFields, caus
         if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
             && len < min
         {
-            causes.push(invalid(path, format!("Invalid value: {v}: {path} in body should be at least {min} chars long")));
+            causes.push(invalid(
+                path,
+                format!("Invalid value: {v}: {path} in body should be at least {min} chars long"),
+            ));
         }
         if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
             && len > max
@@ -198,8 +264,11 @@ fn check(schema: &Value, v: &mut Value, path: &str, unknown: UnknownFields, caus
                     check(s, child, &child_path, unknown, causes);
                 } else if let Some(s) = additional {
                     check(s, child, &child_path, unknown, causes);
-                } else if schema.get("additionalProperties") == Some(&Value::Bool(true)) || preserve {
-                } else if props.is_some() || schema.get("type").and_then(Value::as_str) == Some("object") {
+                } else if schema.get("additionalProperties") == Some(&Value::Bool(true)) || preserve
+                {
+                } else if props.is_some()
+                    || schema.get("type").and_then(Value::as_str) == Some("object")
+                {
                     match unknown {
                         UnknownFields::Reject => causes.push(unknown_field(&child_path)),
                         UnknownFields::Prune => drop.push(k.clone()),
@@ -215,7 +284,13 @@ fn check(schema: &Value, v: &mut Value, path: &str, unknown: UnknownFields, caus
             if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
                 && (items.len() as u64) < min
             {
-                causes.push(invalid(path, format!("Invalid value: {}: {path} in body should have at least {min} items", items.len())));
+                causes.push(invalid(
+                    path,
+                    format!(
+                        "Invalid value: {}: {path} in body should have at least {min} items",
+                        items.len()
+                    ),
+                ));
             }
             if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
                 && (items.len() as u64) > max
@@ -267,16 +342,44 @@ mod tests {
         let bad = json!({"spec": {"state": "Gone", "replicas": "3", "extra": 1}});
         let causes = validate(&schema(), &bad, None, UnknownFields::Reject).unwrap_err();
         let fields: Vec<&str> = causes.iter().map(|c| c.field.as_str()).collect();
-        assert!(fields.contains(&"spec.state") && fields.contains(&"spec.replicas") && fields.contains(&"spec.dataset"), "{causes:?}");
-        assert!(causes.iter().any(|c| c.message.contains("unknown field \"spec.extra\"")), "{causes:?}");
+        assert!(
+            fields.contains(&"spec.state")
+                && fields.contains(&"spec.replicas")
+                && fields.contains(&"spec.dataset"),
+            "{causes:?}"
+        );
+        assert!(
+            causes
+                .iter()
+                .any(|c| c.message.contains("unknown field \"spec.extra\"")),
+            "{causes:?}"
+        );
     }
 
     #[test]
     fn cel_rules_and_transition_rules() {
-        let err = validate(&schema(), &json!({"spec": {"dataset": "d", "replicas": -1}}), None, UnknownFields::Prune).unwrap_err();
-        assert!(err[0].message.contains("replicas must not be negative"), "{err:?}");
+        let err = validate(
+            &schema(),
+            &json!({"spec": {"dataset": "d", "replicas": -1}}),
+            None,
+            UnknownFields::Prune,
+        )
+        .unwrap_err();
+        assert!(
+            err[0].message.contains("replicas must not be negative"),
+            "{err:?}"
+        );
         let old = json!({"spec": {"dataset": "a"}});
-        let err = validate(&schema(), &json!({"spec": {"dataset": "b"}}), Some(&old), UnknownFields::Prune).unwrap_err();
-        assert!(err[0].message.contains("spec.dataset is immutable"), "{err:?}");
+        let err = validate(
+            &schema(),
+            &json!({"spec": {"dataset": "b"}}),
+            Some(&old),
+            UnknownFields::Prune,
+        )
+        .unwrap_err();
+        assert!(
+            err[0].message.contains("spec.dataset is immutable"),
+            "{err:?}"
+        );
     }
 }

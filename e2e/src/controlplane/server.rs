@@ -17,7 +17,9 @@ use tokio::sync::{broadcast, mpsc};
 use super::error::{ApiError, ApiResult};
 use super::registry::ResourceType;
 use super::schema::UnknownFields;
-use super::store::{Change, DeleteOptions, PatchType, Selectors, Store, Sub, WatchFrom, WriteOptions};
+use super::store::{
+    Change, DeleteOptions, PatchType, Selectors, Store, Sub, WatchFrom, WriteOptions,
+};
 use super::table;
 
 /// Shared state of the HTTP handlers.
@@ -94,7 +96,12 @@ async fn route(
         ["apis"] => return Ok(ok(&group_list(&app.store))),
         ["apis", group] => {
             let groups = group_list(&app.store);
-            let g = groups["groups"].as_array().into_iter().flatten().find(|g| g["name"] == *group).cloned();
+            let g = groups["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|g| g["name"] == *group)
+                .cloned();
             return g
                 .map(|mut g| {
                     g["kind"] = json!("APIGroup");
@@ -107,13 +114,18 @@ async fn route(
         ["apis", group, version] => {
             let list = resource_list(&app.store, group, version);
             if list["resources"].as_array().is_none_or(Vec::is_empty) {
-                return Err(ApiError::not_found("apigroups", &format!("{group}/{version}")));
+                return Err(ApiError::not_found(
+                    "apigroups",
+                    &format!("{group}/{version}"),
+                ));
             }
             return Ok(ok(&list));
         }
         ["openapi", "v3"] => return Ok(ok(&openapi_root(&app.store))),
         ["openapi", "v3", "api", "v1"] => return Ok(ok(&openapi_gv(&app.store, "", "v1"))),
-        ["openapi", "v3", "apis", group, version] => return Ok(ok(&openapi_gv(&app.store, group, version))),
+        ["openapi", "v3", "apis", group, version] => {
+            return Ok(ok(&openapi_gv(&app.store, group, version)));
+        }
         ["openapi", ..] | ["swagger.json"] => {
             return Err(ApiError::not_found("openapi", path));
         }
@@ -130,9 +142,9 @@ async fn route(
 
 fn parse_target(store: &Store, group: &str, version: &str, rest: &[&str]) -> ApiResult<Target> {
     let resolve = |plural: &str| {
-        store
-            .resolve(group, version, plural)
-            .ok_or_else(|| ApiError::not_found("the server could not find the requested resource", plural))
+        store.resolve(group, version, plural).ok_or_else(|| {
+            ApiError::not_found("the server could not find the requested resource", plural)
+        })
     };
     let t = |rt, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| Target {
         rt,
@@ -142,31 +154,47 @@ fn parse_target(store: &Store, group: &str, version: &str, rest: &[&str]) -> Api
     };
     let target = match rest {
         // /api/v1/namespaces/<ns>[/status] is the Namespace itself, not a namespaced collection.
-        ["namespaces", ns, sub @ ("status" | "finalize")] if group.is_empty() => t(resolve("namespaces")?, None, Some(ns), Some(sub)),
+        ["namespaces", ns, sub @ ("status" | "finalize")] if group.is_empty() => {
+            t(resolve("namespaces")?, None, Some(ns), Some(sub))
+        }
         ["namespaces", ns, plural, tail @ ..] => {
             let rt = resolve(plural)?;
             if !rt.namespaced {
-                return Err(ApiError::not_found("the server could not find the requested resource", plural));
+                return Err(ApiError::not_found(
+                    "the server could not find the requested resource",
+                    plural,
+                ));
             }
             match tail {
                 [] => t(rt, Some(ns), None, None),
                 [name] => t(rt, Some(ns), Some(name), None),
                 [name, sub] => t(rt, Some(ns), Some(name), Some(sub)),
-                _ => return Err(ApiError::not_found("the server could not find the requested resource", plural)),
+                _ => {
+                    return Err(ApiError::not_found(
+                        "the server could not find the requested resource",
+                        plural,
+                    ));
+                }
             }
         }
         [plural] => t(resolve(plural)?, None, None, None),
         [plural, name] => {
             let rt = resolve(plural)?;
             if rt.namespaced {
-                return Err(ApiError::not_found("the server could not find the requested resource", plural));
+                return Err(ApiError::not_found(
+                    "the server could not find the requested resource",
+                    plural,
+                ));
             }
             t(rt, None, Some(name), None)
         }
         [plural, name, sub] => {
             let rt = resolve(plural)?;
             if rt.namespaced {
-                return Err(ApiError::not_found("the server could not find the requested resource", plural));
+                return Err(ApiError::not_found(
+                    "the server could not find the requested resource",
+                    plural,
+                ));
             }
             t(rt, None, Some(name), Some(sub))
         }
@@ -181,7 +209,10 @@ fn group_list(store: &Store) -> Value {
         .groups()
         .into_iter()
         .map(|(name, versions)| {
-            let vs: Vec<Value> = versions.iter().map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v})).collect();
+            let vs: Vec<Value> = versions
+                .iter()
+                .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
+                .collect();
             json!({"name": name, "versions": vs, "preferredVersion": vs[0]})
         })
         .collect();
@@ -195,7 +226,11 @@ fn openapi_root(store: &Store) -> Value {
     let mut paths = serde_json::Map::new();
     let registry = store.registry();
     for rt in registry.all() {
-        let gv = if rt.group.is_empty() { "api/v1".to_string() } else { format!("apis/{}/{}", rt.group, rt.version) };
+        let gv = if rt.group.is_empty() {
+            "api/v1".to_string()
+        } else {
+            format!("apis/{}/{}", rt.group, rt.version)
+        };
         paths.insert(gv.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{gv}?hash={}", store.resource_version())}));
     }
     json!({"paths": paths})
@@ -208,23 +243,33 @@ fn openapi_gv(store: &Store, group: &str, version: &str) -> Value {
         .iter()
         .map(|p| json!({"name": p, "in": "query", "schema": {"type": "string", "uniqueItems": true}}))
         .collect();
-    for rt in registry.all().filter(|t| t.group == group && t.version == version) {
-        let prefix = if group.is_empty() { "/api/v1".to_string() } else { format!("/apis/{group}/{version}") };
+    for rt in registry
+        .all()
+        .filter(|t| t.group == group && t.version == version)
+    {
+        let prefix = if group.is_empty() {
+            "/api/v1".to_string()
+        } else {
+            format!("/apis/{group}/{version}")
+        };
         let path = if rt.namespaced {
             format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", rt.plural)
         } else {
             format!("{prefix}/{}/{{name}}", rt.plural)
         };
         let gvk = json!({"group": rt.group, "version": rt.version, "kind": rt.kind});
-        paths.insert(path, json!({
-            "patch": {
-                "operationId": format!("patch{}", rt.kind),
-                "parameters": params,
-                "responses": {"200": {"description": "OK"}},
-                "x-kubernetes-action": "patch",
-                "x-kubernetes-group-version-kind": gvk,
-            },
-        }));
+        paths.insert(
+            path,
+            json!({
+                "patch": {
+                    "operationId": format!("patch{}", rt.kind),
+                    "parameters": params,
+                    "responses": {"200": {"description": "OK"}},
+                    "x-kubernetes-action": "patch",
+                    "x-kubernetes-group-version-kind": gvk,
+                },
+            }),
+        );
     }
     json!({
         "openapi": "3.0.0",
@@ -234,12 +279,24 @@ fn openapi_gv(store: &Store, group: &str, version: &str) -> Value {
     })
 }
 
-const VERBS: [&str; 8] = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+const VERBS: [&str; 8] = [
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
 
 fn resource_list(store: &Store, group: &str, version: &str) -> Value {
     let registry = store.registry();
     let mut resources = Vec::new();
-    for rt in registry.all().filter(|t| t.group == group && t.version == version) {
+    for rt in registry
+        .all()
+        .filter(|t| t.group == group && t.version == version)
+    {
         let mut r = json!({
             "name": rt.plural, "singularName": rt.singular, "namespaced": rt.namespaced, "kind": rt.kind,
             "verbs": VERBS, "storageVersionHash": "",
@@ -272,14 +329,21 @@ fn wants_table(headers: &HeaderMap) -> bool {
 }
 
 fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
-    let ct = headers.get("content-type").and_then(|h| h.to_str().ok()).unwrap_or("application/json");
+    let ct = headers
+        .get("content-type")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("application/json");
     if ct.contains("protobuf") {
-        return Err(ApiError::UnsupportedMediaType(format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {ct})")));
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {ct})"
+        )));
     }
     if ct.contains("yaml") {
-        serde_yaml::from_slice(body).map_err(|e| ApiError::BadRequest(format!("error decoding YAML: {e}")))
+        serde_yaml::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("error decoding YAML: {e}")))
     } else {
-        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("error decoding JSON: {e}")))
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("error decoding JSON: {e}")))
     }
 }
 
@@ -300,7 +364,10 @@ fn sub_of(target: &Target) -> ApiResult<Sub> {
         None => Ok(Sub::Main),
         Some("status") if target.rt.status_subresource => Ok(Sub::Status),
         Some("scale") if target.rt.scale.is_some() => Ok(Sub::Scale),
-        Some(s) => Err(ApiError::not_found(&format!("{}/{s}", target.rt.qualified_plural()), target.name.as_deref().unwrap_or(""))),
+        Some(s) => Err(ApiError::not_found(
+            &format!("{}/{s}", target.rt.qualified_plural()),
+            target.name.as_deref().unwrap_or(""),
+        )),
     }
 }
 
@@ -318,7 +385,8 @@ async fn serve(
     if rt.kind == "Pod" && target.sub.as_deref() == Some("log") && *method == Method::GET {
         let name = target.name.clone().unwrap_or_default();
         store.get(&rt, &ns, &name)?;
-        let text = std::fs::read_to_string(app.logs.join(format!("{ns}_{name}.log"))).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(app.logs.join(format!("{ns}_{name}.log"))).unwrap_or_default();
         let text = match query.get("tailLines").and_then(|t| t.parse::<usize>().ok()) {
             Some(n) => {
                 let lines: Vec<&str> = text.lines().collect();
@@ -331,23 +399,53 @@ async fn serve(
     let sub = sub_of(&target)?;
     let table = wants_table(headers);
     let respond = |code: StatusCode, obj: Value, sub: Sub| -> ApiResult<Response> {
-        let obj = if sub == Sub::Scale && obj.get("kind") != Some(&json!("Scale")) { Store::scale_of(&rt, &obj)? } else { obj };
+        let obj = if sub == Sub::Scale && obj.get("kind") != Some(&json!("Scale")) {
+            Store::scale_of(&rt, &obj)?
+        } else {
+            obj
+        };
         if table && sub == Sub::Main {
-            let rv = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("").to_string();
-            return Ok(json_response(code, &table::table(&rt, &[obj], &rv, query.get("includeObject").map_or("Metadata", String::as_str), true)));
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            return Ok(json_response(
+                code,
+                &table::table(
+                    &rt,
+                    &[obj],
+                    &rv,
+                    query
+                        .get("includeObject")
+                        .map_or("Metadata", String::as_str),
+                    true,
+                ),
+            ));
         }
         Ok(json_response(code, &obj))
     };
     match (method.clone(), target.name.as_deref()) {
         (Method::GET, None) => {
-            let sel = Selectors::parse(query.get("labelSelector").map(String::as_str), query.get("fieldSelector").map(String::as_str))?;
+            let sel = Selectors::parse(
+                query.get("labelSelector").map(String::as_str),
+                query.get("fieldSelector").map(String::as_str),
+            )?;
             let ns_filter = target.namespace.as_deref();
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 return watch(app, rt, ns_filter.map(String::from), sel, query, table);
             }
             let (items, rv) = store.list(&rt, ns_filter, &sel);
             if table {
-                return Ok(ok(&table::table(&rt, &items, &rv.to_string(), query.get("includeObject").map_or("Metadata", String::as_str), true)));
+                return Ok(ok(&table::table(
+                    &rt,
+                    &items,
+                    &rv.to_string(),
+                    query
+                        .get("includeObject")
+                        .map_or("Metadata", String::as_str),
+                    true,
+                )));
             }
             Ok(ok(&json!({
                 "kind": format!("{}List", rt.kind),
@@ -375,12 +473,17 @@ async fn serve(
             respond(StatusCode::OK, updated, sub)
         }
         (Method::PATCH, Some(name)) => {
-            let ct = headers.get("content-type").and_then(|h| h.to_str().ok()).unwrap_or("");
+            let ct = headers
+                .get("content-type")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
             let ptype = match ct.split(';').next().unwrap_or("").trim() {
                 "application/json-patch+json" => PatchType::Json,
                 "application/merge-patch+json" => PatchType::Merge,
                 "application/strategic-merge-patch+json" => PatchType::Strategic,
-                "application/apply-patch+yaml" | "application/apply-patch+json" | "application/apply-patch+cbor" => PatchType::Apply,
+                "application/apply-patch+yaml"
+                | "application/apply-patch+json"
+                | "application/apply-patch+cbor" => PatchType::Apply,
                 other => {
                     return Err(ApiError::UnsupportedMediaType(format!(
                         "the body of the request was in an unknown format ({other}) - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json"
@@ -389,7 +492,15 @@ async fn serve(
             };
             let existed = store.get(&rt, &ns, name).is_ok();
             let out = store.patch(&rt, &ns, name, ptype, body, sub, &write_options(query))?;
-            respond(if existed { StatusCode::OK } else { StatusCode::CREATED }, out, sub)
+            respond(
+                if existed {
+                    StatusCode::OK
+                } else {
+                    StatusCode::CREATED
+                },
+                out,
+                sub,
+            )
         }
         (Method::DELETE, Some(name)) => {
             let opts = delete_options(query, body);
@@ -397,36 +508,59 @@ async fn serve(
             respond(StatusCode::OK, out, Sub::Main)
         }
         (Method::DELETE, None) => {
-            let sel = Selectors::parse(query.get("labelSelector").map(String::as_str), query.get("fieldSelector").map(String::as_str))?;
+            let sel = Selectors::parse(
+                query.get("labelSelector").map(String::as_str),
+                query.get("fieldSelector").map(String::as_str),
+            )?;
             let (items, rv) = store.list(&rt, target.namespace.as_deref(), &sel);
             let opts = delete_options(query, body);
             let mut deleted = Vec::new();
             for item in items {
-                let (ins, iname) = (item["metadata"]["namespace"].as_str().unwrap_or(""), item["metadata"]["name"].as_str().unwrap_or(""));
+                let (ins, iname) = (
+                    item["metadata"]["namespace"].as_str().unwrap_or(""),
+                    item["metadata"]["name"].as_str().unwrap_or(""),
+                );
                 if let Ok(d) = store.delete(&rt, ins, iname, &opts) {
                     deleted.push(d);
                 }
             }
-            Ok(ok(&json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(), "metadata": {"resourceVersion": rv.to_string()}, "items": deleted})))
+            Ok(ok(
+                &json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(), "metadata": {"resourceVersion": rv.to_string()}, "items": deleted}),
+            ))
         }
-        (m, _) => Err(ApiError::MethodNotAllowed(format!("the server does not allow this method on the requested resource: {m}"))),
+        (m, _) => Err(ApiError::MethodNotAllowed(format!(
+            "the server does not allow this method on the requested resource: {m}"
+        ))),
     }
 }
 
 fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> DeleteOptions {
     let b: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     DeleteOptions {
-        propagation: query.get("propagationPolicy").cloned().or_else(|| b["propagationPolicy"].as_str().map(String::from)).or_else(|| {
-            // Deprecated orphanDependents=true means Orphan.
-            (b["orphanDependents"] == json!(true)).then(|| "Orphan".to_string())
-        }),
+        propagation: query
+            .get("propagationPolicy")
+            .cloned()
+            .or_else(|| b["propagationPolicy"].as_str().map(String::from))
+            .or_else(|| {
+                // Deprecated orphanDependents=true means Orphan.
+                (b["orphanDependents"] == json!(true)).then(|| "Orphan".to_string())
+            }),
         grace_period_seconds: query
             .get("gracePeriodSeconds")
             .and_then(|g| g.parse().ok())
             .or_else(|| b["gracePeriodSeconds"].as_i64()),
-        precondition_uid: b.pointer("/preconditions/uid").and_then(Value::as_str).map(String::from),
-        precondition_rv: b.pointer("/preconditions/resourceVersion").and_then(Value::as_str).map(String::from),
-        dry_run: query.get("dryRun").is_some_and(|d| d == "All") || b["dryRun"].as_array().is_some_and(|d| d.contains(&json!("All"))),
+        precondition_uid: b
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(String::from),
+        precondition_rv: b
+            .pointer("/preconditions/resourceVersion")
+            .and_then(Value::as_str)
+            .map(String::from),
+        dry_run: query.get("dryRun").is_some_and(|d| d == "All")
+            || b["dryRun"]
+                .as_array()
+                .is_some_and(|d| d.contains(&json!("All"))),
     }
 }
 
@@ -441,13 +575,24 @@ fn watch(
 ) -> ApiResult<Response> {
     let from = match query.get("resourceVersion").map(String::as_str) {
         None | Some("") | Some("0") => WatchFrom::Now,
-        Some(v) => WatchFrom::Version(v.parse().map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {v:?}")))?),
+        Some(v) => WatchFrom::Version(
+            v.parse()
+                .map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {v:?}")))?,
+        ),
     };
     let send_initial = query.get("sendInitialEvents").is_some_and(|s| s == "true");
     let from = if send_initial { WatchFrom::Now } else { from };
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
-    let timeout = query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).unwrap_or(1800);
-    let include = query.get("includeObject").cloned().unwrap_or_else(|| "Metadata".into());
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(1800);
+    let include = query
+        .get("includeObject")
+        .cloned()
+        .unwrap_or_else(|| "Metadata".into());
     let key = rt.key();
     let bookmark_kind = rt.kind.clone();
     let bookmark_api_version = rt.api_version();
@@ -458,13 +603,19 @@ fn watch(
         Err(e @ ApiError::Gone(_)) => {
             // Like the API server: 200 and an ERROR event carrying the 410 Status.
             let line = json!({"type": "ERROR", "object": e.status()}).to_string() + "\n";
-            return Ok((StatusCode::OK, [("content-type", "application/json")], line).into_response());
+            return Ok(
+                (StatusCode::OK, [("content-type", "application/json")], line).into_response(),
+            );
         }
         Err(e) => return Err(e),
     };
     let encode = move |kind: &str, obj: &Value| -> Bytes {
         let obj = if table && kind != "BOOKMARK" && kind != "ERROR" {
-            let rv = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("").to_string();
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             table::table(&rt, std::slice::from_ref(obj), &rv, &include, true)
         } else {
             obj.clone()
@@ -491,17 +642,20 @@ fn watch(
         let mut receiver = start.receiver;
         let deadline = tokio::time::sleep(Duration::from_secs(timeout));
         tokio::pin!(deadline);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5));
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(5),
+            Duration::from_secs(5),
+        );
         loop {
             for c in pending.drain(..) {
                 if c.rv <= last_rv {
                     continue;
                 }
                 last_rv = c.rv;
-                if let Some((kind, obj)) = filter_change(&c, &sel) {
-                    if tx.send(Ok(encode(kind, obj))).await.is_err() {
-                        return;
-                    }
+                if let Some((kind, obj)) = filter_change(&c, &sel)
+                    && tx.send(Ok(encode(kind, obj))).await.is_err()
+                {
+                    return;
                 }
             }
             tokio::select! {
@@ -529,7 +683,8 @@ fn watch(
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    let stream =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")

@@ -60,7 +60,12 @@ pub struct WriteOptions {
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        WriteOptions { field_manager: None, force: false, dry_run: false, unknown_fields: UnknownFields::Prune }
+        WriteOptions {
+            field_manager: None,
+            force: false,
+            dry_run: false,
+            unknown_fields: UnknownFields::Prune,
+        }
     }
 }
 
@@ -99,7 +104,12 @@ impl Selectors {
         if let Some(l) = labels.filter(|l| !l.trim().is_empty()) {
             s.labels = parse_label_selector(l)?;
         }
-        for term in fields.into_iter().flat_map(|f| f.split(',')).map(str::trim).filter(|t| !t.is_empty()) {
+        for term in fields
+            .into_iter()
+            .flat_map(|f| f.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
             let (k, neg, v) = if let Some((k, v)) = term.split_once("!=") {
                 (k, true, v)
             } else if let Some((k, v)) = term.split_once("==") {
@@ -107,9 +117,12 @@ impl Selectors {
             } else if let Some((k, v)) = term.split_once('=') {
                 (k, false, v)
             } else {
-                return Err(ApiError::BadRequest(format!("invalid field selector {term:?}")));
+                return Err(ApiError::BadRequest(format!(
+                    "invalid field selector {term:?}"
+                )));
             };
-            s.fields.push((k.trim().to_string(), neg, v.trim().to_string()));
+            s.fields
+                .push((k.trim().to_string(), neg, v.trim().to_string()));
         }
         Ok(s)
     }
@@ -140,7 +153,11 @@ impl Selectors {
 
 /// Parses a label selector (`a=b,c!=d,e in (x,y),f notin (z),g,!h`).
 pub fn parse_label_selector(s: &str) -> ApiResult<Vec<LabelRequirement>> {
-    let bad = || ApiError::BadRequest(format!("unable to parse requirement: invalid label selector {s:?}"));
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "unable to parse requirement: invalid label selector {s:?}"
+        ))
+    };
     let mut terms = Vec::new();
     let mut depth = 0;
     let mut cur = String::new();
@@ -160,7 +177,11 @@ pub fn parse_label_selector(s: &str) -> ApiResult<Vec<LabelRequirement>> {
     let mut out = Vec::new();
     for t in terms.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
         let set = |rest: &str| -> ApiResult<Vec<String>> {
-            let inner = rest.trim().strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or_else(bad)?;
+            let inner = rest
+                .trim()
+                .strip_prefix('(')
+                .and_then(|r| r.strip_suffix(')'))
+                .ok_or_else(bad)?;
             Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
         };
         if let Some((k, rest)) = t.split_once(" notin ") {
@@ -234,7 +255,14 @@ fn new_uid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Random bits from the standard library's randomly keyed hasher (no extra dependency).
@@ -242,7 +270,12 @@ pub fn random_u64(salt: u64) -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(salt);
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish()
 }
 
@@ -260,7 +293,9 @@ pub fn random_suffix() -> String {
 }
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
-    obj.get("metadata").and_then(|m| m.get(field)).and_then(Value::as_str)
+    obj.get("metadata")
+        .and_then(|m| m.get(field))
+        .and_then(Value::as_str)
 }
 
 fn meta_mut(obj: &mut Value) -> &mut serde_json::Map<String, Value> {
@@ -306,13 +341,19 @@ fn same_content(a: &Value, b: &Value) -> bool {
 fn finalizers(obj: &Value) -> Vec<String> {
     obj.pointer("/metadata/finalizers")
         .and_then(Value::as_array)
-        .map(|f| f.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+        .map(|f| {
+            f.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// Reads a `.a.b.c` path.
 pub fn get_dotted<'a>(obj: &'a Value, path: &str) -> Option<&'a Value> {
-    path.trim_start_matches('.').split('.').try_fold(obj, |v, k| v.get(k))
+    path.trim_start_matches('.')
+        .split('.')
+        .try_fold(obj, |v, k| v.get(k))
 }
 
 /// Writes a `.a.b.c` path, creating objects on the way.
@@ -335,7 +376,9 @@ pub fn set_dotted(obj: &mut Value, path: &str, value: Value) {
 fn dns_subdomain_error(name: &str) -> Option<String> {
     let ok = !name.is_empty()
         && name.len() <= 253
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.ends_with(|c: char| c.is_ascii_alphanumeric());
     (!ok).then(|| {
@@ -350,9 +393,15 @@ impl Store {
     pub fn new(history_cap: usize, graceful_pods: bool) -> Arc<Self> {
         let (changes, _) = broadcast::channel(4096);
         let mut objects: HashMap<ResKey, Objects> = HashMap::new();
-        let ns_key = ResKey { group: String::new(), plural: "namespaces".into() };
+        let ns_key = ResKey {
+            group: String::new(),
+            plural: "namespaces".into(),
+        };
         let ts = now();
-        for (i, ns) in ["default", "kube-system", "kube-public", "kube-node-lease"].iter().enumerate() {
+        for (i, ns) in ["default", "kube-system", "kube-public", "kube-node-lease"]
+            .iter()
+            .enumerate()
+        {
             let obj = json!({
                 "apiVersion": "v1", "kind": "Namespace",
                 "metadata": {"name": ns, "uid": new_uid(), "resourceVersion": (i + 1).to_string(), "creationTimestamp": ts,
@@ -360,7 +409,10 @@ impl Store {
                 "spec": {"finalizers": ["kubernetes"]},
                 "status": {"phase": "Active"},
             });
-            objects.entry(ns_key.clone()).or_default().insert((String::new(), ns.to_string()), obj);
+            objects
+                .entry(ns_key.clone())
+                .or_default()
+                .insert((String::new(), ns.to_string()), obj);
         }
         Arc::new(Store {
             state: Mutex::new(State {
@@ -406,7 +458,14 @@ impl Store {
         st.compacted = st.rv;
     }
 
-    fn record(&self, st: &mut State, key: &ResKey, kind: &'static str, object: Value, old: Option<Value>) {
+    fn record(
+        &self,
+        st: &mut State,
+        key: &ResKey,
+        kind: &'static str,
+        object: Value,
+        old: Option<Value>,
+    ) {
         let change = Arc::new(Change {
             rv: st.rv,
             key: key.clone(),
@@ -469,7 +528,12 @@ impl Store {
         out
     }
 
-    pub fn watch(&self, rt: &ResourceType, ns: Option<&str>, from: WatchFrom) -> ApiResult<WatchStart> {
+    pub fn watch(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        from: WatchFrom,
+    ) -> ApiResult<WatchStart> {
         let st = self.lock();
         let receiver = self.changes.subscribe();
         let key = rt.key();
@@ -484,26 +548,57 @@ impl Store {
                     .filter(|((o_ns, _), _)| !rt.namespaced || ns.is_none_or(|n| n == o_ns))
                     .map(|(_, o)| Self::present(o, rt))
                     .collect();
-                Ok(WatchStart { initial, backlog: vec![], receiver, current_rv: st.rv })
+                Ok(WatchStart {
+                    initial,
+                    backlog: vec![],
+                    receiver,
+                    current_rv: st.rv,
+                })
             }
-            WatchFrom::Version(v) if v < st.compacted => {
-                Err(ApiError::Gone(format!("too old resource version: {v} ({})", st.compacted + 1)))
-            }
+            WatchFrom::Version(v) if v < st.compacted => Err(ApiError::Gone(format!(
+                "too old resource version: {v} ({})",
+                st.compacted + 1
+            ))),
             WatchFrom::Version(v) => {
-                let backlog = st.history.iter().filter(|c| c.rv > v && in_scope(c)).cloned().collect();
-                Ok(WatchStart { initial: vec![], backlog, receiver, current_rv: st.rv })
+                let backlog = st
+                    .history
+                    .iter()
+                    .filter(|c| c.rv > v && in_scope(c))
+                    .cloned()
+                    .collect();
+                Ok(WatchStart {
+                    initial: vec![],
+                    backlog,
+                    receiver,
+                    current_rv: st.rv,
+                })
             }
         }
     }
 
-    pub fn create(&self, rt: &ResourceType, ns: &str, mut obj: Value, opts: &WriteOptions) -> ApiResult<Value> {
+    pub fn create(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        mut obj: Value,
+        opts: &WriteOptions,
+    ) -> ApiResult<Value> {
         let mut st = self.lock();
-        let rt = st.registry.by_key(&rt.key()).filter(|t| t.version == rt.version).unwrap_or_else(|| Arc::new(rt.clone()));
+        let rt = st
+            .registry
+            .by_key(&rt.key())
+            .filter(|t| t.version == rt.version)
+            .unwrap_or_else(|| Arc::new(rt.clone()));
         if !obj.is_object() {
-            return Err(ApiError::BadRequest("the request body must be a JSON object".into()));
+            return Err(ApiError::BadRequest(
+                "the request body must be a JSON object".into(),
+            ));
         }
         let meta = meta_mut(&mut obj);
-        let name = match (meta.get("name").and_then(Value::as_str), meta.get("generateName").and_then(Value::as_str)) {
+        let name = match (
+            meta.get("name").and_then(Value::as_str),
+            meta.get("generateName").and_then(Value::as_str),
+        ) {
             (Some(n), _) if !n.is_empty() => n.to_string(),
             (_, Some(g)) if !g.is_empty() => format!("{g}{}", random_suffix()),
             _ => {
@@ -511,7 +606,11 @@ impl Store {
                     &rt.kind,
                     &rt.group,
                     "",
-                    vec![Cause { reason: "FieldValueRequired".into(), field: "metadata.name".into(), message: "Required value: name or generateName is required".into() }],
+                    vec![Cause {
+                        reason: "FieldValueRequired".into(),
+                        field: "metadata.name".into(),
+                        message: "Required value: name or generateName is required".into(),
+                    }],
                 ));
             }
         };
@@ -528,7 +627,16 @@ impl Store {
             String::new()
         };
         if let Some(e) = dns_subdomain_error(&name) {
-            return Err(ApiError::invalid(&rt.kind, &rt.group, &name, vec![Cause { reason: "FieldValueInvalid".into(), field: "metadata.name".into(), message: e }]));
+            return Err(ApiError::invalid(
+                &rt.kind,
+                &rt.group,
+                &name,
+                vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    field: "metadata.name".into(),
+                    message: e,
+                }],
+            ));
         }
         meta.insert("name".into(), json!(name));
         if rt.namespaced {
@@ -550,13 +658,19 @@ impl Store {
         if rt.namespaced {
             let ns_obj = st
                 .objects
-                .get(&ResKey { group: String::new(), plural: "namespaces".into() })
+                .get(&ResKey {
+                    group: String::new(),
+                    plural: "namespaces".into(),
+                })
                 .and_then(|m| m.get(&(String::new(), ns.clone())));
             match ns_obj {
                 None => return Err(ApiError::not_found("namespaces", &ns)),
                 Some(n) if n.pointer("/metadata/deletionTimestamp").is_some() => {
                     return Err(ApiError::Invalid {
-                        message: format!("{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated", rt.qualified_plural()),
+                        message: format!(
+                            "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                            rt.qualified_plural()
+                        ),
                         kind: rt.kind.clone(),
                         name: name.clone(),
                         group: rt.group.clone(),
@@ -567,7 +681,11 @@ impl Store {
             }
         }
         let key = rt.key();
-        if st.objects.get(&key).is_some_and(|m| m.contains_key(&(ns.clone(), name.clone()))) {
+        if st
+            .objects
+            .get(&key)
+            .is_some_and(|m| m.contains_key(&(ns.clone(), name.clone())))
+        {
             return Err(ApiError::already_exists(&rt.qualified_plural(), &name));
         }
         if rt.status_subresource
@@ -585,32 +703,74 @@ impl Store {
     }
 
     /// Validation and admission-time side checks shared by create and update.
-    fn validate(&self, st: &State, rt: &ResourceType, name: &str, obj: Value, old: Option<&Value>, opts: &WriteOptions) -> ApiResult<Value> {
+    fn validate(
+        &self,
+        st: &State,
+        rt: &ResourceType,
+        name: &str,
+        obj: Value,
+        old: Option<&Value>,
+        opts: &WriteOptions,
+    ) -> ApiResult<Value> {
         let mut obj = Self::present(&obj, rt);
         if let Some(schema) = &rt.schema {
-            obj = schema::validate(schema, &obj, old, opts.unknown_fields).map_err(|c| ApiError::invalid(&rt.kind, &rt.group, name, c))?;
+            obj = schema::validate(schema, &obj, old, opts.unknown_fields)
+                .map_err(|c| ApiError::invalid(&rt.kind, &rt.group, name, c))?;
         }
         if rt.kind == "CustomResourceDefinition" {
             let types = from_crd(&obj).map_err(|m| {
-                ApiError::invalid(&rt.kind, &rt.group, name, vec![Cause { reason: "FieldValueInvalid".into(), field: "spec".into(), message: m }])
+                ApiError::invalid(
+                    &rt.kind,
+                    &rt.group,
+                    name,
+                    vec![Cause {
+                        reason: "FieldValueInvalid".into(),
+                        field: "spec".into(),
+                        message: m,
+                    }],
+                )
             })?;
             for t in &types {
                 if let Some(existing) = st.registry.get(&t.group, &t.version, &t.plural)
                     && existing.crd.as_deref() != Some(name)
                 {
-                    return Err(ApiError::invalid(&rt.kind, &rt.group, name, vec![Cause {
-                        reason: "FieldValueInvalid".into(),
-                        field: "spec.names.plural".into(),
-                        message: format!("{}/{} {} is already served", t.group, t.version, t.plural),
-                    }]));
+                    return Err(ApiError::invalid(
+                        &rt.kind,
+                        &rt.group,
+                        name,
+                        vec![Cause {
+                            reason: "FieldValueInvalid".into(),
+                            field: "spec.names.plural".into(),
+                            message: format!(
+                                "{}/{} {} is already served",
+                                t.group, t.version, t.plural
+                            ),
+                        }],
+                    ));
                 }
             }
         }
         if rt.kind == "Secret" {
-            for (k, v) in obj.get("data").and_then(Value::as_object).into_iter().flatten() {
-                let ok = v.as_str().is_some_and(|s| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s).is_ok());
+            for (k, v) in obj
+                .get("data")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                let ok = v.as_str().is_some_and(|s| {
+                    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s).is_ok()
+                });
                 if !ok {
-                    return Err(ApiError::invalid(&rt.kind, "", name, vec![Cause { reason: "FieldValueInvalid".into(), field: format!("data[{k}]"), message: "Invalid value: must be base64 encoded".into() }]));
+                    return Err(ApiError::invalid(
+                        &rt.kind,
+                        "",
+                        name,
+                        vec![Cause {
+                            reason: "FieldValueInvalid".into(),
+                            field: format!("data[{k}]"),
+                            message: "Invalid value: must be base64 encoded".into(),
+                        }],
+                    ));
                 }
             }
         }
@@ -618,7 +778,15 @@ impl Store {
     }
 
     /// Writes the object at a new resource version and runs the write's side effects.
-    fn store(&self, st: &mut State, rt: &ResourceType, ns: &str, name: &str, mut obj: Value, old: Option<Value>) -> Value {
+    fn store(
+        &self,
+        st: &mut State,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        mut obj: Value,
+        old: Option<Value>,
+    ) -> Value {
         st.rv += 1;
         let rv = st.rv;
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
@@ -630,18 +798,28 @@ impl Store {
                 let data = m.entry("data").or_insert_with(|| json!({}));
                 for (k, v) in sd {
                     let s = v.as_str().unwrap_or_default();
-                    data[k] = json!(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s));
+                    data[k] = json!(base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        s
+                    ));
                 }
             }
         }
         let stored = Self::present(&obj, rt);
-        st.objects.entry(rt.key()).or_default().insert((ns.to_string(), name.to_string()), stored.clone());
+        st.objects
+            .entry(rt.key())
+            .or_default()
+            .insert((ns.to_string(), name.to_string()), stored.clone());
         let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
         if rt.kind == "CustomResourceDefinition" {
             self.register_crd(st, name, &stored);
         }
         let stored = if rt.kind == "CustomResourceDefinition" {
-            st.objects.get(&rt.key()).and_then(|m| m.get(&(ns.to_string(), name.to_string()))).cloned().unwrap_or(stored)
+            st.objects
+                .get(&rt.key())
+                .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
+                .cloned()
+                .unwrap_or(stored)
         } else {
             stored
         };
@@ -667,8 +845,14 @@ impl Store {
                 {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": ts},
             ],
         });
-        let key = ResKey { group: "apiextensions.k8s.io".into(), plural: "customresourcedefinitions".into() };
-        st.objects.entry(key).or_default().insert((String::new(), name.to_string()), crd);
+        let key = ResKey {
+            group: "apiextensions.k8s.io".into(),
+            plural: "customresourcedefinitions".into(),
+        };
+        st.objects
+            .entry(key)
+            .or_default()
+            .insert((String::new(), name.to_string()), crd);
     }
 
     fn current(st: &State, rt: &ResourceType, ns: &str, name: &str) -> ApiResult<Value> {
@@ -681,16 +865,31 @@ impl Store {
 
     /// The `autoscaling/v1` Scale view of an object.
     pub fn scale_of(rt: &ResourceType, obj: &Value) -> ApiResult<Value> {
-        let paths = rt.scale.as_ref().ok_or_else(|| ApiError::not_found(&format!("{}/scale", rt.qualified_plural()), ""))?;
+        let paths = rt
+            .scale
+            .as_ref()
+            .ok_or_else(|| ApiError::not_found(&format!("{}/scale", rt.qualified_plural()), ""))?;
         let selector = match &paths.label_selector {
             Some(p) => get_dotted(obj, p).cloned().unwrap_or(json!("")),
             // Deployments: the selector's matchLabels as a string.
             None => {
-                let labels = obj.pointer("/spec/selector/matchLabels").and_then(Value::as_object);
-                json!(labels.map(|l| l.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")).unwrap_or_default())
+                let labels = obj
+                    .pointer("/spec/selector/matchLabels")
+                    .and_then(Value::as_object);
+                json!(
+                    labels
+                        .map(|l| l
+                            .iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                            .collect::<Vec<_>>()
+                            .join(","))
+                        .unwrap_or_default()
+                )
             }
         };
-        let spec_replicas = get_dotted(obj, &paths.spec_replicas).and_then(Value::as_i64).unwrap_or(if rt.kind == "Deployment" { 1 } else { 0 });
+        let spec_replicas = get_dotted(obj, &paths.spec_replicas)
+            .and_then(Value::as_i64)
+            .unwrap_or(if rt.kind == "Deployment" { 1 } else { 0 });
         Ok(json!({
             "kind": "Scale",
             "apiVersion": "autoscaling/v1",
@@ -704,10 +903,25 @@ impl Store {
     }
 
     /// PUT of the object (or its status / scale).
-    pub fn replace(&self, rt: &ResourceType, ns: &str, name: &str, body: Value, sub: Sub, opts: &WriteOptions) -> ApiResult<Value> {
+    pub fn replace(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        body: Value,
+        sub: Sub,
+        opts: &WriteOptions,
+    ) -> ApiResult<Value> {
         let ns = if rt.namespaced { ns } else { "" };
-        if body.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| n != name) {
-            return Err(ApiError::BadRequest(format!("the name of the object ({}) does not match the name on the URL ({name})", body["metadata"]["name"])));
+        if body
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| n != name)
+        {
+            return Err(ApiError::BadRequest(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                body["metadata"]["name"]
+            )));
         }
         let mut st = self.lock();
         let current = Self::current(&st, rt, ns, name)?;
@@ -721,7 +935,16 @@ impl Store {
 
     /// PATCH of the object (or its status / scale). An apply patch creates the object if missing.
     #[allow(clippy::too_many_arguments)]
-    pub fn patch(&self, rt: &ResourceType, ns: &str, name: &str, ptype: PatchType, body: &[u8], sub: Sub, opts: &WriteOptions) -> ApiResult<Value> {
+    pub fn patch(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        ptype: PatchType,
+        body: &[u8],
+        sub: Sub,
+        opts: &WriteOptions,
+    ) -> ApiResult<Value> {
         let ns = if rt.namespaced { ns } else { "" };
         let mut st = self.lock();
         let current = match Self::current(&st, rt, ns, name) {
@@ -733,21 +956,28 @@ impl Store {
                 let manager = opts.field_manager.as_deref().ok_or_else(|| {
                     ApiError::BadRequest("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch".into())
                 })?;
-                let mut obj = patch::server_side_apply(&json!({"metadata": {}}), &ApplyRequest {
-                    manager,
-                    force: opts.force,
-                    applied: &applied,
-                    subresource: "",
-                    api_version: &rt.api_version(),
-                    now: &now(),
-                })?;
+                let mut obj = patch::server_side_apply(
+                    &json!({"metadata": {}}),
+                    &ApplyRequest {
+                        manager,
+                        force: opts.force,
+                        applied: &applied,
+                        subresource: "",
+                        api_version: &rt.api_version(),
+                        now: &now(),
+                    },
+                )?;
                 obj["metadata"]["name"] = json!(name);
                 let _ = e;
                 return self.create(rt, ns, obj, opts);
             }
             Err(e) => return Err(e),
         };
-        let target = if sub == Sub::Scale { Self::scale_of(rt, &current)? } else { current.clone() };
+        let target = if sub == Sub::Scale {
+            Self::scale_of(rt, &current)?
+        } else {
+            current.clone()
+        };
         let patched = match ptype {
             PatchType::Json => patch::json_patch(&target, body)?,
             PatchType::Merge => patch::merge_patch(&target, body)?,
@@ -774,14 +1004,17 @@ impl Store {
                 {
                     m.remove("status");
                 }
-                patch::server_side_apply(&target, &ApplyRequest {
-                    manager,
-                    force: opts.force,
-                    applied: &applied,
-                    subresource: if sub == Sub::Status { "status" } else { "" },
-                    api_version: &rt.api_version(),
-                    now: &now(),
-                })?
+                patch::server_side_apply(
+                    &target,
+                    &ApplyRequest {
+                        manager,
+                        force: opts.force,
+                        applied: &applied,
+                        subresource: if sub == Sub::Status { "status" } else { "" },
+                        api_version: &rt.api_version(),
+                        now: &now(),
+                    },
+                )?
             }
         };
         if let Some(rv) = meta_str(&patched, "resourceVersion").filter(|rv| !rv.is_empty())
@@ -805,9 +1038,14 @@ impl Store {
         opts: &WriteOptions,
     ) -> ApiResult<Value> {
         if !body.is_object() {
-            return Err(ApiError::BadRequest("the request body must be a JSON object".into()));
+            return Err(ApiError::BadRequest(
+                "the request body must be a JSON object".into(),
+            ));
         }
-        let rt = st.registry.by_key(&rt.key()).unwrap_or_else(|| Arc::new(rt.clone()));
+        let rt = st
+            .registry
+            .by_key(&rt.key())
+            .unwrap_or_else(|| Arc::new(rt.clone()));
         let mut new = match sub {
             Sub::Main => {
                 let mut new = body;
@@ -839,10 +1077,26 @@ impl Store {
                 new
             }
             Sub::Scale => {
-                let paths = rt.scale.clone().ok_or_else(|| ApiError::not_found(&format!("{}/scale", rt.qualified_plural()), name))?;
-                let replicas = body.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0);
+                let paths = rt.scale.clone().ok_or_else(|| {
+                    ApiError::not_found(&format!("{}/scale", rt.qualified_plural()), name)
+                })?;
+                let replicas = body
+                    .pointer("/spec/replicas")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0);
                 if replicas < 0 {
-                    return Err(ApiError::invalid("Scale", "autoscaling", name, vec![Cause { reason: "FieldValueInvalid".into(), field: "spec.replicas".into(), message: format!("Invalid value: {replicas}: must be greater than or equal to 0") }]));
+                    return Err(ApiError::invalid(
+                        "Scale",
+                        "autoscaling",
+                        name,
+                        vec![Cause {
+                            reason: "FieldValueInvalid".into(),
+                            field: "spec.replicas".into(),
+                            message: format!(
+                                "Invalid value: {replicas}: must be greater than or equal to 0"
+                            ),
+                        }],
+                    ));
                 }
                 let mut new = current.clone();
                 set_dotted(&mut new, &paths.spec_replicas, json!(replicas));
@@ -853,7 +1107,15 @@ impl Store {
         {
             let cm = current["metadata"].clone();
             let m = meta_mut(&mut new);
-            for f in ["name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+            for f in [
+                "name",
+                "namespace",
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+            ] {
                 match cm.get(f) {
                     Some(v) => m.insert(f.into(), v.clone()),
                     None => m.remove(f),
@@ -862,18 +1124,31 @@ impl Store {
             m.remove("resourceVersion");
         }
         if current.pointer("/metadata/deletionTimestamp").is_some() {
-            let added: Vec<String> = finalizers(&new).into_iter().filter(|f| !finalizers(&current).contains(f)).collect();
+            let added: Vec<String> = finalizers(&new)
+                .into_iter()
+                .filter(|f| !finalizers(&current).contains(f))
+                .collect();
             if !added.is_empty() {
-                return Err(ApiError::invalid(&rt.kind, &rt.group, name, vec![Cause {
-                    reason: "FieldValueForbidden".into(),
-                    field: "metadata.finalizers".into(),
-                    message: format!("Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers {added:?}"),
-                }]));
+                return Err(ApiError::invalid(
+                    &rt.kind,
+                    &rt.group,
+                    name,
+                    vec![Cause {
+                        reason: "FieldValueForbidden".into(),
+                        field: "metadata.finalizers".into(),
+                        message: format!(
+                            "Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers {added:?}"
+                        ),
+                    }],
+                ));
             }
         }
         let mut new = self.validate(st, &rt, name, new, Some(&current), opts)?;
         if rt.generation && spec_part(&new) != spec_part(&current) {
-            let g = current.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+            let g = current
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
             meta_mut(&mut new).insert("generation".into(), json!(g + 1));
         }
         if same_content(&new, &current) {
@@ -889,8 +1164,18 @@ impl Store {
     }
 
     /// Removes the object for good (DELETED event); returns its last state.
-    fn remove(&self, st: &mut State, rt: &ResourceType, ns: &str, name: &str, last: Option<Value>) -> Value {
-        let removed = st.objects.get_mut(&rt.key()).and_then(|m| m.remove(&(ns.to_string(), name.to_string())));
+    fn remove(
+        &self,
+        st: &mut State,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        last: Option<Value>,
+    ) -> Value {
+        let removed = st
+            .objects
+            .get_mut(&rt.key())
+            .and_then(|m| m.remove(&(ns.to_string(), name.to_string())));
         let mut obj = last.or(removed.clone()).unwrap_or(Value::Null);
         st.rv += 1;
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(st.rv.to_string()));
@@ -899,7 +1184,10 @@ impl Store {
             if let Some(group) = obj.pointer("/spec/group").and_then(Value::as_str)
                 && let Some(plural) = obj.pointer("/spec/names/plural").and_then(Value::as_str)
             {
-                let key = ResKey { group: group.into(), plural: plural.into() };
+                let key = ResKey {
+                    group: group.into(),
+                    plural: plural.into(),
+                };
                 if let Some(instances) = st.objects.remove(&key) {
                     for (_, o) in instances {
                         st.rv += 1;
@@ -915,7 +1203,13 @@ impl Store {
         obj
     }
 
-    pub fn delete(&self, rt: &ResourceType, ns: &str, name: &str, opts: &DeleteOptions) -> ApiResult<Value> {
+    pub fn delete(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> ApiResult<Value> {
         let ns = if rt.namespaced { ns } else { "" };
         let mut st = self.lock();
         let current = Self::current(&st, rt, ns, name)?;
@@ -948,7 +1242,10 @@ impl Store {
             && opts.grace_period_seconds != Some(0);
         let is_namespace = rt.kind == "Namespace" && rt.group.is_empty();
         if current.pointer("/metadata/deletionTimestamp").is_some() {
-            if rt.kind == "Pod" && opts.grace_period_seconds == Some(0) && finalizers(&current).is_empty() {
+            if rt.kind == "Pod"
+                && opts.grace_period_seconds == Some(0)
+                && finalizers(&current).is_empty()
+            {
                 return Ok(self.remove(&mut st, rt, ns, name, None));
             }
             return Ok(Self::present(&current, rt));
@@ -959,7 +1256,11 @@ impl Store {
             m.insert("deletionTimestamp".into(), json!(now()));
             let grace = if graceful_pod {
                 opts.grace_period_seconds
-                    .or_else(|| current.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+                    .or_else(|| {
+                        current
+                            .pointer("/spec/terminationGracePeriodSeconds")
+                            .and_then(Value::as_i64)
+                    })
                     .unwrap_or(30)
             } else {
                 0
@@ -982,7 +1283,9 @@ impl Store {
         let mut changed = Vec::new();
         for (key, objs) in &st.objects {
             for ((ns, name), o) in objs {
-                let refs = o.pointer("/metadata/ownerReferences").and_then(Value::as_array);
+                let refs = o
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array);
                 if refs.is_some_and(|r| r.iter().any(|r| r["uid"] == owner_uid)) {
                     let mut n = o.clone();
                     if let Some(Value::Array(r)) = n.pointer_mut("/metadata/ownerReferences") {
@@ -1016,13 +1319,21 @@ impl Store {
     /// (background propagation) and terminating namespaces once they are empty.
     pub fn collect_garbage(&self) -> usize {
         let all = self.snapshot();
-        let uids: std::collections::HashSet<String> =
-            all.iter().filter_map(|(_, o)| meta_str(o, "uid").map(String::from)).collect();
+        let uids: std::collections::HashSet<String> = all
+            .iter()
+            .filter_map(|(_, o)| meta_str(o, "uid").map(String::from))
+            .collect();
         let mut deleted = 0;
         for (rt, o) in &all {
-            let refs = o.pointer("/metadata/ownerReferences").and_then(Value::as_array);
-            let Some(refs) = refs.filter(|r| !r.is_empty()) else { continue };
-            let orphaned = refs.iter().all(|r| r["uid"].as_str().is_none_or(|u| !uids.contains(u)));
+            let refs = o
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array);
+            let Some(refs) = refs.filter(|r| !r.is_empty()) else {
+                continue;
+            };
+            let orphaned = refs
+                .iter()
+                .all(|r| r["uid"].as_str().is_none_or(|u| !uids.contains(u)));
             if orphaned && o.pointer("/metadata/deletionTimestamp").is_none() {
                 let ns = meta_str(o, "namespace").unwrap_or("");
                 let name = meta_str(o, "name").unwrap_or("");
@@ -1036,7 +1347,9 @@ impl Store {
                 continue;
             }
             let name = meta_str(o, "name").unwrap_or("");
-            let empty = !all.iter().any(|(t, x)| t.namespaced && meta_str(x, "namespace") == Some(name));
+            let empty = !all
+                .iter()
+                .any(|(t, x)| t.namespaced && meta_str(x, "namespace") == Some(name));
             if empty {
                 let mut st = self.lock();
                 if Self::current(&st, rt, "", name).is_ok() {
@@ -1057,26 +1370,39 @@ fn conflict(rt: &ResourceType, name: &str) -> ApiError {
 }
 
 fn parse_apply(body: &[u8]) -> ApiResult<Value> {
-    let v: Value = serde_yaml::from_slice(body).map_err(|e| ApiError::BadRequest(format!("error decoding YAML: {e}")))?;
+    let v: Value = serde_yaml::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("error decoding YAML: {e}")))?;
     if !v.is_object() {
-        return Err(ApiError::BadRequest("an apply patch must be an object".into()));
+        return Err(ApiError::BadRequest(
+            "an apply patch must be an object".into(),
+        ));
     }
     Ok(v)
 }
 
 fn check_apply_identity(rt: &ResourceType, name: &str, applied: &Value) -> ApiResult<()> {
     let kind = applied.get("kind").and_then(Value::as_str).unwrap_or("");
-    let api_version = applied.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let api_version = applied
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if kind.is_empty() || api_version.is_empty() {
-        return Err(ApiError::BadRequest("apiVersion and kind must be set in an apply patch".into()));
+        return Err(ApiError::BadRequest(
+            "apiVersion and kind must be set in an apply patch".into(),
+        ));
     }
     if kind != rt.kind && kind != "Scale" {
-        return Err(ApiError::BadRequest(format!("the apply patch is a {kind}, the URL names {}", rt.kind)));
+        return Err(ApiError::BadRequest(format!(
+            "the apply patch is a {kind}, the URL names {}",
+            rt.kind
+        )));
     }
     if let Some(n) = meta_str(applied, "name")
         && n != name
     {
-        return Err(ApiError::BadRequest(format!("the name of the object ({n}) does not match the name on the URL ({name})")));
+        return Err(ApiError::BadRequest(format!(
+            "the name of the object ({n}) does not match the name on the URL ({name})"
+        )));
     }
     Ok(())
 }

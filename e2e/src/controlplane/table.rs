@@ -18,7 +18,11 @@ pub fn human_duration(secs: i64) -> String {
     let minutes = secs / 60;
     if minutes < 10 {
         let s = secs % 60;
-        return if s == 0 { format!("{minutes}m") } else { format!("{minutes}m{s}s") };
+        return if s == 0 {
+            format!("{minutes}m")
+        } else {
+            format!("{minutes}m{s}s")
+        };
     }
     if minutes < 180 {
         return format!("{minutes}m");
@@ -26,14 +30,22 @@ pub fn human_duration(secs: i64) -> String {
     let hours = minutes / 60;
     if hours < 8 {
         let m = minutes % 60;
-        return if m == 0 { format!("{hours}h") } else { format!("{hours}h{m}m") };
+        return if m == 0 {
+            format!("{hours}h")
+        } else {
+            format!("{hours}h{m}m")
+        };
     }
     if hours < 48 {
         return format!("{hours}h");
     }
     if hours < 24 * 8 {
         let h = hours % 24;
-        return if h == 0 { format!("{}d", hours / 24) } else { format!("{}d{h}h", hours / 24) };
+        return if h == 0 {
+            format!("{}d", hours / 24)
+        } else {
+            format!("{}d{h}h", hours / 24)
+        };
     }
     if hours < 24 * 365 * 2 {
         return format!("{}d", hours / 24);
@@ -44,13 +56,24 @@ pub fn human_duration(secs: i64) -> String {
 /// Evaluates a Kubernetes JSONPath (`.status.conditions[?(@.type=="Ready")].status`).
 pub fn jsonpath(obj: &Value, path: &str) -> Value {
     let path = path.trim().trim_start_matches('{').trim_end_matches('}');
-    let expr = if path.starts_with('$') { path.to_string() } else { format!("${path}") };
+    let expr = if path.starts_with('$') {
+        path.to_string()
+    } else {
+        format!("${path}")
+    };
     match jsonpath_rust::query::js_path_vals(&expr, obj) {
         Ok(found) => match found.as_slice() {
             [] => Value::Null,
             [one] => (*one).clone(),
             many => {
-                let parts: Vec<String> = many.iter().map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string())).collect();
+                let parts: Vec<String> = many
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(String::from)
+                            .unwrap_or_else(|| v.to_string())
+                    })
+                    .collect();
                 Value::String(parts.join(","))
             }
         },
@@ -90,7 +113,13 @@ fn row_object(obj: &Value, include: &str) -> Value {
 }
 
 /// A `Table` of `objects`; `resource_version` goes into its list metadata.
-pub fn table(rt: &ResourceType, objects: &[Value], resource_version: &str, include: &str, with_definitions: bool) -> Value {
+pub fn table(
+    rt: &ResourceType,
+    objects: &[Value],
+    resource_version: &str,
+    include: &str,
+    with_definitions: bool,
+) -> Value {
     let now = Utc::now();
     let mut defs = vec![json!({
         "name": "Name", "type": "string", "format": "name", "priority": 0,
@@ -113,7 +142,11 @@ pub fn table(rt: &ResourceType, objects: &[Value], resource_version: &str, inclu
         "metadata": {"resourceVersion": resource_version},
         "rows": rows,
     });
-    t["columnDefinitions"] = if with_definitions { Value::Array(defs) } else { Value::Null };
+    t["columnDefinitions"] = if with_definitions {
+        Value::Array(defs)
+    } else {
+        Value::Null
+    };
     t
 }
 
@@ -124,7 +157,10 @@ mod tests {
     #[test]
     fn jsonpath_filters_like_kubectl() {
         let obj = json!({"status": {"conditions": [{"type": "Stalled", "status": "False"}, {"type": "Ready", "status": "True"}]}});
-        assert_eq!(jsonpath(&obj, ".status.conditions[?(@.type==\"Ready\")].status"), json!("True"));
+        assert_eq!(
+            jsonpath(&obj, ".status.conditions[?(@.type==\"Ready\")].status"),
+            json!("True")
+        );
         assert_eq!(jsonpath(&obj, ".status.lag.records"), Value::Null);
     }
 

@@ -15,30 +15,52 @@ use serde_json::{Value, json};
 pub const STANDIN_IMAGE: &str = "example.com/obsrv/standin";
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ has a parent")
+        .to_path_buf()
 }
 
 pub async fn api_server() -> ControlPlane {
-    ControlPlane::start(ControlPlaneOptions::default()).await.expect("control plane starts")
+    ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("control plane starts")
 }
 
 pub async fn with_kubelet() -> ControlPlane {
-    let mut k = KubeletOptions::new(vec![ImageBinary::new(STANDIN_IMAGE, env!("CARGO_BIN_EXE_obsrv-e2e-standin"))]);
+    let mut k = KubeletOptions::new(vec![ImageBinary::new(
+        STANDIN_IMAGE,
+        env!("CARGO_BIN_EXE_obsrv-e2e-standin"),
+    )]);
     k.shutdown_grace = Duration::from_secs(3);
-    ControlPlane::start(ControlPlaneOptions { kubelet: Some(k), ..ControlPlaneOptions::default() }).await.expect("control plane starts")
+    ControlPlane::start(ControlPlaneOptions {
+        kubelet: Some(k),
+        ..ControlPlaneOptions::default()
+    })
+    .await
+    .expect("control plane starts")
 }
 
 /// Runs kubectl against the control plane. A missing kubectl is a failure that says how to install it.
 pub fn kubectl(cp: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;
     let mut cmd = std::process::Command::new("kubectl");
-    cmd.args(args).env("KUBECONFIG", cp.kubeconfig_path()).current_dir(repo_root());
-    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd.args(args)
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .current_dir(repo_root());
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("kubectl is required on PATH ({e}); install it with scripts/setup.sh or https://kubernetes.io/docs/tasks/tools/"));
     if let Some(input) = stdin {
-        child.stdin.take().expect("stdin is piped").write_all(input.as_bytes()).expect("writing kubectl stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(input.as_bytes())
+            .expect("writing kubectl stdin");
     }
     drop(child.stdin.take());
     child.wait_with_output().expect("kubectl runs")
@@ -54,13 +76,24 @@ pub fn stderr(o: &Output) -> String {
 
 /// Registers crds/connector.yaml with server-side apply and waits until it is Established.
 pub async fn install_connector_crd(client: &kube::Client) {
-    let yaml = std::fs::read_to_string(repo_root().join("crds/connector.yaml")).expect("crds/connector.yaml");
+    let yaml = std::fs::read_to_string(repo_root().join("crds/connector.yaml"))
+        .expect("crds/connector.yaml");
     let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).expect("CRD parses");
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch("connectors.obsrv.io", &PatchParams::apply("e2e-test").force(), &Patch::Apply(&crd)).await.expect("CRD applies");
+    api.patch(
+        "connectors.obsrv.io",
+        &PatchParams::apply("e2e-test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("CRD applies");
     let established = eventually(Duration::from_secs(10), || async {
         let crd = api.get("connectors.obsrv.io").await.ok()?;
-        crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+        crd.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+            .then_some(())
     })
     .await;
     assert!(established.is_some(), "the CRD never became Established");
