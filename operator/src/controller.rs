@@ -9,13 +9,16 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::utils::Predicate;
-use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
+use kube::runtime::{Controller, WatchStreamExt, controller, predicates, watcher};
 use kube::{Client, ResourceExt};
 use obsrv_crds::{Connector, labels};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::reconcile::{Context, error_policy, reconcile};
+
+/// Reconciles running at once per watched scope.
+pub const RECONCILE_CONCURRENCY: u16 = 32;
 
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
 where
@@ -93,6 +96,8 @@ async fn run_scope(ctx: Arc<Context>, ns: Option<String>, mut shutdown: watch::R
                 .map(|c| ObjectRef::from_obj(&*c))
                 .collect::<Vec<_>>()
         })
+        // Bounded parallel reconciles: each polls its pods, so this also bounds outbound load.
+        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

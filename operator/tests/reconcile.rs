@@ -113,6 +113,13 @@ async fn create_applies_owned_objects_and_reports_progress() {
         "status written only when changed"
     );
     assert_eq!(h.metrics.status_writes.get(), writes_before);
+    let writes: Vec<_> = h
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.verb != "get" && c.verb != "list")
+        .collect();
+    assert!(writes.is_empty(), "no writes in steady state: {writes:?}");
 
     // No secret value anywhere the operator writes.
     for kind in [CONFIGMAPS, DEPLOYMENTS, SERVICES, CONNECTORS, EVENTS] {
