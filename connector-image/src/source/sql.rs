@@ -322,6 +322,30 @@ impl TablePlan {
         }
     }
 
+    /// Age in seconds of the oldest unread row, when the cursor is a time (else `None`).
+    pub fn age_query(&self, pos_known: bool) -> Option<String> {
+        let c = format!("s.{}", quote_ident(self.dialect, &self.cursor.name));
+        let age = match (self.dialect, self.cursor.base_type.as_str()) {
+            (Dialect::Postgres, "timestamptz" | "timestamp" | "date") => {
+                format!("EXTRACT(EPOCH FROM (now() - min({c})::timestamptz))::float8")
+            }
+            (Dialect::MySql, "datetime" | "timestamp" | "date") => {
+                format!(
+                    "CAST(TIMESTAMPDIFF(MICROSECOND, min({c}), UTC_TIMESTAMP(6)) AS DOUBLE) / 1000000"
+                )
+            }
+            _ => return None,
+        };
+        let count = self.count_query(pos_known);
+        let where_at = count.find(" WHERE ").expect("count queries have a WHERE");
+        let end = count.rfind(" LIMIT ").expect("count queries have a LIMIT");
+        Some(format!(
+            "SELECT {age} FROM {} s{}",
+            self.from,
+            &count[where_at..end]
+        ))
+    }
+
     /// Rows remaining after `pos` (capped), for lag.
     pub fn count_query(&self, pos_known: bool) -> String {
         let page = if pos_known { Page::After } else { Page::First };
@@ -651,6 +675,7 @@ impl Source for SqlSource {
     async fn lag(&mut self) -> Result<Option<Lag>> {
         let started = Instant::now();
         let mut total = 0i64;
+        let mut seconds: Option<f64> = None;
         for plan in &self.plans {
             let pos = self.position.tables.get(&plan.name);
             let sql = plan.count_query(pos.is_some());
@@ -672,11 +697,35 @@ impl Source for SqlSource {
                 }
             };
             total += n;
+            if n > 0
+                && let Some(sql) = plan.age_query(pos.is_some())
+            {
+                let binds = plan.binds(Page::After, pos);
+                let age: Option<f64> = match &self.pool {
+                    Pool::Pg(p) => {
+                        let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
+                        for b in binds {
+                            q = q.bind(b);
+                        }
+                        q.fetch_one(p).await.map_err(from_sqlx)?
+                    }
+                    Pool::My(p) => {
+                        let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
+                        for b in binds {
+                            q = q.bind(b);
+                        }
+                        q.fetch_one(p).await.map_err(from_sqlx)?
+                    }
+                };
+                if let Some(a) = age {
+                    seconds = Some(seconds.map_or(a, |s: f64| s.max(a)));
+                }
+            }
         }
         tracing::debug!(kind = %self.kind, elapsed_ms = started.elapsed().as_millis() as u64, lag = total, "lag measured");
         Ok(Some(Lag {
             records: total,
-            seconds: None,
+            seconds: if total == 0 { Some(0.0) } else { seconds },
         }))
     }
 }
@@ -837,6 +886,27 @@ mod tests {
             "public.orders: (2024-01-01 00:00:00+00, 42)"
         );
         assert!(SqlPosition::from_value(Some(&serde_json::json!({"offsets": 1}))).is_err());
+    }
+
+    #[test]
+    fn age_query_only_for_time_cursors() {
+        let plan = TablePlan::new(
+            Dialect::Postgres,
+            &table(Some("id")),
+            "orders".into(),
+            &pg_cols(),
+        )
+        .unwrap();
+        let q = plan.age_query(true).unwrap();
+        assert!(q.starts_with(r#"SELECT EXTRACT(EPOCH FROM (now() - min(s."updated_at")::timestamptz))::float8 FROM orders s WHERE"#), "{q}");
+        assert!(
+            q.ends_with("($1::timestamp with time zone, $2::bigint)"),
+            "{q}"
+        );
+        let mut by_id = table(None);
+        by_id.cursor.column = "id".into();
+        let plan = TablePlan::new(Dialect::Postgres, &by_id, "orders".into(), &pg_cols()).unwrap();
+        assert_eq!(plan.age_query(true), None);
     }
 
     #[test]
