@@ -15,27 +15,31 @@ pub const POD_UNREACHABLE: &str = "PodUnreachable";
 pub struct Target {
     pub pod: String,
     pub url: String,
+    /// The pod passed its readiness probe. Pods that are not ready are polled too (their
+    /// `/status` says *why*), but one that does not answer is just starting, not failing.
+    pub ready: bool,
 }
 
 /// What one pod said, or why it said nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     pub pod: String,
+    pub ready: bool,
     pub status: Result<RuntimeStatus, String>,
 }
 
-/// Ready pods with an IP, as poll targets on `port`.
+/// Running pods with an IP, as poll targets on `port`.
 pub fn targets(pods: &[Pod], port: u16) -> Vec<Target> {
     let mut out: Vec<Target> = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            p.status
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .filter_map(|p| {
+            let ready = p
+                .status
                 .as_ref()
                 .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|p| {
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
             let ip = p.status.as_ref()?.pod_ip.as_ref()?;
             let name = p.metadata.name.clone()?;
             let host = if ip.contains(':') {
@@ -46,6 +50,7 @@ pub fn targets(pods: &[Pod], port: u16) -> Vec<Target> {
             Some(Target {
                 pod: name,
                 url: format!("http://{host}:{port}/status"),
+                ready,
             })
         })
         .collect();
@@ -92,7 +97,11 @@ pub async fn poll(
     let mut reports: Vec<Report> = futures::stream::iter(targets)
         .map(|t| async move {
             let status = fetch(http, &t.url, timeout).await;
-            Report { pod: t.pod, status }
+            Report {
+                pod: t.pod,
+                ready: t.ready,
+                status,
+            }
         })
         .buffer_unordered(concurrency.max(1))
         .collect()
@@ -177,6 +186,8 @@ pub fn aggregate(reports: &[Report]) -> Observed {
     let mut errors: Vec<LastError> = Vec::new();
     for r in reports {
         match &r.status {
+            // Not ready and not answering: still starting (the Deployment's rollout says so).
+            Err(_) if !r.ready => {}
             Err(msg) => {
                 o.failing += 1;
                 errors.push(LastError {

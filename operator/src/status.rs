@@ -226,6 +226,10 @@ fn applied(
     if observed.restarts.is_some() {
         s.restarts = observed.restarts.clone();
     }
+    if observed.answered > 0 && observed.worst_error.is_none() {
+        // Every pod that answered is fine: an old error would read as a current one.
+        s.last_error = None;
+    }
     if let Some(e) = &observed.worst_error {
         let same = s
             .last_error
@@ -263,6 +267,18 @@ fn applied(
                 Phase::Degraded,
             )
         }
+        _ if !healthy => {
+            let e = observed.worst_error.as_ref();
+            (
+                false,
+                e.map_or("Degraded", |e| e.reason.as_str()),
+                e.map_or_else(
+                    || "A replica reports an error.".into(),
+                    |e| e.message.clone(),
+                ),
+                Phase::Degraded,
+            )
+        }
         _ if !complete => (
             false,
             "RollingOut",
@@ -276,18 +292,6 @@ fn applied(
                 Phase::Pending
             },
         ),
-        _ if !healthy => {
-            let e = observed.worst_error.as_ref();
-            (
-                false,
-                e.map_or("Degraded", |e| e.reason.as_str()),
-                e.map_or_else(
-                    || "A replica reports an error.".into(),
-                    |e| e.message.clone(),
-                ),
-                Phase::Degraded,
-            )
-        }
         DesiredState::Paused => (
             true,
             "Paused",

@@ -546,3 +546,52 @@ async fn every_api_call_is_declared_in_rbac() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_pod_that_cannot_start_reading_says_why_and_recovers() {
+    let mut h = postgres().await;
+    create(&h, "orders").await;
+    // The pod runs but never gets ready: its /status names the cause.
+    let ip = h.pod(running(0)).await;
+    h.set_pod(&ip, |s| {
+        s.state = RuntimeState::Degraded;
+        s.ready = false;
+        s.last_error = Some(LastError {
+            reason: reason::SOURCE_UNREACHABLE.into(),
+            message: "orders-db.shop.svc:5432: connection refused".into(),
+            time: None,
+        });
+    });
+    h.roll_out_with("orders", std::slice::from_ref(&ip), false);
+    h.reconcile_ok("orders").await;
+    let (ready, why, msg) = h.condition("orders", condition::READY);
+    assert_eq!(
+        (ready.as_str(), why.as_str()),
+        ("False", "SourceUnreachable")
+    );
+    assert!(msg.contains("connection refused"), "{msg}");
+    assert_eq!(h.status("orders").phase, Some(Phase::Degraded));
+    assert_eq!(
+        h.condition("orders", condition::STALLED).0,
+        "False",
+        "a source problem is not a spec problem"
+    );
+
+    // A pod that is not ready and does not answer yet is just starting, not an error.
+    let silent = h.unreachable_ip().await;
+    h.roll_out_with("orders", std::slice::from_ref(&silent), false);
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.condition("orders", condition::READY).1, "RollingOut");
+    assert_eq!(h.condition("orders", condition::RECONCILING).0, "True");
+
+    // The source comes back: Ready, and the old error is gone.
+    h.set_pod(&ip, |s| {
+        s.state = RuntimeState::Running;
+        s.ready = true;
+        s.last_error = None;
+    });
+    h.roll_out("orders", std::slice::from_ref(&ip));
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.condition("orders", condition::READY).0, "True");
+    assert!(h.status("orders").last_error.is_none());
+}

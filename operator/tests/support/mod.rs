@@ -201,12 +201,19 @@ impl Harness {
     /// Plays the Deployment controller and kubelet: the Deployment reports every replica ready and
     /// up to date, and one Pod per entry of `pods` exists (ready, with that IP).
     pub fn roll_out(&self, name: &str, pod_ips: &[String]) {
+        self.roll_out_with(name, pod_ips, true);
+    }
+
+    /// Like [`Harness::roll_out`], but the pods run without passing readiness (e.g. the source is down).
+    pub fn roll_out_with(&self, name: &str, pod_ips: &[String], ready: bool) {
         let want = self.replicas(name);
+        let ready_count = if ready { want } else { 0 };
+        let ready_str = if ready { "True" } else { "False" };
         self.api.edit(DEPLOYMENTS.0, DEPLOYMENTS.1, &self.ns, name, |d| {
             let generation = d["metadata"]["generation"].clone();
             d["status"] = json!({
                 "observedGeneration": generation,
-                "replicas": want, "readyReplicas": want, "updatedReplicas": want, "availableReplicas": want
+                "replicas": want, "readyReplicas": ready_count, "updatedReplicas": want, "availableReplicas": ready_count
             });
         });
         for p in self.api.list(PODS.0, PODS.1, &self.ns) {
@@ -225,7 +232,7 @@ impl Harness {
                     "metadata": {"name": format!("{name}-pod-{i}"), "labels": labels},
                     "spec": {"containers": [{"name": "connector"}]},
                     "status": {"phase": "Running", "podIP": ip,
-                               "conditions": [{"type": "Ready", "status": "True"}]}
+                               "conditions": [{"type": "Ready", "status": ready_str}]}
                 }),
             );
         }
