@@ -72,6 +72,8 @@ impl Shared {
         if s.state != RuntimeState::Stopping {
             s.state = RuntimeState::Degraded;
         }
+        // Not ready until the next success proves source and sink answer again.
+        s.ready = false;
         s.last_error = Some(LastError {
             reason: e.reason().to_string(),
             message: e.to_string(),

@@ -4,6 +4,7 @@
 //! Also a library: a custom connector implements [`source::Source`] and reuses the sink, state,
 //! envelope and HTTP parts.
 
+pub mod bench;
 pub mod config;
 pub mod envelope;
 pub mod error;

@@ -37,6 +37,21 @@ enum Command {
     Check(Common),
     /// Release what the source holds (nothing for the current sources).
     Cleanup(Common),
+    /// Postgres -> broker benchmark against the machine's bounds (COPY out, raw produce).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Rows to load.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: usize,
+    /// An existing Postgres (`postgres://user:password@host:port/db`); a throwaway one otherwise.
+    #[arg(long)]
+    postgres_url: Option<String>,
+    /// An existing broker; a throwaway nisshi otherwise.
+    #[arg(long)]
+    bootstrap: Option<String>,
 }
 
 #[derive(Args)]
@@ -134,7 +149,28 @@ fn init_logs(format: &str) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Run(c) | Command::Check(c) | Command::Cleanup(c)) = &cli.command;
+    let c = match &cli.command {
+        Command::Run(c) | Command::Check(c) | Command::Cleanup(c) => c,
+        Command::Bench(b) => {
+            init_logs("text");
+            return match obsrv_connector::bench::run(
+                b.rows,
+                b.postgres_url.clone(),
+                b.bootstrap.clone(),
+            )
+            .await
+            {
+                Ok(f) => {
+                    println!("{}", f.report());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("obsrv-connector bench: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     init_logs(&c.log_format);
     let loaded = match load(c) {
         Ok(l) => l,
@@ -146,6 +182,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Run(c) => run_cmd(c, loaded).await,
         Command::Check(_) => check_cmd(loaded).await,
+        Command::Bench(_) => ExitCode::SUCCESS,
         Command::Cleanup(_) => {
             // Postgres/MySQL/MariaDB keyset reads, Kafka groups and S3 listing hold nothing on the
             // source; positions stay in the state topic so a re-created connector can resume.
