@@ -1,0 +1,331 @@
+//! The whole system on one machine, as the end-to-end suite and the demo use it: the local control
+//! plane (API server + kubelet running connector pods as `obsrv-connector` processes), a broker, and
+//! the real `obsrv-operator` binary talking to the control plane through a kubeconfig. Users' view of
+//! it is `kubectl`, so the helpers here drive `kubectl` too.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::controlplane::{ControlPlane, ControlPlaneOptions, ImageBinary, KubeletOptions};
+use crate::services::{Broker, free_port};
+
+/// Image whose pods the local kubelet runs as `obsrv-connector` processes.
+pub const CONNECTOR_IMAGE: &str = "ghcr.io/obsrv/obsrv-connector";
+pub const INGEST_TOPIC: &str = "ingest";
+pub const FAILED_TOPIC: &str = "connectors.failed";
+pub const STATE_TOPIC: &str = "connectors.state";
+
+/// Where `obsrv-operator` and `obsrv-connector` were built: `E2E_BIN_DIR`, or the cargo target
+/// directory this test binary runs from (`target/debug/deps/<test>` -> `target/debug`).
+pub fn binaries_dir() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("E2E_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .context("test binary has no directory")?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    for bin in ["obsrv-operator", "obsrv-connector"] {
+        if !dir.join(bin).is_file() {
+            bail!(
+                "{} is missing: build it with `cargo build -p obsrv-operator -p obsrv-connector` (scripts/test.sh does)",
+                dir.join(bin).display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Process(Child);
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// `kill -9`, and reap it.
+    pub fn kill9(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SAFETY: our own child, not yet reaped, so the pid cannot have been reused.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The output of a kubectl run.
+#[derive(Debug)]
+pub struct KubectlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Control plane + broker + operator. Dropping it stops the operator, every pod process and the broker.
+pub struct Stack {
+    // Field order is drop order: pods (control plane) stop before the broker they write to.
+    pub cp: ControlPlane,
+    pub broker: Broker,
+    pub kubeconfig: PathBuf,
+    pub dir: PathBuf,
+    pub bin_dir: PathBuf,
+    operator: Option<Process>,
+    operator_runs: u32,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Stack {
+    /// Starts everything; `dir` keeps kubeconfig, logs and pod volumes (a temp dir when None).
+    pub async fn start(dir: Option<PathBuf>) -> Result<Stack> {
+        let bin_dir = binaries_dir()?;
+        let (tmp, dir) = match dir {
+            Some(d) => {
+                std::fs::create_dir_all(&d)?;
+                (None, std::fs::canonicalize(d)?)
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("obsrv-e2e-").tempdir()?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let broker = Broker::start().await?;
+        for topic in [INGEST_TOPIC, FAILED_TOPIC, STATE_TOPIC] {
+            broker.create_topic(topic, 1).await?;
+        }
+        let kubelet = KubeletOptions::new(vec![ImageBinary::new(
+            CONNECTOR_IMAGE,
+            bin_dir.join("obsrv-connector"),
+        )]);
+        let cp = ControlPlane::start(ControlPlaneOptions {
+            dir: Some(dir.join("cluster")),
+            kubelet: Some(kubelet),
+            ..ControlPlaneOptions::default()
+        })
+        .await?;
+        let kubeconfig = dir.join("kubeconfig");
+        cp.write_kubeconfig(&kubeconfig)?;
+        let mut stack = Stack {
+            cp,
+            broker,
+            kubeconfig,
+            dir,
+            bin_dir,
+            operator: None,
+            operator_runs: 0,
+            _tmp: tmp,
+        };
+        let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/connector.yaml");
+        stack.kubectl_ok(&["apply", "-f", crd.to_str().unwrap_or_default()])?;
+        stack.start_operator()?;
+        Ok(stack)
+    }
+
+    /// Starts (or restarts) the operator binary against the control plane.
+    pub fn start_operator(&mut self) -> Result<()> {
+        self.operator_runs += 1;
+        let log_path = self
+            .dir
+            .join(format!("operator-{}.log", self.operator_runs));
+        let log = std::fs::File::create(&log_path)?;
+        let admin = format!("127.0.0.1:{}", free_port()?);
+        let child = Command::new(self.bin_dir.join("obsrv-operator"))
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args(["--connector-image", &format!("{CONNECTOR_IMAGE}:dev")])
+            .args(["--sink-bootstrap-servers", self.broker.bootstrap()])
+            .args([
+                "--sink-topic",
+                INGEST_TOPIC,
+                "--sink-failed-topic",
+                FAILED_TOPIC,
+            ])
+            .args(["--sink-state-topic", STATE_TOPIC])
+            .args([
+                "--status-poll-interval",
+                "2s",
+                "--admin-addr",
+                &admin,
+                "--log-format",
+                "text",
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting obsrv-operator")?;
+        self.operator = Some(Process(child));
+        Ok(())
+    }
+
+    /// `kill -9` of the operator.
+    pub fn kill_operator(&mut self) {
+        if let Some(p) = self.operator.take() {
+            p.kill9();
+        }
+    }
+
+    /// Path of the current operator's log.
+    pub fn operator_log(&self) -> PathBuf {
+        self.dir
+            .join(format!("operator-{}.log", self.operator_runs))
+    }
+
+    /// Runs kubectl against the control plane, optionally with `stdin`.
+    pub fn kubectl_with(&self, args: &[&str], stdin: Option<&str>) -> Result<KubectlOutput> {
+        let mut child = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl (is it on PATH?)")?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        Ok(KubectlOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Runs kubectl and fails with its stderr when it fails.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl_with(args, None)?;
+        if !out.success {
+            bail!("kubectl {}: {}", args.join(" "), out.stderr.trim());
+        }
+        Ok(out.stdout)
+    }
+
+    /// `kubectl apply -f -` of a manifest.
+    pub fn apply(&self, yaml: &str) -> Result<String> {
+        let out = self.kubectl_with(&["apply", "-f", "-"], Some(yaml))?;
+        if !out.success {
+            bail!("kubectl apply: {}", out.stderr.trim());
+        }
+        Ok(out.stdout)
+    }
+
+    /// `kubectl get <what> -o json`.
+    pub fn get_json(&self, what: &[&str]) -> Result<Value> {
+        let mut args = vec!["get"];
+        args.extend_from_slice(what);
+        args.extend_from_slice(&["-o", "json"]);
+        Ok(serde_json::from_str(&self.kubectl_ok(&args)?)?)
+    }
+
+    /// A Connector's status condition (`type`), or Null.
+    pub fn condition(&self, connector: &str, type_: &str) -> Result<Value> {
+        let c = self.get_json(&["connector", connector])?;
+        Ok(c["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == type_).cloned())
+            .unwrap_or(Value::Null))
+    }
+
+    /// Pods of a Connector (by the `obsrv.io/connector` label), running or not.
+    pub fn pods(&self, connector: &str) -> Result<Vec<Value>> {
+        let list = self.get_json(&["pods", "-l", &format!("obsrv.io/connector={connector}")])?;
+        Ok(list["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Names of the pods of a Connector that are Ready.
+    pub fn ready_pods(&self, connector: &str) -> Result<Vec<String>> {
+        Ok(self
+            .pods(connector)?
+            .into_iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .filter(|p| {
+                p["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+            .filter_map(|p| p["metadata"]["name"].as_str().map(String::from))
+            .collect())
+    }
+
+    /// Polls `probe` every 500 ms until it yields a value; the error names what was awaited and the
+    /// last thing seen, with the operator's log path.
+    pub async fn eventually<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut probe: impl AsyncFnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match probe().await {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last = format!("{e:#}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        bail!(
+            "timed out after {timeout:?} waiting for {what} (last error: {last}); operator log: {}, pod logs: {}",
+            self.operator_log().display(),
+            self.dir.join("cluster/logs").display()
+        )
+    }
+}
+
+/// Pids of `obsrv-connector` processes serving `ip` (found by their `OBSRV_LISTEN` environment),
+/// the way an operator of a node would find a pod's process.
+pub fn connector_pids_on(ip: &str) -> Vec<i32> {
+    let needle = format!("OBSRV_LISTEN={ip}:");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| {
+                    env.split(|b| *b == 0)
+                        .any(|kv| kv.starts_with(needle.as_bytes()))
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Operator first, so it does not react to pods going away; the control plane then stops
+        // every pod process when it drops.
+        self.operator.take();
+    }
+}

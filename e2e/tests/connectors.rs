@@ -1,0 +1,582 @@
+//! End-to-end: the real operator and connector binaries on the local control plane, driven with
+//! kubectl the way a user drives a cluster, against a real Postgres and broker.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use obsrv_e2e::harness::{INGEST_TOPIC, Stack, connector_pids_on};
+use obsrv_e2e::services::{Broker, Postgres, free_port, unique_name};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// A Secret and a Postgres Connector reading `public.orders` by `(updated_at, id)`.
+fn pg_manifest(name: &str, host: &str, port: u16, pg: &Postgres, spec_extra: Value) -> String {
+    pg_manifest_as(name, host, port, pg, (pg.user(), pg.password()), spec_extra)
+}
+
+fn pg_manifest_as(
+    name: &str,
+    host: &str,
+    port: u16,
+    pg: &Postgres,
+    login: (&str, &str),
+    spec_extra: Value,
+) -> String {
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": format!("{name}-creds")},
+        "stringData": {"username": login.0, "password": login.1},
+    });
+    let mut spec = json!({
+        "dataset": name,
+        "source": {"postgres": {
+            "host": host, "port": port, "database": pg.database(),
+            "credentials": {"secretName": format!("{name}-creds")},
+            "tls": {"mode": "disable"},
+            "tables": [{"name": "public.orders", "cursor": {"column": "updated_at", "tieBreaker": "id"}}],
+            "pollInterval": "1s", "batchSize": 100,
+        }},
+    });
+    merge(&mut spec, spec_extra);
+    let connector = json!({
+        "apiVersion": "obsrv.io/v1alpha1", "kind": "Connector",
+        "metadata": {"name": name}, "spec": spec,
+    });
+    format!(
+        "{}---\n{}",
+        serde_yaml::to_string(&secret).unwrap(),
+        serde_yaml::to_string(&connector).unwrap()
+    )
+}
+
+fn merge(base: &mut Value, extra: Value) {
+    match (base, extra) {
+        (Value::Object(b), Value::Object(e)) => {
+            for (k, v) in e {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, e) => *b = e,
+    }
+}
+
+/// `orders` with `rows` rows; every 10 rows share an `updated_at`, so keyset pagination must
+/// break ties by id to deliver them all.
+async fn orders_table(pg: &Postgres, rows: u32) -> Result<()> {
+    pg.psql(&format!(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, item text NOT NULL, updated_at timestamptz NOT NULL);
+         INSERT INTO orders SELECT g, 'item-' || g, timestamptz '2026-11-01 00:00:00+00' + (g / 10) * interval '1 second'
+         FROM generate_series(1, {rows}) g;"
+    ))
+    .await?;
+    Ok(())
+}
+
+async fn insert_orders(pg: &Postgres, from: u32, to: u32) -> Result<()> {
+    pg.psql(&format!(
+        "INSERT INTO orders SELECT g, 'item-' || g, now() FROM generate_series({from}, {to}) g"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Distinct `event.id`s of the records in the ingest topic for `dataset`.
+async fn ingested_ids(
+    broker: &Broker,
+    dataset: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Result<BTreeSet<i64>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let records = broker
+            .consume_all(INGEST_TOPIC, usize::MAX, Duration::from_secs(3))
+            .await?;
+        let ids: BTreeSet<i64> = records
+            .iter()
+            .filter_map(|r| r.json().ok())
+            .filter(|v| v["dataset"] == dataset)
+            .filter_map(|v| v["event"]["id"].as_i64())
+            .collect();
+        if ids.len() >= expected || std::time::Instant::now() > deadline {
+            return Ok(ids);
+        }
+    }
+}
+
+fn status(stack: &Stack, name: &str) -> Result<Value> {
+    Ok(stack.get_json(&["connector", name])?["status"].clone())
+}
+
+async fn wait_ready(stack: &Stack, name: &str) -> Result<()> {
+    stack
+        .eventually(&format!("{name} Ready=True"), WAIT, async || {
+            Ok((stack.condition(name, "Ready")?["status"] == "True").then_some(()))
+        })
+        .await
+}
+
+async fn start_with_orders(rows: u32) -> Result<(Postgres, Stack)> {
+    let (pg, stack) = tokio::try_join!(Postgres::start(), Stack::start(None))?;
+    orders_table(&pg, rows).await?;
+    Ok((pg, stack))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connector_delivers_every_row_and_reports_ready_lag_and_totals() -> Result<()> {
+    let (pg, stack) = start_with_orders(500).await?;
+    stack.apply(&pg_manifest("orders", pg.host(), pg.port(), &pg, json!({})))?;
+
+    let ids = ingested_ids(&stack.broker, "orders", 500, WAIT).await?;
+    assert_eq!(
+        ids,
+        (1..=500).collect(),
+        "every row, ties on updated_at included, arrives once"
+    );
+    let records = stack
+        .broker
+        .consume_all(INGEST_TOPIC, 500, Duration::from_secs(10))
+        .await?;
+    let first = records.first().context("no record")?;
+    let envelope = first.json()?;
+    assert_eq!(envelope["dataset"], "orders");
+    assert_eq!(
+        envelope["obsrv_meta"]["source"],
+        json!({"connector": "postgres", "connectorInstance": "default/orders"})
+    );
+    assert!(
+        envelope["obsrv_meta"]["syncts"]
+            .as_i64()
+            .is_some_and(|t| t > 1_700_000_000_000)
+    );
+    let event_id = first
+        .header("obsrv-event-id")
+        .context("obsrv-event-id header")?;
+    assert_eq!(
+        first.key.as_deref(),
+        Some(event_id),
+        "the key carries the event id"
+    );
+
+    wait_ready(&stack, "orders").await?;
+    stack
+        .eventually("lag 0 and totals 500", WAIT, async || {
+            let s = status(&stack, "orders")?;
+            Ok((s["lag"]["records"] == 0 && s["totals"]["recordsIngested"] == 500).then_some(()))
+        })
+        .await?;
+    let table = stack.kubectl_ok(&["get", "connectors"])?;
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("orders"))
+        .context("orders row in kubectl get")?;
+    for cell in ["orders", "postgres", "Running", "True", "1/1"] {
+        assert!(
+            row.split_whitespace().any(|c| c == cell),
+            "{cell:?} missing in {row:?}\n{table}"
+        );
+    }
+
+    insert_orders(&pg, 501, 520).await?;
+    let ids = ingested_ids(&stack.broker, "orders", 520, WAIT).await?;
+    assert_eq!(ids.len(), 520, "new rows keep flowing");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spec_edit_and_secret_rotation_roll_the_pods() -> Result<()> {
+    let (pg, stack) = start_with_orders(50).await?;
+    // The connector reads as a read-only role whose password we rotate.
+    pg.psql(
+        "CREATE ROLE reader LOGIN PASSWORD 'first-password'; GRANT SELECT ON orders TO reader;",
+    )
+    .await?;
+    stack.apply(&pg_manifest_as(
+        "orders",
+        pg.host(),
+        pg.port(),
+        &pg,
+        ("reader", "first-password"),
+        json!({}),
+    ))?;
+    wait_ready(&stack, "orders").await?;
+    let before: BTreeSet<String> = stack.ready_pods("orders")?.into_iter().collect();
+
+    stack.kubectl_ok(&[
+        "patch",
+        "connector",
+        "orders",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"source":{"postgres":{"batchSize":25}}}}"#,
+    ])?;
+    let after_edit = stack
+        .eventually("a new pod after the spec edit", WAIT, async || {
+            let now: BTreeSet<String> = stack.ready_pods("orders")?.into_iter().collect();
+            Ok((!now.is_empty() && now.is_disjoint(&before)).then_some(now))
+        })
+        .await?;
+
+    // Rotate the password in Postgres and in the Secret: the pods roll and read with the new one.
+    pg.psql("ALTER ROLE reader PASSWORD 'rotated-password'")
+        .await?;
+    stack.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: orders-creds}\nstringData: {username: reader, password: rotated-password}\n")?;
+    stack
+        .eventually("a new pod after the Secret rotation", WAIT, async || {
+            let now: BTreeSet<String> = stack.ready_pods("orders")?.into_iter().collect();
+            Ok((!now.is_empty() && now.is_disjoint(&after_edit)).then_some(()))
+        })
+        .await?;
+    insert_orders(&pg, 51, 60).await?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 60, WAIT).await?.len(),
+        60
+    );
+    let cm = stack.get_json(&["configmap", "orders"])?;
+    assert!(
+        !cm.to_string().contains("rotated-password"),
+        "no secret value in the ConfigMap"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_stop_and_resume() -> Result<()> {
+    let (pg, stack) = start_with_orders(20).await?;
+    stack.apply(&pg_manifest("orders", pg.host(), pg.port(), &pg, json!({})))?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 20, WAIT).await?.len(),
+        20
+    );
+
+    stack.kubectl_ok(&[
+        "patch",
+        "connector",
+        "orders",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"state":"Paused"}}"#,
+    ])?;
+    stack
+        .eventually("phase Paused", WAIT, async || {
+            Ok((status(&stack, "orders")?["phase"] == "Paused").then_some(()))
+        })
+        .await?;
+    insert_orders(&pg, 21, 30).await?;
+    // Paused keeps its pods but reads nothing: several poll intervals later, still 20.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 21, Duration::from_secs(3))
+            .await?
+            .len(),
+        20
+    );
+    assert!(
+        !stack.ready_pods("orders")?.is_empty(),
+        "a paused connector keeps its pods"
+    );
+
+    stack.kubectl_ok(&[
+        "patch",
+        "connector",
+        "orders",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"state":"Stopped"}}"#,
+    ])?;
+    stack
+        .eventually("no pods and phase Stopped", WAIT, async || {
+            let s = status(&stack, "orders")?;
+            Ok((s["phase"] == "Stopped" && stack.pods("orders")?.is_empty()).then_some(()))
+        })
+        .await?;
+    let deployment = stack.get_json(&["deployment", "orders"])?;
+    assert_eq!(deployment["spec"]["replicas"], 0);
+
+    stack.kubectl_ok(&[
+        "patch",
+        "connector",
+        "orders",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"state":"Running"}}"#,
+    ])?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
+        30,
+        "rows written while paused arrive"
+    );
+    wait_ready(&stack, "orders").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_source_scales_out_to_its_partitions_and_no_further() -> Result<()> {
+    let stack = Stack::start(None).await?;
+    let topic = unique_name("clicks");
+    stack.broker.create_topic(&topic, 3).await?;
+    for i in 0..60 {
+        stack
+            .broker
+            .produce(
+                &topic,
+                Some(&format!("k{i}")),
+                &json!({"id": i}).to_string(),
+            )
+            .await?;
+    }
+    let manifest = json!({
+        "apiVersion": "obsrv.io/v1alpha1", "kind": "Connector", "metadata": {"name": "clicks"},
+        "spec": {"dataset": "clicks", "scaling": {"replicas": 1},
+                 "source": {"kafka": {"bootstrapServers": stack.broker.bootstrap(), "topics": [topic]}}},
+    });
+    stack.apply(&serde_yaml::to_string(&manifest)?)?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "clicks", 60, WAIT).await?.len(),
+        60
+    );
+
+    stack.kubectl_ok(&["scale", "connector", "clicks", "--replicas", "3"])?;
+    stack
+        .eventually("3 ready pods", WAIT, async || {
+            Ok((stack.ready_pods("clicks")?.len() == 3).then_some(()))
+        })
+        .await?;
+    for i in 60..120 {
+        stack
+            .broker
+            .produce(
+                &topic,
+                Some(&format!("k{i}")),
+                &json!({"id": i}).to_string(),
+            )
+            .await?;
+    }
+    assert_eq!(
+        ingested_ids(&stack.broker, "clicks", 120, WAIT)
+            .await?
+            .len(),
+        120,
+        "three replicas share the topic"
+    );
+
+    stack.kubectl_ok(&["scale", "connector", "clicks", "--replicas", "5"])?;
+    let limited = stack
+        .eventually("ScalingLimited=True", WAIT, async || {
+            let c = stack.condition("clicks", "ScalingLimited")?;
+            Ok((c["status"] == "True").then_some(c))
+        })
+        .await?;
+    let message = limited["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains('3') && message.contains("partition"),
+        "ScalingLimited says why: {message}"
+    );
+    assert_eq!(status(&stack, "clicks")?["replicas"], 3);
+    assert_eq!(
+        stack.get_json(&["deployment", "clicks"])?["spec"]["replicas"],
+        3
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_manifests_are_rejected_with_a_clear_message() -> Result<()> {
+    let stack = Stack::start(None).await?;
+    let two_sources = "apiVersion: obsrv.io/v1alpha1\nkind: Connector\nmetadata: {name: bad}\nspec:\n  dataset: x\n  source:\n    kafka: {bootstrapServers: 'b:9092', topics: [t]}\n    s3: {bucket: b, format: json}\n";
+    let out = stack.kubectl_with(&["apply", "-f", "-"], Some(two_sources))?;
+    assert!(!out.success, "two source kinds must be refused");
+    assert!(
+        out.stderr.contains("exactly one source kind"),
+        "{}",
+        out.stderr
+    );
+
+    let good = "apiVersion: obsrv.io/v1alpha1\nkind: Connector\nmetadata: {name: good}\nspec:\n  dataset: x\n  state: Stopped\n  source:\n    kafka: {bootstrapServers: 'b:9092', topics: [t]}\n";
+    stack.apply(good)?;
+    let out = stack.kubectl_with(
+        &["apply", "-f", "-"],
+        Some(&good.replace("dataset: x", "dataset: other")),
+    )?;
+    assert!(!out.success, "changing spec.dataset must be refused");
+    assert!(
+        out.stderr.contains("spec.dataset is immutable"),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}
+
+/// Forwards 127.0.0.1:`port` to `target` until dropped: the "source comes back" switch.
+async fn tcp_forward(port: u16, target: String) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_source_is_reported_and_recovers() -> Result<()> {
+    let (pg, stack) = start_with_orders(30).await?;
+    let port = free_port()?; // nothing listens here yet
+    stack.apply(&pg_manifest("orders", "127.0.0.1", port, &pg, json!({})))?;
+    let ready = stack
+        .eventually("Ready=False with a reason", WAIT, async || {
+            let s = status(&stack, "orders")?;
+            let reason = s["lastError"]["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let ready = stack.condition("orders", "Ready")?;
+            Ok((ready["status"] == "False" && reason == "SourceUnreachable").then_some(ready))
+        })
+        .await?;
+    assert!(
+        !ready["message"].as_str().unwrap_or_default().is_empty(),
+        "Ready=False carries a message: {ready}"
+    );
+
+    let forward = tcp_forward(port, format!("{}:{}", pg.host(), pg.port())).await?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
+        30
+    );
+    wait_ready(&stack, "orders").await?;
+    forward.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_connector_loses_nothing() -> Result<()> {
+    const ROWS: i64 = 10_000;
+    let (pg, stack) = start_with_orders(ROWS as u32).await?;
+    stack.apply(&pg_manifest(
+        "orders",
+        pg.host(),
+        pg.port(),
+        &pg,
+        json!({"source": {"postgres": {"batchSize": 10}}}),
+    ))?;
+    // Kill it mid-load: as soon as the first records are in.
+    let ids = ingested_ids(&stack.broker, "orders", 1, WAIT).await?;
+    if ids.len() as i64 >= ROWS {
+        bail!("the load finished before the kill; make it larger");
+    }
+    let pod = stack.pods("orders")?.into_iter().next().context("a pod")?;
+    let ip = pod["status"]["podIP"]
+        .as_str()
+        .context("podIP")?
+        .to_string();
+    let pids = connector_pids_on(&ip);
+    assert!(!pids.is_empty(), "no obsrv-connector process serves {ip}");
+    for pid in pids {
+        // SAFETY: sending a signal has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let ids = ingested_ids(
+        &stack.broker,
+        "orders",
+        ROWS as usize,
+        Duration::from_secs(300),
+    )
+    .await?;
+    assert_eq!(
+        ids,
+        (1..=ROWS).collect(),
+        "every row arrives after kill -9 and restart"
+    );
+    wait_ready(&stack, "orders").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_restart_creates_no_duplicates_and_status_converges() -> Result<()> {
+    let (pg, mut stack) = start_with_orders(200).await?;
+    stack.apply(&pg_manifest("orders", pg.host(), pg.port(), &pg, json!({})))?;
+    stack
+        .eventually("a Deployment", WAIT, async || {
+            Ok(stack.get_json(&["deployment", "orders"]).ok())
+        })
+        .await?;
+    stack.kill_operator();
+    insert_orders(&pg, 201, 250).await?;
+    stack.start_operator()?;
+    wait_ready(&stack, "orders").await?;
+    stack
+        .eventually("totals 250", WAIT, async || {
+            Ok((status(&stack, "orders")?["totals"]["recordsIngested"] == 250).then_some(()))
+        })
+        .await?;
+    for kind in ["deployments", "configmaps", "services"] {
+        let items = stack.get_json(&[kind, "-l", "obsrv.io/connector=orders"])?["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            items.len(),
+            1,
+            "exactly one {kind} for the connector after the restart"
+        );
+    }
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 250, WAIT)
+            .await?
+            .len(),
+        250
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_cleans_up_objects_and_processes() -> Result<()> {
+    let (pg, stack) = start_with_orders(10).await?;
+    stack.apply(&pg_manifest("orders", pg.host(), pg.port(), &pg, json!({})))?;
+    wait_ready(&stack, "orders").await?;
+    let c = stack.get_json(&["connector", "orders"])?;
+    assert!(
+        c["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty()),
+        "the operator adds its finalizer"
+    );
+    let ip = stack.pods("orders")?[0]["status"]["podIP"]
+        .as_str()
+        .context("podIP")?
+        .to_string();
+    assert!(!connector_pids_on(&ip).is_empty());
+
+    stack.kubectl_ok(&["delete", "connector", "orders", "--wait=false"])?;
+    stack
+        .eventually(
+            "the Connector and everything it owned gone",
+            WAIT,
+            async || {
+                let gone = |what: &[&str]| -> Result<bool> {
+                    let out = stack.kubectl_with(&[&["get"], what].concat(), None)?;
+                    Ok(!out.success && out.stderr.contains("NotFound"))
+                };
+                let all = gone(&["connector", "orders"])?
+                    && gone(&["deployment", "orders"])?
+                    && gone(&["configmap", "orders"])?
+                    && gone(&["service", "orders"])?
+                    && stack.pods("orders")?.is_empty()
+                    && connector_pids_on(&ip).is_empty();
+                Ok(all.then_some(()))
+            },
+        )
+        .await?;
+    Ok(())
+}
