@@ -39,7 +39,11 @@ pub const SETUP_HINT: &str = "run `scripts/setup.sh` (it installs PostgreSQL and
 /// A name unique within this machine's running tests: `<prefix>_<pid>_<n>`.
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A free TCP port on 127.0.0.1 (the OS picks it; the listener is closed before returning).
@@ -146,8 +150,14 @@ struct Server {
 }
 
 impl Server {
-    fn spawn(name: &'static str, mut cmd: Command, user: Option<(u32, u32)>, log: PathBuf) -> Result<Self> {
-        let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    fn spawn(
+        name: &'static str,
+        mut cmd: Command,
+        user: Option<(u32, u32)>,
+        log: PathBuf,
+    ) -> Result<Self> {
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         prepare(&mut cmd, user);
         let child = cmd
@@ -173,10 +183,18 @@ impl Server {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
-                bail!("{} exited ({status}) before listening on {addr}:\n{}", self.name, self.log_tail());
+                bail!(
+                    "{} exited ({status}) before listening on {addr}:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
             if Instant::now() > deadline {
-                bail!("{} did not listen on {addr} within {timeout:?}:\n{}", self.name, self.log_tail());
+                bail!(
+                    "{} did not listen on {addr} within {timeout:?}:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -219,7 +237,9 @@ impl SqlEndpoint {
         let u = url::Url::parse(url).with_context(|| format!("parsing database URL {url:?}"))?;
         Ok(SqlEndpoint {
             host: u.host_str().unwrap_or("127.0.0.1").to_string(),
-            port: u.port().ok_or_else(|| anyhow!("database URL {url:?} needs an explicit port"))?,
+            port: u
+                .port()
+                .ok_or_else(|| anyhow!("database URL {url:?} needs an explicit port"))?,
             user: u.username().to_string(),
             password: u.password().unwrap_or_default().to_string(),
             database: u.path().trim_start_matches('/').to_string(),
@@ -255,14 +275,28 @@ impl Postgres {
         let psql = find_binary("psql", &dirs)?;
         if let Ok(url) = std::env::var("POSTGRES_URL") {
             let admin = SqlEndpoint::parse(&url)?;
-            let endpoint = SqlEndpoint { database: unique_name("obsrv_test"), ..admin.clone() };
-            let pg = Postgres { endpoint, external: Some(admin.clone()), server: None, psql, _dir: None };
-            pg.psql_as(&admin, &format!("CREATE DATABASE {}", pg.endpoint.database)).await?;
+            let endpoint = SqlEndpoint {
+                database: unique_name("obsrv_test"),
+                ..admin.clone()
+            };
+            let pg = Postgres {
+                endpoint,
+                external: Some(admin.clone()),
+                server: None,
+                psql,
+                _dir: None,
+            };
+            pg.psql_as(&admin, &format!("CREATE DATABASE {}", pg.endpoint.database))
+                .await?;
             return Ok(pg);
         }
         let initdb = find_binary("initdb", &dirs)?;
         let postgres = find_binary("postgres", &dirs)?;
-        let user = if is_root() { system_user("postgres") } else { None };
+        let user = if is_root() {
+            system_user("postgres")
+        } else {
+            None
+        };
         if is_root() && user.is_none() {
             bail!("Postgres refuses to run as root and there is no `postgres` user: {SETUP_HINT}");
         }
@@ -273,10 +307,18 @@ impl Postgres {
         std::fs::File::create(&pwfile)?.write_all(TEST_PASSWORD.as_bytes())?;
         chown(&pwfile, user)?;
         let mut init = Command::new(&initdb);
-        init.args(["-U", TEST_USER, "-E", "UTF8", "--no-sync", "--auth-host=scram-sha-256", "--auth-local=trust"])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .arg("-D")
-            .arg(&data);
+        init.args([
+            "-U",
+            TEST_USER,
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--auth-host=scram-sha-256",
+            "--auth-local=trust",
+        ])
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .arg("-D")
+        .arg(&data);
         prepare(&mut init, user);
         run_to_end(&mut init, "initdb")?;
 
@@ -284,12 +326,29 @@ impl Postgres {
         let mut cmd = Command::new(&postgres);
         cmd.arg("-D")
             .arg(&data)
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", &format!("port={port}")])
-            .args(["-c", &format!("unix_socket_directories={}", dir.path().display())])
-            .args(["-c", "wal_level=logical", "-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                &format!("port={port}"),
+            ])
+            .args([
+                "-c",
+                &format!("unix_socket_directories={}", dir.path().display()),
+            ])
+            .args([
+                "-c",
+                "wal_level=logical",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+            ])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"]);
         let mut server = Server::spawn("postgres", cmd, user, dir.path().join("postgres.log"))?;
-        server.wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30)).await?;
+        server
+            .wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30))
+            .await?;
         let endpoint = SqlEndpoint {
             host: "127.0.0.1".into(),
             port,
@@ -297,7 +356,13 @@ impl Postgres {
             password: TEST_PASSWORD.into(),
             database: "postgres".into(),
         };
-        let mut pg = Postgres { endpoint, external: None, server: Some(server), psql, _dir: Some(dir) };
+        let mut pg = Postgres {
+            endpoint,
+            external: None,
+            server: Some(server),
+            psql,
+            _dir: Some(dir),
+        };
         // The server accepts TCP a moment before it accepts queries.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -344,7 +409,16 @@ impl Postgres {
     async fn psql_as(&self, e: &SqlEndpoint, sql: &str) -> Result<String> {
         let out = tokio::process::Command::new(&self.psql)
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-            .args(["-h", &e.host, "-p", &e.port.to_string(), "-U", &e.user, "-d", &e.database])
+            .args([
+                "-h",
+                &e.host,
+                "-p",
+                &e.port.to_string(),
+                "-U",
+                &e.user,
+                "-d",
+                &e.database,
+            ])
             .args(["-c", sql])
             .env("PGPASSWORD", &e.password)
             .env("PGCONNECT_TIMEOUT", "5")
@@ -353,7 +427,10 @@ impl Postgres {
             .await
             .context("running psql")?;
         if !out.status.success() {
-            bail!("psql failed: {}\nSQL: {sql}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "psql failed: {}\nSQL: {sql}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
     }
@@ -363,9 +440,21 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         if let Some(admin) = &self.external {
             let _ = Command::new(&self.psql)
-                .args(["-X", "-q", "-h", &admin.host, "-p", &admin.port.to_string(), "-U", &admin.user])
+                .args([
+                    "-X",
+                    "-q",
+                    "-h",
+                    &admin.host,
+                    "-p",
+                    &admin.port.to_string(),
+                    "-U",
+                    &admin.user,
+                ])
                 .args(["-d", &admin.database, "-c"])
-                .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.endpoint.database))
+                .arg(format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.endpoint.database
+                ))
                 .env("PGPASSWORD", &admin.password)
                 .stdin(Stdio::null())
                 .output();
@@ -390,20 +479,40 @@ impl MariaDb {
         let client = find_binary("mariadb", &[]).or_else(|_| find_binary("mysql", &[]))?;
         if let Ok(url) = std::env::var("MYSQL_URL") {
             let admin = SqlEndpoint::parse(&url)?;
-            let endpoint = SqlEndpoint { database: unique_name("obsrv_test"), ..admin.clone() };
-            let db = MariaDb { endpoint, external: Some(admin.clone()), server: None, client, _dir: None };
-            db.sql_as(&admin, &format!("CREATE DATABASE {}", db.endpoint.database)).await?;
+            let endpoint = SqlEndpoint {
+                database: unique_name("obsrv_test"),
+                ..admin.clone()
+            };
+            let db = MariaDb {
+                endpoint,
+                external: Some(admin.clone()),
+                server: None,
+                client,
+                _dir: None,
+            };
+            db.sql_as(&admin, &format!("CREATE DATABASE {}", db.endpoint.database))
+                .await?;
             return Ok(db);
         }
         let install_db = find_binary("mariadb-install-db", &["/usr/bin", "/usr/sbin"])?;
         let mariadbd = find_binary("mariadbd", &["/usr/sbin"])?;
-        let user = if is_root() { system_user("mysql") } else { None };
-        let dir = tempfile::Builder::new().prefix("obsrv-mariadb-").tempdir()?;
+        let user = if is_root() {
+            system_user("mysql")
+        } else {
+            None
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("obsrv-mariadb-")
+            .tempdir()?;
         chown(dir.path(), user)?;
         let data = dir.path().join("data");
         let mut install = Command::new(&install_db);
         install
-            .args(["--no-defaults", "--auth-root-authentication-method=normal", "--skip-test-db"])
+            .args([
+                "--no-defaults",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ])
             .arg(format!("--datadir={}", data.display()));
         prepare(&mut install, user);
         run_to_end(&mut install, "mariadb-install-db")?;
@@ -414,13 +523,26 @@ impl MariaDb {
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--pid-file={}", dir.path().join("mysqld.pid").display()))
+            .arg(format!(
+                "--pid-file={}",
+                dir.path().join("mysqld.pid").display()
+            ))
             .arg(format!("--port={port}"))
-            .args(["--bind-address=127.0.0.1", "--skip-name-resolve", "--log-bin=binlog"])
-            .args(["--binlog-format=ROW", "--server-id=1", "--innodb-flush-log-at-trx-commit=0"])
+            .args([
+                "--bind-address=127.0.0.1",
+                "--skip-name-resolve",
+                "--log-bin=binlog",
+            ])
+            .args([
+                "--binlog-format=ROW",
+                "--server-id=1",
+                "--innodb-flush-log-at-trx-commit=0",
+            ])
             .args(["--innodb-buffer-pool-size=64M", "--skip-log-error"]);
         let mut server = Server::spawn("mariadbd", cmd, user, dir.path().join("mariadbd.log"))?;
-        server.wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(60)).await?;
+        server
+            .wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(60))
+            .await?;
         // root@localhost (empty password) is only reachable through the socket.
         run_to_end(
             Command::new(&client)
@@ -440,7 +562,13 @@ impl MariaDb {
             password: TEST_PASSWORD.into(),
             database: TEST_USER.into(),
         };
-        Ok(MariaDb { endpoint, external: None, server: Some(server), client, _dir: Some(dir) })
+        Ok(MariaDb {
+            endpoint,
+            external: None,
+            server: Some(server),
+            client,
+            _dir: Some(dir),
+        })
     }
 
     pub fn host(&self) -> &str {
@@ -473,8 +601,22 @@ impl MariaDb {
 
     async fn sql_as(&self, e: &SqlEndpoint, sql: &str) -> Result<String> {
         let out = tokio::process::Command::new(&self.client)
-            .args(["--no-defaults", "--protocol=TCP", "-B", "-N", "--connect-timeout=5"])
-            .args(["-h", &e.host, "-P", &e.port.to_string(), "-u", &e.user, &e.database])
+            .args([
+                "--no-defaults",
+                "--protocol=TCP",
+                "-B",
+                "-N",
+                "--connect-timeout=5",
+            ])
+            .args([
+                "-h",
+                &e.host,
+                "-P",
+                &e.port.to_string(),
+                "-u",
+                &e.user,
+                &e.database,
+            ])
             .args(["-e", sql])
             .env("MYSQL_PWD", &e.password)
             .stdin(Stdio::null())
@@ -482,7 +624,10 @@ impl MariaDb {
             .await
             .context("running the mariadb client")?;
         if !out.status.success() {
-            bail!("mariadb client failed: {}\nSQL: {sql}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "mariadb client failed: {}\nSQL: {sql}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
     }
@@ -492,9 +637,19 @@ impl Drop for MariaDb {
     fn drop(&mut self) {
         if let Some(admin) = &self.external {
             let _ = Command::new(&self.client)
-                .args(["--no-defaults", "--protocol=TCP", "-h", &admin.host, "-P", &admin.port.to_string()])
+                .args([
+                    "--no-defaults",
+                    "--protocol=TCP",
+                    "-h",
+                    &admin.host,
+                    "-P",
+                    &admin.port.to_string(),
+                ])
                 .args(["-u", &admin.user, "-e"])
-                .arg(format!("DROP DATABASE IF EXISTS {}", self.endpoint.database))
+                .arg(format!(
+                    "DROP DATABASE IF EXISTS {}",
+                    self.endpoint.database
+                ))
                 .env("MYSQL_PWD", &admin.password)
                 .stdin(Stdio::null())
                 .output();
@@ -516,15 +671,21 @@ pub struct ConsumedRecord {
 impl ConsumedRecord {
     /// The value parsed as JSON.
     pub fn json(&self) -> Result<serde_json::Value> {
-        serde_json::from_slice(self.value.as_deref().unwrap_or_default()).context("record value is not JSON")
+        serde_json::from_slice(self.value.as_deref().unwrap_or_default())
+            .context("record value is not JSON")
     }
 
     pub fn key_str(&self) -> Option<&str> {
-        self.key.as_deref().and_then(|k| std::str::from_utf8(k).ok())
+        self.key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
     }
 
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
     }
 }
 
@@ -538,7 +699,11 @@ pub struct Broker {
 impl Broker {
     pub async fn start() -> Result<Self> {
         if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP") {
-            return Ok(Broker { bootstrap, server: None, _dir: None });
+            return Ok(Broker {
+                bootstrap,
+                server: None,
+                _dir: None,
+            });
         }
         let nisshi = find_binary("nisshi", &[])?;
         let dir = tempfile::Builder::new().prefix("obsrv-broker-").tempdir()?;
@@ -547,7 +712,13 @@ impl Broker {
         let mut cmd = Command::new(nisshi);
         // Run in an empty directory: nisshi reads a `.env` from its working directory.
         cmd.current_dir(dir.path())
-            .args(["broker", "--listener-url", &listener, "--advertised-listener-url", &listener])
+            .args([
+                "broker",
+                "--listener-url",
+                &listener,
+                "--advertised-listener-url",
+                &listener,
+            ])
             .args(["--storage-engine", "memory://nisshi/"])
             .env_remove("LISTENER_URL")
             .env_remove("ADVERTISED_LISTENER_URL")
@@ -556,8 +727,14 @@ impl Broker {
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env("RUST_LOG", "warn");
         let mut server = Server::spawn("nisshi", cmd, None, dir.path().join("nisshi.log"))?;
-        server.wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30)).await?;
-        let broker = Broker { bootstrap: format!("127.0.0.1:{port}"), server: Some(server), _dir: Some(dir) };
+        server
+            .wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30))
+            .await?;
+        let broker = Broker {
+            bootstrap: format!("127.0.0.1:{port}"),
+            server: Some(server),
+            _dir: Some(dir),
+        };
         broker.wait_ready().await?;
         Ok(broker)
     }
@@ -569,7 +746,9 @@ impl Broker {
         loop {
             match admin.inner().fetch_metadata(None, Duration::from_secs(2)) {
                 Ok(_) => return Ok(()),
-                Err(e) if Instant::now() > deadline => bail!("broker at {} is not answering: {e}", self.bootstrap),
+                Err(e) if Instant::now() > deadline => {
+                    bail!("broker at {} is not answering: {e}", self.bootstrap)
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
@@ -592,7 +771,9 @@ impl Broker {
     }
 
     fn admin(&self) -> Result<AdminClient<DefaultClientContext>> {
-        self.client_config().create().context("creating a Kafka admin client")
+        self.client_config()
+            .create()
+            .context("creating a Kafka admin client")
     }
 
     /// Creates a topic (no error if it exists already).
@@ -600,7 +781,10 @@ impl Broker {
         let admin = self.admin()?;
         let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
         let results = admin
-            .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+            .create_topics(
+                [&topic],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
             .await
             .with_context(|| format!("creating topic {name}"))?;
         for r in results {
@@ -634,21 +818,36 @@ impl Broker {
 
     /// Reads `topic` from the beginning of every partition until `expected` records arrived or
     /// `timeout` passed, and returns what it read (compare the length with what you expect).
-    pub async fn consume_all(&self, topic: &str, expected: usize, timeout: Duration) -> Result<Vec<ConsumedRecord>> {
+    pub async fn consume_all(
+        &self,
+        topic: &str,
+        expected: usize,
+        timeout: Duration,
+    ) -> Result<Vec<ConsumedRecord>> {
         let topic = topic.to_string();
         let config = self.client_config();
-        tokio::task::spawn_blocking(move || consume_blocking(config, &topic, expected, timeout)).await?
+        tokio::task::spawn_blocking(move || consume_blocking(config, &topic, expected, timeout))
+            .await?
     }
 
     /// Partitions of a topic, from the broker's metadata.
     pub fn partition_count(&self, topic: &str) -> Result<usize> {
         let consumer: BaseConsumer = self.client_config().create()?;
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-        Ok(md.topics().first().map(|t| t.partitions().len()).unwrap_or(0))
+        Ok(md
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0))
     }
 }
 
-fn consume_blocking(mut config: ClientConfig, topic: &str, expected: usize, timeout: Duration) -> Result<Vec<ConsumedRecord>> {
+fn consume_blocking(
+    mut config: ClientConfig,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Result<Vec<ConsumedRecord>> {
     let consumer: BaseConsumer = config
         .set("group.id", unique_name("obsrv-test-reader"))
         .set("enable.auto.commit", "false")
@@ -658,7 +857,11 @@ fn consume_blocking(mut config: ClientConfig, topic: &str, expected: usize, time
     let deadline = Instant::now() + timeout;
     let partitions = loop {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-        let n = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+        let n = md
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
         if n > 0 {
             break n;
         }
@@ -680,7 +883,11 @@ fn consume_blocking(mut config: ClientConfig, topic: &str, expected: usize, time
                 value: m.payload().map(<[u8]>::to_vec),
                 headers: m
                     .headers()
-                    .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 partition: m.partition(),
                 offset: m.offset(),
@@ -708,7 +915,9 @@ pub const S3_SECRET_KEY: &str = "obsrv-test-secret-key";
 impl S3 {
     pub async fn start() -> Result<Self> {
         if let Ok(endpoint) = std::env::var("S3_ENDPOINT") {
-            let var = |k: &str| std::env::var(k).with_context(|| format!("S3_ENDPOINT is set, so {k} must be too"));
+            let var = |k: &str| {
+                std::env::var(k).with_context(|| format!("S3_ENDPOINT is set, so {k} must be too"))
+            };
             return Ok(S3 {
                 endpoint,
                 access_key: var("S3_ACCESS_KEY_ID")?,
@@ -729,7 +938,9 @@ impl S3 {
             .arg(&root)
             .env("RUST_LOG", "warn");
         let mut server = Server::spawn("s3s-fs", cmd, None, dir.path().join("s3s-fs.log"))?;
-        server.wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30)).await?;
+        server
+            .wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30))
+            .await?;
         Ok(S3 {
             endpoint: format!("http://127.0.0.1:{port}"),
             access_key: S3_ACCESS_KEY.into(),
@@ -758,8 +969,13 @@ impl S3 {
 
     fn bucket(&self, name: &str) -> Result<rusty_s3::Bucket> {
         let url = self.endpoint.parse().context("parsing the S3 endpoint")?;
-        rusty_s3::Bucket::new(url, rusty_s3::UrlStyle::Path, name.to_string(), self.region.clone())
-            .context("building an S3 bucket URL")
+        rusty_s3::Bucket::new(
+            url,
+            rusty_s3::UrlStyle::Path,
+            name.to_string(),
+            self.region.clone(),
+        )
+        .context("building an S3 bucket URL")
     }
 
     fn credentials(&self) -> rusty_s3::Credentials {
@@ -770,25 +986,49 @@ impl S3 {
     pub async fn create_bucket(&self, name: &str) -> Result<()> {
         use rusty_s3::S3Action as _;
         let bucket = self.bucket(name)?;
-        let url = bucket.create_bucket(&self.credentials()).sign(Duration::from_secs(300));
-        let resp = reqwest::Client::new().put(url).send().await.context("CreateBucket")?;
+        let url = bucket
+            .create_bucket(&self.credentials())
+            .sign(Duration::from_secs(300));
+        let resp = reqwest::Client::new()
+            .put(url)
+            .send()
+            .await
+            .context("CreateBucket")?;
         let status = resp.status();
         if !status.is_success() {
-            bail!("CreateBucket {name}: {status}: {}", resp.text().await.unwrap_or_default());
+            bail!(
+                "CreateBucket {name}: {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
         }
         Ok(())
     }
 
     /// Uploads one object.
-    pub async fn put_object(&self, bucket: &str, key: &str, body: impl Into<reqwest::Body>) -> Result<()> {
+    pub async fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<()> {
         use rusty_s3::S3Action as _;
         let b = self.bucket(bucket)?;
         let creds = self.credentials();
-        let url = b.put_object(Some(&creds), key).sign(Duration::from_secs(300));
-        let resp = reqwest::Client::new().put(url).body(body).send().await.context("PutObject")?;
+        let url = b
+            .put_object(Some(&creds), key)
+            .sign(Duration::from_secs(300));
+        let resp = reqwest::Client::new()
+            .put(url)
+            .body(body)
+            .send()
+            .await
+            .context("PutObject")?;
         let status = resp.status();
         if !status.is_success() {
-            bail!("PutObject {bucket}/{key}: {status}: {}", resp.text().await.unwrap_or_default());
+            bail!(
+                "PutObject {bucket}/{key}: {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
         }
         Ok(())
     }

@@ -7,7 +7,11 @@ use obsrv_e2e::services::{Broker, MariaDb, Postgres, S3, unique_name};
 fn alive(pid: u32) -> bool {
     // A zombie still answers kill(0); /proc/<pid>/stat tells it apart.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.split_whitespace().nth(2).is_some_and(|state| state == "Z"))
+        .map(|s| {
+            !s.split_whitespace()
+                .nth(2)
+                .is_some_and(|state| state == "Z")
+        })
         .unwrap_or(false)
 }
 
@@ -19,7 +23,9 @@ async fn postgres_rows_round_trip_through_the_broker() -> anyhow::Result<()> {
          INSERT INTO orders SELECT g, 'item-' || g, g * 2 FROM generate_series(1, 50) g;",
     )
     .await?;
-    let rows = pg.psql("SELECT row_to_json(o) FROM orders o ORDER BY id").await?;
+    let rows = pg
+        .psql("SELECT row_to_json(o) FROM orders o ORDER BY id")
+        .await?;
     let rows: Vec<&str> = rows.lines().collect();
     assert_eq!(rows.len(), 50, "Postgres returned {} rows", rows.len());
 
@@ -27,14 +33,24 @@ async fn postgres_rows_round_trip_through_the_broker() -> anyhow::Result<()> {
     broker.create_topic(&topic, 3).await?;
     assert_eq!(broker.partition_count(&topic)?, 3);
     for (i, row) in rows.iter().enumerate() {
-        broker.produce(&topic, Some(&format!("order-{}", i + 1)), row).await?;
+        broker
+            .produce(&topic, Some(&format!("order-{}", i + 1)), row)
+            .await?;
     }
-    let read = broker.consume_all(&topic, 50, Duration::from_secs(30)).await?;
+    let read = broker
+        .consume_all(&topic, 50, Duration::from_secs(30))
+        .await?;
     assert_eq!(read.len(), 50, "read back {} of 50 records", read.len());
-    let mut ids: Vec<i64> = read.iter().map(|r| r.json().unwrap()["id"].as_i64().unwrap()).collect();
+    let mut ids: Vec<i64> = read
+        .iter()
+        .map(|r| r.json().unwrap()["id"].as_i64().unwrap())
+        .collect();
     ids.sort();
     assert_eq!(ids, (1..=50).collect::<Vec<_>>());
-    let first = read.iter().find(|r| r.key_str() == Some("order-7")).expect("key order-7");
+    let first = read
+        .iter()
+        .find(|r| r.key_str() == Some("order-7"))
+        .expect("key order-7");
     assert_eq!(first.json()?["item"], "item-7");
     Ok(())
 }
@@ -75,6 +91,10 @@ async fn s3_accepts_signed_requests_and_rejects_wrong_keys() -> anyhow::Result<(
     s3.put_object("landing", "in/a.json", r#"{"a":1}"#).await?;
     let url = format!("{}/landing/in/a.json", s3.endpoint());
     let anonymous = reqwest::get(&url).await?;
-    assert!(!anonymous.status().is_success(), "unsigned GET must be refused, got {}", anonymous.status());
+    assert!(
+        !anonymous.status().is_success(),
+        "unsigned GET must be refused, got {}",
+        anonymous.status()
+    );
     Ok(())
 }

@@ -65,7 +65,11 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String> {
         .output()
         .context("running kubectl (is it on PATH?)")?;
     if !out.status.success() {
-        bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -79,7 +83,8 @@ fn demo_manifest(example: &str, pg: &Postgres) -> Result<String> {
     for doc in &mut docs {
         match doc["kind"].as_str() {
             Some("Secret") => {
-                doc["stringData"] = serde_json::json!({"username": pg.user(), "password": pg.password()});
+                doc["stringData"] =
+                    serde_json::json!({"username": pg.user(), "password": pg.password()});
             }
             Some("Connector") => {
                 let source = &mut doc["spec"]["source"]["postgres"];
@@ -89,7 +94,10 @@ fn demo_manifest(example: &str, pg: &Postgres) -> Result<String> {
                 source["tls"] = serde_json::json!({"mode": "disable"});
                 source["pollInterval"] = "2s".into();
                 doc["spec"]["delivery"] = "atLeastOnce".into();
-                if let Some(t) = doc["spec"].get_mut("template").and_then(Value::as_object_mut) {
+                if let Some(t) = doc["spec"]
+                    .get_mut("template")
+                    .and_then(Value::as_object_mut)
+                {
                     t.remove("resources");
                 }
             }
@@ -104,7 +112,11 @@ fn demo_manifest(example: &str, pg: &Postgres) -> Result<String> {
     Ok(out)
 }
 
-async fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
+async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl AsyncFnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let deadline = Instant::now() + timeout;
     let mut last_err = None;
     while Instant::now() < deadline {
@@ -126,12 +138,16 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.dir)?;
     let dir = std::fs::canonicalize(&args.dir)?;
-    let bin_dir = std::fs::canonicalize(&args.bin_dir).context("the binaries' directory (cargo build first)")?;
+    let bin_dir = std::fs::canonicalize(&args.bin_dir)
+        .context("the binaries' directory (cargo build first)")?;
     let operator_bin = bin_dir.join("obsrv-operator");
     let connector_bin = bin_dir.join("obsrv-connector");
     for b in [&operator_bin, &connector_bin] {
         if !b.is_file() {
-            bail!("{} is missing: run `cargo build -p obsrv-operator -p obsrv-connector` first", b.display());
+            bail!(
+                "{} is missing: run `cargo build -p obsrv-operator -p obsrv-connector` first",
+                b.display()
+            );
         }
     }
 
@@ -149,7 +165,13 @@ async fn main() -> Result<()> {
     for (topic, partitions) in [(INGEST, 1), (FAILED, 1), (STATE, 1)] {
         broker.create_topic(topic, partitions).await?;
     }
-    println!("    Postgres {}:{} (table public.orders, {} rows), broker {}", pg.host(), pg.port(), args.rows, broker.bootstrap());
+    println!(
+        "    Postgres {}:{} (table public.orders, {} rows), broker {}",
+        pg.host(),
+        pg.port(),
+        args.rows,
+        broker.bootstrap()
+    );
 
     say("starting the local control plane (API server + kubelet)");
     let kubelet = KubeletOptions::new(vec![ImageBinary::new(IMAGE, &connector_bin)]);
@@ -161,10 +183,17 @@ async fn main() -> Result<()> {
     .await?;
     let kubeconfig = dir.join("kubeconfig");
     cp.write_kubeconfig(&kubeconfig)?;
-    println!("    API server {}; KUBECONFIG={}", cp.url(), kubeconfig.display());
+    println!(
+        "    API server {}; KUBECONFIG={}",
+        cp.url(),
+        kubeconfig.display()
+    );
 
     say("kubectl apply -f crds/connector.yaml");
-    print!("{}", kubectl(&kubeconfig, &["apply", "-f", "crds/connector.yaml"])?);
+    print!(
+        "{}",
+        kubectl(&kubeconfig, &["apply", "-f", "crds/connector.yaml"])?
+    );
 
     say("starting obsrv-operator");
     let operator_log = dir.join("operator.log");
@@ -175,24 +204,52 @@ async fn main() -> Result<()> {
             .env("KUBECONFIG", &kubeconfig)
             .args(["--connector-image", &format!("{IMAGE}:dev")])
             .args(["--sink-bootstrap-servers", broker.bootstrap()])
-            .args(["--sink-topic", INGEST, "--sink-failed-topic", FAILED, "--sink-state-topic", STATE])
-            .args(["--status-poll-interval", "2s", "--admin-addr", &admin, "--log-format", "text"])
+            .args([
+                "--sink-topic",
+                INGEST,
+                "--sink-failed-topic",
+                FAILED,
+                "--sink-state-topic",
+                STATE,
+            ])
+            .args([
+                "--status-poll-interval",
+                "2s",
+                "--admin-addr",
+                &admin,
+                "--log-format",
+                "text",
+            ])
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting obsrv-operator")?,
     );
-    println!("    logs: {}; metrics: http://{admin}/metrics", operator_log.display());
+    println!(
+        "    logs: {}; metrics: http://{admin}/metrics",
+        operator_log.display()
+    );
 
     say("kubectl apply -f examples/postgres.yaml (pointed at the local Postgres)");
     let manifest = demo_manifest(&std::fs::read_to_string("examples/postgres.yaml")?, &pg)?;
     let manifest_path = dir.join("postgres-connector.yaml");
     std::fs::write(&manifest_path, manifest)?;
-    print!("{}", kubectl(&kubeconfig, &["apply", "-f", manifest_path.to_str().unwrap_or_default()])?);
+    print!(
+        "{}",
+        kubectl(
+            &kubeconfig,
+            &["apply", "-f", manifest_path.to_str().unwrap_or_default()]
+        )?
+    );
 
-    say(&format!("waiting for {} rows in topic `{INGEST}`", args.rows));
+    say(&format!(
+        "waiting for {} rows in topic `{INGEST}`",
+        args.rows
+    ));
     let expected = args.rows as usize;
-    let records = broker.consume_all(INGEST, expected, Duration::from_secs(180)).await?;
+    let records = broker
+        .consume_all(INGEST, expected, Duration::from_secs(180))
+        .await?;
     if records.len() < expected {
         bail!(
             "only {} of {expected} rows arrived; see {} and the pod logs in {}",
@@ -203,12 +260,24 @@ async fn main() -> Result<()> {
     }
     println!("    {} records arrived. The first three:", records.len());
     for r in records.iter().take(3) {
-        println!("    {}", String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()));
+        println!(
+            "    {}",
+            String::from_utf8_lossy(r.value.as_deref().unwrap_or_default())
+        );
     }
 
     say("waiting for the Connector to report Ready");
     wait_for("Ready=True", Duration::from_secs(60), async || {
-        let ready = kubectl(&kubeconfig, &["get", "connector", "orders", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"])?;
+        let ready = kubectl(
+            &kubeconfig,
+            &[
+                "get",
+                "connector",
+                "orders",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ],
+        )?;
         Ok((ready.trim() == "True").then_some(()))
     })
     .await?;
@@ -222,7 +291,9 @@ async fn main() -> Result<()> {
         args.rows + 10
     ))
     .await?;
-    let records = broker.consume_all(INGEST, expected + 10, Duration::from_secs(60)).await?;
+    let records = broker
+        .consume_all(INGEST, expected + 10, Duration::from_secs(60))
+        .await?;
     println!("    topic `{INGEST}` now holds {} records", records.len());
 
     println!();
@@ -230,7 +301,11 @@ async fn main() -> Result<()> {
     println!("  export KUBECONFIG={}", kubeconfig.display());
     println!("  kubectl get connectors -o wide; kubectl describe connector orders");
     println!("  kubectl get deploy,pods,configmaps,events");
-    println!("  logs: operator {}, pods {}/cluster/logs", operator_log.display(), dir.display());
+    println!(
+        "  logs: operator {}, pods {}/cluster/logs",
+        operator_log.display(),
+        dir.display()
+    );
     if args.no_wait {
         return Ok(());
     }
