@@ -674,3 +674,61 @@ async fn namespaces_and_label_selectors() {
         2
     );
 }
+
+#[tokio::test]
+async fn recorder_events_are_listed_as_core_events_for_describe() {
+    use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference};
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let cp = api_server().await;
+    let client = cp.client().await.expect("client");
+    let reporter = Reporter {
+        controller: "obsrv-operator".into(),
+        instance: Some("op-1".into()),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let reference = ObjectReference {
+        api_version: Some("obsrv.io/v1alpha1".into()),
+        kind: Some("Connector".into()),
+        name: Some("orders".into()),
+        namespace: Some("default".into()),
+        uid: Some("uid-1".into()),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "SourceUnreachable".into(),
+        note: Some("cannot connect to db:5432".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    recorder.publish(&event, &reference).await.expect("publish");
+    recorder
+        .publish(&event, &reference)
+        .await
+        .expect("publish again (a series)");
+
+    // What `kubectl describe connector orders` asks for.
+    let core: Api<CoreEvent> = Api::default_namespaced(client.clone());
+    let selected = core
+        .list(&ListParams::default().fields(
+            "involvedObject.name=orders,involvedObject.namespace=default,involvedObject.uid=uid-1",
+        ))
+        .await
+        .expect("list v1 events");
+    assert_eq!(selected.items.len(), 1, "{:?}", selected.items);
+    let e = &selected.items[0];
+    assert_eq!(e.reason.as_deref(), Some("SourceUnreachable"));
+    assert_eq!(e.message.as_deref(), Some("cannot connect to db:5432"));
+    assert_eq!(e.type_.as_deref(), Some("Warning"));
+    assert_eq!(e.count, Some(2));
+    assert_eq!(
+        e.source.as_ref().and_then(|s| s.component.as_deref()),
+        Some("obsrv-operator")
+    );
+    assert!(e.last_timestamp.is_some());
+    let other = core
+        .list(&ListParams::default().fields("involvedObject.name=other"))
+        .await
+        .expect("list");
+    assert!(other.items.is_empty());
+}

@@ -89,7 +89,7 @@ async fn http(ip: &str, path: &str) -> Option<String> {
 
 /// Ready pods of `app` (names and IPs) once exactly `n` are ready and no other pod is left.
 async fn ready_pods(pods: &Api<Pod>, app: &str, n: usize) -> Option<Vec<(String, String)>> {
-    eventually(WAIT, || async {
+    let ready = eventually(WAIT, || async {
         let list = pods
             .list(&ListParams::default().labels(&format!("app={app}")))
             .await
@@ -107,7 +107,29 @@ async fn ready_pods(pods: &Api<Pod>, app: &str, n: usize) -> Option<Vec<(String,
             .collect();
         (ready.len() == n && list.items.len() == n).then_some(ready)
     })
-    .await
+    .await;
+    if ready.is_none() {
+        // Say what the pods looked like, so a failure can be diagnosed from the test output.
+        let list = pods
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await;
+        let shown: Vec<String> = list
+            .map(|l| {
+                l.items
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{}: {:?}",
+                            p.metadata.name.clone().unwrap_or_default(),
+                            p.status
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        eprintln!("pods of {app} never reached {n} ready: {shown:#?}");
+    }
+    ready
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

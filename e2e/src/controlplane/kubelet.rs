@@ -1277,7 +1277,24 @@ async fn run_container(
                     if let Some(pid) = pid {
                         signal(pid, libc::SIGTERM);
                     }
-                    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                    // A later, shorter grace (control-plane shutdown) shortens the wait.
+                    let mut deadline = tokio::time::Instant::now() + grace;
+                    let exited = loop {
+                        tokio::select! {
+                            r = child.wait() => break r.ok(),
+                            _ = tokio::time::sleep_until(deadline) => break None,
+                            changed = stop.changed() => {
+                                if changed.is_err() {
+                                    break None;
+                                }
+                                let shorter = stop.borrow().map(|g| tokio::time::Instant::now() + g);
+                                if let Some(d) = shorter.filter(|d| *d < deadline) {
+                                    deadline = d;
+                                }
+                            }
+                        }
+                    };
+                    if exited.is_none() {
                         if let Some(pid) = pid {
                             signal(pid, libc::SIGKILL);
                         }

@@ -19,6 +19,7 @@
 //! `coord/notes-controlplane.md`.
 
 pub mod error;
+pub mod events;
 pub mod kubelet;
 pub mod patch;
 pub mod registry;

@@ -14,7 +14,9 @@ pub fn json_patch(target: &Value, body: &[u8]) -> ApiResult<Value> {
     // Kubernetes treats a missing path as null in `test` (kube's finalizer helper relies on it:
     // `test /metadata/finalizers == null` before adding the first finalizer).
     patch.0.retain(|op| match op {
-        json_patch::PatchOperation::Test(t) => !(t.value.is_null() && doc.pointer(&t.path.to_string()).is_none()),
+        json_patch::PatchOperation::Test(t) => {
+            !(t.value.is_null() && doc.pointer(&t.path.to_string()).is_none())
+        }
         _ => true,
     });
     json_patch::patch(&mut doc, &patch).map_err(|e| match e.kind {

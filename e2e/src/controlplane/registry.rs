@@ -58,6 +58,10 @@ pub struct ResourceType {
 }
 
 impl ResourceType {
+    pub fn is_core_event(&self) -> bool {
+        self.group.is_empty() && self.kind == "Event"
+    }
+
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {
             self.version.clone()
@@ -75,8 +79,15 @@ impl ResourceType {
         }
     }
 
-    /// Storage key: one store per group and plural (versions of one kind share it).
+    /// Storage key: one store per group and plural (versions of one kind share it). Core `v1`
+    /// Events share the store of `events.k8s.io/v1` Events, as in Kubernetes, and are converted.
     pub fn key(&self) -> ResKey {
+        if self.is_core_event() {
+            return ResKey {
+                group: "events.k8s.io".into(),
+                plural: "events".into(),
+            };
+        }
         ResKey {
             group: self.group.clone(),
             plural: self.plural.clone(),
@@ -233,7 +244,11 @@ fn builtin(
     status: bool,
     mut columns: Vec<Column>,
 ) -> ResourceType {
-    columns.push(age());
+    if group.is_empty() && kind == "Event" {
+        columns.insert(0, col("Last Seen", "date", 0, path(".lastTimestamp")));
+    } else {
+        columns.push(age());
+    }
     ResourceType {
         group: group.into(),
         version: version.into(),

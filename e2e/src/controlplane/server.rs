@@ -594,6 +594,7 @@ fn watch(
         .cloned()
         .unwrap_or_else(|| "Metadata".into());
     let key = rt.key();
+    let watched = rt.clone();
     let bookmark_kind = rt.kind.clone();
     let bookmark_api_version = rt.api_version();
     let start = app.store.watch(&rt, ns.as_deref(), from);
@@ -652,6 +653,14 @@ fn watch(
                     continue;
                 }
                 last_rv = c.rv;
+                let c = Change {
+                    object: Store::present(&c.object, &watched),
+                    old: c.old.as_ref().map(|o| Store::present(o, &watched)),
+                    key: c.key.clone(),
+                    kind: c.kind,
+                    namespace: c.namespace.clone(),
+                    rv: c.rv,
+                };
                 if let Some((kind, obj)) = filter_change(&c, &sel)
                     && tx.send(Ok(encode(kind, obj))).await.is_err()
                 {

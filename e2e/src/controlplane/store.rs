@@ -484,11 +484,28 @@ impl Store {
         let _ = self.changes.send(change);
     }
 
-    fn present(obj: &Value, rt: &ResourceType) -> Value {
+    /// The object as the resource type `rt` shows it (Events convert between v1 and events.k8s.io/v1).
+    pub fn present(obj: &Value, rt: &ResourceType) -> Value {
+        let stored_as = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        if rt.kind == "Event" && stored_as == "events.k8s.io/v1" && rt.is_core_event() {
+            return super::events::to_core(obj);
+        }
+        if rt.kind == "Event" && stored_as == "v1" && rt.group == "events.k8s.io" {
+            return super::events::from_core(obj);
+        }
         let mut o = obj.clone();
         o["apiVersion"] = json!(rt.api_version());
         o["kind"] = json!(rt.kind);
         o
+    }
+
+    /// The form an object is stored in.
+    fn storage_form(obj: &Value, rt: &ResourceType) -> Value {
+        if rt.is_core_event() {
+            super::events::from_core(&Self::present(obj, rt))
+        } else {
+            Self::present(obj, rt)
+        }
     }
 
     pub fn get(&self, rt: &ResourceType, ns: &str, name: &str) -> ApiResult<Value> {
@@ -586,8 +603,7 @@ impl Store {
         let mut st = self.lock();
         let rt = st
             .registry
-            .by_key(&rt.key())
-            .filter(|t| t.version == rt.version)
+            .get(&rt.group, &rt.version, &rt.plural)
             .unwrap_or_else(|| Arc::new(rt.clone()));
         if !obj.is_object() {
             return Err(ApiError::BadRequest(
@@ -805,7 +821,7 @@ impl Store {
                 }
             }
         }
-        let stored = Self::present(&obj, rt);
+        let stored = Self::storage_form(&obj, rt);
         st.objects
             .entry(rt.key())
             .or_default()
@@ -823,8 +839,9 @@ impl Store {
         } else {
             stored
         };
+        let old = old.map(|o| Self::storage_form(&o, rt));
         self.record(st, &rt.key(), kind, stored.clone(), old);
-        stored
+        Self::present(&stored, rt)
     }
 
     /// Serves the CRD's kinds and marks it Established (status written at the same resourceVersion).
@@ -859,7 +876,7 @@ impl Store {
         st.objects
             .get(&rt.key())
             .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
-            .cloned()
+            .map(|o| Self::present(o, rt))
             .ok_or_else(|| ApiError::not_found(&rt.qualified_plural(), name))
     }
 
@@ -1044,7 +1061,7 @@ impl Store {
         }
         let rt = st
             .registry
-            .by_key(&rt.key())
+            .get(&rt.group, &rt.version, &rt.plural)
             .unwrap_or_else(|| Arc::new(rt.clone()));
         let mut new = match sub {
             Sub::Main => {
@@ -1198,9 +1215,9 @@ impl Store {
                 }
             }
         }
-        let obj = Self::present(&obj, rt);
-        self.record(st, &rt.key(), "DELETED", obj.clone(), removed);
-        obj
+        let stored = Self::storage_form(&obj, rt);
+        self.record(st, &rt.key(), "DELETED", stored.clone(), removed);
+        Self::present(&stored, rt)
     }
 
     pub fn delete(

@@ -122,7 +122,7 @@ pub fn table(
 ) -> Value {
     let now = Utc::now();
     let mut defs = vec![json!({
-        "name": "Name", "type": "string", "format": "name", "priority": 0,
+        "name": "Name", "type": "string", "format": "name", "priority": if rt.is_core_event() { 1 } else { 0 },
         "description": "Name must be unique within a namespace.",
     })];
     for c in &rt.columns {
