@@ -73,11 +73,16 @@ impl S3Position {
     }
 }
 
-/// Splits a byte stream into lines, remembering each line's byte offset. Pure and incremental.
+/// Splits a byte stream into lines, remembering each line's byte offset. Pure and incremental:
+/// each byte is scanned once and the buffer is compacted lazily, so long objects stay linear.
 #[derive(Debug, Default)]
 pub struct LineSplitter {
     buf: Vec<u8>,
-    /// Object offset of `buf[0]`.
+    /// First unread byte of `buf`.
+    pos: usize,
+    /// Bytes of `buf` before this index hold no newline past `pos`.
+    scanned: usize,
+    /// Object offset of `buf[pos]`.
     start: u64,
     /// Inside an over-long line: bytes are dropped until its end.
     skipping: bool,
@@ -95,29 +100,49 @@ pub struct Line {
 impl LineSplitter {
     pub fn new(start: u64) -> LineSplitter {
         LineSplitter {
-            buf: Vec::new(),
             start,
-            skipping: false,
+            ..LineSplitter::default()
         }
     }
 
     pub fn push(&mut self, chunk: &[u8]) {
+        if self.pos > 0 && self.pos * 2 >= self.buf.len() {
+            self.buf.drain(..self.pos);
+            self.scanned = self.scanned.saturating_sub(self.pos);
+            self.pos = 0;
+        }
         self.buf.extend_from_slice(chunk);
+    }
+
+    /// Whether every pushed byte has been handed out.
+    pub fn is_empty(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+
+    /// Object offset of the first byte not yet handed out.
+    pub fn offset(&self) -> u64 {
+        self.start
     }
 
     /// The next complete line, or the rest at end of input (`eof`).
     pub fn next_line(&mut self, eof: bool) -> Option<Line> {
         loop {
-            let nl = self.buf.iter().position(|&b| b == b'\n');
+            let len = self.buf.len();
+            let from = self.scanned.max(self.pos);
+            let nl = self.buf[from..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| from + i);
             let (take, consumed) = match nl {
-                Some(i) => (i, i + 1),
-                None if eof && !self.buf.is_empty() => (self.buf.len(), self.buf.len()),
-                None if self.buf.len() > MAX_LINE_BYTES && !self.skipping => {
+                Some(i) => (i - self.pos, i + 1 - self.pos),
+                None if eof && self.pos < len => (len - self.pos, len - self.pos),
+                None if len - self.pos > MAX_LINE_BYTES && !self.skipping => {
                     // Emit the beginning of an over-long line now; drop the rest as it arrives.
-                    let bytes = self.buf[..64 * 1024].to_vec();
+                    let bytes = self.buf[self.pos..self.pos + 64 * 1024].to_vec();
                     let offset = self.start;
-                    self.start += self.buf.len() as u64;
-                    self.buf.clear();
+                    self.start += (len - self.pos) as u64;
+                    self.pos = len;
+                    self.scanned = len;
                     self.skipping = true;
                     return Some(Line {
                         offset,
@@ -127,15 +152,18 @@ impl LineSplitter {
                     });
                 }
                 None => {
+                    self.scanned = len;
                     if self.skipping {
-                        self.start += self.buf.len() as u64;
-                        self.buf.clear();
+                        self.start += (len - self.pos) as u64;
+                        self.pos = len;
                     }
                     return None;
                 }
             };
             let offset = self.start;
-            let mut bytes: Vec<u8> = self.buf.drain(..consumed).take(take).collect();
+            let mut bytes = self.buf[self.pos..self.pos + take].to_vec();
+            self.pos += consumed;
+            self.scanned = self.pos;
             self.start += consumed as u64;
             if bytes.last() == Some(&b'\r') {
                 bytes.pop();
@@ -414,7 +442,7 @@ impl S3Source {
             });
             return Ok((records, finished));
         }
-        let mut resume_at = o.lines.start;
+        let mut resume_at = o.lines.offset();
         loop {
             if records.len() >= BATCH_RECORDS || bytes >= BATCH_BYTES {
                 break;
@@ -485,7 +513,7 @@ impl S3Source {
                 payload,
             });
         }
-        let finished = o.eof && o.lines.buf.is_empty();
+        let finished = o.eof && o.lines.is_empty();
         self.position.current = Some(CurrentObject {
             key: o.key.clone(),
             offset: resume_at,
@@ -563,6 +591,21 @@ mod tests {
             s.next_line(true).map(|l| (l.offset, l.end)),
             Some((118, 125))
         );
+    }
+
+    #[test]
+    fn over_long_lines_are_cut_and_skipped() {
+        let mut s = LineSplitter::new(0);
+        s.push(&vec![b'x'; MAX_LINE_BYTES + 10]);
+        let l = s.next_line(false).unwrap();
+        assert!(l.truncated && l.bytes.len() == 64 * 1024);
+        s.push(b"yyy\n{\"ok\":1}\n");
+        let next = s.next_line(false).unwrap();
+        assert_eq!(
+            (next.bytes.as_slice(), next.offset),
+            (b"{\"ok\":1}".as_slice(), MAX_LINE_BYTES as u64 + 14)
+        );
+        assert!(s.is_empty());
     }
 
     #[test]
