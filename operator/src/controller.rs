@@ -13,7 +13,7 @@ use kube::runtime::{Controller, WatchStreamExt, controller, predicates, watcher}
 use kube::{Client, ResourceExt};
 use obsrv_crds::{Connector, labels};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::reconcile::{Context, error_policy, reconcile};
 
@@ -101,8 +101,13 @@ async fn run_scope(ctx: Arc<Context>, ns: Option<String>, mut shutdown: watch::R
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "controller error");
+            match res {
+                // A Connector deleted while queued: nothing to do.
+                Err(controller::Error::ObjectNotFound(obj)) => {
+                    debug!(object = %obj, "already gone")
+                }
+                Err(e) => warn!(error = %e, "controller error"),
+                Ok(_) => {}
             }
         })
         .await;
