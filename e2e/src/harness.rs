@@ -100,7 +100,11 @@ pub struct Stack {
 impl Stack {
     /// Starts everything; `dir` keeps kubeconfig, logs and pod volumes (a temp dir when None).
     pub async fn start(dir: Option<PathBuf>) -> Result<Stack> {
-        let bin_dir = binaries_dir()?;
+        Self::start_with(dir, binaries_dir()?).await
+    }
+
+    /// [`Stack::start`] with the directory holding `obsrv-operator` and `obsrv-connector`.
+    pub async fn start_with(dir: Option<PathBuf>, bin_dir: PathBuf) -> Result<Stack> {
         let (tmp, dir) = match dir {
             Some(d) => {
                 std::fs::create_dir_all(&d)?;
@@ -273,6 +277,11 @@ impl Stack {
             })
             .filter_map(|p| p["metadata"]["name"].as_str().map(String::from))
             .collect())
+    }
+
+    /// A kube-rs client of the control plane.
+    pub async fn client(&self) -> Result<kube::Client> {
+        Ok(self.cp.client().await?)
     }
 
     /// Polls `probe` every 500 ms until it yields a value; the error names what was awaited and the
