@@ -7,11 +7,7 @@ use obsrv_e2e::services::{Broker, MariaDb, Postgres, S3, unique_name};
 fn alive(pid: u32) -> bool {
     // A zombie still answers kill(0); /proc/<pid>/stat tells it apart.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.split_whitespace()
-                .nth(2)
-                .is_some_and(|state| state == "Z")
-        })
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|state| state != "Z"))
         .unwrap_or(false)
 }
 
