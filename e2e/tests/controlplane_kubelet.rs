@@ -336,6 +336,35 @@ async fn crashed_processes_restart_and_missing_secrets_wait_with_a_reason() {
         .expect("last state");
     assert_eq!(last.exit_code, 3);
 
+    // kill -9, as a crashed node process would: restarted in place, exit code 137.
+    let pid = cp
+        .pod_pid("default", name)
+        .expect("pid of the pod's process");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let restarted = eventually(WAIT, || async {
+        let cs = pods
+            .get(name)
+            .await
+            .ok()?
+            .status?
+            .container_statuses?
+            .into_iter()
+            .next()?;
+        (cs.restart_count == 2 && cs.ready).then_some(cs)
+    })
+    .await
+    .expect("restarted after kill -9");
+    let last = restarted
+        .last_state
+        .and_then(|s| s.terminated)
+        .expect("last state");
+    assert_eq!(last.exit_code, 137);
+    assert_ne!(cp.pod_pid("default", name), Some(pid), "a new process runs");
+
     let env = json!([{"name": "OBSRV_SOURCE_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "later-creds", "key": "password"}}}]);
     deployments
         .create(&PostParams::default(), &deployment("later", 1, env))

@@ -105,10 +105,21 @@ fn addresses() -> &'static Mutex<HashSet<Ipv4Addr>> {
     A.get_or_init(Default::default)
 }
 
-/// Pids started per control-plane directory, killed synchronously on drop.
-fn pids() -> &'static Mutex<HashMap<PathBuf, HashSet<i32>>> {
-    static P: OnceLock<Mutex<HashMap<PathBuf, HashSet<i32>>>> = OnceLock::new();
+/// Pids started per control-plane directory (with the pod's `namespace/name`), killed
+/// synchronously on drop.
+fn pids() -> &'static Mutex<HashMap<PathBuf, HashMap<i32, String>>> {
+    static P: OnceLock<Mutex<HashMap<PathBuf, HashMap<i32, String>>>> = OnceLock::new();
     P.get_or_init(Default::default)
+}
+
+/// The pid of the process running pod `namespace/name` of the control plane in `dir`.
+pub fn pod_pid(dir: &Path, namespace: &str, name: &str) -> Option<u32> {
+    let key = format!("{namespace}/{name}");
+    let all = lock(pids());
+    all.get(dir)?
+        .iter()
+        .find(|(_, pod)| **pod == key)
+        .and_then(|(pid, _)| u32::try_from(*pid).ok())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -118,7 +129,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// SIGKILLs every process started for the control plane in `dir` (used by `Drop`).
 pub fn kill_all_now(dir: &Path) {
     let set = lock(pids()).remove(dir).unwrap_or_default();
-    for pid in set {
+    for pid in set.into_keys() {
         signal(pid, libc::SIGKILL);
     }
 }
@@ -1255,10 +1266,15 @@ async fn run_container(
         };
         let pid = child.id().and_then(|p| i32::try_from(p).ok());
         if let Some(pid) = pid {
+            let pod = format!(
+                "{}/{}",
+                s(&ctx.pod, "/metadata/namespace"),
+                s(&ctx.pod, "/metadata/name")
+            );
             lock(pids())
                 .entry(ctx.cp_dir.clone())
                 .or_default()
-                .insert(pid);
+                .insert(pid, pod);
         }
         set_state(&state, |r| {
             r.running = true;
@@ -1328,7 +1344,14 @@ async fn run_container(
                 .or_default()
                 .remove(&pid);
         }
-        let code = exit.and_then(|s| s.code()).unwrap_or(137);
+        // Killed by a signal: 128 + signal number, as container runtimes report it (137 = SIGKILL).
+        let code = exit
+            .and_then(|s| {
+                s.code().or_else(|| {
+                    std::os::unix::process::ExitStatusExt::signal(&s).map(|sig| 128 + sig)
+                })
+            })
+            .unwrap_or(137);
         let reason = if code == 0 { "Completed" } else { "Error" };
         let restart = match policy.as_str() {
             "Never" => false,

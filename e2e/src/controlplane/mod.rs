@@ -208,17 +208,12 @@ impl ControlPlane {
 
     /// A kube-rs client built from the kubeconfig, as any other client would.
     pub async fn client(&self) -> Result<kube::Client, ControlPlaneError> {
-        let err = |message: String| ControlPlaneError::Client {
-            path: self.kubeconfig.clone(),
-            message,
-        };
-        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)
-            .map_err(|e| err(e.to_string()))?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| err(e.to_string()))?;
-        kube::Client::try_from(config).map_err(|e| err(e.to_string()))
+        client_from(&self.kubeconfig).await
+    }
+
+    /// The pid of the process running a pod (to `kill -9` it in a test, as a node failure would).
+    pub fn pod_pid(&self, namespace: &str, name: &str) -> Option<u32> {
+        kubelet::pod_pid(&self.dir, namespace, name)
     }
 
     /// Direct access to the store (tests: [`Store::compact`] to provoke 410 Gone).
@@ -245,6 +240,65 @@ impl Drop for ControlPlane {
         kubelet::kill_all_now(&self.dir);
         for t in &self.tasks {
             t.abort();
+        }
+    }
+}
+
+/// A kube-rs client from a kubeconfig file (its current context).
+pub async fn client_from(path: &Path) -> Result<kube::Client, ControlPlaneError> {
+    let err = |message: String| ControlPlaneError::Client {
+        path: path.to_path_buf(),
+        message,
+    };
+    let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+    kube::Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
+/// Where the end-to-end suite runs: the local control plane, or a real cluster (kind, k3d) when
+/// `E2E_KUBECONFIG` names its kubeconfig. Tests talk to either only through the kubeconfig.
+pub enum Cluster {
+    Local(ControlPlane),
+    External { kubeconfig: PathBuf },
+}
+
+impl Cluster {
+    /// `E2E_KUBECONFIG` set: that cluster; otherwise a local control plane started with `opts`.
+    pub async fn start(opts: ControlPlaneOptions) -> Result<Self, ControlPlaneError> {
+        match std::env::var_os("E2E_KUBECONFIG").filter(|v| !v.is_empty()) {
+            Some(path) => Ok(Cluster::External {
+                kubeconfig: PathBuf::from(path),
+            }),
+            None => Ok(Cluster::Local(ControlPlane::start(opts).await?)),
+        }
+    }
+
+    pub fn kubeconfig_path(&self) -> &Path {
+        match self {
+            Cluster::Local(cp) => cp.kubeconfig_path(),
+            Cluster::External { kubeconfig } => kubeconfig,
+        }
+    }
+
+    pub async fn client(&self) -> Result<kube::Client, ControlPlaneError> {
+        client_from(self.kubeconfig_path()).await
+    }
+
+    /// The local control plane; `None` on a real cluster (where `pod_pid` and `Store::compact` do
+    /// not exist: a scenario needing them must use another way, e.g. deleting the pod).
+    pub fn local(&self) -> Option<&ControlPlane> {
+        match self {
+            Cluster::Local(cp) => Some(cp),
+            Cluster::External { .. } => None,
+        }
+    }
+
+    pub async fn shutdown(self) {
+        if let Cluster::Local(cp) = self {
+            cp.shutdown().await;
         }
     }
 }
