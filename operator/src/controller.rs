@@ -7,6 +7,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, PartialObjectMeta};
+use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::utils::Predicate;
 use kube::runtime::{Controller, WatchStreamExt, controller, predicates, watcher};
@@ -15,7 +16,8 @@ use obsrv_crds::{Connector, labels};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::reconcile::{Context, error_policy, reconcile};
+use crate::reconcile::Context;
+use crate::unreadable;
 
 /// Reconciles running at once per watched scope.
 pub const RECONCILE_CONCURRENCY: u16 = 32;
@@ -52,10 +54,11 @@ async fn run_scope(ctx: Arc<Context>, ns: Option<String>, mut shutdown: watch::R
     );
     let client = ctx.client.clone();
     let ns = ns.as_deref();
-    let (reader, writer) = reflector::store::<Connector>();
+    let (reader, writer) = reflector::store::<DeserializeGuard<Connector>>();
     // Only spec (generation) and finalizer changes trigger: status writes, ours included, do not.
+    // DeserializeGuard: one unreadable Connector is reported instead of breaking the whole watch.
     let connectors = watcher(
-        api::<Connector>(&client, ns),
+        api::<DeserializeGuard<Connector>>(&client, ns),
         watcher::Config::default().any_semantic(),
     )
     .default_backoff()
@@ -92,14 +95,18 @@ async fn run_scope(ctx: Arc<Context>, ns: Option<String>, mut shutdown: watch::R
                 .state()
                 .into_iter()
                 .filter(|c| c.namespace() == secret_ns)
-                .filter(|c| obsrv_crds::runtime::referenced_secrets(&c.spec).contains(&name))
+                .filter(|c| {
+                    c.0.as_ref().is_ok_and(|c| {
+                        obsrv_crds::runtime::referenced_secrets(&c.spec).contains(&name)
+                    })
+                })
                 .map(|c| ObjectRef::from_obj(&*c))
                 .collect::<Vec<_>>()
         })
         // Bounded parallel reconciles: each polls its pods, so this also bounds outbound load.
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
         .graceful_shutdown_on(stop)
-        .run(reconcile, error_policy, ctx)
+        .run(unreadable::reconcile, unreadable::error_policy, ctx)
         .for_each(|res| async move {
             match res {
                 // A Connector deleted while queued: nothing to do.

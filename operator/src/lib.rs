@@ -19,4 +19,5 @@ pub mod run;
 pub mod scaling;
 pub mod status;
 pub mod telemetry;
+pub mod unreadable;
 pub mod validate;

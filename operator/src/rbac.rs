@@ -21,11 +21,12 @@ pub const RULES: &[Rule] = &[
         resources: &["connectors"],
         verbs: &["list", "watch", "patch"],
     },
-    // Status is written with server-side apply on the status subresource.
+    // Status is written with server-side apply on the status subresource (read back only for a
+    // Connector that cannot be deserialized, to report it once).
     Rule {
         api_group: "obsrv.io",
         resources: &["connectors/status"],
-        verbs: &["patch"],
+        verbs: &["get", "patch"],
     },
     // Owned objects: read (metadata) to refuse foreign ones, server-side apply (patch); ConfigMaps,
     // Services and Deployments are watched; PDBs and cleanup Jobs are deleted when no longer wanted.

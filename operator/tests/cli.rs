@@ -34,7 +34,7 @@ fn print_rbac_prints_the_declared_rules_as_json() {
     );
     assert_eq!(
         find("obsrv.io", "connectors/status")["verbs"],
-        serde_json::json!(["patch"])
+        serde_json::json!(["get", "patch"])
     );
     assert!(
         out.stderr.is_empty(),

@@ -595,3 +595,66 @@ async fn a_pod_that_cannot_start_reading_says_why_and_recovers() {
     assert_eq!(h.condition("orders", condition::READY).0, "True");
     assert!(h.status("orders").last_error.is_none());
 }
+
+#[tokio::test]
+async fn an_unreadable_connector_is_reported_and_never_blocks_deletion() {
+    let mut h = postgres().await;
+    running_connector(&mut h, "orders", 0).await;
+    let deployment = h.deployment("orders");
+    // Written around validation (an old object, or an API server without the schema).
+    h.edit_spec("orders", |s| s["state"] = json!("Sleeping"));
+    assert!(h.reconcile_guarded("orders").await.is_ok());
+    let stored = h.object(CONNECTORS, "orders").expect("connector");
+    let conds = stored["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .clone();
+    let valid = conds
+        .iter()
+        .find(|c| c["type"] == "ConfigValid")
+        .expect("ConfigValid");
+    assert_eq!(
+        (valid["status"].as_str(), valid["reason"].as_str()),
+        (Some("False"), Some("UnreadableSpec"))
+    );
+    assert!(
+        valid["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Sleeping"),
+        "{valid}"
+    );
+    assert_eq!(stored["status"]["phase"], "Failed");
+    assert_eq!(
+        h.deployment("orders"),
+        deployment,
+        "nothing applied from an unreadable spec"
+    );
+    assert!(h.event_reasons().contains(&"UnreadableSpec".to_string()));
+
+    h.api.clear_calls();
+    h.reconcile_guarded("orders")
+        .await
+        .expect("second reconcile");
+    assert_eq!(
+        h.api.count("patch", "connectors/status"),
+        0,
+        "reported once, no loop"
+    );
+
+    h.api.delete(CONNECTORS.0, CONNECTORS.1, "shop", "orders");
+    h.reconcile_guarded("orders")
+        .await
+        .expect("deletion reconcile");
+    assert!(
+        h.object(CONNECTORS, "orders").is_none(),
+        "finalizer released, Connector gone"
+    );
+
+    for c in h.api.calls() {
+        assert!(
+            rbac::allows(&c.group, &c.resource, &c.verb),
+            "undeclared API call: {c:?}"
+        );
+    }
+}

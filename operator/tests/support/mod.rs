@@ -193,6 +193,20 @@ impl Harness {
         reconcile::reconcile(Arc::new(c), self.ctx.clone()).await
     }
 
+    /// Runs one reconcile the way the controller does: through the DeserializeGuard.
+    pub async fn reconcile_guarded(
+        &self,
+        name: &str,
+    ) -> Result<Action, obsrv_operator::error::Error> {
+        let v = self
+            .api
+            .get(CONNECTORS.0, CONNECTORS.1, &self.ns, name)
+            .expect("connector exists");
+        let guard: kube::core::DeserializeGuard<Connector> =
+            serde_json::from_value(v).expect("guard always deserializes");
+        obsrv_operator::unreadable::reconcile(Arc::new(guard), self.ctx.clone()).await
+    }
+
     /// Reconciles until the finalizer is on and objects are applied (first run only adds the finalizer).
     pub async fn reconcile_ok(&self, name: &str) -> Action {
         self.reconcile(name).await.expect("reconcile succeeds")
