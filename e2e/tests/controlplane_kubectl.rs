@@ -175,6 +175,32 @@ async fn invalid_connectors_are_rejected_with_the_cel_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_server_side_apply_and_builtin_tables() {
     let cp = api_server().await;
+    // kubectl's typed clients post protobuf for `create secret|configmap|namespace`.
+    let out = kubectl(
+        &cp,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "pg-creds",
+            "--from-literal=password=s3cret",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let client = cp.client().await.expect("client");
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::default_namespaced(client);
+    let secret = secrets.get("pg-creds").await.expect("secret");
+    let password = secret
+        .data
+        .unwrap_or_default()
+        .remove("password")
+        .expect("password key");
+    assert_eq!(password.0, b"s3cret");
+    let out = kubectl(&cp, &["create", "namespace", "shop"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+
     let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  labels: {team: a}\ndata:\n  a: \"1\"\n  b: \"2\"\n";
     let out = kubectl(&cp, &["apply", "--server-side", "-f", "-"], Some(cm));
     assert!(

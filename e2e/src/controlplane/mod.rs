@@ -22,6 +22,7 @@ pub mod error;
 pub mod events;
 pub mod kubelet;
 pub mod patch;
+pub mod protobuf;
 pub mod registry;
 pub mod schema;
 pub mod server;

@@ -334,9 +334,7 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
         .and_then(|h| h.to_str().ok())
         .unwrap_or("application/json");
     if ct.contains("protobuf") {
-        return Err(ApiError::UnsupportedMediaType(format!(
-            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {ct})"
-        )));
+        return super::protobuf::decode(body).map_err(ApiError::UnsupportedMediaType);
     }
     if ct.contains("yaml") {
         serde_yaml::from_slice(body)
