@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
 use crate::controlplane::{ControlPlane, ControlPlaneOptions, ImageBinary, KubeletOptions};
-use crate::services::{Broker, free_port};
+use crate::services::{Broker, free_port, unique_name};
 
 /// Image whose pods the local kubelet runs as `obsrv-connector` processes.
 pub const CONNECTOR_IMAGE: &str = "ghcr.io/obsrv/obsrv-connector";
@@ -84,28 +84,49 @@ pub struct KubectlOutput {
     pub stderr: String,
 }
 
-/// Control plane + broker + operator. Dropping it stops the operator, every pod process and the broker.
+/// Where the system under test runs.
+enum Cluster {
+    /// The local control plane and the operator binary as a child process.
+    Local {
+        cp: Box<ControlPlane>,
+        operator: Option<Process>,
+        runs: u32,
+    },
+    /// A real cluster (`E2E_KUBECONFIG`) where the operator was installed with the Helm chart.
+    Remote { operator_namespace: String },
+}
+
+/// Control plane + broker + operator, and a namespace of its own for the test's objects.
+/// Dropping it stops the operator, every pod process and the broker (local), or deletes the
+/// namespace (remote).
 pub struct Stack {
-    // Field order is drop order: pods (control plane) stop before the broker they write to.
-    pub cp: ControlPlane,
+    // Field order is drop order: pods stop before the broker they write to.
+    cluster: Cluster,
     pub broker: Broker,
     pub kubeconfig: PathBuf,
+    /// The namespace every namespaced kubectl call of this stack uses.
+    pub namespace: String,
     pub dir: PathBuf,
     pub bin_dir: PathBuf,
-    operator: Option<Process>,
-    operator_runs: u32,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Stack {
     /// Starts everything; `dir` keeps kubeconfig, logs and pod volumes (a temp dir when None).
+    ///
+    /// With `E2E_KUBECONFIG` set, runs against that cluster instead: the operator must already be
+    /// installed there (Helm chart, namespace `E2E_OPERATOR_NAMESPACE`, default `obsrv-system`) with
+    /// its sink pointing at `KAFKA_BOOTSTRAP`, and `KAFKA_BOOTSTRAP` / `POSTGRES_URL` must be
+    /// reachable from the test machine and from the cluster's pods (see e2e/README.md).
     pub async fn start(dir: Option<PathBuf>) -> Result<Stack> {
+        if std::env::var_os("E2E_KUBECONFIG").is_some() {
+            return Self::start_remote(dir).await;
+        }
         Self::start_with(dir, binaries_dir()?).await
     }
 
-    /// [`Stack::start`] with the directory holding `obsrv-operator` and `obsrv-connector`.
-    pub async fn start_with(dir: Option<PathBuf>, bin_dir: PathBuf) -> Result<Stack> {
-        let (tmp, dir) = match dir {
+    fn workdir(dir: Option<PathBuf>) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
+        Ok(match dir {
             Some(d) => {
                 std::fs::create_dir_all(&d)?;
                 (None, std::fs::canonicalize(d)?)
@@ -115,11 +136,22 @@ impl Stack {
                 let p = t.path().to_path_buf();
                 (Some(t), p)
             }
-        };
+        })
+    }
+
+    async fn broker_with_topics() -> Result<Broker> {
         let broker = Broker::start().await?;
         for topic in [INGEST_TOPIC, FAILED_TOPIC, STATE_TOPIC] {
             broker.create_topic(topic, 1).await?;
         }
+        Ok(broker)
+    }
+
+    /// [`Stack::start`] on the local control plane, with the directory holding `obsrv-operator`
+    /// and `obsrv-connector`. Uses the `default` namespace.
+    pub async fn start_with(dir: Option<PathBuf>, bin_dir: PathBuf) -> Result<Stack> {
+        let (tmp, dir) = Self::workdir(dir)?;
+        let broker = Self::broker_with_topics().await?;
         let kubelet = KubeletOptions::new(vec![ImageBinary::new(
             CONNECTOR_IMAGE,
             bin_dir.join("obsrv-connector"),
@@ -133,13 +165,16 @@ impl Stack {
         let kubeconfig = dir.join("kubeconfig");
         cp.write_kubeconfig(&kubeconfig)?;
         let mut stack = Stack {
-            cp,
+            cluster: Cluster::Local {
+                cp: Box::new(cp),
+                operator: None,
+                runs: 0,
+            },
             broker,
             kubeconfig,
+            namespace: "default".into(),
             dir,
             bin_dir,
-            operator: None,
-            operator_runs: 0,
             _tmp: tmp,
         };
         let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/connector.yaml");
@@ -148,18 +183,59 @@ impl Stack {
         Ok(stack)
     }
 
-    /// Starts (or restarts) the operator binary against the control plane.
+    async fn start_remote(dir: Option<PathBuf>) -> Result<Stack> {
+        if std::env::var_os("KAFKA_BOOTSTRAP").is_none() {
+            bail!(
+                "E2E_KUBECONFIG is set, so KAFKA_BOOTSTRAP must name a broker that the test machine and the cluster's pods both reach"
+            );
+        }
+        let (tmp, dir) = Self::workdir(dir)?;
+        let broker = Self::broker_with_topics().await?;
+        let kubeconfig = PathBuf::from(std::env::var("E2E_KUBECONFIG")?);
+        let operator_namespace =
+            std::env::var("E2E_OPERATOR_NAMESPACE").unwrap_or_else(|_| "obsrv-system".into());
+        // Tests on a shared cluster each get a namespace, so their objects cannot collide.
+        let namespace = unique_name("obsrv-e2e").replace('_', "-");
+        let stack = Stack {
+            cluster: Cluster::Remote { operator_namespace },
+            broker,
+            kubeconfig,
+            namespace,
+            dir,
+            bin_dir: PathBuf::new(),
+            _tmp: tmp,
+        };
+        stack.kubectl_ok(&["create", "namespace", &stack.namespace])?;
+        Ok(stack)
+    }
+
+    /// The local control plane (None on a real cluster).
+    pub fn control_plane(&self) -> Option<&ControlPlane> {
+        match &self.cluster {
+            Cluster::Local { cp, .. } => Some(cp),
+            Cluster::Remote { .. } => None,
+        }
+    }
+
+    /// Starts (or restarts) the operator binary against the control plane. On a real cluster the
+    /// operator's Deployment brings it back by itself, so this only waits for that.
     pub fn start_operator(&mut self) -> Result<()> {
-        self.operator_runs += 1;
-        let log_path = self
-            .dir
-            .join(format!("operator-{}.log", self.operator_runs));
-        let log = std::fs::File::create(&log_path)?;
         let admin = format!("127.0.0.1:{}", free_port()?);
-        let child = Command::new(self.bin_dir.join("obsrv-operator"))
-            .env("KUBECONFIG", &self.kubeconfig)
+        let (kubeconfig, bootstrap, bin_dir, dir) = (
+            self.kubeconfig.clone(),
+            self.broker.bootstrap().to_string(),
+            self.bin_dir.clone(),
+            self.dir.clone(),
+        );
+        let Cluster::Local { operator, runs, .. } = &mut self.cluster else {
+            return Ok(());
+        };
+        *runs += 1;
+        let log = std::fs::File::create(dir.join(format!("operator-{runs}.log")))?;
+        let child = Command::new(bin_dir.join("obsrv-operator"))
+            .env("KUBECONFIG", &kubeconfig)
             .args(["--connector-image", &format!("{CONNECTOR_IMAGE}:dev")])
-            .args(["--sink-bootstrap-servers", self.broker.bootstrap()])
+            .args(["--sink-bootstrap-servers", &bootstrap])
             .args([
                 "--sink-topic",
                 INGEST_TOPIC,
@@ -180,26 +256,106 @@ impl Stack {
             .stdin(Stdio::null())
             .spawn()
             .context("starting obsrv-operator")?;
-        self.operator = Some(Process(child));
+        *operator = Some(Process(child));
         Ok(())
     }
 
-    /// `kill -9` of the operator.
-    pub fn kill_operator(&mut self) {
-        if let Some(p) = self.operator.take() {
-            p.kill9();
+    /// `kill -9` of the operator (a forced delete of its pods on a real cluster).
+    pub fn kill_operator(&mut self) -> Result<()> {
+        match &mut self.cluster {
+            Cluster::Local { operator, .. } => {
+                if let Some(p) = operator.take() {
+                    p.kill9();
+                }
+                Ok(())
+            }
+            Cluster::Remote { operator_namespace } => {
+                let ns = operator_namespace.clone();
+                self.kubectl_ok(&[
+                    "delete",
+                    "pod",
+                    "-n",
+                    &ns,
+                    "-l",
+                    "app.kubernetes.io/name=obsrv-operator",
+                    "--grace-period=0",
+                    "--force",
+                    "--wait=false",
+                ])?;
+                Ok(())
+            }
         }
     }
 
-    /// Path of the current operator's log.
+    /// `kill -9` of the process behind a connector pod (a forced delete of the pod on a real cluster).
+    pub fn kill_pod(&self, pod: &Value) -> Result<()> {
+        match &self.cluster {
+            Cluster::Local { .. } => {
+                let ip = pod["status"]["podIP"]
+                    .as_str()
+                    .context("the pod has no podIP")?;
+                let pids = connector_pids_on(ip);
+                if pids.is_empty() {
+                    bail!("no obsrv-connector process serves {ip}");
+                }
+                for pid in pids {
+                    // SAFETY: sending a signal has no memory-safety preconditions.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                Ok(())
+            }
+            Cluster::Remote { .. } => {
+                let name = pod["metadata"]["name"].as_str().context("pod name")?;
+                self.kubectl_ok(&[
+                    "delete",
+                    "pod",
+                    name,
+                    "--grace-period=0",
+                    "--force",
+                    "--wait=false",
+                ])?;
+                Ok(())
+            }
+        }
+    }
+
+    /// No process of the pod that had `ip` runs any more (always true on a real cluster, where the
+    /// pod objects are the only view).
+    pub fn processes_gone(&self, ip: &str) -> bool {
+        match &self.cluster {
+            Cluster::Local { .. } => connector_pids_on(ip).is_empty(),
+            Cluster::Remote { .. } => true,
+        }
+    }
+
+    /// Where to look when something times out.
+    pub fn logs_hint(&self) -> String {
+        match &self.cluster {
+            Cluster::Local { runs, .. } => format!(
+                "operator log: {}, pod logs: {}",
+                self.dir.join(format!("operator-{runs}.log")).display(),
+                self.dir.join("cluster/logs").display()
+            ),
+            Cluster::Remote { operator_namespace } => format!(
+                "kubectl logs -n {operator_namespace} -l app.kubernetes.io/name=obsrv-operator; kubectl logs -n {} -l app.kubernetes.io/name=obsrv-connector",
+                self.namespace
+            ),
+        }
+    }
+
+    /// Path of the current operator's log (local control plane).
     pub fn operator_log(&self) -> PathBuf {
-        self.dir
-            .join(format!("operator-{}.log", self.operator_runs))
+        let runs = match &self.cluster {
+            Cluster::Local { runs, .. } => *runs,
+            Cluster::Remote { .. } => 0,
+        };
+        self.dir.join(format!("operator-{runs}.log"))
     }
 
     /// Runs kubectl against the control plane, optionally with `stdin`.
     pub fn kubectl_with(&self, args: &[&str], stdin: Option<&str>) -> Result<KubectlOutput> {
         let mut child = Command::new("kubectl")
+            .args(["--namespace", &self.namespace])
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
             .stdin(if stdin.is_some() {
@@ -279,11 +435,6 @@ impl Stack {
             .collect())
     }
 
-    /// A kube-rs client of the control plane.
-    pub async fn client(&self) -> Result<kube::Client> {
-        Ok(self.cp.client().await?)
-    }
-
     /// Polls `probe` every 500 ms until it yields a value; the error names what was awaited and the
     /// last thing seen, with the operator's log path.
     pub async fn eventually<T>(
@@ -303,9 +454,8 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         bail!(
-            "timed out after {timeout:?} waiting for {what} (last error: {last}); operator log: {}, pod logs: {}",
-            self.operator_log().display(),
-            self.dir.join("cluster/logs").display()
+            "timed out after {timeout:?} waiting for {what} (last error: {last}); {}",
+            self.logs_hint()
         )
     }
 }
@@ -333,8 +483,16 @@ pub fn connector_pids_on(ip: &str) -> Vec<i32> {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        // Operator first, so it does not react to pods going away; the control plane then stops
-        // every pod process when it drops.
-        self.operator.take();
+        match &mut self.cluster {
+            // Operator first, so it does not react to pods going away; the control plane then
+            // stops every pod process when it drops.
+            Cluster::Local { operator, .. } => drop(operator.take()),
+            Cluster::Remote { .. } => {
+                let _ = self.kubectl_with(
+                    &["delete", "namespace", &self.namespace, "--wait=false"],
+                    None,
+                );
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use obsrv_e2e::harness::{INGEST_TOPIC, Stack, connector_pids_on};
+use obsrv_e2e::harness::{INGEST_TOPIC, Stack};
 use obsrv_e2e::services::{Broker, Postgres, free_port, unique_name};
 use serde_json::{Value, json};
 
@@ -144,7 +144,7 @@ async fn postgres_connector_delivers_every_row_and_reports_ready_lag_and_totals(
     assert_eq!(envelope["dataset"], "orders");
     assert_eq!(
         envelope["obsrv_meta"]["source"],
-        json!({"connector": "postgres", "connectorInstance": "default/orders"})
+        json!({"connector": "postgres", "connectorInstance": format!("{}/orders", stack.namespace)})
     );
     assert!(
         envelope["obsrv_meta"]["syncts"]
@@ -413,9 +413,23 @@ async fn invalid_manifests_are_rejected_with_a_clear_message() -> Result<()> {
     Ok(())
 }
 
-/// Forwards 127.0.0.1:`port` to `target` until dropped: the "source comes back" switch.
-async fn tcp_forward(port: u16, target: String) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+/// The address connector pods reach this machine on: loopback locally; on a real cluster it must be
+/// given as `E2E_HOST_ADDRESS`.
+fn host_address() -> Result<String> {
+    match std::env::var("E2E_HOST_ADDRESS") {
+        Ok(a) => Ok(a),
+        Err(_) if std::env::var_os("E2E_KUBECONFIG").is_some() => {
+            bail!(
+                "on a real cluster, set E2E_HOST_ADDRESS to an address of this machine that pods can reach"
+            )
+        }
+        Err(_) => Ok("127.0.0.1".into()),
+    }
+}
+
+/// Forwards `host`:`port` to `target` until aborted: the "source comes back" switch.
+async fn tcp_forward(host: &str, port: u16, target: String) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind((host, port)).await?;
     Ok(tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
             let target = target.clone();
@@ -432,7 +446,8 @@ async fn tcp_forward(port: u16, target: String) -> Result<tokio::task::JoinHandl
 async fn unreachable_source_is_reported_and_recovers() -> Result<()> {
     let (pg, stack) = start_with_orders(30).await?;
     let port = free_port()?; // nothing listens here yet
-    stack.apply(&pg_manifest("orders", "127.0.0.1", port, &pg, json!({})))?;
+    let host = host_address()?;
+    stack.apply(&pg_manifest("orders", &host, port, &pg, json!({})))?;
     let ready = stack
         .eventually("Ready=False with a reason", WAIT, async || {
             let s = status(&stack, "orders")?;
@@ -449,7 +464,7 @@ async fn unreachable_source_is_reported_and_recovers() -> Result<()> {
         "Ready=False carries a message: {ready}"
     );
 
-    let forward = tcp_forward(port, format!("{}:{}", pg.host(), pg.port())).await?;
+    let forward = tcp_forward(&host, port, format!("{}:{}", pg.host(), pg.port())).await?;
     assert_eq!(
         ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
         30
@@ -476,16 +491,7 @@ async fn kill_9_of_a_connector_loses_nothing() -> Result<()> {
         bail!("the load finished before the kill; make it larger");
     }
     let pod = stack.pods("orders")?.into_iter().next().context("a pod")?;
-    let ip = pod["status"]["podIP"]
-        .as_str()
-        .context("podIP")?
-        .to_string();
-    let pids = connector_pids_on(&ip);
-    assert!(!pids.is_empty(), "no obsrv-connector process serves {ip}");
-    for pid in pids {
-        // SAFETY: sending a signal has no memory-safety preconditions.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+    stack.kill_pod(&pod)?;
     let ids = ingested_ids(
         &stack.broker,
         "orders",
@@ -511,7 +517,7 @@ async fn operator_restart_creates_no_duplicates_and_status_converges() -> Result
             Ok(stack.get_json(&["deployment", "orders"]).ok())
         })
         .await?;
-    stack.kill_operator();
+    stack.kill_operator()?;
     insert_orders(&pg, 201, 250).await?;
     stack.start_operator()?;
     wait_ready(&stack, "orders").await?;
@@ -556,7 +562,7 @@ async fn delete_cleans_up_objects_and_processes() -> Result<()> {
         .as_str()
         .context("podIP")?
         .to_string();
-    assert!(!connector_pids_on(&ip).is_empty());
+    assert!(!stack.processes_gone(&ip), "a process serves the pod");
 
     stack.kubectl_ok(&["delete", "connector", "orders", "--wait=false"])?;
     stack
@@ -573,7 +579,7 @@ async fn delete_cleans_up_objects_and_processes() -> Result<()> {
                     && gone(&["configmap", "orders"])?
                     && gone(&["service", "orders"])?
                     && stack.pods("orders")?.is_empty()
-                    && connector_pids_on(&ip).is_empty();
+                    && stack.processes_gone(&ip);
                 Ok(all.then_some(()))
             },
         )

@@ -104,7 +104,7 @@ async fn main() -> Result<()> {
     println!(
         "    broker {}; API server {}",
         stack.broker.bootstrap(),
-        stack.cp.url()
+        stack.control_plane().map(|c| c.url()).unwrap_or_default()
     );
     println!("    operator log {}", stack.operator_log().display());
 
