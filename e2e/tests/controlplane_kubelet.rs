@@ -179,6 +179,23 @@ async fn deployment_replicas_run_as_processes_with_secrets_and_config_materialis
         );
     }
 
+    // ConfigMap edits reach the mounted files of running pods (kubelet's periodic sync).
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let edit = json!({"data": {"connector.yaml": "namespace: default\nname: edited\n"}});
+    cms.patch("cfg", &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .expect("edit config");
+    let (_, ip) = &ready[0];
+    let args = http(ip, "/args").await.expect("args");
+    let config = args.lines().last().expect("config path").to_string();
+    let updated = eventually(WAIT, || async {
+        (http(ip, &format!("/file{config}")).await.as_deref()
+            == Some("namespace: default\nname: edited\n"))
+        .then_some(())
+    })
+    .await;
+    assert!(updated.is_some(), "the mounted config never changed");
+
     let status = eventually(WAIT, || async {
         let s = deployments.get("orders").await.ok()?.status?;
         (s.ready_replicas == Some(3)).then_some(s)

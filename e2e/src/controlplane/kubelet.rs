@@ -961,8 +961,13 @@ impl ProcessContext {
                         std::fs::create_dir_all(parent)
                             .map_err(|e| format!("creating {}: {e}", parent.display()))?;
                     }
-                    std::fs::write(&file, bytes)
-                        .map_err(|e| format!("writing {}: {e}", file.display()))?;
+                    // Rewrite only what changed, atomically (readers never see half a file).
+                    if std::fs::read(&file).ok().as_deref() != Some(&bytes[..]) {
+                        let tmp = file.with_extension("obsrv-tmp");
+                        std::fs::write(&tmp, bytes)
+                            .and_then(|()| std::fs::rename(&tmp, &file))
+                            .map_err(|e| format!("writing {}: {e}", file.display()))?;
+                    }
                 }
             }
             locals.insert(name.to_string(), dir);
@@ -1285,6 +1290,7 @@ async fn run_container(
         });
         let probe = ctx.probe();
         let mut tick = tokio::time::interval(ctx.opts.probe_period);
+        let mut ticks: u64 = 0;
         let exit = loop {
             tokio::select! {
                 status = child.wait() => break status.ok(),
@@ -1327,6 +1333,11 @@ async fn run_container(
                     return;
                 }
                 _ = tick.tick() => {
+                    ticks += 1;
+                    // Like the kubelet's periodic sync: ConfigMap/Secret edits reach mounted files.
+                    if ticks % 7 == 0 && let Err(e) = ctx.volumes() {
+                        tracing::debug!(error = %e, "refreshing volumes");
+                    }
                     let ready = match (&probe, &probe_client) {
                         (Some((path, port)), Some(client)) => {
                             let url = format!("http://{}:{port}{path}", ctx.ip);
