@@ -1335,7 +1335,7 @@ async fn run_container(
                 _ = tick.tick() => {
                     ticks += 1;
                     // Like the kubelet's periodic sync: ConfigMap/Secret edits reach mounted files.
-                    if ticks % 7 == 0 && let Err(e) = ctx.volumes() {
+                    if ticks.is_multiple_of(7) && let Err(e) = ctx.volumes() {
                         tracing::debug!(error = %e, "refreshing volumes");
                     }
                     let ready = match (&probe, &probe_client) {
