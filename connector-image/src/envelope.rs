@@ -24,9 +24,11 @@ pub fn event_id(instance: &str, parts: &[&str]) -> String {
         h.update(p.as_bytes());
     }
     let digest = h.finalize();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(32);
     for b in &digest[..16] {
-        out.push_str(&format!("{b:02x}"));
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 0xf) as usize] as char);
     }
     out
 }
@@ -61,7 +63,11 @@ impl Context {
 
     /// The envelope around `event`, which must be the text of a JSON object.
     pub fn envelope(&self, event: &str, syncts_ms: i64) -> Vec<u8> {
-        let ts = syncts_ms.to_string();
+        self.envelope_at(event, &syncts_ms.to_string())
+    }
+
+    /// [`Context::envelope`] with the timestamp already rendered (once per batch).
+    pub fn envelope_at(&self, event: &str, ts: &str) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             self.prefix.len()
                 + event.len()
@@ -126,9 +132,19 @@ pub enum Routed {
 
 /// Decides the topic and bytes for one record.
 pub fn route(ctx: &Context, payload: &Payload, syncts_ms: i64, max_message_bytes: usize) -> Routed {
+    route_at(ctx, payload, &syncts_ms.to_string(), max_message_bytes)
+}
+
+/// [`route`] with the sync timestamp already rendered as text.
+pub fn route_at(
+    ctx: &Context,
+    payload: &Payload,
+    syncts: &str,
+    max_message_bytes: usize,
+) -> Routed {
     match payload {
         Payload::Json(event) => {
-            let env = ctx.envelope(event, syncts_ms);
+            let env = ctx.envelope_at(event, syncts);
             if env.len() > max_message_bytes {
                 let mut cut = FAILED_EVENT_PREVIEW_BYTES.min(event.len());
                 while !event.is_char_boundary(cut) {
@@ -189,6 +205,21 @@ mod tests {
         let pos = |k: &str| text.find(k).unwrap();
         assert!(pos("\"dataset\"") < pos("\"event\"") && pos("\"event\"") < pos("\"obsrv_meta\""));
         assert!(pos("\"syncts\"") < pos("\"flags\"") && pos("\"error\"") < pos("\"source\""));
+    }
+
+    #[test]
+    fn event_ids_are_hex_of_the_sha256_prefix() {
+        // sha256 of len-prefixed ("i", "p") computed independently.
+        let mut h = Sha256::new();
+        h.update(1u64.to_be_bytes());
+        h.update(b"i");
+        h.update(1u64.to_be_bytes());
+        h.update(b"p");
+        let want: String = h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(event_id("i", &["p"]), want);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// Batches handed to the producer and not yet acknowledged; bounds memory with the batch size.
-pub const MAX_IN_FLIGHT: usize = 4;
+pub const MAX_IN_FLIGHT: usize = 2;
 /// How often positions are written while data flows (always on catch-up and on shutdown).
 pub const COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// How long a drain on shutdown may take before giving up (the position then stays behind).
@@ -403,7 +403,7 @@ async fn pipeline(
     once: bool,
     backoff: &mut Backoff,
 ) -> Result<Finished> {
-    let (tx, mut rx) = mpsc::channel::<Result<Item>>(2);
+    let (tx, mut rx) = mpsc::channel::<Result<Item>>(1);
     let reader_shared = shared.clone();
     let mut reader_stop = stop.clone();
     let reader = tokio::spawn(async move {

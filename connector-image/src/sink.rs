@@ -14,7 +14,7 @@ use rdkafka::{
 
 use crate::{
     config::{Secrets, SinkSettings, kafka_security},
-    envelope::{Context, EVENT_ID_HEADER, Routed, route},
+    envelope::{Context, EVENT_ID_HEADER, Routed, route_at},
     error::{Error, Result},
     source::Batch,
 };
@@ -54,8 +54,8 @@ pub fn producer_config(s: &SinkSettings, secrets: &Secrets, client_id: &str) -> 
             "message.max.bytes",
             (s.max_message_bytes + 4096).max(1_000_000).to_string(),
         )
-        .set("queue.buffering.max.kbytes", "16384")
-        .set("queue.buffering.max.messages", "100000")
+        .set("queue.buffering.max.kbytes", "8192")
+        .set("queue.buffering.max.messages", "50000")
         .set("message.timeout.ms", "120000");
     if let Some(b) = s.batch_bytes {
         c.set("batch.size", b.to_string());
@@ -154,11 +154,12 @@ impl Sink {
         let started = Instant::now();
         let mut outcome = Outcome::default();
         let mut deliveries = Vec::with_capacity(batch.records.len());
+        let syncts = syncts_ms.to_string();
         for rec in &batch.records {
-            let (topic, bytes) = match route(
+            let (topic, bytes) = match route_at(
                 &self.ctx,
                 &rec.payload,
-                syncts_ms,
+                &syncts,
                 self.settings.max_message_bytes,
             ) {
                 Routed::Ingest(b) => {
