@@ -9,7 +9,11 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, StreamBody};
 use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
@@ -26,9 +30,22 @@ pub struct Call {
     pub name: Option<String>,
 }
 
+/// One change, as a watch reports it.
+#[derive(Debug, Clone)]
+struct Change {
+    rv: u64,
+    key: Key,
+    type_: &'static str,
+    object: Value,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Default)]
 pub struct FakeApi {
     objects: Mutex<BTreeMap<Key, Value>>,
+    changes: Mutex<Vec<Change>>,
+    changed: tokio::sync::Notify,
     calls: Mutex<Vec<Call>>,
     rv: AtomicU64,
     uid: AtomicU64,
@@ -187,9 +204,108 @@ impl FakeApi {
         let api = self.clone();
         let svc = tower::service_fn(move |req: Request<Body>| {
             let api = api.clone();
-            async move { Ok::<_, Infallible>(api.handle(req).await) }
+            async move {
+                let resp = match parse(req.uri()) {
+                    Some(t)
+                        if req.method() == Method::GET
+                            && t.name.is_none()
+                            && t.query
+                                .get("watch")
+                                .is_some_and(|w| w == "true" || w == "1") =>
+                    {
+                        api.watch(t)
+                    }
+                    _ => api
+                        .handle(req)
+                        .await
+                        .map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+                };
+                Ok::<_, Infallible>(resp)
+            }
         });
         Client::new(svc, "default")
+    }
+
+    fn record(&self, type_: &'static str, key: &Key, object: &Value) {
+        let rv = object["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        self.changes.lock().expect("lock").push(Change {
+            rv,
+            key: key.clone(),
+            type_,
+            object: object.clone(),
+        });
+        self.changed.notify_waiters();
+    }
+
+    /// A watch: every change after the requested resourceVersion, then new ones as they happen.
+    fn watch(self: &Arc<Self>, t: Target) -> Response<UnsyncBoxBody<Bytes, BoxError>> {
+        self.calls.lock().expect("lock").push(Call {
+            verb: "watch".into(),
+            group: t.group.clone(),
+            resource: t.resource.clone(),
+            name: None,
+        });
+        let prefix = format!("{}/{}", t.group, t.resource);
+        let selector = t.query.get("labelSelector").cloned().unwrap_or_default();
+        let since: u64 = t
+            .query
+            .get("resourceVersion")
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        let api = self.clone();
+        let ns = t.namespace.clone();
+        let stream = futures::stream::unfold(since, move |last| {
+            let api = api.clone();
+            let prefix = prefix.clone();
+            let selector = selector.clone();
+            let ns = ns.clone();
+            async move {
+                loop {
+                    let notified = api.changed.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    let next: Vec<Change> = api
+                        .changes
+                        .lock()
+                        .expect("lock")
+                        .iter()
+                        .filter(|c| {
+                            c.rv > last && c.key.0 == prefix && (ns.is_empty() || c.key.1 == ns)
+                        })
+                        .filter(|c| labels_match(&c.object, &selector))
+                        .cloned()
+                        .collect();
+                    if !next.is_empty() {
+                        let last = next.iter().map(|c| c.rv).max().unwrap_or(last);
+                        let mut out = Vec::new();
+                        for c in next {
+                            out.extend(
+                                json!({"type": c.type_, "object": c.object})
+                                    .to_string()
+                                    .into_bytes(),
+                            );
+                            out.push(b'\n');
+                        }
+                        return Some((
+                            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(out))),
+                            last,
+                        ));
+                    }
+                    notified.await;
+                }
+            }
+        });
+        let body = StreamBody::new(stream.boxed())
+            .map_err(|e: Infallible| -> BoxError { match e {} })
+            .boxed_unsync();
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(body)
+            .expect("valid response")
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -251,10 +367,12 @@ impl FakeApi {
         obj["metadata"]["generation"] = json!(1);
         obj["metadata"]["resourceVersion"] = json!(self.next_rv());
         obj["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+        let key = Self::key(group, resource, ns, &name);
         self.objects
             .lock()
             .expect("lock")
-            .insert(Self::key(group, resource, ns, &name), obj.clone());
+            .insert(key.clone(), obj.clone());
+        self.record("ADDED", &key, &obj);
         obj
     }
 
@@ -278,6 +396,9 @@ impl FakeApi {
             obj["metadata"]["generation"] = json!(g + 1);
         }
         obj["metadata"]["resourceVersion"] = json!(self.next_rv());
+        let changed = obj.clone();
+        drop(objects);
+        self.record("MODIFIED", &Self::key(group, resource, ns, name), &changed);
     }
 
     /// Deletes as the API server would: with finalizers only marks it, then GCs owned objects.
@@ -294,11 +415,18 @@ impl FakeApi {
                 let g = obj["metadata"]["generation"].as_i64().unwrap_or(0);
                 obj["metadata"]["generation"] = json!(g + 1);
                 obj["metadata"]["resourceVersion"] = json!(self.next_rv());
+                let changed = obj.clone();
+                drop(objects);
+                self.record("MODIFIED", &key, &changed);
+                return Some(changed);
             }
             return Some(obj.clone());
         }
-        let removed = objects.remove(&key)?;
+        let mut removed = objects.remove(&key)?;
         Self::collect_garbage(&mut objects, &removed);
+        drop(objects);
+        removed["metadata"]["resourceVersion"] = json!(self.next_rv());
+        self.record("DELETED", &key, &removed);
         Some(removed)
     }
 
@@ -552,11 +680,13 @@ impl FakeApi {
                 .as_array()
                 .is_none_or(|f| f.is_empty())
         {
+            let key = Self::key(&t.group, &t.resource, &t.namespace, &name);
             let mut objects = self.objects.lock().expect("lock");
-            if let Some(removed) =
-                objects.remove(&Self::key(&t.group, &t.resource, &t.namespace, &name))
-            {
+            if let Some(mut removed) = objects.remove(&key) {
                 Self::collect_garbage(&mut objects, &removed);
+                drop(objects);
+                removed["metadata"]["resourceVersion"] = json!(self.next_rv());
+                self.record("DELETED", &key, &removed);
                 return ok(200, &removed);
             }
         }

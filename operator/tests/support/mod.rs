@@ -69,11 +69,16 @@ async fn bind(port: u16, first_host: u8) -> (tokio::net::TcpListener, SocketAddr
 
 impl Harness {
     pub async fn new(ns: &str) -> Harness {
+        Harness::with_poll_interval(ns, Duration::from_secs(15)).await
+    }
+
+    pub async fn with_poll_interval(ns: &str, poll: Duration) -> Harness {
         let api = FakeApi::new();
         let client = api.client();
         let mut config = Config::defaults();
         config.sink_bootstrap_servers = Some("kafka.obsrv:9092".into());
-        config.status_poll_interval = Duration::from_secs(15);
+        config.namespaces = vec![ns.to_string()];
+        config.status_poll_interval = poll;
         let metrics = Arc::new(Metrics::new());
         let mut ctx = Context::new(
             client,
