@@ -59,3 +59,32 @@ pub fn with_jitter(base: Duration, seed: u64) -> Duration {
     let frac = (z % 1000) as f64 / 2000.0;
     base + base.mul_f64(frac)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_the_base_and_spreads() {
+        let base = Duration::from_secs(10);
+        let delays: Vec<Duration> = (0..50u64).map(|s| with_jitter(base, s)).collect();
+        assert!(delays.iter().all(|d| *d >= base && *d <= base + base / 2));
+        let mut distinct = delays.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert!(distinct.len() > 25, "jitter spreads retries");
+    }
+
+    #[test]
+    fn reasons_are_stable_and_429_backs_off_longer() {
+        let e = Error::CleanupRunning("x-cleanup".into());
+        assert_eq!(e.reason(), "CleanupRunning");
+        let throttled = Error::Kube(kube::Error::Api(
+            kube::core::Status::failure("slow down", "TooManyRequests")
+                .with_code(429)
+                .boxed(),
+        ));
+        assert_eq!(throttled.reason(), "TooManyRequests");
+        assert!(throttled.backoff() > Error::CleanupRunning(String::new()).backoff());
+    }
+}

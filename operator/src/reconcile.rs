@@ -143,7 +143,11 @@ pub async fn reconcile(c: Arc<Connector>, ctx: Arc<Context>) -> Result<Action, E
 /// Requeue policy on errors: back off by reason, with jitter.
 pub fn error_policy(c: Arc<Connector>, e: &Error, _ctx: Arc<Context>) -> Action {
     warn!(connector = %c.instance_id(), reason = e.reason(), error = %e, "reconcile failed");
-    let seed = Timestamp::now().subsec_nanosecond() as u64 ^ c.uid().map_or(0, |u| u.len() as u64);
+    // Spread by time and by object, so Connectors failing together do not retry together.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&c.uid(), &mut h);
+    let seed =
+        std::hash::Hasher::finish(&h) ^ Timestamp::now().subsec_nanosecond().unsigned_abs() as u64;
     Action::requeue(with_jitter(e.backoff(), seed))
 }
 
