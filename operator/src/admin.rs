@@ -1,7 +1,6 @@
 //! Admin HTTP server: `/metrics` (Prometheus text), `/healthz` (process alive), `/readyz` (the CRD
 //! is established and the controller runs).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -60,11 +59,10 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 
 /// Serves until `shutdown` flips to true.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     state: AdminState,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             while !*shutdown.borrow() {

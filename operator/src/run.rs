@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
 use kube::runtime::wait::{await_condition, conditions};
@@ -35,11 +36,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ready: ready.clone(),
         leader: is_leader.clone(),
     };
-    let admin = tokio::spawn(admin::serve(
-        config.admin_addr,
-        admin_state,
-        stop_rx.clone(),
-    ));
+    // Bind before anything else: a port in use is a startup error, not a silent missing probe.
+    let listener = tokio::net::TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on the admin address {}", config.admin_addr))?;
+    let admin = tokio::spawn(admin::serve(listener, admin_state, stop_rx.clone()));
     info!(addr = %config.admin_addr, "admin server listening");
 
     let client = Client::try_default().await?;
