@@ -493,3 +493,88 @@ async fn jobs_run_to_completion_or_fail_after_the_backoff_limit() {
         .expect("logs");
     assert_eq!(log.trim(), "cleaned");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_and_liveness_probes_drive_ready_and_restarts() {
+    let cp = with_kubelet().await;
+    let client = cp.client().await.expect("client");
+    setup(&client).await;
+    let flags = tempfile::tempdir().expect("tempdir");
+    let not_ready = flags.path().join("not-ready");
+    let dead = flags.path().join("dead");
+    std::fs::write(&not_ready, "").expect("flag");
+    let env = json!([
+        {"name": "STANDIN_NOT_READY", "value": not_ready.to_string_lossy()},
+        {"name": "STANDIN_NOT_LIVE", "value": dead.to_string_lossy()},
+    ]);
+    let mut dep = serde_json::to_value(deployment("probed", 1, env)).expect("json");
+    dep["spec"]["template"]["spec"]["containers"][0]["livenessProbe"] = json!({"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1, "failureThreshold": 2});
+    let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(dep).expect("deployment"),
+        )
+        .await
+        .expect("create");
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let container = |p: Pod| {
+        p.status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c.into_iter().next())
+    };
+    let running_not_ready = eventually(WAIT, || async {
+        let p = pods
+            .list(&ListParams::default().labels("app=probed"))
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .next()?;
+        let cs = container(p)?;
+        (cs.started == Some(true) && !cs.ready).then_some(())
+    })
+    .await;
+    assert!(
+        running_not_ready.is_some(),
+        "the process runs but is not ready while /readyz fails"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(ready_pods_now(&pods, "probed").await.is_empty());
+    std::fs::remove_file(&not_ready).expect("remove flag");
+    let ready = ready_pods(&pods, "probed", 1)
+        .await
+        .expect("ready once /readyz answers 200");
+    let name = ready[0].0.clone();
+
+    std::fs::write(&dead, "").expect("flag");
+    let restarted = eventually(WAIT, || async {
+        let cs = container(pods.get(&name).await.ok()?)?;
+        (cs.restart_count >= 1).then_some(cs)
+    })
+    .await;
+    assert!(
+        restarted.is_some(),
+        "a failing liveness probe restarts the container"
+    );
+    std::fs::remove_file(&dead).expect("remove flag");
+    let ready = ready_pods(&pods, "probed", 1).await.expect("ready again");
+    assert_eq!(ready[0].0, name, "restarted in place, same pod");
+}
+
+async fn ready_pods_now(pods: &Api<Pod>, app: &str) -> Vec<String> {
+    let list = pods
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await
+        .expect("list");
+    list.items
+        .into_iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|p| p.metadata.name)
+        .collect()
+}

@@ -1,8 +1,8 @@
 //! A stand-in for a connector process in the control plane's own tests: a tiny HTTP server on
 //! `$OBSRV_LISTEN` that shows what the kubelet gave it.
 //!
-//! - `GET /readyz`, `/healthz`: 200 (503 from `/readyz` while the file named by `$STANDIN_NOT_READY`
-//!   exists)
+//! - `GET /readyz`, `/healthz`: 200 (503 while the file named by `$STANDIN_NOT_READY`,
+//!   respectively `$STANDIN_NOT_LIVE`, exists)
 //! - `GET /env/<NAME>`: the variable's value (404 if unset)
 //! - `GET /file/<path>`: a file's contents (absolute path; e.g. from the args)
 //! - `GET /args`: the arguments, one per line
@@ -37,7 +37,11 @@ fn main() {
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
         match path.as_str() {
-            "/healthz" => respond(stream, 200, "ok"),
+            "/healthz" => {
+                let dead = std::env::var("STANDIN_NOT_LIVE")
+                    .is_ok_and(|f| std::path::Path::new(&f).exists());
+                respond(stream, if dead { 503 } else { 200 }, "ok")
+            }
             "/readyz" => {
                 let not_ready = std::env::var("STANDIN_NOT_READY")
                     .is_ok_and(|f| std::path::Path::new(&f).exists());

@@ -1138,8 +1138,9 @@ impl ProcessContext {
         args.into_iter().map(|a| rewrite(&a, mounts)).collect()
     }
 
-    fn probe(&self) -> Option<(String, u16)> {
-        let p = self.container.pointer("/readinessProbe/httpGet")?;
+    /// `(path, port)` of an HTTP probe (`readinessProbe` or `livenessProbe`).
+    fn probe(&self, which: &str) -> Option<(String, u16)> {
+        let p = self.container.get(which)?.get("httpGet")?;
         let path = p["path"].as_str().unwrap_or("/").to_string();
         let port = match &p["port"] {
             Value::Number(n) => n
@@ -1288,9 +1289,20 @@ async fn run_container(
             r.terminated = None;
             r.started_at = Some(now());
         });
-        let probe = ctx.probe();
+        let probe = ctx.probe("readinessProbe");
         let mut tick = tokio::time::interval(ctx.opts.probe_period);
         let mut ticks: u64 = 0;
+        // Liveness keeps the pod's own timing: a restart is a visible event, unlike readiness.
+        let liveness = ctx.probe("livenessProbe").map(|target| {
+            let secs = |k: &str, d: u64| ctx.container["livenessProbe"][k].as_u64().unwrap_or(d);
+            let period = Duration::from_secs(secs("periodSeconds", 10).max(1));
+            let first = tokio::time::Instant::now()
+                + Duration::from_secs(secs("initialDelaySeconds", 0))
+                + period;
+            (target, period, secs("failureThreshold", 3).max(1), first)
+        });
+        let mut next_liveness = liveness.as_ref().map(|l| l.3);
+        let mut liveness_failures = 0;
         let exit = loop {
             tokio::select! {
                 status = child.wait() => break status.ok(),
@@ -1346,6 +1358,30 @@ async fn run_container(
                         _ => true,
                     };
                     set_state(&state, |r| r.ready = ready);
+                    if let (Some(((path, port), period, threshold, _)), Some(at), Some(client)) = (&liveness, next_liveness, &probe_client)
+                        && tokio::time::Instant::now() >= at
+                    {
+                        next_liveness = Some(at + *period);
+                        let url = format!("http://{}:{port}{path}", ctx.ip);
+                        let alive = client.get(&url).send().await.is_ok_and(|r| r.status().is_success() || r.status().is_redirection());
+                        liveness_failures = if alive { 0 } else { liveness_failures + 1 };
+                        if liveness_failures >= *threshold {
+                            tracing::info!(pod = %s(&ctx.pod, "/metadata/name"), "liveness probe failed; restarting the container");
+                            let grace = ctx.pod["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+                            if let Some(pid) = pid {
+                                signal(pid, libc::SIGTERM);
+                            }
+                            match tokio::time::timeout(Duration::from_secs(grace), child.wait()).await {
+                                Ok(status) => break status.ok(),
+                                Err(_) => {
+                                    if let Some(pid) = pid {
+                                        signal(pid, libc::SIGKILL);
+                                    }
+                                    break child.wait().await.ok();
+                                }
+                            }
+                        }
+                    }
                 }
             }
         };
