@@ -24,14 +24,12 @@ use obsrv_crds::{Compression, Delivery};
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
-    error::{KafkaError, RDKafkaErrorCode},
-    producer::{FutureProducer, FutureRecord},
 };
 use sqlx::{Connection, postgres::PgConnection};
 
 use crate::{
     config::{Secrets, SinkSettings},
-    sink::{client_config, producer_config},
+    sink::{Acks, client_config, create_producer, enqueue, producer_config},
 };
 
 type BenchResult<T> = std::result::Result<T, String>;
@@ -390,35 +388,28 @@ pub async fn run(
         .create_topics(&topics, &AdminOptions::new())
         .await
         .map_err(err("create topics"))?;
-    let producer: FutureProducer = producer_config(&settings, &Secrets::default(), "obsrv-bench")
-        .create()
-        .map_err(err("producer"))?;
+    let producer = create_producer(&producer_config(
+        &settings,
+        &Secrets::default(),
+        "obsrv-bench",
+    ))
+    .map_err(err("producer"))?;
     let t = Instant::now();
-    let mut deliveries = Vec::with_capacity(rows);
+    let acks = Acks::new();
     for (i, p) in payloads.iter().enumerate() {
         let key = i.to_string();
-        let mut rec = FutureRecord::to(&raw_topic)
-            .key(key.as_bytes())
-            .payload(p.as_slice());
-        loop {
-            match producer.send_result(rec) {
-                Ok(d) => {
-                    deliveries.push(d);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    rec = r;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err((e, _)) => return Err(format!("produce: {e}")),
-            }
-        }
+        enqueue(
+            &producer,
+            &raw_topic,
+            Some(key.as_bytes()),
+            Some(p),
+            None,
+            &acks,
+        )
+        .await
+        .map_err(err("raw produce"))?;
     }
-    for d in futures::future::join_all(deliveries).await {
-        if !matches!(d, Ok(Ok(_))) {
-            return Err("raw produce: a delivery failed".into());
-        }
-    }
+    acks.wait().await.map_err(err("raw produce"))?;
     let produce_secs = t.elapsed().as_secs_f64();
     drop(payloads);
     drop(producer);

@@ -1,16 +1,22 @@
 //! The Kafka sink: an idempotent producer writing envelopes to the ingest topic and failed records to
 //! the failed topic. Delivery is tracked per batch so the runner can commit positions in order.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use futures::future::join_all;
 use obsrv_crds::runtime::env;
 use rdkafka::{
-    ClientConfig,
+    ClientConfig, ClientContext,
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
-    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
+    producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer},
 };
+use tokio::sync::Notify;
 
 use crate::{
     config::{Secrets, SinkSettings, kafka_security},
@@ -72,9 +78,110 @@ pub struct Outcome {
     pub bytes_failed: u64,
 }
 
+/// Delivery reports of a group of records: one counter per batch instead of a channel per
+/// record, which keeps per-record overhead to an atomic increment.
+#[derive(Debug, Default)]
+pub struct Acks {
+    remaining: AtomicUsize,
+    error: Mutex<Option<String>>,
+    notify: Notify,
+}
+
+impl Acks {
+    pub fn new() -> Arc<Acks> {
+        Arc::new(Acks::default())
+    }
+
+    fn add(&self) {
+        self.remaining.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn done(&self, error: Option<String>) {
+        if let Some(e) = error {
+            let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert(e);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // notify_one keeps a permit when nobody waits yet: no lost wake-up.
+            self.notify.notify_one();
+        }
+    }
+
+    /// Waits until every record added so far is acknowledged; the first failure fails the group.
+    pub async fn wait(&self) -> Result<()> {
+        while self.remaining.load(Ordering::Acquire) > 0 {
+            self.notify.notified().await;
+        }
+        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(Error::SinkUnreachable(format!("delivery failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Routes librdkafka's delivery reports to the [`Acks`] of each record's batch.
+pub struct AckContext;
+
+impl ClientContext for AckContext {}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = Arc<Acks>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<Acks>) {
+        acks.done(result.as_ref().err().map(|(e, _)| e.to_string()));
+    }
+}
+
+/// The producer every sink write goes through (records, failed records, state).
+pub type SinkProducer = ThreadedProducer<AckContext>;
+
+/// Creates a producer for `config`.
+pub fn create_producer(config: &ClientConfig) -> Result<Arc<SinkProducer>> {
+    config
+        .create_with_context(AckContext)
+        .map(Arc::new)
+        .map_err(|e| Error::Config(format!("sink producer: {e}")))
+}
+
+/// Enqueues one record, waiting while the bounded queue is full. `acks` counts it.
+pub async fn enqueue(
+    producer: &SinkProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    headers: Option<OwnedHeaders>,
+    acks: &Arc<Acks>,
+) -> Result<()> {
+    let mut record: BaseRecord<'_, [u8], [u8], Arc<Acks>> =
+        BaseRecord::with_opaque_to(topic, acks.clone());
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(p) = payload {
+        record = record.payload(p);
+    }
+    if let Some(h) = headers {
+        record = record.headers(h);
+    }
+    acks.add();
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err((e, _)) => {
+                acks.done(None);
+                return Err(Error::SinkUnreachable(format!("produce: {e}")));
+            }
+        }
+    }
+}
+
 /// A batch handed to the producer, not yet acknowledged.
 pub struct InFlight {
-    deliveries: Vec<DeliveryFuture>,
+    acks: Arc<Acks>,
     pub position: serde_json::Value,
     pub watermark: Option<String>,
     pub outcome: Outcome,
@@ -84,35 +191,23 @@ pub struct InFlight {
 impl InFlight {
     /// Waits for every record of the batch; any failed delivery fails the batch (it will be re-read).
     pub async fn acked(&mut self) -> Result<()> {
-        let deliveries = std::mem::take(&mut self.deliveries);
-        for r in join_all(deliveries).await {
-            match r {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(Error::SinkUnreachable(format!("delivery failed: {e}")));
-                }
-                Err(_) => return Err(Error::SinkUnreachable("producer dropped a delivery".into())),
-            }
-        }
-        Ok(())
+        self.acks.wait().await
     }
 }
 
 pub struct Sink {
-    producer: FutureProducer,
+    producer: Arc<SinkProducer>,
     settings: SinkSettings,
     ctx: Context,
 }
 
 impl Sink {
     pub fn new(settings: SinkSettings, secrets: &Secrets, ctx: Context) -> Result<Sink> {
-        let producer: FutureProducer = producer_config(
+        let producer = create_producer(&producer_config(
             &settings,
             secrets,
             &format!("obsrv-connector/{}", ctx.instance),
-        )
-        .create()
-        .map_err(|e| Error::Config(format!("sink producer: {e}")))?;
+        ))?;
         Ok(Sink {
             producer,
             settings,
@@ -120,7 +215,7 @@ impl Sink {
         })
     }
 
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &Arc<SinkProducer> {
         &self.producer
     }
 
@@ -153,7 +248,7 @@ impl Sink {
     pub async fn send(&self, batch: Batch, syncts_ms: i64) -> Result<InFlight> {
         let started = Instant::now();
         let mut outcome = Outcome::default();
-        let mut deliveries = Vec::with_capacity(batch.records.len());
+        let acks = Acks::new();
         let syncts = syncts_ms.to_string();
         for rec in &batch.records {
             let (topic, bytes) = match route_at(
@@ -177,26 +272,18 @@ impl Sink {
                 key: EVENT_ID_HEADER,
                 value: Some(rec.id.as_bytes()),
             });
-            let mut record = FutureRecord::to(topic)
-                .key(rec.id.as_bytes())
-                .payload(&bytes)
-                .headers(headers);
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(d) => {
-                        deliveries.push(d);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    Err((e, _)) => return Err(Error::SinkUnreachable(format!("produce: {e}"))),
-                }
-            }
+            enqueue(
+                &self.producer,
+                topic,
+                Some(rec.id.as_bytes()),
+                Some(&bytes),
+                Some(headers),
+                &acks,
+            )
+            .await?;
         }
         Ok(InFlight {
-            deliveries,
+            acks,
             position: batch.position,
             watermark: batch.watermark,
             outcome,
@@ -211,5 +298,32 @@ impl Sink {
             .await
             .map_err(|e| Error::SinkUnreachable(e.to_string()))?
             .map_err(|e| Error::SinkUnreachable(format!("flush: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn acks_wait_for_every_record_and_keep_the_first_failure() {
+        let acks = Acks::new();
+        acks.add();
+        acks.add();
+        let waiter = tokio::spawn({
+            let a = acks.clone();
+            async move { a.wait().await }
+        });
+        acks.done(None);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one record still unacknowledged");
+        acks.done(Some("broker down".into()));
+        let res = waiter.await.unwrap();
+        assert!(
+            matches!(res, Err(Error::SinkUnreachable(ref m)) if m.contains("broker down")),
+            "{res:?}"
+        );
+        let empty = Acks::new();
+        assert!(empty.wait().await.is_ok());
     }
 }

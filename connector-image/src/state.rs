@@ -7,12 +7,16 @@ use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     consumer::{BaseConsumer, Consumer},
-    producer::{FutureProducer, FutureRecord},
     types::RDKafkaErrorCode,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use std::sync::Arc;
+
+use crate::{
+    error::{Error, Result},
+    sink::{Acks, SinkProducer, enqueue},
+};
 
 /// The value written to the state topic.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -50,7 +54,7 @@ impl StateRecord {
 }
 
 pub struct StateStore {
-    producer: FutureProducer,
+    producer: Arc<SinkProducer>,
     client: ClientConfig,
     topic: String,
     key: String,
@@ -59,7 +63,7 @@ pub struct StateStore {
 
 impl StateStore {
     pub fn new(
-        producer: FutureProducer,
+        producer: Arc<SinkProducer>,
         client: ClientConfig,
         topic: &str,
         key: &str,
@@ -183,33 +187,34 @@ impl StateStore {
             committed_at: now_ms,
         };
         let bytes = rec.encode();
-        let delivery = self
-            .producer
-            .send_result(
-                FutureRecord::to(&self.topic)
-                    .key(self.key.as_bytes())
-                    .payload(&bytes),
-            )
-            .map_err(|(e, _)| Error::SinkUnreachable(format!("state write: {e}")))?;
-        match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(Error::SinkUnreachable(format!("state write: {e}"))),
-            Err(_) => Err(Error::SinkUnreachable("state write dropped".into())),
-        }
+        let acks = Acks::new();
+        enqueue(
+            &self.producer,
+            &self.topic,
+            Some(self.key.as_bytes()),
+            Some(&bytes),
+            None,
+            &acks,
+        )
+        .await?;
+        acks.wait()
+            .await
+            .map_err(|e| Error::SinkUnreachable(format!("state write: {e}")))
     }
 
     /// Removes the saved position (a tombstone), for a fresh start.
     pub async fn clear(&self) -> Result<()> {
-        let delivery = self
-            .producer
-            .send_result(FutureRecord::<[u8], [u8]>::to(&self.topic).key(self.key.as_bytes()))
-            .map_err(|(e, _)| Error::SinkUnreachable(format!("state write: {e}")))?;
-        match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(Error::SinkUnreachable(
-                "state tombstone not acknowledged".into(),
-            )),
-        }
+        let acks = Acks::new();
+        enqueue(
+            &self.producer,
+            &self.topic,
+            Some(self.key.as_bytes()),
+            None,
+            None,
+            &acks,
+        )
+        .await?;
+        acks.wait().await
     }
 }
 
