@@ -15,8 +15,58 @@
 //! # drop(client); cp.shutdown().await; Ok(()) }
 //! ```
 //!
-//! What is simplified compared to a real cluster is listed in `docs` of each module and in
-//! `coord/notes-controlplane.md`.
+//! # How it differs from a real cluster
+//!
+//! Good enough for the operator, kubectl and the suite; not a conformant API server. Honestly:
+//!
+//! **API server** ([`server`], [`store`])
+//! - No authentication or authorization: RBAC is not enforced (the Helm chart check compares the
+//!   operator's declared RBAC instead). Plain HTTP on 127.0.0.1.
+//! - Server-side apply is simplified: each *Apply* manager owns the leaf fields it sets; another
+//!   Apply manager changing one of them with a different value is a 409 conflict unless `force`
+//!   (then ownership moves); fields a manager stops applying are removed unless another manager
+//!   owns them. Lists are atomic (no `x-kubernetes-list-type: map` merging: two managers applying
+//!   different entries of one list replace each other). PUT / merge / JSON / strategic patches do
+//!   not record ownership, so they never conflict and their fields are not protected.
+//! - Strategic merge patch: lists with a well-known merge key (`containers`, `env`, `volumes`,
+//!   `ownerReferences` by name, `volumeMounts` by mountPath, `ports` by containerPort,
+//!   `conditions` by type) merge by key with `$patch: delete`; other directives are ignored and
+//!   other lists are replaced. Custom resources reject it (415), like a real server.
+//! - Watch history is a ring of the last `watch_history` changes (a watch from before it gets a
+//!   410 ERROR event); bookmarks every 5 s when asked; `sendInitialEvents` supported. `limit` /
+//!   `continue` are ignored (lists are returned whole) and the `resourceVersion` of GET/LIST is
+//!   ignored (always the latest state).
+//! - Validation: custom resources get schema defaults, pruning (or rejection with
+//!   `fieldValidation=Strict`), `type`, `nullable`, `required`, `enum`, min/max, lengths, item
+//!   counts and CEL rules (kube-cel); `pattern`, `format`, `multipleOf`, list uniqueness are not
+//!   checked. Built-in kinds only get metadata checks and a few defaults.
+//! - Deletion: `Foreground` is treated as `Background`; `Orphan` strips owner references. The
+//!   garbage collector runs after deletions and every 2 s and ignores `blockOwnerDeletion`.
+//!   Deleting a CRD drops its objects at once (their finalizers are not waited for).
+//! - One storage version per CRD, no conversion between versions; no admission webhooks, quotas or
+//!   Service networking (Services are stored; their names do not resolve).
+//! - OpenAPI v3 lists PATCH operations only (so kubectl validates fields on the server); there are
+//!   no schemas, so `kubectl explain` does not work. Protobuf bodies are understood only for
+//!   `kubectl create secret|configmap|namespace|serviceaccount`.
+//!
+//! **Kubelet** ([`kubelet`])
+//! - No ReplicaSets: Deployments own their pods directly. Rolling updates surge to a full new set
+//!   and delete old pods as new ones become ready (maxSurge / maxUnavailable ignored; `Recreate`
+//!   supported); `kubectl rollout status` works, `rollout undo/history` do not.
+//! - One container per pod runs (the first whose image matches an [`ImageBinary`]); init containers
+//!   and other containers are ignored. Pods of other images stay Pending (Unschedulable, with a
+//!   message naming the runnable images).
+//! - No isolation: processes run as the current user without resource limits or security context;
+//!   the host environment is not inherited except `KubeletOptions::inherit_env`. Volume mount
+//!   paths are rewritten in args and env values only (a program hard-coding a mount path does not
+//!   find it). Pods get 127.0.0.N; declared ports are not enforced (the process binds
+//!   `OBSRV_LISTEN`).
+//! - Readiness: the HTTP readiness probe every `probe_period` (300 ms), not the pod's
+//!   periodSeconds; exec/tcp probes count as passing. Liveness: HTTP only, with the pod's timings.
+//!   Restart back-off 0.5 s doubling to 5 s. Volumes: configMap, secret, emptyDir (others are
+//!   empty directories), refreshed about every 2 s. Logs: `kubectl logs` (no follow/previous).
+//! - Jobs: one pod at a time until one succeeds, `backoffLimit`; no deadlines, TTL or
+//!   parallelism.
 
 pub mod error;
 pub mod events;
