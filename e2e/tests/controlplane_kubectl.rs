@@ -236,3 +236,99 @@ async fn kubectl_server_side_apply_and_builtin_tables() {
         "{namespaces}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn obsrv_local_cluster_binary_writes_a_kubeconfig_and_stops_its_pods() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_obsrv-local-cluster"))
+        .args([
+            "--kubeconfig",
+            &kubeconfig.to_string_lossy(),
+            "--dir",
+            &dir.path().join("cluster").to_string_lossy(),
+        ])
+        .args([
+            "--connector-binary",
+            env!("CARGO_BIN_EXE_obsrv-e2e-standin"),
+        ])
+        .args([
+            "--image",
+            &format!(
+                "{STANDIN_IMAGE}={}",
+                env!("CARGO_BIN_EXE_obsrv-e2e-standin")
+            ),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("obsrv-local-cluster starts");
+    let written = eventually(std::time::Duration::from_secs(20), || async {
+        kubeconfig.exists().then_some(())
+    })
+    .await;
+    assert!(written.is_some(), "no kubeconfig written");
+    let run = |args: &[&str]| {
+        std::process::Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .expect("kubectl runs")
+    };
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: c\n    image: {STANDIN_IMAGE}:1\n"
+    );
+    let mut apply = std::process::Command::new("kubectl")
+        .args(["apply", "-f", "-"])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("kubectl");
+    use std::io::Write as _;
+    apply
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(pod.as_bytes())
+        .expect("write");
+    assert!(apply.wait().expect("kubectl").success());
+    let ip = eventually(std::time::Duration::from_secs(20), || async {
+        let out = run(&[
+            "get",
+            "pod",
+            "p",
+            "-o",
+            "jsonpath={.status.podIP} {.status.phase}",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.ends_with("Running")
+            .then(|| text.split(' ').next().unwrap_or("").to_string())
+    })
+    .await
+    .expect("the pod runs");
+    let listening = |ip: &str| std::net::TcpStream::connect((ip, 8080)).is_ok();
+    assert!(listening(&ip));
+
+    // SIGTERM: the binary stops its pods' processes and exits.
+    let pid = i32::try_from(child.id()).expect("pid");
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let mut status = None;
+    for _ in 0..200 {
+        status = child.try_wait().ok().flatten();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "obsrv-local-cluster did not exit cleanly: {status:?}"
+    );
+    assert!(!listening(&ip), "the pod's process outlived the cluster");
+}

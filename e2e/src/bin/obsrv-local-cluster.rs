@@ -40,6 +40,15 @@ struct Args {
     /// Do not run pods (API server only).
     #[arg(long)]
     no_kubelet: bool,
+    /// More images to run as local programs, `IMAGE=PROGRAM` (repeatable), e.g.
+    /// `--image example.com/tools=/bin/sh`.
+    #[arg(long = "image", value_parser = parse_image)]
+    images: Vec<ImageBinary>,
+}
+
+fn parse_image(s: &str) -> Result<ImageBinary, String> {
+    let (image, program) = s.split_once('=').ok_or("expected IMAGE=PROGRAM")?;
+    Ok(ImageBinary::new(image, program))
 }
 
 #[tokio::main]
@@ -59,10 +68,12 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let kubelet = (!args.no_kubelet).then(|| {
-        KubeletOptions::new(vec![ImageBinary::new(
+        let mut images = vec![ImageBinary::new(
             args.connector_image.clone(),
             binary.clone(),
-        )])
+        )];
+        images.extend(args.images.iter().cloned());
+        KubeletOptions::new(images)
     });
     let cp = ControlPlane::start(ControlPlaneOptions {
         port: args.port,
