@@ -648,6 +648,24 @@ async fn namespaces_and_label_selectors() {
         ["d1", "d2"]
     );
 
+    // Paging: limit + continue walk every object once.
+    let mut paged = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut lp = ListParams::default().limit(1);
+        if let Some(t) = &token {
+            lp = lp.continue_token(t);
+        }
+        let page = all.list(&lp).await.expect("page");
+        assert!(page.items.len() <= 1);
+        paged.extend(page.items.into_iter().filter_map(|c| c.metadata.name));
+        token = page.metadata.continue_.filter(|t| !t.is_empty());
+        if token.is_none() {
+            break;
+        }
+    }
+    assert_eq!(paged, ["d1", "d2", "a1", "a2"]);
+
     namespaces
         .delete("team-a", &DeleteParams::default())
         .await

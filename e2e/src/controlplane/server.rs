@@ -434,8 +434,9 @@ async fn serve(
                 return watch(app, rt, ns_filter.map(String::from), sel, query, table);
             }
             let (items, rv) = store.list(&rt, ns_filter, &sel);
+            let (items, page) = paginate(items, query)?;
             if table {
-                return Ok(ok(&table::table(
+                let mut t = table::table(
                     &rt,
                     &items,
                     &rv.to_string(),
@@ -443,12 +444,22 @@ async fn serve(
                         .get("includeObject")
                         .map_or("Metadata", String::as_str),
                     true,
-                )));
+                );
+                if let Some((token, remaining)) = page {
+                    t["metadata"]["continue"] = json!(token);
+                    t["metadata"]["remainingItemCount"] = json!(remaining);
+                }
+                return Ok(ok(&t));
+            }
+            let mut metadata = json!({"resourceVersion": rv.to_string()});
+            if let Some((token, remaining)) = page {
+                metadata["continue"] = json!(token);
+                metadata["remainingItemCount"] = json!(remaining);
             }
             Ok(ok(&json!({
                 "kind": format!("{}List", rt.kind),
                 "apiVersion": rt.api_version(),
-                "metadata": {"resourceVersion": rv.to_string()},
+                "metadata": metadata,
                 "items": items,
             })))
         }
@@ -529,6 +540,41 @@ async fn serve(
         (m, _) => Err(ApiError::MethodNotAllowed(format!(
             "the server does not allow this method on the requested resource: {m}"
         ))),
+    }
+}
+
+/// `limit` / `continue` paging. Items come sorted by namespace and name; the token names the last
+/// key returned, so a continued list shows the *current* state after that key (there is no snapshot
+/// of the first page's resourceVersion, unlike etcd).
+type Page = Option<(String, usize)>;
+
+fn paginate(items: Vec<Value>, query: &HashMap<String, String>) -> ApiResult<(Vec<Value>, Page)> {
+    use base64::Engine as _;
+    let key = |o: &Value| {
+        (
+            o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string(),
+            o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string(),
+        )
+    };
+    let mut items = items;
+    if let Some(token) = query.get("continue").filter(|t| !t.is_empty()) {
+        let bad = || ApiError::BadRequest(format!("invalid continue token {token:?}"));
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+        let text = String::from_utf8(raw).map_err(|_| bad())?;
+        let (ns, name) = text.split_once('/').ok_or_else(bad)?;
+        let after = (ns.to_string(), name.to_string());
+        items.retain(|o| key(o) > after);
+    }
+    let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+    match limit {
+        Some(limit) if items.len() > limit => {
+            let remaining = items.len() - limit;
+            items.truncate(limit);
+            let (ns, name) = items.last().map(key).unwrap_or_default();
+            let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{ns}/{name}"));
+            Ok((items, Some((token, remaining))))
+        }
+        _ => Ok((items, None)),
     }
 }
 
