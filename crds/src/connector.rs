@@ -35,11 +35,28 @@ pub const DURATION_RULE: &str = "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s
     printcolumn(name = "Dataset", type_ = "string", json_path = ".spec.dataset"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.sourceKind"),
     printcolumn(name = "State", type_ = "string", json_path = ".spec.state"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Replicas", type_ = "string", json_path = ".status.replicasSummary"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "string",
+        json_path = ".status.replicasSummary"
+    ),
     printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag.records"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectorSpec {
@@ -69,7 +86,9 @@ pub struct ConnectorSpec {
     pub template: Option<PodOverrides>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum DesiredState {
     #[default]
     Running,
@@ -77,7 +96,9 @@ pub enum DesiredState {
     Stopped,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum Delivery {
     #[default]
@@ -182,7 +203,11 @@ impl Source {
             1 => Ok(found[0]),
             n => Err(SourceError::Several(
                 n,
-                found.iter().map(|s| s.kind().as_str()).collect::<Vec<_>>().join(", "),
+                found
+                    .iter()
+                    .map(|s| s.kind().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             )),
         }
     }
@@ -214,7 +239,9 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum TlsMode {
     Disable,
@@ -288,7 +315,9 @@ pub struct CursorSpec {
     pub tie_breaker: Option<String>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum OffsetReset {
     #[default]
@@ -296,7 +325,9 @@ pub enum OffsetReset {
     Latest,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum SaslMechanism {
     #[default]
     #[serde(rename = "PLAIN")]
@@ -411,7 +442,9 @@ pub struct Sink {
     pub kafka: Option<KafkaSink>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     None,
@@ -470,10 +503,19 @@ impl KafkaSink {
     /// `self`'s fields where set, `defaults`' otherwise.
     pub fn merged_over(&self, defaults: &KafkaSink) -> KafkaSink {
         KafkaSink {
-            bootstrap_servers: self.bootstrap_servers.clone().or_else(|| defaults.bootstrap_servers.clone()),
+            bootstrap_servers: self
+                .bootstrap_servers
+                .clone()
+                .or_else(|| defaults.bootstrap_servers.clone()),
             topic: self.topic.clone().or_else(|| defaults.topic.clone()),
-            failed_topic: self.failed_topic.clone().or_else(|| defaults.failed_topic.clone()),
-            state_topic: self.state_topic.clone().or_else(|| defaults.state_topic.clone()),
+            failed_topic: self
+                .failed_topic
+                .clone()
+                .or_else(|| defaults.failed_topic.clone()),
+            state_topic: self
+                .state_topic
+                .clone()
+                .or_else(|| defaults.state_topic.clone()),
             max_message_bytes: self.max_message_bytes.or(defaults.max_message_bytes),
             compression: self.compression.or(defaults.compression),
             linger_ms: self.linger_ms.or(defaults.linger_ms),

@@ -52,25 +52,55 @@ pub mod env {
     pub const SINK_TLS_CA: &str = "OBSRV_SINK_TLS_CA";
 }
 
-fn credentials(out: &mut Vec<SecretEnv>, c: &CredentialsRef, user: &'static str, pass: &'static str) {
-    out.push(SecretEnv { env: user, secret_name: c.secret_name.clone(), key: c.username_key.clone() });
-    out.push(SecretEnv { env: pass, secret_name: c.secret_name.clone(), key: c.password_key.clone() });
+fn credentials(
+    out: &mut Vec<SecretEnv>,
+    c: &CredentialsRef,
+    user: &'static str,
+    pass: &'static str,
+) {
+    out.push(SecretEnv {
+        env: user,
+        secret_name: c.secret_name.clone(),
+        key: c.username_key.clone(),
+    });
+    out.push(SecretEnv {
+        env: pass,
+        secret_name: c.secret_name.clone(),
+        key: c.password_key.clone(),
+    });
 }
 
 fn tls_ca(out: &mut Vec<SecretEnv>, tls: Option<&Tls>, env: &'static str) {
     if let Some(SecretKeyRef { secret_name, key }) = tls.and_then(|t| t.ca.as_ref()) {
-        out.push(SecretEnv { env, secret_name: secret_name.clone(), key: key.clone() });
+        out.push(SecretEnv {
+            env,
+            secret_name: secret_name.clone(),
+            key: key.clone(),
+        });
     }
 }
 
 fn source_secrets(out: &mut Vec<SecretEnv>, source: &Source) {
-    for sql in [&source.postgres, &source.mysql, &source.mariadb].into_iter().flatten() {
-        credentials(out, &sql.credentials, env::SOURCE_USERNAME, env::SOURCE_PASSWORD);
+    for sql in [&source.postgres, &source.mysql, &source.mariadb]
+        .into_iter()
+        .flatten()
+    {
+        credentials(
+            out,
+            &sql.credentials,
+            env::SOURCE_USERNAME,
+            env::SOURCE_PASSWORD,
+        );
         tls_ca(out, sql.tls.as_ref(), env::SOURCE_TLS_CA);
     }
     if let Some(k) = &source.kafka {
         if let Some(sasl) = &k.sasl {
-            credentials(out, &sasl.credentials, env::SOURCE_USERNAME, env::SOURCE_PASSWORD);
+            credentials(
+                out,
+                &sasl.credentials,
+                env::SOURCE_USERNAME,
+                env::SOURCE_PASSWORD,
+            );
         }
         tls_ca(out, k.tls.as_ref(), env::SOURCE_TLS_CA);
     }
@@ -95,7 +125,12 @@ pub fn secret_env(spec: &ConnectorSpec) -> Vec<SecretEnv> {
     source_secrets(&mut out, &spec.source);
     if let Some(k) = spec.sink.as_ref().and_then(|s| s.kafka.as_ref()) {
         if let Some(sasl) = &k.sasl {
-            credentials(&mut out, &sasl.credentials, env::SINK_USERNAME, env::SINK_PASSWORD);
+            credentials(
+                &mut out,
+                &sasl.credentials,
+                env::SINK_USERNAME,
+                env::SINK_PASSWORD,
+            );
         }
         tls_ca(&mut out, k.tls.as_ref(), env::SINK_TLS_CA);
     }
@@ -104,9 +139,16 @@ pub fn secret_env(spec: &ConnectorSpec) -> Vec<SecretEnv> {
 
 /// Names of the Secrets a spec references, sorted and deduplicated.
 pub fn referenced_secrets(spec: &ConnectorSpec) -> Vec<String> {
-    let mut names: Vec<String> = secret_env(spec).into_iter().map(|s| s.secret_name).collect();
+    let mut names: Vec<String> = secret_env(spec)
+        .into_iter()
+        .map(|s| s.secret_name)
+        .collect();
     for e in spec.template.iter().flat_map(|t| t.env.iter()) {
-        if let Some(r) = e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()) {
+        if let Some(r) = e
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+        {
             names.push(r.name.clone());
         }
     }

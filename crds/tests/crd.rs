@@ -8,7 +8,10 @@ use obsrv_crds::Connector;
 use serde_json::Value;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The openAPIV3Schema of the committed `crds/connector.yaml`: what a cluster really enforces.
@@ -27,14 +30,20 @@ fn yaml_docs(path: &Path) -> Vec<Value> {
 }
 
 fn validate(object: &Value, old: Option<&Value>) -> Result<(), String> {
-    Validator::new().validate(&committed_schema(), object, old).map_err(|e| e.to_string())
+    Validator::new()
+        .validate(&committed_schema(), object, old)
+        .map_err(|e| e.to_string())
 }
 
 fn fixtures(kind: &str) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(kind))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(kind),
+    )
+    .unwrap()
+    .map(|e| e.unwrap().path())
+    .collect();
     files.sort();
     assert!(!files.is_empty(), "no {kind} fixtures");
     files
@@ -53,8 +62,14 @@ fn committed_crd_is_fresh() {
 fn crd_has_subresources_columns_and_names() {
     let crd: Value = serde_yaml::from_str(&obsrv_crds::crd_yaml()).unwrap();
     let v = &crd["spec"]["versions"][0];
-    assert_eq!(v["subresources"]["scale"]["specReplicasPath"], ".spec.scaling.replicas");
-    assert_eq!(v["subresources"]["scale"]["labelSelectorPath"], ".status.selector");
+    assert_eq!(
+        v["subresources"]["scale"]["specReplicasPath"],
+        ".spec.scaling.replicas"
+    );
+    assert_eq!(
+        v["subresources"]["scale"]["labelSelectorPath"],
+        ".status.selector"
+    );
     assert!(v["subresources"]["status"].is_object());
     let columns: Vec<&str> = v["additionalPrinterColumns"]
         .as_array()
@@ -62,12 +77,18 @@ fn crd_has_subresources_columns_and_names() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    for want in ["Dataset", "Source", "State", "Ready", "Replicas", "Lag", "Age"] {
-        assert!(columns.contains(&want), "printer column {want} missing: {columns:?}");
+    for want in [
+        "Dataset", "Source", "State", "Ready", "Replicas", "Lag", "Age",
+    ] {
+        assert!(
+            columns.contains(&want),
+            "printer column {want} missing: {columns:?}"
+        );
     }
     assert_eq!(crd["spec"]["names"]["shortNames"][0], "conn");
     assert_eq!(crd["spec"]["names"]["categories"][0], "obsrv");
-    let conditions = &v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+    let conditions =
+        &v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
 }
 
@@ -76,8 +97,12 @@ fn valid_fixtures_pass_cel_and_deserialize() {
     for path in fixtures("valid") {
         for doc in yaml_docs(&path) {
             validate(&doc, None).unwrap_or_else(|e| panic!("{} rejected: {e}", path.display()));
-            let c: Connector = serde_json::from_value(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            c.spec.source.resolve().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let c: Connector =
+                serde_json::from_value(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            c.spec
+                .source
+                .resolve()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         }
     }
 }
@@ -94,7 +119,11 @@ fn invalid_fixtures_are_rejected_with_their_message() {
         let doc = &yaml_docs(&path)[0];
         match validate(doc, None) {
             Ok(()) => panic!("{} was accepted", path.display()),
-            Err(e) => assert!(e.contains(expect), "{}: expected {expect:?} in {e}", path.display()),
+            Err(e) => assert!(
+                e.contains(expect),
+                "{}: expected {expect:?} in {e}",
+                path.display()
+            ),
         }
     }
 }
@@ -121,24 +150,38 @@ fn examples_are_valid_connectors() {
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
             continue;
         }
-        for doc in yaml_docs(&path).into_iter().filter(|d| d["kind"] == "Connector") {
+        for doc in yaml_docs(&path)
+            .into_iter()
+            .filter(|d| d["kind"] == "Connector")
+        {
             validate(&doc, None).unwrap_or_else(|e| panic!("{} rejected: {e}", path.display()));
-            let c: Connector = serde_json::from_value(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            c.spec.source.resolve().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let c: Connector =
+                serde_json::from_value(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            c.spec
+                .source
+                .resolve()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             seen += 1;
         }
     }
     // One example per source kind of this wave: postgres, mysql, mariadb, kafka, s3.
-    assert!(seen >= 5, "expected at least 5 example Connectors in examples/, found {seen}");
+    assert!(
+        seen >= 5,
+        "expected at least 5 example Connectors in examples/, found {seen}"
+    );
 }
 
 #[test]
 fn secret_values_travel_only_as_env_references() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/postgres-full.yaml");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/postgres-full.yaml");
     let doc = &yaml_docs(&path)[0];
     let c: Connector = serde_json::from_value(doc.clone()).unwrap();
     let env = obsrv_crds::runtime::secret_env(&c.spec);
-    let names: Vec<_> = env.iter().map(|e| (e.env, e.secret_name.as_str(), e.key.as_str())).collect();
+    let names: Vec<_> = env
+        .iter()
+        .map(|e| (e.env, e.secret_name.as_str(), e.key.as_str()))
+        .collect();
     assert_eq!(
         names,
         vec![
@@ -146,5 +189,8 @@ fn secret_values_travel_only_as_env_references() {
             ("OBSRV_SOURCE_PASSWORD", "pg-creds", "password")
         ]
     );
-    assert_eq!(obsrv_crds::runtime::referenced_secrets(&c.spec), vec!["pg-creds".to_string()]);
+    assert_eq!(
+        obsrv_crds::runtime::referenced_secrets(&c.spec),
+        vec!["pg-creds".to_string()]
+    );
 }
