@@ -283,6 +283,7 @@ impl Figures {
 /// Runs the benchmark; `postgres_url`/`bootstrap` point at existing services or are started here.
 pub async fn run(
     rows: usize,
+    batch_size: usize,
     postgres_url: Option<String>,
     bootstrap: Option<String>,
 ) -> BenchResult<Figures> {
@@ -425,10 +426,11 @@ pub async fn run(
             "apiVersion: obsrv.io/v1alpha1\nkind: Connector\nmetadata: {{name: bench-{run_id}, namespace: bench}}\nspec:\n  dataset: bench\n  \
              schedule: {{once: true}}\n  source:\n    postgres:\n      host: {}\n      port: {}\n      database: {}\n      \
              credentials: {{secretName: pg}}\n      tls: {{mode: disable}}\n      \
-             tables: [{{name: obsrv_bench, cursor: {{column: updated_at, tieBreaker: id}}}}]\n",
+             tables: [{{name: obsrv_bench, cursor: {{column: updated_at, tieBreaker: id}}}}]\n      batchSize: {}\n",
             u.get_host(),
             u.get_port(),
             u.get_database().unwrap_or("postgres"),
+            batch_size,
         ),
     )
     .map_err(err("manifest"))?;

@@ -46,6 +46,9 @@ struct BenchArgs {
     /// Rows to load.
     #[arg(long, default_value_t = 1_000_000)]
     rows: usize,
+    /// The connector's batchSize (rows per query).
+    #[arg(long, default_value_t = 10_000)]
+    batch_size: usize,
     /// An existing Postgres (`postgres://user:password@host:port/db`); a throwaway one otherwise.
     #[arg(long)]
     postgres_url: Option<String>,
@@ -155,6 +158,7 @@ async fn main() -> ExitCode {
             init_logs("text");
             return match obsrv_connector::bench::run(
                 b.rows,
+                b.batch_size,
                 b.postgres_url.clone(),
                 b.bootstrap.clone(),
             )
