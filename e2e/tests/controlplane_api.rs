@@ -750,3 +750,51 @@ async fn recorder_events_are_listed_as_core_events_for_describe() {
         .expect("list");
     assert!(other.items.is_empty());
 }
+
+#[tokio::test]
+async fn malformed_objects_get_errors_and_the_server_keeps_serving() {
+    let cp = api_server().await;
+    let client = cp.client().await.expect("client");
+    let raw = |body: &str, path: &str, ct: &str| {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("content-type", ct)
+            .body(body.as_bytes().to_vec())
+            .expect("request");
+        let client = client.clone();
+        async move { client.request_text(req).await }
+    };
+    let err = raw(
+        r#"{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"x"},"spec":5}"#,
+        "/apis/apps/v1/namespaces/default/deployments",
+        "application/json",
+    )
+    .await
+    .expect_err("spec must be an object");
+    assert_eq!(api_code(&err), Some(422), "{err}");
+    let err = raw(
+        "{not json",
+        "/api/v1/namespaces/default/configmaps",
+        "application/json",
+    )
+    .await
+    .expect_err("bad JSON");
+    assert_eq!(api_code(&err), Some(400), "{err}");
+    let err = raw(
+        r#"{"metadata":{"name":"Bad_Name"}}"#,
+        "/api/v1/namespaces/default/configmaps",
+        "application/json",
+    )
+    .await
+    .expect_err("invalid name");
+    assert!(err.to_string().contains("RFC 1123"), "{err}");
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    assert!(
+        cms.list(&ListParams::default())
+            .await
+            .expect("still serving")
+            .items
+            .is_empty()
+    );
+}

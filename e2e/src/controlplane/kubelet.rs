@@ -475,7 +475,11 @@ impl Kubelet {
         restart_policy: Option<&str>,
     ) -> Value {
         let template = &owner["spec"]["template"];
-        let mut spec = template.get("spec").cloned().unwrap_or(json!({}));
+        let mut spec = template
+            .get("spec")
+            .filter(|v| v.is_object())
+            .cloned()
+            .unwrap_or(json!({}));
         if let Some(r) = restart_policy {
             spec["restartPolicy"] = json!(r);
         }
@@ -537,6 +541,7 @@ impl Kubelet {
             for _ in 0..plan.create {
                 let mut labels = dep
                     .pointer("/spec/template/metadata/labels")
+                    .filter(|v| v.is_object())
                     .cloned()
                     .unwrap_or(json!({}));
                 labels["pod-template-hash"] = json!(hash);
@@ -572,6 +577,7 @@ impl Kubelet {
                 let job_name = s(&job, "/metadata/name");
                 let mut labels = job
                     .pointer("/spec/template/metadata/labels")
+                    .filter(|v| v.is_object())
                     .cloned()
                     .unwrap_or(json!({}));
                 labels["batch.kubernetes.io/job-name"] = json!(job_name);
@@ -690,7 +696,11 @@ impl Kubelet {
                         let msg = format!(
                             "the local kubelet runs only the images {images:?}; {image:?} is not one of them"
                         );
-                        let mut status = pod.get("status").cloned().unwrap_or(json!({}));
+                        let mut status = pod
+                            .get("status")
+                            .filter(|v| v.is_object())
+                            .cloned()
+                            .unwrap_or(json!({}));
                         status["phase"] = json!("Pending");
                         status["conditions"] = json!([{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": msg}]);
                         self.write_status("", "pods", pod, status);
@@ -789,7 +799,11 @@ fn container_port(c: &Value) -> u16 {
 }
 
 fn pod_status(pod: &Value, r: &Runtime, ip: Ipv4Addr) -> Value {
-    let prev = pod.get("status").cloned().unwrap_or(json!({}));
+    let prev = pod
+        .get("status")
+        .filter(|v| v.is_object())
+        .cloned()
+        .unwrap_or(json!({}));
     let phase = r.final_phase.clone().unwrap_or_else(|| {
         if r.started_at.is_some() {
             "Running".into()

@@ -552,26 +552,38 @@ fn paginate(items: Vec<Value>, query: &HashMap<String, String>) -> ApiResult<(Ve
     use base64::Engine as _;
     let key = |o: &Value| {
         (
-            o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string(),
-            o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string(),
+            o.pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            o.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
         )
     };
     let mut items = items;
     if let Some(token) = query.get("continue").filter(|t| !t.is_empty()) {
         let bad = || ApiError::BadRequest(format!("invalid continue token {token:?}"));
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| bad())?;
         let text = String::from_utf8(raw).map_err(|_| bad())?;
         let (ns, name) = text.split_once('/').ok_or_else(bad)?;
         let after = (ns.to_string(), name.to_string());
         items.retain(|o| key(o) > after);
     }
-    let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0);
     match limit {
         Some(limit) if items.len() > limit => {
             let remaining = items.len() - limit;
             items.truncate(limit);
             let (ns, name) = items.last().map(key).unwrap_or_default();
-            let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{ns}/{name}"));
+            let token =
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{ns}/{name}"));
             Ok((items, Some((token, remaining))))
         }
         _ => Ok((items, None)),

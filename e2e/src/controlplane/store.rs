@@ -709,8 +709,8 @@ impl Store {
         {
             m.remove("status");
         }
+        let mut obj = self.validate(&st, &rt, &name, obj, None, opts)?;
         defaults_on_create(&rt, &mut obj);
-        let obj = self.validate(&st, &rt, &name, obj, None, opts)?;
         if opts.dry_run {
             return Ok(Self::present(&obj, &rt));
         }
@@ -761,6 +761,25 @@ impl Store {
                                 "{}/{} {} is already served",
                                 t.group, t.version, t.plural
                             ),
+                        }],
+                    ));
+                }
+            }
+        }
+        if rt.schema.is_none() {
+            for field in ["spec", "data", "stringData", "binaryData"] {
+                if obj
+                    .get(field)
+                    .is_some_and(|v| !v.is_object() && !v.is_null())
+                {
+                    return Err(ApiError::invalid(
+                        &rt.kind,
+                        &rt.group,
+                        name,
+                        vec![Cause {
+                            reason: "FieldValueTypeInvalid".into(),
+                            field: field.into(),
+                            message: format!("Invalid value: {}: must be an object", obj[field]),
                         }],
                     ));
                 }
@@ -984,7 +1003,7 @@ impl Store {
                         now: &now(),
                     },
                 )?;
-                obj["metadata"]["name"] = json!(name);
+                meta_mut(&mut obj).insert("name".into(), json!(name));
                 let _ = e;
                 return self.create(rt, ns, obj, opts);
             }
