@@ -48,6 +48,10 @@ pub struct Context {
     pub poll_concurrency: usize,
     pub poll_timeout: Duration,
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    /// The status last written per Connector uid, with the resourceVersion it was computed from.
+    /// The watch cache can lag behind our own write (an owned-object event triggers the next
+    /// reconcile first); then this is the true previous status, and no identical write follows.
+    written: std::sync::Mutex<std::collections::HashMap<String, (String, ConnectorStatus)>>,
 }
 
 impl Context {
@@ -78,6 +82,31 @@ impl Context {
             poll_concurrency: 16,
             poll_timeout: Duration::from_secs(3),
             clock: Arc::new(Timestamp::now),
+            written: Default::default(),
+        }
+    }
+
+    /// The Connector's previous status: ours when the cached object predates our last write.
+    fn previous_status(&self, c: &Connector) -> Option<ConnectorStatus> {
+        let uid = c.uid()?;
+        let written = self.written.lock().ok()?;
+        match written.get(&uid) {
+            Some((rv, s)) if c.metadata.resource_version.as_ref() == Some(rv) => Some(s.clone()),
+            _ => c.status.clone(),
+        }
+    }
+
+    fn remember_status(&self, c: &Connector, s: Option<ConnectorStatus>) {
+        let (Some(uid), Ok(mut written)) = (c.uid(), self.written.lock()) else {
+            return;
+        };
+        match (s, c.metadata.resource_version.clone()) {
+            (Some(s), Some(rv)) => {
+                written.insert(uid, (rv, s));
+            }
+            _ => {
+                written.remove(&uid);
+            }
         }
     }
 
@@ -187,7 +216,8 @@ fn conflict<K: Resource<DynamicType = ()>>(
 async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     let ns = c.namespace().unwrap_or_else(|| "default".into());
     let name = c.name_any();
-    let prev = c.status.as_ref();
+    let prev_status = ctx.previous_status(c);
+    let prev = prev_status.as_ref();
     let poll = ctx.config.status_poll_interval;
 
     // 1. Validate (pure).
@@ -369,7 +399,7 @@ async fn blocked(
     // Counted with the failures so an invalid spec or a conflict shows up by reason in metrics.
     ctx.metrics.failed(&b.reason);
     let next = status::compute(&StatusInput {
-        previous: c.status.as_ref(),
+        previous: ctx.previous_status(c).as_ref(),
         generation: c.metadata.generation,
         now: ctx.now(),
         state: c.spec.state,
@@ -434,7 +464,8 @@ async fn deployment_events(
 
 /// Writes status with server-side apply when it changed, and emits events for transitions.
 async fn write_status(c: &Connector, ctx: &Context, next: ConnectorStatus) -> Result<(), Error> {
-    let prev = c.status.as_ref();
+    let prev_status = ctx.previous_status(c);
+    let prev = prev_status.as_ref();
     ctx.metrics.set_phase(&c.instance_id(), next.phase);
     if !status::changed(prev, &next) {
         return Ok(());
@@ -456,6 +487,7 @@ async fn write_status(c: &Connector, ctx: &Context, next: ConnectorStatus) -> Re
     )
     .await?;
     ctx.metrics.status_writes.inc();
+    ctx.remember_status(c, Some(next));
     Ok(())
 }
 
@@ -512,6 +544,7 @@ async fn transition_events(
 
 async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.set_phase(&c.instance_id(), None);
+    ctx.remember_status(c, None);
     let Ok(source) = c.spec.source.resolve() else {
         // Nothing could have run, so nothing holds source-side state.
         return Ok(Action::await_change());

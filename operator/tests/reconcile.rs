@@ -658,3 +658,24 @@ async fn an_unreadable_connector_is_reported_and_never_blocks_deletion() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_stale_cache_does_not_cause_a_second_identical_status_write() {
+    let h = postgres().await;
+    h.reconcile_ok("orders").await; // finalizer
+    let snapshot = h.connector("orders").expect("connector");
+    h.reconcile_ok("orders").await; // applies, writes status
+    assert_eq!(h.metrics.status_writes.get(), 1);
+    // The owned Deployment's watch event arrives before the Connector's status event: the
+    // controller reconciles the cached object, which does not show our status yet.
+    h.api.clear_calls();
+    obsrv_operator::reconcile::reconcile(std::sync::Arc::new(snapshot), h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        h.api.count("patch", "connectors/status"),
+        0,
+        "same status, not written twice"
+    );
+    assert_eq!(h.metrics.status_writes.get(), 1);
+}
