@@ -381,6 +381,26 @@ async fn crashed_processes_restart_and_missing_secrets_wait_with_a_reason() {
         .expect("last state");
     assert_eq!(last.exit_code, 137);
     assert_ne!(cp.pod_pid("default", name), Some(pid), "a new process runs");
+    // The kubelet's events explain it (`kubectl describe pod`).
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::default_namespaced(client.clone());
+    let reasons: Vec<String> = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "Started").count(),
+        3,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "BackOff").count(),
+        2,
+        "{reasons:?}"
+    );
 
     let env = json!([{"name": "OBSRV_SOURCE_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "later-creds", "key": "password"}}}]);
     deployments

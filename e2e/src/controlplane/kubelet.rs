@@ -876,6 +876,38 @@ struct Mount {
 }
 
 impl ProcessContext {
+    /// Records an `events.k8s.io/v1` Event about the pod, as the kubelet does (shown by
+    /// `kubectl describe pod` and `kubectl get events`).
+    fn event(&self, type_: &str, reason: &str, note: String) {
+        let Some(t) = self.store.resolve("events.k8s.io", "v1", "events") else {
+            return;
+        };
+        let (ns, name) = (
+            s(&self.pod, "/metadata/namespace"),
+            s(&self.pod, "/metadata/name"),
+        );
+        let micro = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let event = json!({
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"generateName": format!("{name}."), "namespace": ns},
+            "regarding": {
+                "apiVersion": "v1", "kind": "Pod", "name": name, "namespace": ns,
+                "uid": self.pod["metadata"]["uid"], "fieldPath": format!("spec.containers{{{}}}", s(&self.container, "/name")),
+            },
+            "reason": reason,
+            "note": note,
+            "type": type_,
+            "action": reason,
+            "eventTime": micro,
+            "reportingController": "kubelet",
+            "reportingInstance": NODE_NAME,
+        });
+        if let Err(e) = self.store.create(&t, ns, event, &WriteOptions::default()) {
+            tracing::debug!(error = %e, "recording a pod event");
+        }
+    }
+
     fn lookup(&self, plural: &str, name: &str) -> Result<Value, String> {
         let t = rt(&self.store, "", plural).ok_or("no such resource")?;
         self.store
@@ -1224,6 +1256,8 @@ async fn run_container(
 ) {
     let policy = s(&ctx.pod, "/spec/restartPolicy").to_string();
     let mut backoff = Duration::from_millis(500);
+    let mut last_config_error: Option<String> = None;
+    let container_name = s(&ctx.container, "/name").to_string();
     let probe_client = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
         .build()
@@ -1236,6 +1270,10 @@ async fn run_container(
         let (env, args) = match prepared {
             Ok(p) => p,
             Err(message) => {
+                if last_config_error.as_deref() != Some(message.as_str()) {
+                    ctx.event("Warning", "Failed", format!("Error: {message}"));
+                    last_config_error = Some(message.clone());
+                }
                 set_state(&state, |r| {
                     r.running = false;
                     r.ready = false;
@@ -1303,6 +1341,15 @@ async fn run_container(
             r.terminated = None;
             r.started_at = Some(now());
         });
+        last_config_error = None;
+        ctx.event(
+            "Normal",
+            "Started",
+            format!(
+                "Started container {container_name} (pid {})",
+                pid.unwrap_or(0)
+            ),
+        );
         let probe = ctx.probe("readinessProbe");
         let mut tick = tokio::time::interval(ctx.opts.probe_period);
         let mut ticks: u64 = 0;
@@ -1322,6 +1369,7 @@ async fn run_container(
                 status = child.wait() => break status.ok(),
                 _ = stop.changed() => {
                     let grace = stop.borrow().unwrap_or(Duration::from_secs(30));
+                    ctx.event("Normal", "Killing", format!("Stopping container {container_name}"));
                     if let Some(pid) = pid {
                         signal(pid, libc::SIGTERM);
                     }
@@ -1381,6 +1429,8 @@ async fn run_container(
                         liveness_failures = if alive { 0 } else { liveness_failures + 1 };
                         if liveness_failures >= *threshold {
                             tracing::info!(pod = %s(&ctx.pod, "/metadata/name"), "liveness probe failed; restarting the container");
+                            ctx.event("Warning", "Unhealthy", format!("Liveness probe failed: GET {path} did not answer 2xx/3xx {threshold} times"));
+                            ctx.event("Normal", "Killing", format!("Container {container_name} failed liveness probe, will be restarted"));
                             let grace = ctx.pod["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
                             if let Some(pid) = pid {
                                 signal(pid, libc::SIGTERM);
@@ -1438,6 +1488,13 @@ async fn run_container(
                 });
             }
         });
+        if restart {
+            ctx.event(
+                "Warning",
+                "BackOff",
+                format!("Back-off restarting failed container {container_name} (exit code {code})"),
+            );
+        }
         if !restart {
             // Keep the pod (and its status) until it is deleted.
             while stop.borrow().is_none() {
