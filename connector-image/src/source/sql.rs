@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
 use obsrv_crds::{SourceKind, SqlSource as SqlSpec, TableSpec, TlsMode, runtime::env};
 use serde::{Deserialize, Serialize};
 use sqlx::{
@@ -15,6 +16,7 @@ use sqlx::{
     mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlSslMode},
     postgres::{PgConnectOptions, PgPoolOptions, PgSslMode},
 };
+use tokio::sync::mpsc;
 
 use super::{Batch, Lag, Record, Source};
 use crate::{
@@ -388,9 +390,44 @@ pub fn split_page(
     (keep, Some(last))
 }
 
+#[derive(Clone)]
 enum Pool {
     Pg(PgPool),
     My(MySqlPool),
+}
+
+/// Rows per streaming query: bounds how long one query (and its snapshot) stays open.
+pub const STREAM_ROWS: usize = 1_000_000;
+
+/// A keyset query whose rows stream in while earlier batches are being delivered, so the database
+/// produces continuously (like `COPY`) instead of one page per round trip.
+struct RowStream {
+    table: usize,
+    rx: mpsc::Receiver<Result<RawRow>>,
+    received: usize,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RowStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn decode_pg(r: &sqlx::postgres::PgRow) -> Result<RawRow> {
+    Ok((
+        r.try_get(0).map_err(from_sqlx)?,
+        r.try_get(1).map_err(from_sqlx)?,
+        r.try_get(2).map_err(from_sqlx)?,
+    ))
+}
+
+fn decode_my(r: &sqlx::mysql::MySqlRow) -> Result<RawRow> {
+    Ok((
+        r.try_get(0).map_err(from_sqlx)?,
+        r.try_get(1).map_err(from_sqlx)?,
+        r.try_get(2).map_err(from_sqlx)?,
+    ))
 }
 
 /// A Postgres/MySQL/MariaDB source over one or more tables, read round-robin.
@@ -402,6 +439,7 @@ pub struct SqlSource {
     position: SqlPosition,
     batch_size: usize,
     next_table: usize,
+    stream: Option<RowStream>,
 }
 
 impl SqlSource {
@@ -489,6 +527,7 @@ impl SqlSource {
             position,
             batch_size: spec.batch_size.max(1) as usize,
             next_table: 0,
+            stream: None,
         })
     }
 
@@ -557,15 +596,20 @@ impl SqlSource {
             };
             rows.extend(group?);
         }
+        self.advance(&plan.name, rows)
+    }
+
+    /// Moves the table's position to the last row and turns rows into records.
+    fn advance(&mut self, table: &str, rows: Vec<RawRow>) -> Result<Vec<Record>> {
         let Some(last) = rows.last() else {
             return Ok(Vec::new());
         };
         let cursor = last
             .1
             .clone()
-            .ok_or_else(|| Error::Schema(format!("{}: cursor value is NULL", plan.name)))?;
+            .ok_or_else(|| Error::Schema(format!("{table}: cursor value is NULL")))?;
         self.position.tables.insert(
-            plan.name.clone(),
+            table.to_string(),
             TablePosition {
                 cursor,
                 tie_breaker: last.2.clone(),
@@ -576,9 +620,9 @@ impl SqlSource {
             .map(|(json, c, tb)| {
                 let c = c.unwrap_or_default();
                 let id = match &tb {
-                    Some(tb) => event_id(&self.instance, &[&plan.name, &c, tb]),
+                    Some(tb) => event_id(&self.instance, &[table, &c, tb]),
                     // Without a tie-breaker the row itself disambiguates rows sharing a cursor value.
-                    None => event_id(&self.instance, &[&plan.name, &c, &json]),
+                    None => event_id(&self.instance, &[table, &c, &json]),
                 };
                 Record {
                     id,
@@ -586,6 +630,90 @@ impl SqlSource {
                 }
             })
             .collect())
+    }
+
+    /// Starts streaming table `i` from its position.
+    fn start_stream(&self, i: usize) -> RowStream {
+        let plan = &self.plans[i];
+        let pos = self.position.tables.get(&plan.name);
+        let page = if pos.is_some() {
+            Page::After
+        } else {
+            Page::First
+        };
+        let sql = plan.query(page, STREAM_ROWS);
+        let binds = plan.binds(page, pos);
+        let (tx, rx) = mpsc::channel(self.batch_size.clamp(1, 10_000));
+        let pool = self.pool.clone();
+        let task = tokio::spawn(async move {
+            match pool {
+                Pool::Pg(p) => {
+                    let mut q = sqlx::query(AssertSqlSafe(sql));
+                    for b in binds {
+                        q = q.bind(b);
+                    }
+                    let mut rows = q.fetch(&p);
+                    while let Some(r) = rows.next().await {
+                        let item = r.map_err(from_sqlx).and_then(|r| decode_pg(&r));
+                        let failed = item.is_err();
+                        if tx.send(item).await.is_err() || failed {
+                            break;
+                        }
+                    }
+                }
+                Pool::My(p) => {
+                    let mut q = sqlx::query(AssertSqlSafe(sql));
+                    for b in binds {
+                        q = q.bind(b);
+                    }
+                    let mut rows = q.fetch(&p);
+                    while let Some(r) = rows.next().await {
+                        let item = r.map_err(from_sqlx).and_then(|r| decode_my(&r));
+                        let failed = item.is_err();
+                        if tx.send(item).await.is_err() || failed {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        RowStream {
+            table: i,
+            rx,
+            received: 0,
+            task,
+        }
+    }
+
+    /// Next batch of a table with a tie-breaker, from its streaming query; empty when caught up.
+    async fn read_streamed(&mut self, i: usize) -> Result<Vec<Record>> {
+        let mut rows = Vec::with_capacity(self.batch_size.min(10_000));
+        while rows.len() < self.batch_size {
+            if self.stream.as_ref().map(|s| s.table) != Some(i) {
+                self.stream = Some(self.start_stream(i));
+            }
+            let st = self.stream.as_mut().expect("a stream was just started");
+            match st.rx.recv().await {
+                Some(Ok(r)) => {
+                    st.received += 1;
+                    rows.push(r);
+                }
+                Some(Err(e)) => {
+                    self.stream = None;
+                    return Err(e);
+                }
+                None => {
+                    // The query ended: at its row limit, go on with a fresh one; else caught up.
+                    let more = st.received >= STREAM_ROWS;
+                    self.stream = None;
+                    if !more || !rows.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+        let name = self.plans[i].name.clone();
+        self.advance(&name, rows)
     }
 }
 
@@ -657,7 +785,11 @@ impl Source for SqlSource {
         let n = self.plans.len();
         for k in 0..n {
             let i = (self.next_table + k) % n;
-            let records = self.read_table(i).await?;
+            let records = if self.plans[i].tie_breaker.is_some() {
+                self.read_streamed(i).await?
+            } else {
+                self.read_table(i).await?
+            };
             if !records.is_empty() {
                 self.next_table = (i + 1) % n;
                 let position = serde_json::to_value(&self.position)
