@@ -101,6 +101,12 @@ async fn kubectl_apply_crd_then_connector_shows_printer_columns() {
         wide.lines().next().is_some_and(|h| h.contains("PHASE")) && wide.contains("Running"),
         "{wide}"
     );
+    // The CRD's schema is served as OpenAPI v3: kubectl explain works for custom resources.
+    let explained = stdout(&kubectl(&cp, &["explain", "connectors.spec.source"], None));
+    assert!(
+        explained.contains("KIND:       Connector") && explained.contains("postgres"),
+        "{explained}"
+    );
     // Category `obsrv` lists it too.
     let by_category = stdout(&kubectl(&cp, &["get", "obsrv"], None));
     assert!(

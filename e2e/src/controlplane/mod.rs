@@ -45,8 +45,9 @@
 //!   Deleting a CRD drops its objects at once (their finalizers are not waited for).
 //! - One storage version per CRD, no conversion between versions; no admission webhooks, quotas or
 //!   Service networking (Services are stored; their names do not resolve).
-//! - OpenAPI v3 lists PATCH operations only (so kubectl validates fields on the server); there are
-//!   no schemas, so `kubectl explain` does not work. Protobuf bodies are understood only for
+//! - OpenAPI v3 lists PATCH operations only (so kubectl validates fields on the server) and the
+//!   schemas of custom resources (`kubectl explain connectors.spec` works); built-in kinds have no
+//!   schema (`kubectl explain pods` does not work). Protobuf bodies are understood only for
 //!   `kubectl create secret|configmap|namespace|serviceaccount`.
 //!
 //! **Kubelet** ([`kubelet`])

@@ -271,11 +271,29 @@ fn openapi_gv(store: &Store, group: &str, version: &str) -> Value {
             }),
         );
     }
+    // Custom resources carry their CRD schema (so `kubectl explain connector.spec` works); built-in
+    // kinds have none.
+    let mut schemas = serde_json::Map::new();
+    for rt in registry
+        .all()
+        .filter(|t| t.group == group && t.version == version)
+    {
+        if let Some(schema) = &rt.schema {
+            let mut schema = schema.clone();
+            schema["x-kubernetes-group-version-kind"] =
+                json!([{"group": rt.group, "version": rt.version, "kind": rt.kind}]);
+            let reversed: Vec<&str> = rt.group.split('.').rev().collect();
+            schemas.insert(
+                format!("{}.{}.{}", reversed.join("."), rt.version, rt.kind),
+                schema,
+            );
+        }
+    }
     json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": "v1.33.0-obsrv-local"},
         "paths": paths,
-        "components": {"schemas": {}},
+        "components": {"schemas": schemas},
     })
 }
 
