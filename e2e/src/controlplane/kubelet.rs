@@ -320,6 +320,89 @@ pub struct JobPlan {
     pub status: Value,
 }
 
+/// A `LabelSelector` (matchLabels + matchExpressions) as selector-string syntax.
+pub fn selector_string(sel: &Value) -> String {
+    let mut terms: Vec<String> = sel
+        .get("matchLabels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    for e in sel
+        .get("matchExpressions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let key = e["key"].as_str().unwrap_or("");
+        let values: Vec<&str> = e["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        terms.push(match e["operator"].as_str().unwrap_or("") {
+            "In" => format!("{key} in ({})", values.join(",")),
+            "NotIn" => format!("{key} notin ({})", values.join(",")),
+            "DoesNotExist" => format!("!{key}"),
+            _ => key.to_string(),
+        });
+    }
+    terms.join(",")
+}
+
+/// An int-or-percent of `total` (percentages round up, as for PodDisruptionBudgets).
+fn int_or_percent(v: &Value, total: usize) -> Option<usize> {
+    match v {
+        Value::Number(n) => n.as_u64().and_then(|n| usize::try_from(n).ok()),
+        Value::String(p) => {
+            let pct: usize = p.strip_suffix('%')?.parse().ok()?;
+            Some((pct * total).div_ceil(100))
+        }
+        _ => None,
+    }
+}
+
+/// PodDisruptionBudget status from the pods its selector matches.
+pub fn pdb_status(pdb: &Value, pods: &[Value]) -> Value {
+    let live: Vec<&Value> = pods.iter().filter(|p| !terminating(p)).collect();
+    let expected = live.len();
+    let healthy = live.iter().filter(|p| pod_ready(p)).count();
+    let desired = match (
+        pdb.pointer("/spec/minAvailable"),
+        pdb.pointer("/spec/maxUnavailable"),
+    ) {
+        (Some(min), _) => int_or_percent(min, expected).unwrap_or(expected),
+        (None, Some(max)) => expected.saturating_sub(int_or_percent(max, expected).unwrap_or(0)),
+        (None, None) => expected,
+    };
+    let allowed = healthy.saturating_sub(desired);
+    let prev = pdb
+        .pointer("/status/conditions/0")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let ok = allowed > 0;
+    let status_str = if ok { "True" } else { "False" };
+    let since = if prev["status"] == status_str {
+        prev["lastTransitionTime"].clone()
+    } else {
+        json!(now())
+    };
+    json!({
+        "observedGeneration": pdb.pointer("/metadata/generation").cloned().unwrap_or(json!(1)),
+        "currentHealthy": healthy,
+        "desiredHealthy": desired,
+        "expectedPods": expected,
+        "disruptionsAllowed": allowed,
+        "conditions": [{
+            "type": "DisruptionAllowed", "status": status_str,
+            "reason": if ok { "SufficientPods" } else { "InsufficientPods" }, "message": "",
+            "lastTransitionTime": since, "observedGeneration": pdb.pointer("/metadata/generation").cloned().unwrap_or(json!(1)),
+        }],
+    })
+}
+
 pub fn plan_job(job: &Value, pods: &[Value]) -> JobPlan {
     let phase = |p: &Value| s(p, "/status/phase").to_string();
     let succeeded = pods.iter().filter(|p| phase(p) == "Succeeded").count();
@@ -403,6 +486,7 @@ pub async fn run(
     loop {
         k.sync_deployments();
         k.sync_jobs();
+        k.sync_disruption_budgets();
         k.sync_pods().await;
         tokio::select! {
             _ = stop.changed() => break,
@@ -555,6 +639,31 @@ impl Kubelet {
                 let _ = self.store.delete(&pt, ns, name, &DeleteOptions::default());
             }
             self.write_status("apps", "deployments", &dep, plan.status);
+        }
+    }
+
+    fn sync_disruption_budgets(&self) {
+        let Some(t) = self.store.resolve("policy", "v1", "poddisruptionbudgets") else {
+            return;
+        };
+        let pods = self.pods();
+        for pdb in self.store.list(&t, None, &Selectors::default()).0 {
+            let ns = s(&pdb, "/metadata/namespace");
+            let Ok(sel) = Selectors::parse(Some(&selector_string(&pdb["spec"]["selector"])), None)
+            else {
+                continue;
+            };
+            let matching: Vec<Value> = pods
+                .iter()
+                .filter(|p| s(p, "/metadata/namespace") == ns && sel.matches(p))
+                .cloned()
+                .collect();
+            self.write_status(
+                "policy",
+                "poddisruptionbudgets",
+                &pdb,
+                pdb_status(&pdb, &matching),
+            );
         }
     }
 
@@ -1570,6 +1679,33 @@ mod tests {
         );
         assert_eq!(rewrite("/tmpfoo", &mounts), "/tmpfoo");
         assert_eq!(rewrite("/tmp", &mounts), "/w/tmp");
+    }
+
+    #[test]
+    fn disruption_budget_allows_what_exceeds_min_available() {
+        let pods = vec![
+            pod("a", "h", true, "1"),
+            pod("b", "h", true, "2"),
+            pod("c", "h", false, "3"),
+        ];
+        let pdb = json!({"metadata": {"generation": 1}, "spec": {"minAvailable": 1}});
+        let st = pdb_status(&pdb, &pods);
+        assert_eq!(
+            (
+                st["currentHealthy"].clone(),
+                st["expectedPods"].clone(),
+                st["disruptionsAllowed"].clone()
+            ),
+            (json!(2), json!(3), json!(1))
+        );
+        let pdb = json!({"spec": {"maxUnavailable": "50%"}});
+        assert_eq!(
+            pdb_status(&pdb, &pods)["desiredHealthy"],
+            1,
+            "3 - ceil(1.5)"
+        );
+        let sel = json!({"matchLabels": {"app": "x"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]});
+        assert_eq!(selector_string(&sel), "app=x,tier in (a,b)");
     }
 
     #[test]
