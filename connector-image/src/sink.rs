@@ -61,7 +61,7 @@ pub fn producer_config(s: &SinkSettings, secrets: &Secrets, client_id: &str) -> 
             (s.max_message_bytes + 4096).max(1_000_000).to_string(),
         )
         .set("queue.buffering.max.kbytes", "8192")
-        .set("queue.buffering.max.messages", "50000")
+        .set("queue.buffering.max.messages", "20000")
         .set("message.timeout.ms", "120000");
     if let Some(b) = s.batch_bytes {
         c.set("batch.size", b.to_string());

@@ -643,7 +643,7 @@ impl SqlSource {
         };
         let sql = plan.query(page, STREAM_ROWS);
         let binds = plan.binds(page, pos);
-        let (tx, rx) = mpsc::channel(self.batch_size.clamp(1, 10_000));
+        let (tx, rx) = mpsc::channel(self.batch_size.clamp(1, 2_000));
         let pool = self.pool.clone();
         let task = tokio::spawn(async move {
             match pool {
