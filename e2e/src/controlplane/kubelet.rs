@@ -484,10 +484,21 @@ pub async fn run(
     };
     let mut changes = store.subscribe();
     loop {
-        k.sync_deployments();
-        k.sync_jobs();
-        k.sync_disruption_budgets();
-        k.sync_pods().await;
+        // A bug on one odd object must not take the whole kubelet (and every pod) down.
+        let step = std::panic::AssertUnwindSafe(async {
+            k.sync_deployments();
+            k.sync_jobs();
+            k.sync_disruption_budgets();
+            k.sync_pods().await;
+        });
+        if let Err(panic) = futures::FutureExt::catch_unwind(step).await {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "kubelet sync failed; retrying");
+        }
         tokio::select! {
             _ = stop.changed() => break,
             _ = changes.recv() => {

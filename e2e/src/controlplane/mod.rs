@@ -355,6 +355,15 @@ impl Cluster {
     }
 }
 
+/// One garbage-collection sweep; a panic on an odd object is logged, not fatal to the collector.
+fn gc_once(store: &Store) -> usize {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.collect_garbage()))
+        .unwrap_or_else(|_| {
+            tracing::error!("garbage collection sweep failed");
+            0
+        })
+}
+
 async fn garbage_collector(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
     let mut changes = store.subscribe();
     loop {
@@ -370,11 +379,11 @@ async fn garbage_collector(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
                     // Let a burst of deletions land, then sweep once.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     while changes.try_recv().is_ok() {}
-                    while store.collect_garbage() > 0 {}
+                    while gc_once(&store) > 0 {}
                 }
             }
             _ = tokio::time::sleep(Duration::from_secs(2)) => {
-                store.collect_garbage();
+                gc_once(&store);
             }
         }
     }
