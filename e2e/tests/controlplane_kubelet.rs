@@ -598,3 +598,55 @@ async fn ready_pods_now(pods: &Api<Pod>, app: &str) -> Vec<String> {
         .filter_map(|p| p.metadata.name)
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let kubelet = KubeletOptions::new(vec![ImageBinary::new("example.com/obsrv/shell", "/bin/sh")]);
+    let cp = ControlPlane::start(ControlPlaneOptions {
+        kubelet: Some(kubelet),
+        ..ControlPlaneOptions::default()
+    })
+    .await
+    .expect("start");
+    let client = cp.client().await.expect("client");
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let pod = json!({
+        "metadata": {"name": "stubborn"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "c", "image": "example.com/obsrv/shell:1", "args": ["-c", "trap '' TERM; while true; do sleep 0.1; done"],
+        }]},
+    });
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(pod).expect("pod"),
+    )
+    .await
+    .expect("create");
+    let pid = eventually(WAIT, || async { cp.pod_pid("default", "stubborn") })
+        .await
+        .expect("running");
+    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(alive(pid));
+    let started = std::time::Instant::now();
+    pods.delete("stubborn", &DeleteParams::default())
+        .await
+        .expect("delete");
+    // Terminating while the grace period runs, then SIGKILL and the pod is gone.
+    let terminating = pods.get("stubborn").await.expect("still there");
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    let gone = eventually(WAIT, || async {
+        pods.get("stubborn").await.is_err().then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the pod is removed after the grace period");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "SIGTERM alone stopped a process that ignores it"
+    );
+    assert!(
+        eventually(WAIT, || async { (!alive(pid)).then_some(()) })
+            .await
+            .is_some(),
+        "the process was not killed"
+    );
+}
