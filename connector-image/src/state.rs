@@ -97,9 +97,21 @@ impl StateStore {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, e)) => {
-                    return Err(Error::SinkUnreachable(format!(
-                        "create state topic {t}: {e}"
-                    )));
+                    // Without the right to create topics, a topic made by an administrator is fine.
+                    let md = admin
+                        .inner()
+                        .fetch_metadata(Some(&self.topic), Duration::from_secs(10));
+                    let exists = md.is_ok_and(|m| {
+                        m.topics()
+                            .iter()
+                            .any(|t| t.error().is_none() && !t.partitions().is_empty())
+                    });
+                    if !exists {
+                        return Err(Error::SinkUnreachable(format!(
+                            "create state topic {t}: {e}"
+                        )));
+                    }
+                    tracing::warn!(topic = %t, error = %e, "state topic not created, using the existing one");
                 }
             }
         }
