@@ -2,8 +2,7 @@
 //!
 //! - Deployment controller: keeps `spec.replicas` pods of the current template (labelled with
 //!   `pod-template-hash`, owned directly by the Deployment: there are no ReplicaSets here); a template
-//!   change creates new pods and removes old ones as the new ones become ready (surge first, like
-//!   RollingUpdate with maxUnavailable 0); writes Deployment status.
+//!   change rolls pods within maxSurge / maxUnavailable (or Recreate); writes Deployment status.
 //! - Job controller: one pod at a time until one succeeds (`completions: 1`) or `backoffLimit`
 //!   failures; writes Job status and Complete/Failed conditions.
 //! - Kubelet: every pod whose container image matches an [`ImageBinary`] runs that program as a real
@@ -235,9 +234,7 @@ pub fn plan_deployment(dep: &Value, pods: &[Value]) -> DeploymentPlan {
     };
     let mut current_sorted = current.clone();
     order(&mut current_sorted);
-    if current.len() < desired {
-        plan.create = desired - current.len();
-    } else {
+    if current.len() > desired {
         plan.delete.extend(
             current_sorted
                 .iter()
@@ -245,18 +242,53 @@ pub fn plan_deployment(dep: &Value, pods: &[Value]) -> DeploymentPlan {
                 .map(|p| name(p)),
         );
     }
-    let recreate = s(dep, "/spec/strategy/type") == "Recreate";
-    let ready_current = current.iter().filter(|p| pod_ready(p)).count().min(desired);
-    let keep_old = if recreate { 0 } else { desired - ready_current };
     let mut old_sorted = old.clone();
     order(&mut old_sorted);
-    // Old pods that are not ready never count as keeping the service up.
-    let mut kept = 0;
-    for p in old_sorted.iter().rev() {
-        if pod_ready(p) && kept < keep_old {
-            kept += 1;
-        } else {
-            plan.delete.push(name(p));
+    let ready_total = live.iter().filter(|p| pod_ready(p)).count();
+    if s(dep, "/spec/strategy/type") == "Recreate" {
+        // Every old pod goes first; new ones only once none is left (terminating ones included).
+        plan.delete.extend(old_sorted.iter().map(|p| name(p)));
+        let old_terminating = pods.iter().any(|p| {
+            terminating(p)
+                && p.pointer("/metadata/labels/pod-template-hash")
+                    .and_then(Value::as_str)
+                    != Some(hash.as_str())
+        });
+        if old.is_empty() && !old_terminating {
+            plan.create = desired.saturating_sub(current.len());
+        }
+    } else {
+        // RollingUpdate: at most desired + maxSurge pods, at least desired - maxUnavailable ready.
+        let rolling = dep
+            .pointer("/spec/strategy/rollingUpdate")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let surge = int_or_percent(
+            rolling.get("maxSurge").unwrap_or(&json!("25%")),
+            desired,
+            true,
+        )
+        .unwrap_or(1);
+        let mut unavailable = int_or_percent(
+            rolling.get("maxUnavailable").unwrap_or(&json!("25%")),
+            desired,
+            false,
+        )
+        .unwrap_or(0);
+        if surge == 0 && unavailable == 0 {
+            unavailable = 1;
+        }
+        let room = (desired + surge).saturating_sub(live.len());
+        plan.create = desired.saturating_sub(current.len()).min(room);
+        let mut removable = ready_total.saturating_sub(desired.saturating_sub(unavailable));
+        for p in &old_sorted {
+            // Not-ready old pods never count towards availability: they can always go.
+            if !pod_ready(p) || desired == 0 {
+                plan.delete.push(name(p));
+            } else if removable > 0 {
+                removable -= 1;
+                plan.delete.push(name(p));
+            }
         }
     }
     let ready = live.iter().filter(|p| pod_ready(p)).count();
@@ -352,13 +384,18 @@ pub fn selector_string(sel: &Value) -> String {
     terms.join(",")
 }
 
-/// An int-or-percent of `total` (percentages round up, as for PodDisruptionBudgets).
-fn int_or_percent(v: &Value, total: usize) -> Option<usize> {
+/// An int-or-percent of `total`; percentages round up or down (maxSurge and PDBs up,
+/// maxUnavailable down, as Kubernetes does).
+fn int_or_percent(v: &Value, total: usize, round_up: bool) -> Option<usize> {
     match v {
         Value::Number(n) => n.as_u64().and_then(|n| usize::try_from(n).ok()),
         Value::String(p) => {
             let pct: usize = p.strip_suffix('%')?.parse().ok()?;
-            Some((pct * total).div_ceil(100))
+            Some(if round_up {
+                (pct * total).div_ceil(100)
+            } else {
+                pct * total / 100
+            })
         }
         _ => None,
     }
@@ -373,8 +410,10 @@ pub fn pdb_status(pdb: &Value, pods: &[Value]) -> Value {
         pdb.pointer("/spec/minAvailable"),
         pdb.pointer("/spec/maxUnavailable"),
     ) {
-        (Some(min), _) => int_or_percent(min, expected).unwrap_or(expected),
-        (None, Some(max)) => expected.saturating_sub(int_or_percent(max, expected).unwrap_or(0)),
+        (Some(min), _) => int_or_percent(min, expected, true).unwrap_or(expected),
+        (None, Some(max)) => {
+            expected.saturating_sub(int_or_percent(max, expected, true).unwrap_or(0))
+        }
         (None, None) => expected,
     };
     let allowed = healthy.saturating_sub(desired);
@@ -1646,8 +1685,9 @@ mod tests {
         let dep = json!({"metadata": {"generation": 2}, "spec": {"replicas": 2, "template": {"spec": {"containers": [{"image": "b"}]}}}});
         let h = template_hash(&dep["spec"]["template"]);
         let old = vec![pod("old-1", "x", true, "1"), pod("old-2", "x", true, "2")];
+        // Default strategy (25% / 25% of 2): one extra pod at a time, none unavailable.
         let plan = plan_deployment(&dep, &old);
-        assert_eq!(plan.create, 2);
+        assert_eq!(plan.create, 1);
         assert!(plan.delete.is_empty(), "{plan:?}");
         let mut pods = old.clone();
         pods.push(pod("new-1", &h, true, "3"));
@@ -1658,6 +1698,40 @@ mod tests {
         let plan = plan_deployment(&dep, &pods);
         assert_eq!(plan.delete.len(), 2);
         assert_eq!(plan.status["observedGeneration"], 2);
+    }
+
+    #[test]
+    fn operator_strategy_surges_one_pod_and_recreate_empties_first() {
+        let strategy =
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}});
+        let dep = json!({"spec": {"replicas": 3, "strategy": strategy, "template": {"v": 2}}});
+        let h = template_hash(&dep["spec"]["template"]);
+        let mut pods = vec![
+            pod("o1", "x", true, "1"),
+            pod("o2", "x", true, "2"),
+            pod("o3", "x", true, "3"),
+        ];
+        assert_eq!(plan_deployment(&dep, &pods).create, 1);
+        pods.push(pod("n1", &h, true, "4"));
+        let plan = plan_deployment(&dep, &pods);
+        assert_eq!(
+            (plan.create, plan.delete.len()),
+            (0, 1),
+            "one old pod goes once the new one is ready"
+        );
+
+        let recreate = json!({"spec": {"replicas": 2, "strategy": {"type": "Recreate"}, "template": {"v": 2}}});
+        let old = vec![pod("o1", "x", true, "1"), pod("o2", "x", false, "2")];
+        let plan = plan_deployment(&recreate, &old);
+        assert_eq!((plan.create, plan.delete.len()), (0, 2), "{plan:?}");
+        let mut leaving = pod("o1", "x", true, "1");
+        leaving["metadata"]["deletionTimestamp"] = json!("t");
+        assert_eq!(
+            plan_deployment(&recreate, &[leaving]).create,
+            0,
+            "waits for terminating old pods"
+        );
+        assert_eq!(plan_deployment(&recreate, &[]).create, 2);
     }
 
     #[test]

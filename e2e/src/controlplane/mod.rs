@@ -51,9 +51,9 @@
 //!   `kubectl create secret|configmap|namespace|serviceaccount`.
 //!
 //! **Kubelet** ([`kubelet`])
-//! - No ReplicaSets: Deployments own their pods directly. Rolling updates surge to a full new set
-//!   and delete old pods as new ones become ready (maxSurge / maxUnavailable ignored; `Recreate`
-//!   supported); `kubectl rollout status` works, `rollout undo/history` do not.
+//! - No ReplicaSets: Deployments own their pods directly. Rolling updates honour maxSurge /
+//!   maxUnavailable (ready counts as available: minReadySeconds is ignored); `Recreate` deletes
+//!   every old pod first; `kubectl rollout status` works, `rollout undo/history` do not.
 //! - One container per pod runs (the first whose image matches an [`ImageBinary`]); init containers
 //!   and other containers are ignored. Pods of other images stay Pending (Unschedulable, with a
 //!   message naming the runnable images).
