@@ -230,6 +230,16 @@ async fn watch_resumes_from_a_resource_version_and_answers_410_when_too_old() {
         Some(WatchEvent::Error(e)) => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
         other => panic!("expected a 410 error event, got {other:?}"),
     }
+    // A version from the future (e.g. before a control-plane restart) is not silently accepted.
+    let mut future = api
+        .watch(&WatchParams::default(), "999999999")
+        .await
+        .expect("watch")
+        .boxed();
+    match future.try_next().await.expect("event") {
+        Some(WatchEvent::Error(e)) => assert_eq!(e.code, 410),
+        other => panic!("expected a 410 error event, got {other:?}"),
+    }
 
     // kube-runtime's watcher recovers from 410 by re-listing and keeps delivering.
     let seen_late = tokio::spawn({

@@ -576,6 +576,12 @@ impl Store {
                 "too old resource version: {v} ({})",
                 st.compacted + 1
             ))),
+            // A version this store never issued (e.g. from before a restart of the control plane):
+            // changes up to it would be lost silently, so make the client list again.
+            WatchFrom::Version(v) if v > st.rv => Err(ApiError::Gone(format!(
+                "too large resource version: {v}, current: {}",
+                st.rv
+            ))),
             WatchFrom::Version(v) => {
                 let backlog = st
                     .history
