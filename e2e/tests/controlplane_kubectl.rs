@@ -41,6 +41,23 @@ async fn kubectl_apply_crd_then_connector_shows_printer_columns() {
         stdout(&out),
         stderr(&out)
     );
+    // `kubectl diff` (server-side dry-run apply) sees no difference; an edit shows one (exit 1).
+    let out = kubectl(&cp, &["diff", "-f", "-"], Some(&manifest));
+    assert!(
+        out.status.success(),
+        "unexpected diff: {} {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let edited = manifest.replace(r#""replicas":1"#, r#""replicas":2"#);
+    let out = kubectl(&cp, &["diff", "-f", "-"], Some(&edited));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with('+') && l.trim_end().ends_with("replicas: 2")),
+        "{text}"
+    );
 
     // The status a controller would write shows up in the columns (short name `conn`).
     let client = cp.client().await.expect("client");

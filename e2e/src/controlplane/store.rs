@@ -815,6 +815,21 @@ impl Store {
                 }
             }
         }
+        if let Value::Object(m) = &mut obj {
+            // stringData is write-only: fold it into data like the API server does.
+            if rt.kind == "Secret"
+                && let Some(Value::Object(sd)) = m.remove("stringData")
+            {
+                let data = m.entry("data").or_insert_with(|| json!({}));
+                for (k, v) in sd {
+                    let s = v.as_str().unwrap_or_default();
+                    data[k] = json!(base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        s
+                    ));
+                }
+            }
+        }
         Ok(obj)
     }
 
@@ -831,21 +846,6 @@ impl Store {
         st.rv += 1;
         let rv = st.rv;
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
-        if let Value::Object(m) = &mut obj {
-            // stringData is write-only: fold it into data like the API server does.
-            if rt.kind == "Secret"
-                && let Some(Value::Object(sd)) = m.remove("stringData")
-            {
-                let data = m.entry("data").or_insert_with(|| json!({}));
-                for (k, v) in sd {
-                    let s = v.as_str().unwrap_or_default();
-                    data[k] = json!(base64::Engine::encode(
-                        &base64::engine::general_purpose::STANDARD,
-                        s
-                    ));
-                }
-            }
-        }
         let stored = Self::storage_form(&obj, rt);
         st.objects
             .entry(rt.key())
@@ -1197,6 +1197,10 @@ impl Store {
             return Ok(Self::present(&current, &rt));
         }
         if opts.dry_run {
+            let mut new = new;
+            if let Some(rv) = current.pointer("/metadata/resourceVersion").cloned() {
+                meta_mut(&mut new).insert("resourceVersion".into(), rv);
+            }
             return Ok(Self::present(&new, &rt));
         }
         if new.pointer("/metadata/deletionTimestamp").is_some() && finalizers(&new).is_empty() {
