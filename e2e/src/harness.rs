@@ -290,18 +290,13 @@ impl Stack {
     /// `kill -9` of the process behind a connector pod (a forced delete of the pod on a real cluster).
     pub fn kill_pod(&self, pod: &Value) -> Result<()> {
         match &self.cluster {
-            Cluster::Local { .. } => {
-                let ip = pod["status"]["podIP"]
-                    .as_str()
-                    .context("the pod has no podIP")?;
-                let pids = connector_pids_on(ip);
-                if pids.is_empty() {
-                    bail!("no obsrv-connector process serves {ip}");
-                }
-                for pid in pids {
-                    // SAFETY: sending a signal has no memory-safety preconditions.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+            Cluster::Local { cp, .. } => {
+                let name = pod["metadata"]["name"].as_str().context("pod name")?;
+                let pid = cp
+                    .pod_pid(&self.namespace, name)
+                    .with_context(|| format!("no process runs pod {name}"))?;
+                // SAFETY: sending a signal has no memory-safety preconditions.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
                 Ok(())
             }
             Cluster::Remote { .. } => {

@@ -310,51 +310,6 @@ pub async fn client_from(path: &Path) -> Result<kube::Client, ControlPlaneError>
     kube::Client::try_from(config).map_err(|e| err(e.to_string()))
 }
 
-/// Where the end-to-end suite runs: the local control plane, or a real cluster (kind, k3d) when
-/// `E2E_KUBECONFIG` names its kubeconfig. Tests talk to either only through the kubeconfig.
-pub enum Cluster {
-    Local(ControlPlane),
-    External { kubeconfig: PathBuf },
-}
-
-impl Cluster {
-    /// `E2E_KUBECONFIG` set: that cluster; otherwise a local control plane started with `opts`.
-    pub async fn start(opts: ControlPlaneOptions) -> Result<Self, ControlPlaneError> {
-        match std::env::var_os("E2E_KUBECONFIG").filter(|v| !v.is_empty()) {
-            Some(path) => Ok(Cluster::External {
-                kubeconfig: PathBuf::from(path),
-            }),
-            None => Ok(Cluster::Local(ControlPlane::start(opts).await?)),
-        }
-    }
-
-    pub fn kubeconfig_path(&self) -> &Path {
-        match self {
-            Cluster::Local(cp) => cp.kubeconfig_path(),
-            Cluster::External { kubeconfig } => kubeconfig,
-        }
-    }
-
-    pub async fn client(&self) -> Result<kube::Client, ControlPlaneError> {
-        client_from(self.kubeconfig_path()).await
-    }
-
-    /// The local control plane; `None` on a real cluster (where `pod_pid` and `Store::compact` do
-    /// not exist: a scenario needing them must use another way, e.g. deleting the pod).
-    pub fn local(&self) -> Option<&ControlPlane> {
-        match self {
-            Cluster::Local(cp) => Some(cp),
-            Cluster::External { .. } => None,
-        }
-    }
-
-    pub async fn shutdown(self) {
-        if let Cluster::Local(cp) = self {
-            cp.shutdown().await;
-        }
-    }
-}
-
 /// One garbage-collection sweep; a panic on an odd object is logged, not fatal to the collector.
 fn gc_once(store: &Store) -> usize {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.collect_garbage()))
