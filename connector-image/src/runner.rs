@@ -211,12 +211,16 @@ pub async fn run(rt: Runtime) -> Result<()> {
     };
     let instance = config.instance_id();
     let ctx = Context::new(&config.spec.dataset, &instance, kind);
-    if config.spec.delivery == obsrv_crds::Delivery::ExactlyOnce {
+    // exactlyOnce: records and the position in one Kafka transaction. Kafka sources keep offsets
+    // in their group, which this runtime does not yet commit transactionally.
+    let transactional =
+        config.spec.delivery == obsrv_crds::Delivery::ExactlyOnce && kind != SourceKind::Kafka;
+    if config.spec.delivery == obsrv_crds::Delivery::ExactlyOnce && !transactional {
         tracing::warn!(
-            "delivery exactlyOnce is not implemented yet: running atLeastOnce (event ids let downstream drop duplicates)"
+            "delivery exactlyOnce is not implemented for kafka sources yet: running atLeastOnce (event ids let downstream drop duplicates)"
         );
     }
-    let sink = match Sink::new(settings.clone(), &secrets, ctx) {
+    let sink = match Sink::new(settings.clone(), &secrets, ctx, transactional) {
         Ok(s) => s,
         Err(e) => return park(&shared, &mut stop, e).await,
     };
@@ -252,12 +256,17 @@ pub async fn run(rt: Runtime) -> Result<()> {
     let mut backoff = Backoff::default();
     let mut committed: Option<serde_json::Value> = None;
     let mut loaded = state.is_none();
+    let mut txn_ready = false;
     let mut state = state;
     loop {
         if *stop.borrow() {
             break;
         }
         let attempt = async {
+            if transactional && !txn_ready {
+                sink.init_transactions().await?;
+                txn_ready = true;
+            }
             if !loaded {
                 let st = state.as_ref().expect("state store when not loaded");
                 st.ensure_topic().await?;
@@ -279,6 +288,7 @@ pub async fn run(rt: Runtime) -> Result<()> {
             let res = pipeline(
                 source,
                 &sink,
+                transactional,
                 &committer,
                 &mut committed,
                 &shared,
@@ -395,6 +405,7 @@ async fn paused(
 async fn pipeline(
     mut source: AnySource,
     sink: &Sink,
+    transactional: bool,
     committer: &Committer,
     committed: &mut Option<serde_json::Value>,
     shared: &Arc<Shared>,
@@ -464,6 +475,14 @@ async fn pipeline(
             m = rx.recv() => m,
         };
         match item {
+            Some(Ok(Item::Batch(b))) if transactional => {
+                let Committer::State(state) = committer else {
+                    return Err(Error::Config("exactlyOnce needs the state topic".into()));
+                };
+                transaction(sink, state, b, shared).await?;
+                *committed = None;
+                backoff.reset();
+            }
             Some(Ok(Item::Batch(b))) => {
                 inflight.push_back(sink.send(b, now_ms()).await?);
                 while inflight.len() > MAX_IN_FLIGHT {
@@ -502,6 +521,49 @@ async fn pipeline(
                     Finished::Stopped
                 });
             }
+        }
+    }
+}
+
+/// One batch and its position in one transaction; aborted on any failure (the batch is re-read).
+async fn transaction(sink: &Sink, state: &StateStore, b: Batch, shared: &Shared) -> Result<()> {
+    sink.begin().await?;
+    let res = async {
+        let mut f = sink.send(b, now_ms()).await?;
+        let acks = crate::sink::Acks::new();
+        state
+            .enqueue(&f.position, f.watermark.clone(), now_ms(), &acks)
+            .await?;
+        sink.commit_transaction().await?;
+        f.acked().await?;
+        acks.wait().await?;
+        Ok::<_, Error>(f)
+    }
+    .await;
+    match res {
+        Ok(f) => {
+            let o = f.outcome;
+            shared.metrics.add("ingested", o.ingested, o.bytes_ingested);
+            shared.metrics.add("failed", o.failed, o.bytes_failed);
+            shared
+                .metrics
+                .batch_seconds
+                .observe(f.started.elapsed().as_secs_f64());
+            shared.success(
+                Totals {
+                    records_ingested: o.ingested,
+                    records_failed: o.failed,
+                    bytes_ingested: o.bytes_ingested,
+                },
+                f.watermark,
+            );
+            Ok(())
+        }
+        Err(e) => {
+            if let Err(abort) = sink.abort().await {
+                tracing::warn!(error = %abort, "abort transaction failed");
+            }
+            Err(e)
         }
     }
 }

@@ -69,6 +69,11 @@ pub fn producer_config(s: &SinkSettings, secrets: &Secrets, client_id: &str) -> 
     c
 }
 
+/// The transactional id of a connector (one writer per connector: a restarted pod fences the old).
+pub fn transactional_id(instance: &str) -> String {
+    format!("obsrv-connector.{}", instance.replace('/', "."))
+}
+
 /// Counts of one batch, by outcome.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
@@ -195,6 +200,19 @@ impl InFlight {
     }
 }
 
+/// Runs a blocking transaction call of the producer off the async threads.
+async fn txn_call(
+    producer: &Arc<SinkProducer>,
+    what: &'static str,
+    f: fn(&SinkProducer) -> rdkafka::error::KafkaResult<()>,
+) -> Result<()> {
+    let p = producer.clone();
+    tokio::task::spawn_blocking(move || f(&p))
+        .await
+        .map_err(|e| Error::SinkUnreachable(e.to_string()))?
+        .map_err(|e| Error::SinkUnreachable(format!("{what}: {e}")))
+}
+
 pub struct Sink {
     producer: Arc<SinkProducer>,
     settings: SinkSettings,
@@ -202,12 +220,25 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub fn new(settings: SinkSettings, secrets: &Secrets, ctx: Context) -> Result<Sink> {
-        let producer = create_producer(&producer_config(
+    /// A sink; `transactional` sets a transactional id (exactlyOnce).
+    pub fn new(
+        settings: SinkSettings,
+        secrets: &Secrets,
+        ctx: Context,
+        transactional: bool,
+    ) -> Result<Sink> {
+        let mut config = producer_config(
             &settings,
             secrets,
             &format!("obsrv-connector/{}", ctx.instance),
-        ))?;
+        );
+        if transactional {
+            config
+                .set("transactional.id", transactional_id(&ctx.instance))
+                // librdkafka requires message.timeout.ms <= transaction.timeout.ms.
+                .set("transaction.timeout.ms", "120000");
+        }
+        let producer = create_producer(&config)?;
         Ok(Sink {
             producer,
             settings,
@@ -221,6 +252,37 @@ impl Sink {
 
     pub fn settings(&self) -> &SinkSettings {
         &self.settings
+    }
+
+    /// `exactlyOnce`: registers the transactional id (fencing an older writer, aborting its open
+    /// transaction).
+    pub async fn init_transactions(&self) -> Result<()> {
+        txn_call(&self.producer, "init transactions", |p| {
+            p.init_transactions(Duration::from_secs(30))
+        })
+        .await
+    }
+
+    pub async fn begin(&self) -> Result<()> {
+        txn_call(&self.producer, "begin transaction", |p| {
+            p.begin_transaction()
+        })
+        .await
+    }
+
+    /// Commits the open transaction: every record enqueued since `begin` becomes visible at once.
+    pub async fn commit_transaction(&self) -> Result<()> {
+        txn_call(&self.producer, "commit transaction", |p| {
+            p.commit_transaction(Duration::from_secs(60))
+        })
+        .await
+    }
+
+    pub async fn abort(&self) -> Result<()> {
+        txn_call(&self.producer, "abort transaction", |p| {
+            p.abort_transaction(Duration::from_secs(60))
+        })
+        .await
     }
 
     /// Checks the sink cluster answers and the ingest topic exists.

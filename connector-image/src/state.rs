@@ -123,7 +123,9 @@ impl StateStore {
         let mut cfg = self.client.clone();
         cfg.set("group.id", format!("obsrv-connector-state-{}", self.key))
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // Positions written by an aborted exactlyOnce transaction must not be resumed from.
+            .set("isolation.level", "read_committed");
         let topic = self.topic.clone();
         let key = self.key.clone();
         let kind = self.kind.clone();
@@ -164,16 +166,24 @@ impl StateStore {
                 if Instant::now() > deadline {
                     return Err(Error::State("timed out reading the state topic".into()));
                 }
-                let Some(m) = c.poll(Duration::from_millis(500)) else {
-                    continue;
-                };
-                let m = m.map_err(|e| Error::SinkUnreachable(format!("reading state: {e}")))?;
-                if m.key() == Some(key.as_bytes()) {
-                    last = m.payload().map(<[u8]>::to_vec);
-                    tombstone = m.payload().is_none();
+                if let Some(m) = c.poll(Duration::from_millis(200)) {
+                    let m = m.map_err(|e| Error::SinkUnreachable(format!("reading state: {e}")))?;
+                    if m.key() == Some(key.as_bytes()) {
+                        last = m.payload().map(<[u8]>::to_vec);
+                        tombstone = m.payload().is_none();
+                    }
+                    let (p, o) = (m.partition(), m.offset());
+                    remaining.retain(|(rp, hi)| !(*rp == p && o + 1 >= *hi));
                 }
-                let (p, o) = (m.partition(), m.offset());
-                remaining.retain(|(rp, hi)| !(*rp == p && o + 1 >= *hi));
+                // Transaction markers take offsets but are never delivered: the consumer's position
+                // (past them) tells when a partition is read to its end.
+                if let Ok(pos) = c.position() {
+                    for e in pos.elements() {
+                        if let Offset::Offset(o) = e.offset() {
+                            remaining.retain(|(rp, hi)| !(*rp == e.partition() && o >= *hi));
+                        }
+                    }
+                }
             }
             if tombstone {
                 return Ok(None);
@@ -212,6 +222,32 @@ impl StateStore {
         acks.wait()
             .await
             .map_err(|e| Error::SinkUnreachable(format!("state write: {e}")))
+    }
+
+    /// Enqueues a position without waiting (inside an exactlyOnce transaction).
+    pub async fn enqueue(
+        &self,
+        position: &serde_json::Value,
+        watermark: Option<String>,
+        now_ms: i64,
+        acks: &Arc<Acks>,
+    ) -> Result<()> {
+        let rec = StateRecord {
+            version: 1,
+            source: self.kind.clone(),
+            position: position.clone(),
+            watermark,
+            committed_at: now_ms,
+        };
+        enqueue(
+            &self.producer,
+            &self.topic,
+            Some(self.key.as_bytes()),
+            Some(&rec.encode()),
+            None,
+            acks,
+        )
+        .await
     }
 
     /// Removes the saved position (a tombstone), for a fresh start.
