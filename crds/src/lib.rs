@@ -7,6 +7,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod connector;
+pub mod duration;
 pub mod labels;
 pub mod runtime;
 pub mod status;

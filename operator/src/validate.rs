@@ -32,48 +32,7 @@ impl SpecError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("invalid duration {0:?}")]
-pub struct DurationError(pub String);
-
-/// Parses a Go-style duration (`30s`, `1m30s`, `1.5h`, `250ms`).
-pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
-    let err = || DurationError(s.to_string());
-    let s = s.trim();
-    if s.is_empty() {
-        return Err(err());
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(err)?;
-        if num_len == 0 {
-            return Err(err());
-        }
-        let n: f64 = rest[..num_len].parse().map_err(|_| err())?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let factor = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(err()),
-        };
-        total += n * factor;
-        rest = &rest[unit_len..];
-    }
-    if !total.is_finite() || total > 1e12 {
-        return Err(err());
-    }
-    Ok(Duration::from_secs_f64(total))
-}
+pub use obsrv_crds::duration::{DurationError, parse_duration};
 
 /// What validation learned about a spec, used by the builders and the scaler.
 #[derive(Debug, Clone, PartialEq)]
