@@ -33,7 +33,7 @@ mod tests {
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        for bad in ["", "30", "30 seconds", "-5s", "s", "5d"] {
+        for bad in ["", "30", "30 seconds", "5 m", "-5s", "s", "5d", "1.2.3s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} must be rejected");
         }
     }

@@ -133,18 +133,3 @@ pub fn validate(c: &Connector, sink_has_bootstrap: bool) -> Result<Validated, Sp
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        for bad in ["", "30", "s", "5 m", "1d", "-1s", "1.2.3s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} must be rejected");
-        }
-    }
-}
