@@ -132,4 +132,3 @@ pub fn validate(c: &Connector, sink_has_bootstrap: bool) -> Result<Validated, Sp
         scale_down_delay,
     })
 }
-
