@@ -68,7 +68,15 @@ impl Context {
 
     /// [`Context::envelope`] with the timestamp already rendered (once per batch).
     pub fn envelope_at(&self, event: &str, ts: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
+        let mut out = Vec::new();
+        self.envelope_into(&mut out, event, ts);
+        out
+    }
+
+    /// [`Context::envelope_at`] written into `out` (cleared first), so one buffer serves a batch.
+    pub fn envelope_into(&self, out: &mut Vec<u8>, event: &str, ts: &str) {
+        out.clear();
+        out.reserve(
             self.prefix.len()
                 + event.len()
                 + self.meta_head.len()
@@ -80,7 +88,6 @@ impl Context {
         out.extend_from_slice(self.meta_head.as_bytes());
         out.extend_from_slice(ts.as_bytes());
         out.extend_from_slice(self.meta_tail.as_bytes());
-        out
     }
 
     /// The failed-topic document for a record that cannot be ingested.

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 
 use crate::{
     config::{Secrets, SinkSettings, kafka_security},
-    envelope::{Context, EVENT_ID_HEADER, Routed, route_at},
+    envelope::{Context, EVENT_ID_HEADER, Payload, Routed, route_at},
     error::{Error, Result},
     source::Batch,
 };
@@ -312,22 +312,41 @@ impl Sink {
         let mut outcome = Outcome::default();
         let acks = Acks::new();
         let syncts = syncts_ms.to_string();
+        // The producer copies each payload, so one envelope buffer serves the whole batch.
+        let mut buf = Vec::new();
+        let mut failed;
         for rec in &batch.records {
-            let (topic, bytes) = match route_at(
-                &self.ctx,
-                &rec.payload,
-                &syncts,
-                self.settings.max_message_bytes,
-            ) {
-                Routed::Ingest(b) => {
-                    outcome.ingested += 1;
-                    outcome.bytes_ingested += b.len() as u64;
-                    (&self.settings.topic, b)
+            let ingest = match &rec.payload {
+                Payload::Json(event) => {
+                    self.ctx.envelope_into(&mut buf, event, &syncts);
+                    buf.len() <= self.settings.max_message_bytes
                 }
-                Routed::Failed(b) => {
-                    outcome.failed += 1;
-                    outcome.bytes_failed += b.len() as u64;
-                    (&self.settings.failed_topic, b)
+                Payload::Unparseable { .. } => false,
+            };
+            let (topic, bytes) = if ingest {
+                outcome.ingested += 1;
+                outcome.bytes_ingested += buf.len() as u64;
+                (&self.settings.topic, &buf)
+            } else {
+                // Oversize or unparseable: the failed-topic document (route_at decides which).
+                match route_at(
+                    &self.ctx,
+                    &rec.payload,
+                    &syncts,
+                    self.settings.max_message_bytes,
+                ) {
+                    Routed::Ingest(b) => {
+                        outcome.ingested += 1;
+                        outcome.bytes_ingested += b.len() as u64;
+                        failed = b;
+                        (&self.settings.topic, &failed)
+                    }
+                    Routed::Failed(b) => {
+                        outcome.failed += 1;
+                        outcome.bytes_failed += b.len() as u64;
+                        failed = b;
+                        (&self.settings.failed_topic, &failed)
+                    }
                 }
             };
             let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
@@ -338,7 +357,7 @@ impl Sink {
                 &self.producer,
                 topic,
                 Some(rec.id.as_bytes()),
-                Some(&bytes),
+                Some(bytes),
                 Some(headers),
                 &acks,
             )

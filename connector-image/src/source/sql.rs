@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use obsrv_crds::{SourceKind, SqlSource as SqlSpec, TableSpec, TlsMode, runtime::env};
 use serde::{Deserialize, Serialize};
 use sqlx::{
@@ -235,16 +235,38 @@ impl TablePlan {
     /// The SQL of one page. Binds, in order: for `After` the cursor (MySQL: twice) and tie-breaker;
     /// for `TieGroup` the cursor. Columns returned: row JSON text, cursor text, tie-breaker text.
     pub fn query(&self, page: Page, limit: usize) -> String {
+        let params = match self.dialect {
+            Dialect::Postgres => ["$1", "$2", "$3"],
+            Dialect::MySql => ["?", "?", "?"],
+        };
+        self.query_with(page, limit, params)
+    }
+
+    /// Postgres: the page at `pos` as `COPY (...) TO STDOUT (FORMAT binary)`. COPY takes no
+    /// parameters, so the position's values are inlined as escaped string literals (`E'...'`,
+    /// read the same whatever `standard_conforming_strings` says) cast to the column types.
+    /// Columns: row JSON text, cursor text, tie-breaker text, each sent as raw UTF-8.
+    pub fn copy_query(&self, page: Page, limit: usize, pos: Option<&TablePosition>) -> String {
+        let lits: Vec<String> = self
+            .binds(page, pos)
+            .iter()
+            .map(|b| format!("E{}", quote_literal(b)))
+            .collect();
+        let lit = |i: usize| lits.get(i).map(String::as_str).unwrap_or("NULL");
+        format!(
+            "COPY ({}) TO STDOUT (FORMAT binary)",
+            self.query_with(page, limit, [lit(0), lit(1), lit(2)])
+        )
+    }
+
+    fn query_with(&self, page: Page, limit: usize, params: [&str; 3]) -> String {
         let d = self.dialect;
         let c = format!("s.{}", quote_ident(d, &self.cursor.name));
         let tb = self
             .tie_breaker
             .as_ref()
             .map(|t| format!("s.{}", quote_ident(d, &t.name)));
-        let (p1, p2, p3) = match d {
-            Dialect::Postgres => ("$1", "$2", "$3"),
-            Dialect::MySql => ("?", "?", "?"),
-        };
+        let [p1, p2, p3] = params;
         let mut conds = vec![format!("{c} IS NOT NULL")];
         if let Some(tb) = &tb {
             conds.push(format!("{tb} IS NOT NULL"));
@@ -406,6 +428,100 @@ pub fn split_page(
     (keep, Some(last))
 }
 
+/// `COPY ... (FORMAT binary)` starts with this signature, then flags and a header extension.
+const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+
+/// Incremental parser of `COPY (...) TO STDOUT (FORMAT binary)` output of three text columns
+/// (row JSON, cursor, tie-breaker): the bytes arrive in arbitrary chunks, complete rows come out.
+/// Text columns are sent as raw UTF-8, so there is nothing to unescape.
+#[derive(Debug, Default)]
+pub struct CopyRows {
+    buf: Vec<u8>,
+    header: bool,
+    finished: bool,
+}
+
+impl CopyRows {
+    /// Takes the next chunk of the COPY stream and appends every row it completes to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<RawRow>) -> Result<()> {
+        if self.buf.is_empty() {
+            let used = self.parse(chunk, out)?;
+            self.buf.extend_from_slice(&chunk[used..]);
+        } else {
+            self.buf.extend_from_slice(chunk);
+            let buf = std::mem::take(&mut self.buf);
+            let used = self.parse(&buf, out);
+            self.buf = buf;
+            self.buf.drain(..used?);
+        }
+        Ok(())
+    }
+
+    /// Whether the trailer was seen (the stream ended cleanly).
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Parses complete rows of `data`; returns how many bytes were consumed.
+    fn parse(&mut self, data: &[u8], out: &mut Vec<RawRow>) -> Result<usize> {
+        let bad = |m: &str| Error::SourceUnreachable(format!("COPY output: {m}"));
+        let mut at = 0;
+        if !self.header {
+            if data.len() < 19 {
+                return Ok(0);
+            }
+            if &data[..11] != COPY_SIGNATURE {
+                return Err(bad("missing signature"));
+            }
+            let ext = u32::from_be_bytes([data[15], data[16], data[17], data[18]]) as usize;
+            if data.len() < 19 + ext {
+                return Ok(0);
+            }
+            at = 19 + ext;
+            self.header = true;
+        }
+        'rows: while !self.finished && data.len() >= at + 2 {
+            let n = i16::from_be_bytes([data[at], data[at + 1]]);
+            if n == -1 {
+                self.finished = true;
+                at += 2;
+                break;
+            }
+            if n != 3 {
+                return Err(bad(&format!("expected 3 columns, got {n}")));
+            }
+            let mut p = at + 2;
+            let mut cols: [Option<String>; 3] = [None, None, None];
+            for c in &mut cols {
+                if data.len() < p + 4 {
+                    break 'rows;
+                }
+                let len = i32::from_be_bytes([data[p], data[p + 1], data[p + 2], data[p + 3]]);
+                p += 4;
+                if len < 0 {
+                    continue;
+                }
+                let len = len as usize;
+                if data.len() < p + len {
+                    break 'rows;
+                }
+                *c = Some(
+                    String::from_utf8(data[p..p + len].to_vec())
+                        .map_err(|_| bad("column is not UTF-8"))?,
+                );
+                p += len;
+            }
+            let [json, cursor, tb] = cols;
+            out.push((json.ok_or_else(|| bad("row JSON is NULL"))?, cursor, tb));
+            at = p;
+        }
+        Ok(at)
+    }
+}
+
+/// Rows sent at once from the query task to the reader (fewer channel messages than one per row).
+const ROW_CHUNK: usize = 256;
+
 #[derive(Clone)]
 enum Pool {
     Pg(PgPool),
@@ -419,7 +535,9 @@ pub const STREAM_ROWS: usize = 1_000_000;
 /// produces continuously (like `COPY`) instead of one page per round trip.
 struct RowStream {
     table: usize,
-    rx: mpsc::Receiver<Result<RawRow>>,
+    rx: mpsc::Receiver<Result<Vec<RawRow>>>,
+    /// Rows received but not yet handed out (a chunk that overran the batch).
+    leftover: Vec<RawRow>,
     received: usize,
     task: tokio::task::JoinHandle<()>,
 }
@@ -428,14 +546,6 @@ impl Drop for RowStream {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-fn decode_pg(r: &sqlx::postgres::PgRow) -> Result<RawRow> {
-    Ok((
-        r.try_get(0).map_err(from_sqlx)?,
-        r.try_get(1).map_err(from_sqlx)?,
-        r.try_get(2).map_err(from_sqlx)?,
-    ))
 }
 
 fn decode_my(r: &sqlx::mysql::MySqlRow) -> Result<RawRow> {
@@ -657,23 +767,61 @@ impl SqlSource {
         } else {
             Page::First
         };
-        let sql = plan.query(page, STREAM_ROWS);
+        let sql = match plan.dialect {
+            Dialect::Postgres => plan.copy_query(page, STREAM_ROWS, pos),
+            Dialect::MySql => plan.query(page, STREAM_ROWS),
+        };
         let binds = plan.binds(page, pos);
-        let (tx, rx) = mpsc::channel(self.batch_size.clamp(1, 2_000));
+        let (tx, rx) = mpsc::channel((self.batch_size.clamp(1, 2_000) / ROW_CHUNK).max(1));
         let pool = self.pool.clone();
         let task = tokio::spawn(async move {
+            let mut rows: Vec<RawRow> = Vec::new();
+            // Sends what is gathered; false when the reader is gone.
+            async fn flush(tx: &mpsc::Sender<Result<Vec<RawRow>>>, rows: &mut Vec<RawRow>) -> bool {
+                rows.is_empty()
+                    || tx
+                        .send(Ok(std::mem::replace(rows, Vec::with_capacity(ROW_CHUNK))))
+                        .await
+                        .is_ok()
+            }
             match pool {
                 Pool::Pg(p) => {
-                    let mut q = sqlx::query(AssertSqlSafe(sql));
-                    for b in binds {
-                        q = q.bind(b);
-                    }
-                    let mut rows = q.fetch(&p);
-                    while let Some(r) = rows.next().await {
-                        let item = r.map_err(from_sqlx).and_then(|r| decode_pg(&r));
-                        let failed = item.is_err();
-                        if tx.send(item).await.is_err() || failed {
-                            break;
+                    use sqlx::postgres::PgPoolCopyExt;
+                    let mut stream = match p.copy_out_raw(&sql).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = tx.send(Err(from_sqlx(e))).await;
+                            return;
+                        }
+                    };
+                    let mut parser = CopyRows::default();
+                    loop {
+                        // Hand over what is gathered whenever the database has nothing more yet.
+                        let next = match stream.next().now_or_never() {
+                            Some(n) => n,
+                            None => {
+                                if !flush(&tx, &mut rows).await {
+                                    return;
+                                }
+                                stream.next().await
+                            }
+                        };
+                        let res = match next {
+                            Some(Ok(chunk)) => parser.push(&chunk, &mut rows),
+                            Some(Err(e)) => Err(from_sqlx(e)),
+                            None if parser.finished() => break,
+                            None => Err(Error::SourceUnreachable(
+                                "COPY output ended before its trailer".into(),
+                            )),
+                        };
+                        if let Err(e) = res {
+                            if flush(&tx, &mut rows).await {
+                                let _ = tx.send(Err(e)).await;
+                            }
+                            return;
+                        }
+                        if rows.len() >= ROW_CHUNK && !flush(&tx, &mut rows).await {
+                            return;
                         }
                     }
                 }
@@ -682,20 +830,42 @@ impl SqlSource {
                     for b in binds {
                         q = q.bind(b);
                     }
-                    let mut rows = q.fetch(&p);
-                    while let Some(r) = rows.next().await {
-                        let item = r.map_err(from_sqlx).and_then(|r| decode_my(&r));
-                        let failed = item.is_err();
-                        if tx.send(item).await.is_err() || failed {
-                            break;
+                    let mut stream = q.fetch(&p);
+                    loop {
+                        let next = match stream.next().now_or_never() {
+                            Some(n) => n,
+                            None => {
+                                if !flush(&tx, &mut rows).await {
+                                    return;
+                                }
+                                stream.next().await
+                            }
+                        };
+                        let res = match next {
+                            Some(r) => r.map_err(from_sqlx).and_then(|r| decode_my(&r)),
+                            None => break,
+                        };
+                        match res {
+                            Ok(r) => rows.push(r),
+                            Err(e) => {
+                                if flush(&tx, &mut rows).await {
+                                    let _ = tx.send(Err(e)).await;
+                                }
+                                return;
+                            }
+                        }
+                        if rows.len() >= ROW_CHUNK && !flush(&tx, &mut rows).await {
+                            return;
                         }
                     }
                 }
             }
+            flush(&tx, &mut rows).await;
         });
         RowStream {
             table: i,
             rx,
+            leftover: Vec::new(),
             received: 0,
             task,
         }
@@ -703,29 +873,44 @@ impl SqlSource {
 
     /// Next batch of a table with a tie-breaker, from its streaming query; empty when caught up.
     async fn read_streamed(&mut self, i: usize) -> Result<Vec<Record>> {
-        let mut rows = Vec::with_capacity(self.batch_size.min(10_000));
+        let mut rows: Vec<RawRow> = Vec::new();
         while rows.len() < self.batch_size {
             if self.stream.as_ref().map(|s| s.table) != Some(i) {
                 self.stream = Some(self.start_stream(i));
             }
             let st = self.stream.as_mut().expect("a stream was just started");
-            match st.rx.recv().await {
-                Some(Ok(r)) => {
-                    st.received += 1;
-                    rows.push(r);
-                }
-                Some(Err(e)) => {
-                    self.stream = None;
-                    return Err(e);
-                }
-                None => {
-                    // The query ended: at its row limit, go on with a fresh one; else caught up.
-                    let more = st.received >= STREAM_ROWS;
-                    self.stream = None;
-                    if !more || !rows.is_empty() {
-                        break;
+            let mut chunk = if st.leftover.is_empty() {
+                match st.rx.recv().await {
+                    Some(Ok(c)) => {
+                        st.received += c.len();
+                        c
+                    }
+                    Some(Err(e)) => {
+                        self.stream = None;
+                        return Err(e);
+                    }
+                    None => {
+                        // The query ended: at its row limit, go on with a fresh one; else caught up.
+                        let more = st.received >= STREAM_ROWS;
+                        self.stream = None;
+                        if !more || !rows.is_empty() {
+                            break;
+                        }
+                        continue;
                     }
                 }
+            } else {
+                std::mem::take(&mut st.leftover)
+            };
+            let room = self.batch_size - rows.len();
+            if chunk.len() > room {
+                st.leftover = chunk.split_off(room);
+            }
+            if rows.is_empty() {
+                rows = chunk;
+                rows.reserve(self.batch_size.min(10_000).saturating_sub(rows.len()));
+            } else {
+                rows.append(&mut chunk);
             }
         }
         let name = self.plans[i].name.clone();
@@ -948,6 +1133,110 @@ mod tests {
             !first.contains("$1") && first.contains("IS NOT NULL"),
             "{first}"
         );
+    }
+
+    #[test]
+    fn postgres_copy_query_inlines_the_position_as_escaped_literals() {
+        let plan = TablePlan::new(
+            Dialect::Postgres,
+            &table(Some("id")),
+            "orders".into(),
+            &pg_cols(),
+        )
+        .unwrap();
+        let pos = TablePosition {
+            cursor: "2024-01-01 00:00:00+00".into(),
+            tie_breaker: Some(r"it's \ 7".into()),
+        };
+        let q = plan.copy_query(Page::After, 500, Some(&pos));
+        assert!(q.starts_with("COPY (SELECT row_to_json(r)::text, "), "{q}");
+        assert!(q.ends_with(" LIMIT 500) TO STDOUT (FORMAT binary)"), "{q}");
+        assert!(
+            q.contains(
+                r#"(s."updated_at", s."id") > (E'2024-01-01 00:00:00+00'::timestamp with time zone, E'it''s \\ 7'::bigint)"#
+            ),
+            "{q}"
+        );
+        assert!(
+            !q.contains('$') && !q.to_uppercase().contains("OFFSET"),
+            "{q}"
+        );
+        let first = plan.copy_query(Page::First, 500, None);
+        assert!(!first.contains(") > ("), "{first}");
+    }
+
+    /// The bytes Postgres sends for `COPY ... (FORMAT binary)` of three text columns.
+    fn copy_bytes(rows: &[[Option<&str>; 3]]) -> Vec<u8> {
+        let mut b = COPY_SIGNATURE.to_vec();
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.extend_from_slice(&2u32.to_be_bytes());
+        b.extend_from_slice(b"xy");
+        for r in rows {
+            b.extend_from_slice(&3i16.to_be_bytes());
+            for c in r {
+                match c {
+                    Some(t) => {
+                        b.extend_from_slice(&(t.len() as i32).to_be_bytes());
+                        b.extend_from_slice(t.as_bytes());
+                    }
+                    None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+                }
+            }
+        }
+        b.extend_from_slice(&(-1i16).to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn copy_rows_parse_whatever_the_chunking() {
+        let rows = [
+            [
+                Some(r#"{"a":"tab\there \"q\" é"}"#),
+                Some("2024-01-01"),
+                Some("1"),
+            ],
+            [Some("{}"), Some("2024-01-02"), None],
+            [Some(r#"{"b":null}"#), Some(""), Some("3")],
+        ];
+        let bytes = copy_bytes(&rows);
+        let want: Vec<RawRow> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r[0].unwrap().to_string(),
+                    r[1].map(String::from),
+                    r[2].map(String::from),
+                )
+            })
+            .collect();
+        for size in [1, 2, 3, 7, 19, 20, 64, bytes.len()] {
+            let mut p = CopyRows::default();
+            let mut out = Vec::new();
+            for chunk in bytes.chunks(size) {
+                p.push(chunk, &mut out).unwrap();
+            }
+            assert_eq!(out, want, "chunks of {size}");
+            assert!(p.finished(), "chunks of {size}");
+        }
+        // Cut before the trailer: rows so far, not finished.
+        let mut p = CopyRows::default();
+        let mut out = Vec::new();
+        p.push(&bytes[..bytes.len() - 2], &mut out).unwrap();
+        assert_eq!(out.len(), 3);
+        assert!(!p.finished());
+    }
+
+    #[test]
+    fn copy_rows_refuse_foreign_output() {
+        let mut out = Vec::new();
+        let text = b"{\"a\":1}\t2024-01-01\t1\n{\"a\":2}\t2024-01-02\t2\n";
+        assert!(CopyRows::default().push(text, &mut out).is_err());
+        let mut two = copy_bytes(&[]);
+        two.truncate(two.len() - 2);
+        two.extend_from_slice(&2i16.to_be_bytes());
+        assert!(CopyRows::default().push(&two, &mut out).is_err());
+        let null_json = copy_bytes(&[[None, Some("1"), Some("1")]]);
+        assert!(CopyRows::default().push(&null_json, &mut out).is_err());
     }
 
     #[test]
