@@ -180,3 +180,228 @@ async fn kill_9_inside_a_large_object_loses_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+/// A Parquet file of `n` rows in row groups of `group` rows (snappy), with nullable columns,
+/// a millisecond timestamp, a decimal, a double, a boolean and raw bytes.
+fn parquet_file(n: usize, group: usize) -> Result<Vec<u8>> {
+    use parquet::{
+        basic::Compression,
+        data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, Int64Type},
+        file::{properties::WriterProperties, writer::SerializedFileWriter},
+        schema::parser::parse_message_type,
+    };
+    use std::sync::Arc;
+    let schema = Arc::new(parse_message_type(
+        "message m {
+            required int64 id;
+            optional binary name (STRING);
+            required int64 ts (TIMESTAMP(MILLIS,true));
+            required int64 amount (DECIMAL(18,2));
+            optional double score;
+            required boolean flag;
+            optional binary raw;
+        }",
+    )?);
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let mut w = SerializedFileWriter::new(Vec::new(), schema, props)?;
+    for start in (0..n).step_by(group) {
+        let rows: Vec<usize> = (start..(start + group).min(n)).collect();
+        let mut rg = w.next_row_group()?;
+        let mut col = 0;
+        while let Some(mut c) = rg.next_column()? {
+            let def = |null: fn(usize) -> bool| -> Vec<i16> {
+                rows.iter().map(|&i| i16::from(!null(i))).collect()
+            };
+            match col {
+                0 => {
+                    let v: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+                    c.typed::<Int64Type>().write_batch(&v, None, None)?;
+                }
+                1 => {
+                    let v: Vec<ByteArray> = rows
+                        .iter()
+                        .filter(|&&i| !name_is_null(i))
+                        .map(|&i| ByteArray::from(format!("name-{i}").as_str()))
+                        .collect();
+                    c.typed::<ByteArrayType>()
+                        .write_batch(&v, Some(&def(name_is_null)), None)?;
+                }
+                2 => {
+                    let v: Vec<i64> = rows.iter().map(|&i| ts_ms(i)).collect();
+                    c.typed::<Int64Type>().write_batch(&v, None, None)?;
+                }
+                3 => {
+                    let v: Vec<i64> = rows.iter().map(|&i| i as i64 * 100 + 5).collect();
+                    c.typed::<Int64Type>().write_batch(&v, None, None)?;
+                }
+                4 => {
+                    let v: Vec<f64> = rows
+                        .iter()
+                        .filter(|&&i| !score_is_null(i))
+                        .map(|&i| i as f64 * 0.5)
+                        .collect();
+                    c.typed::<DoubleType>()
+                        .write_batch(&v, Some(&def(score_is_null)), None)?;
+                }
+                5 => {
+                    let v: Vec<bool> = rows.iter().map(|&i| i.is_multiple_of(2)).collect();
+                    c.typed::<BoolType>().write_batch(&v, None, None)?;
+                }
+                _ => {
+                    let v: Vec<ByteArray> = rows
+                        .iter()
+                        .filter(|&&i| !raw_is_null(i))
+                        .map(|&i| ByteArray::from(vec![(i & 0xff) as u8, (i >> 8) as u8, 0xff]))
+                        .collect();
+                    c.typed::<ByteArrayType>()
+                        .write_batch(&v, Some(&def(raw_is_null)), None)?;
+                }
+            }
+            c.close()?;
+            col += 1;
+        }
+        rg.close()?;
+    }
+    Ok(w.into_inner()?)
+}
+
+fn name_is_null(i: usize) -> bool {
+    i.is_multiple_of(7)
+}
+fn score_is_null(i: usize) -> bool {
+    i.is_multiple_of(5)
+}
+fn raw_is_null(i: usize) -> bool {
+    i.is_multiple_of(3)
+}
+fn ts_ms(i: usize) -> i64 {
+    1_700_000_000_000 + i as i64 * 1_001
+}
+
+/// The event the connector must produce for row `i` of [`parquet_file`].
+fn parquet_row(i: usize) -> serde_json::Value {
+    use base64::Engine;
+    let ts = chrono::DateTime::from_timestamp_millis(ts_ms(i))
+        .expect("in range")
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    serde_json::json!({
+        "id": i,
+        "name": (!name_is_null(i)).then(|| format!("name-{i}")),
+        "ts": ts,
+        "amount": format!("{}.05", i),
+        "score": (!score_is_null(i)).then_some(i as f64 * 0.5),
+        "flag": i.is_multiple_of(2),
+        "raw": (!raw_is_null(i)).then(|| base64::engine::general_purpose::STANDARD
+            .encode([(i & 0xff) as u8, (i >> 8) as u8, 0xff])),
+    })
+}
+
+/// Parquet rows arrive once each with typed values; a corrupt `.parquet` object goes to the failed
+/// topic and the next object is still read.
+#[tokio::test]
+async fn parquet_rows_typed_and_corrupt_objects_fail() -> Result<()> {
+    let (s3, broker) = tokio::try_join!(S3::start(), Broker::start())?;
+    let b = bucket();
+    s3.create_bucket(&b).await?;
+    let n = 3_500;
+    s3.put_object(&b, "in/a-corrupt.parquet", "PAR1 this is not parquet")
+        .await?;
+    s3.put_object(&b, "in/b-rows.parquet", parquet_file(n, 1_000)?)
+        .await?;
+    let creds = [
+        ("s3-creds", "accessKeyId", s3.access_key()),
+        ("s3-creds", "secretAccessKey", s3.secret_key()),
+    ];
+    let h = Harness::new(&broker, &manifest(&s3, &b, "parquet"), &creds).await?;
+    let conn = h.start()?;
+    let failed = consume_exactly(&broker, &h.failed, 1, T).await?;
+    assert_eq!(failed.len(), 1, "{}", conn.log_tail());
+    let f = failed[0].json()?;
+    assert_eq!(f["error"]["error_code"], "CE_1000");
+    assert!(
+        f["error"]["error_msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("not a readable Parquet file")),
+        "{f}"
+    );
+    assert_eq!(f["event"], format!("s3://{b}/in/a-corrupt.parquet"));
+
+    let recs = consume_exactly(&broker, &h.ingest, n, T).await?;
+    assert_eq!(recs.len(), n, "{}", conn.log_tail());
+    assert_eq!(ids(&recs)?.len(), n, "one id per row");
+    let mut seen = vec![false; n];
+    for r in &recs {
+        let v = r.json()?;
+        let i = v["event"]["id"].as_u64().expect("id") as usize;
+        assert!(!seen[i], "row {i} twice");
+        seen[i] = true;
+        assert_eq!(v["event"], parquet_row(i), "row {i}");
+    }
+    assert_eq!(recs[0].json()?["obsrv_meta"]["source"]["connector"], "s3");
+    conn.wait_status("all rows ingested", T, |s| {
+        total(s, "recordsIngested") == n as u64
+    })
+    .await?;
+    assert!(conn.terminate().await?.success());
+    Ok(())
+}
+
+/// kill -9 inside a Parquet object, then restart: resumes at the saved row index, loses nothing.
+#[tokio::test]
+async fn parquet_kill_9_mid_object_resumes_at_the_row() -> Result<()> {
+    let (s3, broker) = tokio::try_join!(S3::start(), Broker::start())?;
+    let b = bucket();
+    s3.create_bucket(&b).await?;
+    let n = 40_000;
+    s3.put_object(&b, "in/big.parquet", parquet_file(n, 3_000)?)
+        .await?;
+    let creds = [
+        ("s3-creds", "accessKeyId", s3.access_key()),
+        ("s3-creds", "secretAccessKey", s3.secret_key()),
+    ];
+    let h = Harness::new(&broker, &manifest(&s3, &b, "parquet"), &creds).await?;
+    let conn = h.start()?;
+    let s = conn
+        .wait_status("part of the object", T, |s| {
+            total(s, "recordsIngested") >= 10_000
+        })
+        .await?;
+    conn.kill9()?;
+    assert!(
+        total(&s, "recordsIngested") < n as u64,
+        "killed inside the object: {s}"
+    );
+    let conn = h.start()?;
+    conn.wait_status("caught up", Duration::from_secs(120), |s| {
+        s["lagRecords"] == 0 && total(s, "recordsIngested") > 0
+    })
+    .await?;
+    let recs = broker
+        .consume_all(&h.ingest, 2 * n, Duration::from_secs(10))
+        .await?;
+    assert_eq!(
+        ids(&recs)?.len(),
+        n,
+        "distinct ids ({} read)\n{}",
+        recs.len(),
+        conn.log_tail()
+    );
+    assert!(
+        recs.len() < 2 * n,
+        "resumed from the saved row, not from the start"
+    );
+    let distinct_rows: std::collections::BTreeSet<u64> = recs
+        .iter()
+        .map(|r| {
+            r.json()
+                .map(|v| v["event"]["id"].as_u64().unwrap_or(u64::MAX))
+        })
+        .collect::<Result<_>>()?;
+    assert_eq!(distinct_rows.len(), n);
+    assert_eq!(distinct_rows.last(), Some(&(n as u64 - 1)));
+    Ok(())
+}

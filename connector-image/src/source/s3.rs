@@ -1,10 +1,12 @@
-//! Objects in an S3-compatible bucket: JSON, JSON lines and CSV. Objects are read in key order as
-//! byte streams (never whole, except JSON documents up to a cap), so memory stays bounded whatever
-//! the object size. State holds the processed keys and the byte offset reached inside the current
-//! object; nothing is ever written to the bucket.
+//! Objects in an S3-compatible bucket: JSON, JSON lines, CSV and Parquet. Objects are read in key
+//! order as byte streams (never whole, except JSON documents up to a cap; Parquet objects are copied
+//! to a temp file and read row group by row group), so memory stays bounded whatever the object
+//! size. State holds the processed keys and the byte offset (Parquet: row index) reached inside the
+//! current object; nothing is ever written to the bucket.
 
 use std::{
     collections::{BTreeSet, VecDeque},
+    io::Write,
     sync::Arc,
 };
 
@@ -15,11 +17,14 @@ use obsrv_crds::{ObjectFormat, S3Source as S3Spec, runtime::env};
 use serde::{Deserialize, Serialize};
 
 use super::{Batch, Lag, Record, Source};
+#[path = "parquet.rs"]
+pub mod pq;
 use crate::{
     config::Secrets,
     envelope::{Payload, event_id, validate},
     error::{Error, Result},
 };
+use pq::{ParquetRows, RowOutcome};
 
 /// Records per batch.
 pub const BATCH_RECORDS: usize = 5_000;
@@ -44,7 +49,8 @@ pub struct S3Position {
 #[serde(rename_all = "camelCase")]
 pub struct CurrentObject {
     pub key: String,
-    /// Byte offset of the first unread record (JSON documents: index of the first unread element).
+    /// Byte offset of the first unread record (JSON documents: index of the first unread element;
+    /// Parquet: index of the first unread row).
     pub offset: u64,
     /// CSV header, so a resumed read does not need the first line again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,6 +259,8 @@ struct OpenObject {
     header: Option<Vec<String>>,
     /// JSON documents: records left, and the index of the next one.
     doc: Option<(VecDeque<Payload>, u64)>,
+    /// Parquet: the rows of the object's local copy.
+    parquet: Option<ParquetRows>,
 }
 
 pub struct S3Source {
@@ -295,11 +303,6 @@ impl S3Source {
         instance: &str,
         position: Option<&serde_json::Value>,
     ) -> Result<S3Source> {
-        if spec.format == ObjectFormat::Parquet {
-            return Err(Error::Config(
-                "format parquet is not supported by this build of obsrv-connector yet".into(),
-            ));
-        }
         let mut b = AmazonS3Builder::from_env()
             .with_bucket_name(&spec.bucket)
             .with_region(&spec.region)
@@ -367,7 +370,7 @@ impl S3Source {
             Some(c) if c.key == key => (c.offset, c.header.clone()),
             _ => (0, None),
         };
-        let byte_offset = if self.format == ObjectFormat::Json {
+        let byte_offset = if matches!(self.format, ObjectFormat::Json | ObjectFormat::Parquet) {
             0
         } else {
             offset
@@ -388,7 +391,23 @@ impl S3Source {
             eof: false,
             header,
             doc: None,
+            parquet: None,
         };
+        if self.format == ObjectFormat::Parquet {
+            // Parquet needs random access (footer first): copy the object to an anonymous temp
+            // file chunk by chunk, then read it from there.
+            let mut file = tempfile::tempfile()
+                .map_err(|e| Error::SourceUnreachable(format!("temp file for {key}: {e}")))?;
+            while let Some(chunk) = o.stream.next().await {
+                let chunk = chunk.map_err(store_err)?;
+                file.write_all(&chunk)
+                    .map_err(|e| Error::SourceUnreachable(format!("temp file for {key}: {e}")))?;
+            }
+            file.flush()
+                .map_err(|e| Error::SourceUnreachable(format!("temp file for {key}: {e}")))?;
+            o.parquet = Some(ParquetRows::open(file, offset));
+            o.eof = true;
+        }
         if self.format == ObjectFormat::Json {
             let mut bytes = Vec::new();
             let mut too_big = false;
@@ -425,6 +444,39 @@ impl S3Source {
         let mut bytes = 0usize;
         let (instance, bucket, key) = (self.instance.clone(), self.bucket.clone(), o.key.clone());
         let ids = move |offset: u64| event_id(&instance, &[&bucket, &key, &offset.to_string()]);
+        if let Some(rows) = &mut o.parquet {
+            let mut finished = false;
+            while records.len() < BATCH_RECORDS && bytes < BATCH_BYTES {
+                match rows.next_row() {
+                    Some(RowOutcome::Row(i, json)) => {
+                        bytes += json.len();
+                        records.push(Record {
+                            id: ids(i),
+                            payload: Payload::Json(json),
+                        });
+                    }
+                    Some(RowOutcome::Failed(i, reason)) => {
+                        records.push(Record {
+                            id: ids(i),
+                            payload: Payload::Unparseable {
+                                raw: format!("s3://{}/{}", self.bucket, o.key),
+                                reason,
+                            },
+                        });
+                    }
+                    None => {
+                        finished = true;
+                        break;
+                    }
+                }
+            }
+            self.position.current = Some(CurrentObject {
+                key: o.key.clone(),
+                offset: rows.position(),
+                header: None,
+            });
+            return Ok((records, finished));
+        }
         if let Some((items, next)) = &mut o.doc {
             while records.len() < BATCH_RECORDS {
                 let Some(p) = items.pop_front() else { break };
