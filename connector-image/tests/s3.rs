@@ -182,11 +182,12 @@ async fn kill_9_inside_a_large_object_loses_nothing() -> Result<()> {
 }
 
 /// A Parquet file of `n` rows in row groups of `group` rows (snappy), with nullable columns,
-/// a millisecond timestamp, a decimal, a double, a boolean and raw bytes.
+/// a millisecond timestamp, a decimal, a double, a boolean, raw bytes, a list of strings and a
+/// struct.
 fn parquet_file(n: usize, group: usize) -> Result<Vec<u8>> {
     use parquet::{
         basic::Compression,
-        data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, Int64Type},
+        data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, Int32Type, Int64Type},
         file::{properties::WriterProperties, writer::SerializedFileWriter},
         schema::parser::parse_message_type,
     };
@@ -200,6 +201,15 @@ fn parquet_file(n: usize, group: usize) -> Result<Vec<u8>> {
             optional double score;
             required boolean flag;
             optional binary raw;
+            optional group tags (LIST) {
+                repeated group list {
+                    optional binary element (STRING);
+                }
+            }
+            optional group point {
+                required int32 x;
+                optional binary label (STRING);
+            }
         }",
     )?);
     let props = Arc::new(
@@ -251,7 +261,7 @@ fn parquet_file(n: usize, group: usize) -> Result<Vec<u8>> {
                     let v: Vec<bool> = rows.iter().map(|&i| i.is_multiple_of(2)).collect();
                     c.typed::<BoolType>().write_batch(&v, None, None)?;
                 }
-                _ => {
+                6 => {
                     let v: Vec<ByteArray> = rows
                         .iter()
                         .filter(|&&i| !raw_is_null(i))
@@ -259,6 +269,49 @@ fn parquet_file(n: usize, group: usize) -> Result<Vec<u8>> {
                         .collect();
                     c.typed::<ByteArrayType>()
                         .write_batch(&v, Some(&def(raw_is_null)), None)?;
+                }
+                7 => {
+                    // tags: null list, or [t<i>, null] (levels: 0 = list null, 3 = element set).
+                    let (mut v, mut d, mut r) = (Vec::new(), Vec::new(), Vec::new());
+                    for &i in &rows {
+                        if tags_is_null(i) {
+                            d.push(0);
+                            r.push(0);
+                        } else {
+                            v.push(ByteArray::from(format!("t{i}").as_str()));
+                            d.extend([3, 2]);
+                            r.extend([0, 1]);
+                        }
+                    }
+                    c.typed::<ByteArrayType>()
+                        .write_batch(&v, Some(&d), Some(&r))?;
+                }
+                8 => {
+                    // point.x: def 1 when the point is there.
+                    let v: Vec<i32> = rows
+                        .iter()
+                        .filter(|&&i| !point_is_null(i))
+                        .map(|&i| i as i32)
+                        .collect();
+                    c.typed::<Int32Type>()
+                        .write_batch(&v, Some(&def(point_is_null)), None)?;
+                }
+                _ => {
+                    // point.label: def 0 = no point, 1 = point without label, 2 = label set.
+                    let v: Vec<ByteArray> = rows
+                        .iter()
+                        .filter(|&&i| !point_is_null(i) && i.is_multiple_of(2))
+                        .map(|&i| ByteArray::from(format!("p{i}").as_str()))
+                        .collect();
+                    let d: Vec<i16> = rows
+                        .iter()
+                        .map(|&i| match (point_is_null(i), i.is_multiple_of(2)) {
+                            (true, _) => 0,
+                            (false, false) => 1,
+                            (false, true) => 2,
+                        })
+                        .collect();
+                    c.typed::<ByteArrayType>().write_batch(&v, Some(&d), None)?;
                 }
             }
             c.close()?;
@@ -277,6 +330,12 @@ fn score_is_null(i: usize) -> bool {
 }
 fn raw_is_null(i: usize) -> bool {
     i.is_multiple_of(3)
+}
+fn tags_is_null(i: usize) -> bool {
+    i.is_multiple_of(4)
+}
+fn point_is_null(i: usize) -> bool {
+    i % 6 == 5
 }
 fn ts_ms(i: usize) -> i64 {
     1_700_000_000_000 + i as i64 * 1_001
@@ -297,6 +356,11 @@ fn parquet_row(i: usize) -> serde_json::Value {
         "flag": i.is_multiple_of(2),
         "raw": (!raw_is_null(i)).then(|| base64::engine::general_purpose::STANDARD
             .encode([(i & 0xff) as u8, (i >> 8) as u8, 0xff])),
+        "tags": (!tags_is_null(i)).then(|| serde_json::json!([format!("t{i}"), null])),
+        "point": (!point_is_null(i)).then(|| serde_json::json!({
+            "x": i,
+            "label": i.is_multiple_of(2).then(|| format!("p{i}")),
+        })),
     })
 }
 

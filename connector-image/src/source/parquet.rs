@@ -9,13 +9,15 @@ use std::{
     panic::{AssertUnwindSafe, catch_unwind},
 };
 
-use chrono::{DateTime, SecondsFormat};
+use chrono::{DateTime, SecondsFormat, Utc};
 use parquet::{
+    basic::{LogicalType, TimeUnit},
     file::{
         reader::FileReader,
         serialized_reader::{ReadOptionsBuilder, SerializedFileReader},
     },
     record::{Field, Row, reader::RowIter},
+    schema::types::Type,
 };
 use serde_json::Value;
 
@@ -52,9 +54,91 @@ pub fn field_json(f: &Field) -> Value {
 
 /// A Parquet row as a JSON object, columns in schema order.
 pub fn row_json(row: &Row) -> Value {
+    row_json_with(row, &[])
+}
+
+/// How a top-level timestamp column is stored, which the row API does not keep: nanoseconds come
+/// out as plain integers, and local (not UTC-adjusted) times must not get a `Z`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimestampColumn {
+    pub utc: bool,
+    pub unit: Unit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Millis,
+    Micros,
+    Nanos,
+}
+
+/// The top-level timestamp columns of a schema (nested ones keep the row API's mapping).
+pub fn timestamp_columns(schema: &Type) -> Vec<(String, TimestampColumn)> {
+    schema
+        .get_fields()
+        .iter()
+        .filter_map(|t| match t.get_basic_info().logical_type_ref() {
+            Some(LogicalType::Timestamp(ts)) if t.is_primitive() => Some((
+                t.name().to_string(),
+                TimestampColumn {
+                    utc: ts.is_adjusted_to_u_t_c,
+                    unit: match ts.unit {
+                        TimeUnit::MILLIS => Unit::Millis,
+                        TimeUnit::MICROS => Unit::Micros,
+                        TimeUnit::NANOS => Unit::Nanos,
+                    },
+                },
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A timestamp as ISO-8601: `…Z` when UTC-adjusted, without offset when local; digits per unit.
+pub fn timestamp_json(value: i64, col: TimestampColumn) -> Value {
+    let (t, digits): (Option<DateTime<Utc>>, SecondsFormat) = match col.unit {
+        Unit::Millis => (
+            DateTime::from_timestamp_millis(value),
+            SecondsFormat::Millis,
+        ),
+        Unit::Micros => (
+            DateTime::from_timestamp_micros(value),
+            SecondsFormat::Micros,
+        ),
+        Unit::Nanos => (
+            Some(DateTime::from_timestamp_nanos(value)),
+            SecondsFormat::Nanos,
+        ),
+    };
+    match t {
+        None => Value::from(value),
+        Some(t) if col.utc => Value::String(t.to_rfc3339_opts(digits, true)),
+        Some(t) => {
+            let fmt = match col.unit {
+                Unit::Millis => "%Y-%m-%dT%H:%M:%S%.3f",
+                Unit::Micros => "%Y-%m-%dT%H:%M:%S%.6f",
+                Unit::Nanos => "%Y-%m-%dT%H:%M:%S%.9f",
+            };
+            Value::String(t.naive_utc().format(fmt).to_string())
+        }
+    }
+}
+
+/// [`row_json`] with the file's top-level timestamp columns rendered by [`timestamp_json`].
+pub fn row_json_with(row: &Row, timestamps: &[(String, TimestampColumn)]) -> Value {
     Value::Object(
         row.get_column_iter()
-            .map(|(name, f)| (name.clone(), field_json(f)))
+            .map(|(name, f)| {
+                let ts = timestamps.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
+                let v = match (ts, f) {
+                    (Some(c), Field::TimestampMillis(v) | Field::TimestampMicros(v)) => {
+                        timestamp_json(*v, c)
+                    }
+                    (Some(c), Field::Long(v)) => timestamp_json(*v, c),
+                    _ => field_json(f),
+                };
+                (name.clone(), v)
+            })
             .collect(),
     )
 }
@@ -62,6 +146,7 @@ pub fn row_json(row: &Row) -> Value {
 /// The rows of one Parquet file from a given row index on.
 pub struct ParquetRows {
     rows: Option<RowIter<'static>>,
+    timestamps: Vec<(String, TimestampColumn)>,
     /// Index of the next row.
     next: u64,
     /// Why the file cannot be read (further), reported once.
@@ -79,13 +164,15 @@ impl ParquetRows {
     /// Opens `file` and positions it at row `start` (skipping whole row groups without decoding).
     pub fn open(file: File, start: u64) -> ParquetRows {
         match guarded(|| open_at(file, start)) {
-            Ok(rows) => ParquetRows {
+            Ok((rows, timestamps)) => ParquetRows {
                 rows: Some(rows),
+                timestamps,
                 next: start,
                 error: None,
             },
             Err(e) => ParquetRows {
                 rows: None,
+                timestamps: Vec::new(),
                 next: start,
                 error: Some(format!("object is not a readable Parquet file: {e}")),
             },
@@ -108,7 +195,10 @@ impl ParquetRows {
         match guarded(|| rows.next().transpose().map_err(|e| e.to_string())) {
             Ok(Some(row)) => {
                 self.next += 1;
-                Some(RowOutcome::Row(at, row_json(&row).to_string()))
+                Some(RowOutcome::Row(
+                    at,
+                    row_json_with(&row, &self.timestamps).to_string(),
+                ))
             }
             Ok(None) => {
                 self.rows = None;
@@ -139,7 +229,9 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     })
 }
 
-fn open_at(file: File, start: u64) -> Result<RowIter<'static>, String> {
+type Opened = (RowIter<'static>, Vec<(String, TimestampColumn)>);
+
+fn open_at(file: File, start: u64) -> Result<Opened, String> {
     let clone = file.try_clone().map_err(|e| e.to_string())?;
     let meta = SerializedFileReader::new(clone).map_err(|e| e.to_string())?;
     // First row group holding row `start`, and the rows before it.
@@ -153,6 +245,7 @@ fn open_at(file: File, start: u64) -> Result<RowIter<'static>, String> {
         }
         before += n;
     }
+    let timestamps = timestamp_columns(meta.metadata().file_metadata().schema());
     drop(meta);
     let options = ReadOptionsBuilder::new()
         .with_predicate(Box::new(move |_, i| i >= group))
@@ -168,7 +261,7 @@ fn open_at(file: File, start: u64) -> Result<RowIter<'static>, String> {
             None => break,
         }
     }
-    Ok(rows)
+    Ok((rows, timestamps))
 }
 
 #[cfg(test)]
@@ -203,6 +296,122 @@ mod tests {
         );
         assert_eq!(field_json(&Field::Null), json!(null));
         assert_eq!(field_json(&Field::Double(f64::NAN)), json!(null));
+    }
+
+    #[test]
+    fn timestamps_follow_their_unit_and_utc_flag() {
+        let c = |utc, unit| TimestampColumn { utc, unit };
+        assert_eq!(
+            timestamp_json(1_700_000_000_123_456_789, c(true, Unit::Nanos)),
+            json!("2023-11-14T22:13:20.123456789Z")
+        );
+        assert_eq!(
+            timestamp_json(1_700_000_000_123, c(false, Unit::Millis)),
+            json!("2023-11-14T22:13:20.123")
+        );
+        assert_eq!(
+            timestamp_json(1_700_000_000_123_456, c(true, Unit::Micros)),
+            json!("2023-11-14T22:13:20.123456Z")
+        );
+    }
+
+    /// A small file written with the crate's writer: nanosecond and local timestamps, a map, and
+    /// a restart position inside the second row group.
+    #[test]
+    fn rows_from_a_written_file_and_a_mid_file_start() {
+        use parquet::{
+            data_type::{ByteArray, ByteArrayType, Int32Type, Int64Type},
+            file::{properties::WriterProperties, writer::SerializedFileWriter},
+            schema::parser::parse_message_type,
+        };
+        use std::sync::Arc;
+        let schema = Arc::new(
+            parse_message_type(
+                "message m {
+                    required int64 ns (TIMESTAMP(NANOS,true));
+                    required int64 local (TIMESTAMP(MILLIS,false));
+                    optional group attrs (MAP) {
+                        repeated group key_value {
+                            required binary key (STRING);
+                            optional int32 value;
+                        }
+                    }
+                }",
+            )
+            .unwrap(),
+        );
+        let mut f = tempfile::tempfile().unwrap();
+        let mut w = SerializedFileWriter::new(
+            f.try_clone().unwrap(),
+            schema,
+            Arc::new(WriterProperties::builder().build()),
+        )
+        .unwrap();
+        for g in 0..2i64 {
+            let mut rg = w.next_row_group().unwrap();
+            let mut col = 0;
+            while let Some(mut c) = rg.next_column().unwrap() {
+                match col {
+                    0 => {
+                        let v = [g * 2, g * 2 + 1].map(|i| 1_700_000_000_000_000_000 + i);
+                        c.typed::<Int64Type>().write_batch(&v, None, None).unwrap();
+                    }
+                    1 => {
+                        let v = [g * 2, g * 2 + 1].map(|i| 1_700_000_000_000 + i);
+                        c.typed::<Int64Type>().write_batch(&v, None, None).unwrap();
+                    }
+                    2 => {
+                        // Row 1: {"a": 1, "b": null}; others: empty map.
+                        let (v, d, r): (Vec<ByteArray>, Vec<i16>, Vec<i16>) = if g == 0 {
+                            (vec!["a".into(), "b".into()], vec![1, 2, 2], vec![0, 0, 1])
+                        } else {
+                            (vec![], vec![1, 1], vec![0, 0])
+                        };
+                        c.typed::<ByteArrayType>()
+                            .write_batch(&v, Some(&d), Some(&r))
+                            .unwrap();
+                    }
+                    _ => {
+                        let (v, d, r): (Vec<i32>, Vec<i16>, Vec<i16>) = if g == 0 {
+                            (vec![1], vec![1, 3, 2], vec![0, 0, 1])
+                        } else {
+                            (vec![], vec![1, 1], vec![0, 0])
+                        };
+                        c.typed::<Int32Type>()
+                            .write_batch(&v, Some(&d), Some(&r))
+                            .unwrap();
+                    }
+                }
+                c.close().unwrap();
+                col += 1;
+            }
+            rg.close().unwrap();
+        }
+        w.close().unwrap();
+        std::io::Seek::rewind(&mut f).unwrap();
+
+        let mut rows = ParquetRows::open(f.try_clone().unwrap(), 0);
+        let mut all = Vec::new();
+        while let Some(r) = rows.next_row() {
+            match r {
+                RowOutcome::Row(i, j) => all.push((i, serde_json::from_str::<Value>(&j).unwrap())),
+                RowOutcome::Failed(i, e) => panic!("row {i}: {e}"),
+            }
+        }
+        assert_eq!(all.len(), 4);
+        assert_eq!(
+            all[1].1,
+            json!({"ns": "2023-11-14T22:13:20.000000001Z", "local": "2023-11-14T22:13:20.001",
+                   "attrs": {"a": 1, "b": null}})
+        );
+        assert_eq!(rows.position(), 4);
+
+        let mut from3 = ParquetRows::open(f, 3);
+        match from3.next_row() {
+            Some(RowOutcome::Row(3, j)) => assert!(j.contains("22:13:20.003"), "{j}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(from3.next_row(), None);
     }
 
     #[test]
