@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  kubectl apply -f crds/connector.yaml && kubectl get connectors");
     if !args.no_kubelet {
         println!(
-            "Pods with image {}[:tag] run {} on 127.0.0.N; logs in {}/logs",
+            "Pods with image {}[:tag] run {} on their own 127.x.y.N; logs in {}/logs",
             args.connector_image,
             binary.display(),
             args.dir.display()

@@ -6,7 +6,7 @@
 //! - Job controller: one pod at a time until one succeeds (`completions: 1`) or `backoffLimit`
 //!   failures; writes Job status and Complete/Failed conditions.
 //! - Kubelet: every pod whose container image matches an [`ImageBinary`] runs that program as a real
-//!   process on its own loopback address 127.0.0.N, with the container's env (values, `secretKeyRef`,
+//!   process on its own loopback address 127.x.y.N, with the container's env (values, `secretKeyRef`,
 //!   `configMapKeyRef`, `fieldRef`, `envFrom`), ConfigMap/Secret/emptyDir volumes materialised to
 //!   directories (mount paths in args and env values are rewritten to them), `OBSRV_LISTEN=<ip>:<port>`,
 //!   readiness from the readiness probe's HTTP GET, restarts with back-off, SIGTERM then SIGKILL after
@@ -141,12 +141,20 @@ fn signal(pid: i32, sig: i32) {
     }
 }
 
-/// 127.0.0.N free for `port`: not used by another pod here and bindable now.
+/// A loopback address free for `port`: not used by another pod here and bindable now.
+///
+/// Each process starts in its own /24 (`127.<pid / 256 % 256>.<pid % 256>.N`): test processes run
+/// side by side, and a pod address another process briefly left unbound (a `kill -9`ed container
+/// about to restart) must not be handed out there.
 fn allocate_address(port: u16) -> Option<Ipv4Addr> {
+    let pid = std::process::id();
+    let own = [(pid >> 8) as u8, pid as u8];
     let mut used = lock(addresses());
-    for third in 0..=255u8 {
+    let blocks =
+        std::iter::once(own).chain((0..=255u8).flat_map(|b| (0..=255u8).map(move |c| [b, c])));
+    for [second, third] in blocks.take(1 + 1024) {
         for fourth in 2..=254u8 {
-            let ip = Ipv4Addr::new(127, 0, third, fourth);
+            let ip = Ipv4Addr::new(127, second, third, fourth);
             if used.contains(&ip) {
                 continue;
             }

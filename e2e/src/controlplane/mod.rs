@@ -1,6 +1,6 @@
 //! A local Kubernetes control plane for the end-to-end suite and the demo: an API server (kubectl and
 //! kube-rs talk to it through an ordinary kubeconfig) and a local "kubelet" that runs Deployment and
-//! Job pods whose image is the connector image as real processes on loopback addresses 127.0.0.N.
+//! Job pods whose image is the connector image as real processes on loopback addresses (127.x.y.N, a /24 per process).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), obsrv_e2e::controlplane::ControlPlaneError> {
@@ -60,7 +60,7 @@
 //! - No isolation: processes run as the current user without resource limits or security context;
 //!   the host environment is not inherited except `KubeletOptions::inherit_env`. Volume mount
 //!   paths are rewritten in args and env values only (a program hard-coding a mount path does not
-//!   find it). Pods get 127.0.0.N; declared ports are not enforced (the process binds
+//!   find it). Pods get a 127.x.y.N address; declared ports are not enforced (the process binds
 //!   `OBSRV_LISTEN`).
 //! - Readiness: the HTTP readiness probe every `probe_period` (300 ms), not the pod's
 //!   periodSeconds; exec/tcp probes count as passing. Liveness: HTTP only, with the pod's timings.
