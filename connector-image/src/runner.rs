@@ -100,6 +100,15 @@ impl Source for AnySource {
             AnySource::S3(s) => s.lag().await,
         }
     }
+    fn lag_task(
+        &self,
+    ) -> Option<futures::future::BoxFuture<'static, Result<Option<crate::source::Lag>>>> {
+        match self {
+            AnySource::Sql(s) => s.lag_task(),
+            AnySource::Kafka(s) => s.lag_task(),
+            AnySource::S3(s) => s.lag_task(),
+        }
+    }
     fn committer(&self) -> Option<Box<dyn SourceCommitter>> {
         match self {
             AnySource::Sql(s) => s.committer(),
@@ -419,6 +428,8 @@ async fn pipeline(
     let mut reader_stop = stop.clone();
     let reader = tokio::spawn(async move {
         let mut last_lag: Option<Instant> = None;
+        // A lag measurement running beside the reads (sources that offer one).
+        let mut lag_job: Option<AbortOnDrop> = None;
         loop {
             let r = tokio::select! {
                 _ = stopped(&mut reader_stop) => break,
@@ -431,14 +442,32 @@ async fn pipeline(
                     }
                     if last_lag.is_none_or(|t| t.elapsed() >= LAG_EVERY) {
                         last_lag = Some(Instant::now());
-                        match source.lag().await {
-                            Ok(Some(l)) => reader_shared.set_lag(l.records, l.seconds),
-                            Ok(None) => {}
-                            Err(e) => tracing::debug!(error = %e, "lag not measured"),
+                        if let Some(task) = source.lag_task() {
+                            if lag_job.as_ref().is_none_or(|j| j.0.is_finished()) {
+                                let shared = reader_shared.clone();
+                                lag_job = Some(AbortOnDrop(tokio::spawn(async move {
+                                    match task.await {
+                                        Ok(Some(l)) => shared.set_lag(l.records, l.seconds),
+                                        Ok(None) => {}
+                                        Err(e) => tracing::debug!(error = %e, "lag not measured"),
+                                    }
+                                })));
+                            }
+                        } else {
+                            match source.lag().await {
+                                Ok(Some(l)) => reader_shared.set_lag(l.records, l.seconds),
+                                Ok(None) => {}
+                                Err(e) => tracing::debug!(error = %e, "lag not measured"),
+                            }
                         }
                     }
                 }
                 Ok(None) => {
+                    // A measurement started before catching up must not overwrite the zero.
+                    if let Some(mut j) = lag_job.take() {
+                        j.0.abort();
+                        let _ = (&mut j.0).await;
+                    }
                     reader_shared.set_lag(0, Some(0.0));
                     if tx.send(Ok(Item::CaughtUp)).await.is_err() || once {
                         break;

@@ -50,6 +50,12 @@ pub trait Source: Send + 'static {
         async { Ok(None) }
     }
 
+    /// A measurement of the current lag that owns what it needs, so the runner can run it beside
+    /// reading instead of between batches; `None` = use [`Source::lag`].
+    fn lag_task(&self) -> Option<futures::future::BoxFuture<'static, Result<Option<Lag>>>> {
+        None
+    }
+
     /// Where positions are kept: `None` = the state topic; otherwise the source commits them itself
     /// (Kafka consumer groups).
     fn committer(&self) -> Option<Box<dyn SourceCommitter>> {

@@ -1006,61 +1006,86 @@ impl Source for SqlSource {
     }
 
     async fn lag(&mut self) -> Result<Option<Lag>> {
-        let started = Instant::now();
-        let mut total = 0i64;
-        let mut seconds: Option<f64> = None;
-        for plan in &self.plans {
-            let pos = self.position.tables.get(&plan.name);
-            let sql = plan.count_query(pos.is_some());
+        measure_lag(
+            self.kind,
+            self.pool.clone(),
+            self.plans.clone(),
+            self.position.clone(),
+        )
+        .await
+    }
+
+    fn lag_task(&self) -> Option<futures::future::BoxFuture<'static, Result<Option<Lag>>>> {
+        Some(Box::pin(measure_lag(
+            self.kind,
+            self.pool.clone(),
+            self.plans.clone(),
+            self.position.clone(),
+        )))
+    }
+}
+
+/// Rows after the position (capped count) and the age of the oldest of them, over every table.
+async fn measure_lag(
+    kind: SourceKind,
+    pool: Pool,
+    plans: Vec<TablePlan>,
+    position: SqlPosition,
+) -> Result<Option<Lag>> {
+    let started = Instant::now();
+    let mut total = 0i64;
+    let mut seconds: Option<f64> = None;
+    for plan in &plans {
+        let pos = position.tables.get(&plan.name);
+        let sql = plan.count_query(pos.is_some());
+        let binds = plan.binds(Page::After, pos);
+        let n: i64 = match &pool {
+            Pool::Pg(p) => {
+                let mut q = sqlx::query_scalar(AssertSqlSafe(sql.clone()));
+                for b in binds {
+                    q = q.bind(b);
+                }
+                q.fetch_one(p).await.map_err(from_sqlx)?
+            }
+            Pool::My(p) => {
+                let mut q = sqlx::query_scalar(AssertSqlSafe(sql.clone()));
+                for b in binds {
+                    q = q.bind(b);
+                }
+                q.fetch_one(p).await.map_err(from_sqlx)?
+            }
+        };
+        total += n;
+        if n > 0
+            && let Some(sql) = plan.age_query(pos.is_some())
+        {
             let binds = plan.binds(Page::After, pos);
-            let n: i64 = match &self.pool {
+            let age: Option<f64> = match &pool {
                 Pool::Pg(p) => {
-                    let mut q = sqlx::query_scalar(AssertSqlSafe(sql.clone()));
+                    let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
                     for b in binds {
                         q = q.bind(b);
                     }
                     q.fetch_one(p).await.map_err(from_sqlx)?
                 }
                 Pool::My(p) => {
-                    let mut q = sqlx::query_scalar(AssertSqlSafe(sql.clone()));
+                    let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
                     for b in binds {
                         q = q.bind(b);
                     }
                     q.fetch_one(p).await.map_err(from_sqlx)?
                 }
             };
-            total += n;
-            if n > 0
-                && let Some(sql) = plan.age_query(pos.is_some())
-            {
-                let binds = plan.binds(Page::After, pos);
-                let age: Option<f64> = match &self.pool {
-                    Pool::Pg(p) => {
-                        let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
-                        for b in binds {
-                            q = q.bind(b);
-                        }
-                        q.fetch_one(p).await.map_err(from_sqlx)?
-                    }
-                    Pool::My(p) => {
-                        let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
-                        for b in binds {
-                            q = q.bind(b);
-                        }
-                        q.fetch_one(p).await.map_err(from_sqlx)?
-                    }
-                };
-                if let Some(a) = age {
-                    seconds = Some(seconds.map_or(a, |s: f64| s.max(a)));
-                }
+            if let Some(a) = age {
+                seconds = Some(seconds.map_or(a, |s: f64| s.max(a)));
             }
         }
-        tracing::debug!(kind = %self.kind, elapsed_ms = started.elapsed().as_millis() as u64, lag = total, "lag measured");
-        Ok(Some(Lag {
-            records: total,
-            seconds: if total == 0 { Some(0.0) } else { seconds },
-        }))
     }
+    tracing::debug!(kind = %kind, elapsed_ms = started.elapsed().as_millis() as u64, lag = total, "lag measured");
+    Ok(Some(Lag {
+        records: total,
+        seconds: if total == 0 { Some(0.0) } else { seconds },
+    }))
 }
 
 #[cfg(test)]
