@@ -254,6 +254,40 @@ impl SqlEndpoint {
     }
 }
 
+/// Connection details and the server's pid, the same for every SQL service.
+macro_rules! sql_accessors {
+    ($ty:ty, $scheme:literal) => {
+        impl $ty {
+            pub fn host(&self) -> &str {
+                &self.endpoint.host
+            }
+            pub fn port(&self) -> u16 {
+                self.endpoint.port
+            }
+            pub fn user(&self) -> &str {
+                &self.endpoint.user
+            }
+            pub fn password(&self) -> &str {
+                &self.endpoint.password
+            }
+            pub fn database(&self) -> &str {
+                &self.endpoint.database
+            }
+            #[doc = concat!("`", $scheme, "://user:password@host:port/database`.")]
+            pub fn url(&self) -> String {
+                self.endpoint.url($scheme)
+            }
+            /// Process id of the local server (None for an external one), e.g. to stop it in a test.
+            pub fn pid(&self) -> Option<u32> {
+                self.server.as_ref().map(Server::pid)
+            }
+        }
+    };
+}
+
+sql_accessors!(Postgres, "postgres");
+sql_accessors!(MariaDb, "mysql");
+
 /// A Postgres database: a fresh local server (`wal_level=logical`, `fsync=off`) or a fresh database
 /// on the server at `POSTGRES_URL`.
 pub struct Postgres {
@@ -375,30 +409,6 @@ impl Postgres {
         pg.psql(&format!("CREATE DATABASE {TEST_USER}")).await?;
         pg.endpoint.database = TEST_USER.into();
         Ok(pg)
-    }
-
-    pub fn host(&self) -> &str {
-        &self.endpoint.host
-    }
-    pub fn port(&self) -> u16 {
-        self.endpoint.port
-    }
-    pub fn user(&self) -> &str {
-        &self.endpoint.user
-    }
-    pub fn password(&self) -> &str {
-        &self.endpoint.password
-    }
-    pub fn database(&self) -> &str {
-        &self.endpoint.database
-    }
-    /// `postgres://user:password@host:port/database`.
-    pub fn url(&self) -> String {
-        self.endpoint.url("postgres")
-    }
-    /// Process id of the local server (None for an external one), e.g. to stop it in a test.
-    pub fn pid(&self) -> Option<u32> {
-        self.server.as_ref().map(Server::pid)
     }
 
     /// Runs SQL (one or more statements) with `psql` and returns its unaligned, tuples-only output.
@@ -569,29 +579,6 @@ impl MariaDb {
             client,
             _dir: Some(dir),
         })
-    }
-
-    pub fn host(&self) -> &str {
-        &self.endpoint.host
-    }
-    pub fn port(&self) -> u16 {
-        self.endpoint.port
-    }
-    pub fn user(&self) -> &str {
-        &self.endpoint.user
-    }
-    pub fn password(&self) -> &str {
-        &self.endpoint.password
-    }
-    pub fn database(&self) -> &str {
-        &self.endpoint.database
-    }
-    /// `mysql://user:password@host:port/database`.
-    pub fn url(&self) -> String {
-        self.endpoint.url("mysql")
-    }
-    pub fn pid(&self) -> Option<u32> {
-        self.server.as_ref().map(Server::pid)
     }
 
     /// Runs SQL with the `mariadb` client (batch mode, no column names) and returns its output.
