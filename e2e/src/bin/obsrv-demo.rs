@@ -164,6 +164,10 @@ async fn main() -> Result<()> {
     );
 
     println!();
+    if args.no_wait {
+        println!("Done (--no-wait): stopping the operator, pods, broker and Postgres.");
+        return Ok(());
+    }
     println!("Explore it (in another shell):");
     println!("  export KUBECONFIG={}", stack.kubeconfig.display());
     println!("  kubectl get connectors -o wide; kubectl describe connector orders");
@@ -173,9 +177,6 @@ async fn main() -> Result<()> {
         stack.operator_log().display(),
         stack.dir.display()
     );
-    if args.no_wait {
-        return Ok(());
-    }
     println!("Press Ctrl-C to stop everything (operator, pods, broker, Postgres).");
     tokio::signal::ctrl_c().await?;
     println!("Stopping...");
