@@ -32,14 +32,14 @@ use crate::{
     sink::{Acks, client_config, create_producer, enqueue, producer_config},
 };
 
-type BenchResult<T> = std::result::Result<T, String>;
+pub(crate) type BenchResult<T> = std::result::Result<T, String>;
 
-fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+pub(crate) fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
 /// A child process killed (and its directory removed) when dropped.
-struct Service {
+pub(crate) struct Service {
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -61,7 +61,7 @@ impl Drop for Service {
     }
 }
 
-fn free_port() -> BenchResult<u16> {
+pub(crate) fn free_port() -> BenchResult<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")
         .map_err(err("free port"))?
         .local_addr()
@@ -179,7 +179,7 @@ fn start_postgres() -> BenchResult<(Service, String)> {
     ))
 }
 
-fn start_broker() -> BenchResult<(Service, String)> {
+pub(crate) fn start_broker() -> BenchResult<(Service, String)> {
     let dir = tempfile::Builder::new()
         .prefix("obsrv-bench-broker-")
         .tempdir()
@@ -207,7 +207,7 @@ fn start_broker() -> BenchResult<(Service, String)> {
 }
 
 /// User + system CPU seconds of a process (from /proc, clock ticks at 100 Hz).
-fn cpu_secs(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_secs(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = s.rsplit_once(')')?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -215,7 +215,7 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn peak_rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
         .find(|l| l.starts_with("VmHWM:"))?
@@ -226,7 +226,7 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// `GET /status` over a plain socket (no HTTP client needed in the runtime).
-fn get_status(addr: &str) -> Option<serde_json::Value> {
+pub(crate) fn get_status(addr: &str) -> Option<serde_json::Value> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
@@ -238,6 +238,95 @@ fn get_status(addr: &str) -> Option<serde_json::Value> {
     s.read_to_string(&mut body).ok()?;
     let json = body.split_once("\r\n\r\n")?.1;
     serde_json::from_str(json).ok()
+}
+
+/// The sink settings both benches give the connector and use for their raw-produce bound, so the
+/// bound and the connector produce with the same librdkafka configuration.
+pub(crate) fn sink_settings(
+    bootstrap: &str,
+    topic: &str,
+    state_topic: &str,
+    run_id: u32,
+) -> SinkSettings {
+    SinkSettings {
+        bootstrap_servers: bootstrap.to_string(),
+        topic: topic.to_string(),
+        failed_topic: format!("bench-failed-{run_id}"),
+        state_topic: state_topic.to_string(),
+        max_message_bytes: 1_048_576,
+        compression: Compression::Zstd,
+        linger_ms: 20,
+        batch_bytes: None,
+        tls: None,
+        sasl: None,
+        delivery: Delivery::AtLeastOnce,
+    }
+}
+
+/// Creates `(name, partitions)` topics on the sink's broker.
+pub(crate) async fn create_topics(
+    settings: &SinkSettings,
+    topics: &[(&str, i32)],
+) -> BenchResult<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config(settings, &Secrets::default())
+        .create()
+        .map_err(err("admin"))?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .collect();
+    for r in admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .map_err(err("create topics"))?
+    {
+        r.map_err(|(t, e)| format!("create topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Starts this binary as `obsrv-connector run -f manifest` writing to `settings`' topics, with its
+/// HTTP on a free loopback port (returned) and `env` added.
+pub(crate) fn spawn_connector(
+    manifest: &Path,
+    settings: &SinkSettings,
+    env: &[(&str, &str)],
+) -> BenchResult<(Child, String)> {
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let exe = std::env::current_exe().map_err(err("own path"))?;
+    let child = Command::new(exe)
+        .args(["run", "-f"])
+        .arg(manifest)
+        .args([
+            "--sink-bootstrap-servers",
+            &settings.bootstrap_servers,
+            "--sink-topic",
+            &settings.topic,
+            "--sink-state-topic",
+            &settings.state_topic,
+        ])
+        .envs(env.iter().copied())
+        .env("OBSRV_LISTEN", &addr)
+        .env("RUST_LOG", "warn")
+        // As set in the image (Dockerfile): fewer malloc arenas, less fragmentation.
+        .env("MALLOC_ARENA_MAX", "2")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(err("connector"))?;
+    Ok((child, addr))
+}
+
+/// Reads the connector's peak RSS (KiB) and CPU seconds, then stops it with SIGTERM.
+pub(crate) fn stop_connector(mut child: Child) -> (u64, f64) {
+    let pid = child.id();
+    let rss = peak_rss_kib(pid).unwrap_or(0);
+    let cpu = cpu_secs(pid).unwrap_or(0.0);
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    (rss, cpu)
 }
 
 /// What the bench measured.
@@ -365,30 +454,8 @@ pub async fn run(
         format!("bench-ingest-{run_id}"),
         format!("bench-state-{run_id}"),
     );
-    let settings = SinkSettings {
-        bootstrap_servers: bootstrap.clone(),
-        topic: topic.clone(),
-        failed_topic: format!("bench-failed-{run_id}"),
-        state_topic: state_topic.clone(),
-        max_message_bytes: 1_048_576,
-        compression: Compression::Zstd,
-        linger_ms: 20,
-        batch_bytes: None,
-        tls: None,
-        sasl: None,
-        delivery: Delivery::AtLeastOnce,
-    };
-    let admin: AdminClient<DefaultClientContext> = client_config(&settings, &Secrets::default())
-        .create()
-        .map_err(err("admin"))?;
-    let topics = [
-        NewTopic::new(&raw_topic, 1, TopicReplication::Fixed(1)),
-        NewTopic::new(&topic, 1, TopicReplication::Fixed(1)),
-    ];
-    admin
-        .create_topics(&topics, &AdminOptions::new())
-        .await
-        .map_err(err("create topics"))?;
+    let settings = sink_settings(&bootstrap, &topic, &state_topic, run_id);
+    create_topics(&settings, &[(&raw_topic, 1), (&topic, 1)]).await?;
     let producer = create_producer(&producer_config(
         &settings,
         &Secrets::default(),
@@ -435,32 +502,15 @@ pub async fn run(
     )
     .map_err(err("manifest"))?;
     let password = url::password(&url);
-    let port = free_port()?;
-    let addr = format!("127.0.0.1:{port}");
-    let exe = std::env::current_exe().map_err(err("own path"))?;
     let t = Instant::now();
-    let mut child = Command::new(exe)
-        .args(["run", "-f"])
-        .arg(&manifest)
-        .args([
-            "--sink-bootstrap-servers",
-            &bootstrap,
-            "--sink-topic",
-            &topic,
-            "--sink-state-topic",
-            &state_topic,
-        ])
-        .env("OBSRV_SOURCE_USERNAME", u.get_username())
-        .env("OBSRV_SOURCE_PASSWORD", password)
-        .env("OBSRV_LISTEN", &addr)
-        .env("RUST_LOG", "warn")
-        // As set in the image (Dockerfile): fewer malloc arenas, less fragmentation.
-        .env("MALLOC_ARENA_MAX", "2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(err("connector"))?;
-    let pid = child.id();
+    let (mut child, addr) = spawn_connector(
+        &manifest,
+        &settings,
+        &[
+            ("OBSRV_SOURCE_USERNAME", u.get_username()),
+            ("OBSRV_SOURCE_PASSWORD", &password),
+        ],
+    )?;
     let result = loop {
         if let Ok(Some(s)) = child.try_wait() {
             break Err(format!("connector exited early: {s}"));
@@ -481,12 +531,7 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let rss = peak_rss_kib(pid).unwrap_or(0);
-    let cpu = cpu_secs(pid).unwrap_or(0.0);
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let _ = child.wait();
+    let (rss, cpu) = stop_connector(child);
     let (connector_secs, ingested) = result?;
     if ingested != rows as u64 {
         return Err(format!(

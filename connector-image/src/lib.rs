@@ -5,6 +5,7 @@
 //! envelope and HTTP parts.
 
 pub mod bench;
+pub mod bench_kafka;
 pub mod config;
 pub mod envelope;
 pub mod error;

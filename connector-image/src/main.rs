@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use obsrv_connector::{
     config::{Secrets, SinkSettings, default_sink, parse_config},
     envelope::Context,
@@ -37,16 +37,26 @@ enum Command {
     Check(Common),
     /// Release what the source holds (nothing for the current sources).
     Cleanup(Common),
-    /// Postgres -> broker benchmark against the machine's bounds (COPY out, raw produce).
+    /// Source -> broker benchmark against the machine's bounds: Postgres (COPY out, raw produce)
+    /// or Kafka (raw consume+produce pipe).
     Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchSource {
+    Postgres,
+    Kafka,
 }
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Rows to load.
+    /// What to benchmark: a Postgres table or a Kafka topic relayed to the ingest topic.
+    #[arg(long, value_enum, default_value = "postgres")]
+    source: BenchSource,
+    /// Rows (Postgres) or records (Kafka) to load.
     #[arg(long, default_value_t = 1_000_000)]
     rows: usize,
-    /// The connector's batchSize (rows per query).
+    /// The connector's batchSize (rows per query; Postgres only).
     #[arg(long, default_value_t = 10_000)]
     batch_size: usize,
     /// An existing Postgres (`postgres://user:password@host:port/db`); a throwaway one otherwise.
@@ -156,16 +166,24 @@ async fn main() -> ExitCode {
         Command::Run(c) | Command::Check(c) | Command::Cleanup(c) => c,
         Command::Bench(b) => {
             init_logs("text");
-            return match obsrv_connector::bench::run(
-                b.rows,
-                b.batch_size,
-                b.postgres_url.clone(),
-                b.bootstrap.clone(),
-            )
-            .await
-            {
-                Ok(f) => {
-                    println!("{}", f.report());
+            let report = match b.source {
+                BenchSource::Postgres => obsrv_connector::bench::run(
+                    b.rows,
+                    b.batch_size,
+                    b.postgres_url.clone(),
+                    b.bootstrap.clone(),
+                )
+                .await
+                .map(|f| f.report()),
+                BenchSource::Kafka => {
+                    obsrv_connector::bench_kafka::run(b.rows, b.bootstrap.clone())
+                        .await
+                        .map(|f| f.report())
+                }
+            };
+            return match report {
+                Ok(r) => {
+                    println!("{r}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
