@@ -15,6 +15,10 @@
 //! is on the broker). nisshi 0.6.0's ListOffsets "latest" can be wrong when a produced batch holds
 //! several records (DESIGN §6), so the run ends on whichever reaches N first and the ingest topic is
 //! then counted by consuming it (untimed) before any figure is reported.
+//!
+//! Both sides join a consumer group, which on nisshi takes about 5 s before the first record. The
+//! ratio is printed with start-up included and after each side's first record; "on par" (>= 0.8)
+//! is claimed only when both reach it.
 
 use std::{
     sync::Arc,
@@ -79,19 +83,32 @@ pub struct KafkaFigures {
 }
 
 impl KafkaFigures {
+    /// Connector rows/s over the pipe's, start-up (process, group join) included on both sides.
     pub fn ratio(&self) -> f64 {
         self.pipe_secs / self.connector_secs
     }
 
+    /// The same after each side's first record: the group join (several seconds on nisshi, the
+    /// same for both) no longer dilutes the difference.
+    pub fn steady_ratio(&self) -> f64 {
+        (self.pipe_secs - self.pipe_first_secs) / (self.connector_secs - self.connector_first_secs)
+    }
+
+    /// On par when both ratios reach [`ON_PAR`].
+    pub fn on_par(&self) -> bool {
+        self.ratio() >= ON_PAR && self.steady_ratio() >= ON_PAR
+    }
+
     pub fn report(&self) -> String {
         let rate = |secs: f64| self.rows as f64 / secs;
-        let ratio = self.ratio();
+        let (ratio, steady) = (self.ratio(), self.steady_ratio());
         format!(
             "rows: {} ({:.1} MiB of event JSON, {PARTITIONS} partitions, filled at {:.0} rows/s)\n\
              bound raw consume+produce pipe:      {:>10.0} rows/s ({:.2}s; {:>10.0} rows/s after its first record at {:.2}s)\n\
              obsrv-connector Kafka -> ingest:     {:>10.0} rows/s ({:.2}s; {:>10.0} rows/s after its first record at {:.2}s)\n\
              ingest topic: {} records counted by consuming (end offsets said {})\n\
-             ratio to the pipe: {ratio:.2} (start-up included; target: on par, >= {ON_PAR}: {})\n\
+             ratio to the pipe: {ratio:.2} start-up included, {steady:.2} after the first record \
+             (target: on par, both >= {ON_PAR}: {})\n\
              connector peak RSS: {:.1} MiB, CPU {:.2}s",
             self.rows,
             self.input_bytes as f64 / (1 << 20) as f64,
@@ -106,7 +123,7 @@ impl KafkaFigures {
             self.connector_first_secs,
             self.ingest_counted,
             self.ingest_end_offsets,
-            if ratio >= ON_PAR { "met" } else { "NOT met" },
+            if self.on_par() { "met" } else { "NOT met" },
             self.connector_peak_rss_kib as f64 / 1024.0,
             self.connector_cpu_secs,
         )
@@ -364,7 +381,11 @@ mod tests {
             ingest_counted: 1000,
         };
         assert_eq!(f.ratio(), 0.5);
-        assert!(f.report().contains("ratio to the pipe: 0.50"));
+        assert_eq!(f.steady_ratio(), 0.5);
+        assert!(
+            f.report()
+                .contains("ratio to the pipe: 0.50 start-up included, 0.50 after")
+        );
         assert!(f.report().contains("NOT met"));
         // 1000 rows in the 0.5s after the pipe's first record.
         assert!(
@@ -375,7 +396,18 @@ mod tests {
             connector_secs: 1.1,
             ..f
         };
-        assert!(g.report().contains("met)"));
+        assert!(g.on_par(), "{}", g.report());
         assert!(!g.report().contains("NOT met"));
+        // Start-up hides a slow steady state: 0.91 overall, 0.5 after the first record.
+        let h = KafkaFigures {
+            pipe_secs: 5.5,
+            pipe_first_secs: 5.0,
+            connector_secs: 6.0,
+            connector_first_secs: 5.0,
+            ..g
+        };
+        assert!(h.ratio() > ON_PAR);
+        assert!(!h.on_par());
+        assert!(h.report().contains("NOT met"));
     }
 }
