@@ -522,6 +522,17 @@ impl CopyRows {
 /// Rows sent at once from the query task to the reader (fewer channel messages than one per row).
 const ROW_CHUNK: usize = 256;
 
+/// The same code on whichever driver the pool holds: sqlx's query builders are typed per database,
+/// so each arm type-checks on its own.
+macro_rules! with_pool {
+    ($pool:expr, $p:ident => $body:expr) => {
+        match $pool {
+            Pool::Pg($p) => $body,
+            Pool::My($p) => $body,
+        }
+    };
+}
+
 #[derive(Clone)]
 enum Pool {
     Pg(PgPool),
@@ -660,40 +671,22 @@ impl SqlSource {
     async fn fetch(&self, plan: &TablePlan, page: Page) -> Result<Vec<RawRow>> {
         let sql = plan.query(page, self.batch_size);
         let binds = plan.binds(page, self.position.tables.get(&plan.name));
-        match &self.pool {
-            Pool::Pg(p) => {
-                let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
-                for b in binds {
-                    q = q.bind(b);
-                }
-                let rows = q.fetch_all(p).await.map_err(from_sqlx)?;
-                rows.iter()
-                    .map(|r| {
-                        Ok((
-                            r.try_get(0).map_err(from_sqlx)?,
-                            r.try_get(1).map_err(from_sqlx)?,
-                            r.try_get(2).map_err(from_sqlx)?,
-                        ))
-                    })
-                    .collect()
+        with_pool!(&self.pool, p => {
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for b in binds {
+                q = q.bind(b);
             }
-            Pool::My(p) => {
-                let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
-                for b in binds {
-                    q = q.bind(b);
-                }
-                let rows = q.fetch_all(p).await.map_err(from_sqlx)?;
-                rows.iter()
-                    .map(|r| {
-                        Ok((
-                            r.try_get(0).map_err(from_sqlx)?,
-                            r.try_get(1).map_err(from_sqlx)?,
-                            r.try_get(2).map_err(from_sqlx)?,
-                        ))
-                    })
-                    .collect()
-            }
-        }
+            let rows = q.fetch_all(p).await.map_err(from_sqlx)?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get(0).map_err(from_sqlx)?,
+                        r.try_get(1).map_err(from_sqlx)?,
+                        r.try_get(2).map_err(from_sqlx)?,
+                    ))
+                })
+                .collect()
+        })
     }
 
     /// Next page of one table, tie groups completed; empty when caught up.
@@ -1039,43 +1032,25 @@ async fn measure_lag(
         let pos = position.tables.get(&plan.name);
         let sql = plan.count_query(pos.is_some());
         let binds = plan.binds(Page::After, pos);
-        let n: i64 = match &pool {
-            Pool::Pg(p) => {
-                let mut q = sqlx::query_scalar(AssertSqlSafe(sql.clone()));
-                for b in binds {
-                    q = q.bind(b);
-                }
-                q.fetch_one(p).await.map_err(from_sqlx)?
+        let n: i64 = with_pool!(&pool, p => {
+            let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
+            for b in binds {
+                q = q.bind(b);
             }
-            Pool::My(p) => {
-                let mut q = sqlx::query_scalar(AssertSqlSafe(sql.clone()));
-                for b in binds {
-                    q = q.bind(b);
-                }
-                q.fetch_one(p).await.map_err(from_sqlx)?
-            }
-        };
+            q.fetch_one(p).await.map_err(from_sqlx)?
+        });
         total += n;
         if n > 0
             && let Some(sql) = plan.age_query(pos.is_some())
         {
             let binds = plan.binds(Page::After, pos);
-            let age: Option<f64> = match &pool {
-                Pool::Pg(p) => {
-                    let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
-                    for b in binds {
-                        q = q.bind(b);
-                    }
-                    q.fetch_one(p).await.map_err(from_sqlx)?
+            let age: Option<f64> = with_pool!(&pool, p => {
+                let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
+                for b in binds {
+                    q = q.bind(b);
                 }
-                Pool::My(p) => {
-                    let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
-                    for b in binds {
-                        q = q.bind(b);
-                    }
-                    q.fetch_one(p).await.map_err(from_sqlx)?
-                }
-            };
+                q.fetch_one(p).await.map_err(from_sqlx)?
+            });
             if let Some(a) = age {
                 seconds = Some(seconds.map_or(a, |s: f64| s.max(a)));
             }
