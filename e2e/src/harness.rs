@@ -132,7 +132,11 @@ impl Stack {
                 (None, std::fs::canonicalize(d)?)
             }
             None => {
-                let t = tempfile::Builder::new().prefix("obsrv-e2e-").tempdir()?;
+                // E2E_KEEP_DIR keeps logs and pod directories of every run for a post-mortem.
+                let mut b = tempfile::Builder::new();
+                b.prefix("obsrv-e2e-")
+                    .disable_cleanup(std::env::var_os("E2E_KEEP_DIR").is_some());
+                let t = b.tempdir()?;
                 let p = t.path().to_path_buf();
                 (Some(t), p)
             }

@@ -342,12 +342,18 @@ async fn kafka_source_scales_out_to_its_partitions_and_no_further() -> Result<()
         60
     );
 
+    let first = stack.ready_pods("clicks")?;
     stack.kubectl_ok(&["scale", "connector", "clicks", "--replicas", "3"])?;
-    stack
+    let three = stack
         .eventually("3 ready pods", WAIT, async || {
-            Ok((stack.ready_pods("clicks")?.len() == 3).then_some(()))
+            let pods = stack.ready_pods("clicks")?;
+            Ok((pods.len() == 3).then_some(pods))
         })
         .await?;
+    assert!(
+        first.iter().all(|p| three.contains(p)),
+        "scaling out adds pods without restarting the running one: {first:?} -> {three:?}"
+    );
     for i in 60..120 {
         stack
             .broker

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use obsrv_crds::runtime::{self, RuntimeConfig};
-use obsrv_crds::{Connector, KafkaSink, Sink, SourceKind, labels};
+use obsrv_crds::{Connector, KafkaSink, Scaling, Sink, SourceKind, labels};
 use sha2::{Digest, Sha256};
 
 /// Name of the container running the connector.
@@ -126,8 +126,11 @@ fn meta(c: &Connector, kind: SourceKind) -> ObjectMeta {
 }
 
 /// What the connector pods read: the spec with the sink merged over the operator's defaults.
+/// Scaling is left out: replicas are the operator's business, and a `kubectl scale` or an
+/// autoscaling bound must not change the config checksum and restart every pod.
 pub fn runtime_config(c: &Connector, sink_defaults: &KafkaSink) -> RuntimeConfig {
     let mut spec = c.spec.clone();
+    spec.scaling = Scaling::default();
     let own = spec
         .sink
         .as_ref()

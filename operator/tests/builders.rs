@@ -179,6 +179,13 @@ fn checksum_rolls_on_spec_edit_and_secret_rotation_only() {
         base,
         "scaling does not roll pods"
     );
+    let mut scaled = c.clone();
+    scaled.spec.scaling.replicas = Some(5);
+    assert_eq!(
+        build(&scaled, &v1, 5).checksum,
+        base,
+        "kubectl scale (spec.scaling) does not roll pods"
+    );
     let rotated = versions(&[("pg-ca", "7"), ("pg-creds", "4")]);
     assert_ne!(
         build(&c, &rotated, 1).checksum,
