@@ -571,21 +571,7 @@ async fn transaction(sink: &Sink, state: &StateStore, b: Batch, shared: &Shared)
     .await;
     match res {
         Ok(f) => {
-            let o = f.outcome;
-            shared.metrics.add("ingested", o.ingested, o.bytes_ingested);
-            shared.metrics.add("failed", o.failed, o.bytes_failed);
-            shared
-                .metrics
-                .batch_seconds
-                .observe(f.started.elapsed().as_secs_f64());
-            shared.success(
-                Totals {
-                    records_ingested: o.ingested,
-                    records_failed: o.failed,
-                    bytes_ingested: o.bytes_ingested,
-                },
-                f.watermark,
-            );
+            record_delivered(shared, &f);
             Ok(())
         }
         Err(e) => {
@@ -595,6 +581,25 @@ async fn transaction(sink: &Sink, state: &StateStore, b: Batch, shared: &Shared)
             Err(e)
         }
     }
+}
+
+/// Counts an acknowledged batch in the metrics and in `/status`.
+fn record_delivered(shared: &Shared, f: &InFlight) {
+    let o = &f.outcome;
+    shared.metrics.add("ingested", o.ingested, o.bytes_ingested);
+    shared.metrics.add("failed", o.failed, o.bytes_failed);
+    shared
+        .metrics
+        .batch_seconds
+        .observe(f.started.elapsed().as_secs_f64());
+    shared.success(
+        Totals {
+            records_ingested: o.ingested,
+            records_failed: o.failed,
+            bytes_ingested: o.bytes_ingested,
+        },
+        f.watermark.clone(),
+    );
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -614,21 +619,7 @@ async fn ack_front(
         return Ok(());
     };
     f.acked().await?;
-    let o = f.outcome;
-    shared.metrics.add("ingested", o.ingested, o.bytes_ingested);
-    shared.metrics.add("failed", o.failed, o.bytes_failed);
-    shared
-        .metrics
-        .batch_seconds
-        .observe(f.started.elapsed().as_secs_f64());
-    shared.success(
-        Totals {
-            records_ingested: o.ingested,
-            records_failed: o.failed,
-            bytes_ingested: o.bytes_ingested,
-        },
-        f.watermark.clone(),
-    );
+    record_delivered(shared, &f);
     *pending = Some((f.position, f.watermark));
     Ok(())
 }
