@@ -106,6 +106,12 @@ async fn ingested_ids(
     }
 }
 
+/// `kubectl patch connector <name> --type merge -p <patch>`.
+fn patch_spec(stack: &Stack, name: &str, patch: &str) -> Result<()> {
+    stack.kubectl_ok(&["patch", "connector", name, "--type", "merge", "-p", patch])?;
+    Ok(())
+}
+
 fn status(stack: &Stack, name: &str) -> Result<Value> {
     Ok(stack.get_json(&["connector", name])?["status"].clone())
 }
@@ -204,15 +210,11 @@ async fn spec_edit_and_secret_rotation_roll_the_pods() -> Result<()> {
     wait_ready(&stack, "orders").await?;
     let before: BTreeSet<String> = stack.ready_pods("orders")?.into_iter().collect();
 
-    stack.kubectl_ok(&[
-        "patch",
-        "connector",
+    patch_spec(
+        &stack,
         "orders",
-        "--type",
-        "merge",
-        "-p",
         r#"{"spec":{"source":{"postgres":{"batchSize":25}}}}"#,
-    ])?;
+    )?;
     let after_edit = stack
         .eventually("a new pod after the spec edit", WAIT, async || {
             let now: BTreeSet<String> = stack.ready_pods("orders")?.into_iter().collect();
@@ -252,15 +254,7 @@ async fn pause_stop_and_resume() -> Result<()> {
         20
     );
 
-    stack.kubectl_ok(&[
-        "patch",
-        "connector",
-        "orders",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"state":"Paused"}}"#,
-    ])?;
+    patch_spec(&stack, "orders", r#"{"spec":{"state":"Paused"}}"#)?;
     stack
         .eventually("phase Paused", WAIT, async || {
             Ok((status(&stack, "orders")?["phase"] == "Paused").then_some(()))
@@ -280,15 +274,7 @@ async fn pause_stop_and_resume() -> Result<()> {
         "a paused connector keeps its pods"
     );
 
-    stack.kubectl_ok(&[
-        "patch",
-        "connector",
-        "orders",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"state":"Stopped"}}"#,
-    ])?;
+    patch_spec(&stack, "orders", r#"{"spec":{"state":"Stopped"}}"#)?;
     stack
         .eventually("no pods and phase Stopped", WAIT, async || {
             let s = status(&stack, "orders")?;
@@ -298,15 +284,7 @@ async fn pause_stop_and_resume() -> Result<()> {
     let deployment = stack.get_json(&["deployment", "orders"])?;
     assert_eq!(deployment["spec"]["replicas"], 0);
 
-    stack.kubectl_ok(&[
-        "patch",
-        "connector",
-        "orders",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"state":"Running"}}"#,
-    ])?;
+    patch_spec(&stack, "orders", r#"{"spec":{"state":"Running"}}"#)?;
     assert_eq!(
         ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
         30,
