@@ -29,6 +29,9 @@ use crate::{
 pub fn client_config(s: &SinkSettings, secrets: &Secrets) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &s.bootstrap_servers);
+    if let Ok(d) = std::env::var("OBSRV_KAFKA_DEBUG") {
+        c.set("debug", d);
+    }
     let creds = match (
         secrets.get(env::SINK_USERNAME),
         secrets.get(env::SINK_PASSWORD),
@@ -62,7 +65,10 @@ pub fn producer_config(s: &SinkSettings, secrets: &Secrets, client_id: &str) -> 
         )
         .set("queue.buffering.max.kbytes", "8192")
         .set("queue.buffering.max.messages", "20000")
-        .set("message.timeout.ms", "120000");
+        .set("message.timeout.ms", "120000")
+        // The idempotent producer asks for its producer id on a 500 ms timer and only connects to
+        // a broker when that timer first finds none: sparse connections cost every start a second.
+        .set("enable.sparse.connections", "false");
     if let Some(b) = s.batch_bytes {
         c.set("batch.size", b.to_string());
     }

@@ -519,3 +519,43 @@ async fn exactly_once_transactions_resume_without_loss() -> Result<()> {
     assert_eq!(ids(&recs)?.len(), 2 * n, "{}", conn.log_tail());
     Ok(())
 }
+
+/// Lag of a large table is the planner's estimate (nothing counted), close to the truth; once few
+/// rows remain it is exact.
+#[tokio::test]
+async fn lag_is_estimated_for_large_tables_and_exact_near_the_end() -> Result<()> {
+    use obsrv_connector::{config::Secrets, runner::open_source, source::Source};
+    let pg = Postgres::start().await?;
+    pg.psql(
+        "CREATE TABLE big (id bigint PRIMARY KEY, updated_at timestamptz NOT NULL); \
+         INSERT INTO big SELECT g, timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second' \
+         FROM generate_series(1, 300000) g; \
+         CREATE INDEX ON big (updated_at, id); ANALYZE big;",
+    )
+    .await?;
+    let rc = obsrv_connector::config::parse_config(
+        &manifest(&pg, "public.big", "updated_at", Some("id"), 1000, "").replace("NAME", "lag"),
+    )?;
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir(dir.path().join("pg-creds"))?;
+    std::fs::write(dir.path().join("pg-creds/username"), pg.user())?;
+    std::fs::write(dir.path().join("pg-creds/password"), pg.password())?;
+    let secrets = Secrets::load(&rc.spec, Some(&dir.path().to_path_buf()))?;
+
+    // From the start: 300,000 rows, far above the exact-count limit.
+    let mut src = open_source(&rc, &secrets, None).await?;
+    let lag = src.lag().await?.expect("SQL sources measure lag");
+    assert!(
+        (270_000..=330_000).contains(&lag.records),
+        "estimate within 10% of 300000, got {}",
+        lag.records
+    );
+    assert!(lag.seconds.is_some_and(|s| s > 0.0), "{lag:?}");
+
+    // 123 rows after the position: counted exactly.
+    let pos = json!({"tables": {"public.big": {"cursor": "2024-01-04 11:17:57+00", "tieBreaker": "299877"}}});
+    let mut src = open_source(&rc, &secrets, Some(&pos)).await?;
+    let lag = src.lag().await?.expect("SQL sources measure lag");
+    assert_eq!(lag.records, 123);
+    Ok(())
+}

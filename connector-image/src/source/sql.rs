@@ -388,17 +388,44 @@ impl TablePlan {
 
     /// Rows remaining after `pos` (capped), for lag.
     pub fn count_query(&self, pos_known: bool) -> String {
-        let page = if pos_known { Page::After } else { Page::First };
-        let q = self.query(page, 10_000_000);
-        // Reuse the WHERE of the page query.
-        let where_at = q.find(" WHERE ").expect("page queries have a WHERE");
-        let order_at = q.find(" ORDER BY ").expect("page queries have an ORDER BY");
         format!(
             "SELECT count(*) FROM (SELECT 1 FROM {} s{} LIMIT 10000000) x",
             self.from,
-            &q[where_at..order_at]
+            self.remaining_where(pos_known)
         )
     }
+
+    /// Postgres: the planner's estimate of the rows remaining after `pos` (`EXPLAIN`, nothing
+    /// read). Same binds as [`TablePlan::count_query`].
+    pub fn estimate_query(&self, pos_known: bool) -> String {
+        format!(
+            "EXPLAIN SELECT 1 FROM {} s{}",
+            self.from,
+            self.remaining_where(pos_known)
+        )
+    }
+
+    /// ` WHERE ...` of the page query: the rows after the position.
+    fn remaining_where(&self, pos_known: bool) -> String {
+        let page = if pos_known { Page::After } else { Page::First };
+        let q = self.query(page, 10_000_000);
+        let where_at = q.find(" WHERE ").expect("page queries have a WHERE");
+        let order_at = q.find(" ORDER BY ").expect("page queries have an ORDER BY");
+        q[where_at..order_at].to_string()
+    }
+}
+
+/// Below this many remaining rows (by the planner's estimate) lag is counted exactly; above it the
+/// estimate is reported, since counting millions of rows every few seconds would cost the database
+/// a good share of what the load itself costs.
+pub const EXACT_LAG_BELOW: i64 = 100_000;
+
+/// The row estimate of the top node of a text `EXPLAIN` plan
+/// (`Seq Scan on t s  (cost=0.00..1.10 rows=10 width=4)` -> 10). Pure.
+pub fn plan_rows(first_line: &str) -> Option<i64> {
+    let after = &first_line[first_line.find(" rows=")? + 6..];
+    let digits: &str = &after[..after.find(|c: char| !c.is_ascii_digit())?];
+    digits.parse().ok()
 }
 
 // SQL safety: page queries are built only from catalog identifiers (quoted by `quote_ident`) and
@@ -441,16 +468,36 @@ pub struct CopyRows {
     finished: bool,
 }
 
+/// One row of the COPY stream, borrowed from its bytes: row JSON, cursor, tie-breaker.
+pub type CopyRow<'a> = (&'a str, Option<&'a str>, Option<&'a str>);
+
 impl CopyRows {
     /// Takes the next chunk of the COPY stream and appends every row it completes to `out`.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<RawRow>) -> Result<()> {
+        self.push_with(chunk, |(json, c, tb)| {
+            out.push((
+                json.to_string(),
+                c.map(str::to_string),
+                tb.map(str::to_string),
+            ));
+            Ok(())
+        })
+    }
+
+    /// [`CopyRows::push`] handing each completed row, borrowed, to `on_row` (no copy unless it
+    /// makes one).
+    pub fn push_with(
+        &mut self,
+        chunk: &[u8],
+        mut on_row: impl FnMut(CopyRow<'_>) -> Result<()>,
+    ) -> Result<()> {
         if self.buf.is_empty() {
-            let used = self.parse(chunk, out)?;
+            let used = self.parse(chunk, &mut on_row)?;
             self.buf.extend_from_slice(&chunk[used..]);
         } else {
             self.buf.extend_from_slice(chunk);
             let buf = std::mem::take(&mut self.buf);
-            let used = self.parse(&buf, out);
+            let used = self.parse(&buf, &mut on_row);
             self.buf = buf;
             self.buf.drain(..used?);
         }
@@ -463,7 +510,11 @@ impl CopyRows {
     }
 
     /// Parses complete rows of `data`; returns how many bytes were consumed.
-    fn parse(&mut self, data: &[u8], out: &mut Vec<RawRow>) -> Result<usize> {
+    fn parse(
+        &mut self,
+        data: &[u8],
+        on_row: &mut impl FnMut(CopyRow<'_>) -> Result<()>,
+    ) -> Result<usize> {
         let bad = |m: &str| Error::SourceUnreachable(format!("COPY output: {m}"));
         let mut at = 0;
         if !self.header {
@@ -491,7 +542,7 @@ impl CopyRows {
                 return Err(bad(&format!("expected 3 columns, got {n}")));
             }
             let mut p = at + 2;
-            let mut cols: [Option<String>; 3] = [None, None, None];
+            let mut cols: [Option<&str>; 3] = [None, None, None];
             for c in &mut cols {
                 if data.len() < p + 4 {
                     break 'rows;
@@ -506,13 +557,13 @@ impl CopyRows {
                     break 'rows;
                 }
                 *c = Some(
-                    String::from_utf8(data[p..p + len].to_vec())
+                    std::str::from_utf8(&data[p..p + len])
                         .map_err(|_| bad("column is not UTF-8"))?,
                 );
                 p += len;
             }
             let [json, cursor, tb] = cols;
-            out.push((json.ok_or_else(|| bad("row JSON is NULL"))?, cursor, tb));
+            on_row((json.ok_or_else(|| bad("row JSON is NULL"))?, cursor, tb))?;
             at = p;
         }
         Ok(at)
@@ -521,6 +572,87 @@ impl CopyRows {
 
 /// Rows sent at once from the query task to the reader (fewer channel messages than one per row).
 const ROW_CHUNK: usize = 256;
+
+/// Records of a streaming query, and the position of the last of them.
+#[derive(Debug)]
+struct StreamChunk {
+    records: Vec<Record>,
+    last: TablePosition,
+}
+
+/// Turns a streaming query's rows into records where they are read (the query task), keeping only
+/// the last row's position: no per-row copies of cursor and tie-breaker. Chunks end on batch
+/// boundaries, so the reader never has to split one.
+struct ChunkBuilder {
+    instance: String,
+    table: String,
+    batch_size: usize,
+    /// Rows since the last batch boundary.
+    in_batch: usize,
+    records: Vec<Record>,
+    cursor: String,
+    tie_breaker: Option<String>,
+}
+
+impl ChunkBuilder {
+    fn new(instance: &str, table: &str, batch_size: usize) -> ChunkBuilder {
+        ChunkBuilder {
+            instance: instance.to_string(),
+            table: table.to_string(),
+            batch_size,
+            in_batch: 0,
+            records: Vec::with_capacity(ROW_CHUNK),
+            cursor: String::new(),
+            tie_breaker: None,
+        }
+    }
+
+    /// Adds a row; its id is the one [`SqlSource::advance`] would give it.
+    fn add(&mut self, json: String, cursor: Option<&str>, tb: Option<&str>) -> Result<()> {
+        let c =
+            cursor.ok_or_else(|| Error::Schema(format!("{}: cursor value is NULL", self.table)))?;
+        let id = match tb {
+            Some(tb) => event_id(&self.instance, &[&self.table, c, tb]),
+            None => event_id(&self.instance, &[&self.table, c, &json]),
+        };
+        self.cursor.clear();
+        self.cursor.push_str(c);
+        match (&mut self.tie_breaker, tb) {
+            (Some(t), Some(tb)) => {
+                t.clear();
+                t.push_str(tb);
+            }
+            (t, tb) => *t = tb.map(str::to_string),
+        }
+        self.records.push(Record {
+            id,
+            payload: Payload::Json(json),
+        });
+        self.in_batch += 1;
+        Ok(())
+    }
+
+    /// Whether the chunk should go now: big enough, or at a batch boundary.
+    fn full(&self) -> bool {
+        self.records.len() >= ROW_CHUNK || self.in_batch >= self.batch_size
+    }
+
+    fn take(&mut self) -> Option<StreamChunk> {
+        if self.records.is_empty() {
+            return None;
+        }
+        if self.in_batch >= self.batch_size {
+            self.in_batch = 0;
+        }
+        Some(StreamChunk {
+            records: std::mem::replace(&mut self.records, Vec::with_capacity(ROW_CHUNK)),
+            last: TablePosition {
+                cursor: self.cursor.clone(),
+                tie_breaker: self.tie_breaker.clone(),
+            },
+        })
+    }
+}
 
 /// The same code on whichever driver the pool holds: sqlx's query builders are typed per database,
 /// so each arm type-checks on its own.
@@ -546,9 +678,7 @@ pub const STREAM_ROWS: usize = 1_000_000;
 /// produces continuously (like `COPY`) instead of one page per round trip.
 struct RowStream {
     table: usize,
-    rx: mpsc::Receiver<Result<Vec<RawRow>>>,
-    /// Rows received but not yet handed out (a chunk that overran the batch).
-    leftover: Vec<RawRow>,
+    rx: mpsc::Receiver<Result<StreamChunk>>,
     received: usize,
     task: tokio::task::JoinHandle<()>,
 }
@@ -767,15 +897,17 @@ impl SqlSource {
         let binds = plan.binds(page, pos);
         let (tx, rx) = mpsc::channel((self.batch_size.clamp(1, 2_000) / ROW_CHUNK).max(1));
         let pool = self.pool.clone();
+        let mut chunk = ChunkBuilder::new(&self.instance, &plan.name, self.batch_size);
         let task = tokio::spawn(async move {
-            let mut rows: Vec<RawRow> = Vec::new();
             // Sends what is gathered; false when the reader is gone.
-            async fn flush(tx: &mpsc::Sender<Result<Vec<RawRow>>>, rows: &mut Vec<RawRow>) -> bool {
-                rows.is_empty()
-                    || tx
-                        .send(Ok(std::mem::replace(rows, Vec::with_capacity(ROW_CHUNK))))
-                        .await
-                        .is_ok()
+            async fn flush(
+                tx: &mpsc::Sender<Result<StreamChunk>>,
+                chunk: &mut ChunkBuilder,
+            ) -> bool {
+                match chunk.take() {
+                    Some(c) => tx.send(Ok(c)).await.is_ok(),
+                    None => true,
+                }
             }
             match pool {
                 Pool::Pg(p) => {
@@ -793,14 +925,16 @@ impl SqlSource {
                         let next = match stream.next().now_or_never() {
                             Some(n) => n,
                             None => {
-                                if !flush(&tx, &mut rows).await {
+                                if !flush(&tx, &mut chunk).await {
                                     return;
                                 }
                                 stream.next().await
                             }
                         };
                         let res = match next {
-                            Some(Ok(chunk)) => parser.push(&chunk, &mut rows),
+                            Some(Ok(bytes)) => parser.push_with(&bytes, |(json, c, tb)| {
+                                chunk.add(json.to_string(), c, tb)
+                            }),
                             Some(Err(e)) => Err(from_sqlx(e)),
                             None if parser.finished() => break,
                             None => Err(Error::SourceUnreachable(
@@ -808,12 +942,12 @@ impl SqlSource {
                             )),
                         };
                         if let Err(e) = res {
-                            if flush(&tx, &mut rows).await {
+                            if flush(&tx, &mut chunk).await {
                                 let _ = tx.send(Err(e)).await;
                             }
                             return;
                         }
-                        if rows.len() >= ROW_CHUNK && !flush(&tx, &mut rows).await {
+                        if chunk.full() && !flush(&tx, &mut chunk).await {
                             return;
                         }
                     }
@@ -828,86 +962,81 @@ impl SqlSource {
                         let next = match stream.next().now_or_never() {
                             Some(n) => n,
                             None => {
-                                if !flush(&tx, &mut rows).await {
+                                if !flush(&tx, &mut chunk).await {
                                     return;
                                 }
                                 stream.next().await
                             }
                         };
                         let res = match next {
-                            Some(r) => r.map_err(from_sqlx).and_then(|r| decode_my(&r)),
+                            Some(r) => r.map_err(from_sqlx).and_then(|r| decode_my(&r)).and_then(
+                                |(json, c, tb)| chunk.add(json, c.as_deref(), tb.as_deref()),
+                            ),
                             None => break,
                         };
-                        match res {
-                            Ok(r) => rows.push(r),
-                            Err(e) => {
-                                if flush(&tx, &mut rows).await {
-                                    let _ = tx.send(Err(e)).await;
-                                }
-                                return;
+                        if let Err(e) = res {
+                            if flush(&tx, &mut chunk).await {
+                                let _ = tx.send(Err(e)).await;
                             }
+                            return;
                         }
-                        if rows.len() >= ROW_CHUNK && !flush(&tx, &mut rows).await {
+                        if chunk.full() && !flush(&tx, &mut chunk).await {
                             return;
                         }
                     }
                 }
             }
-            flush(&tx, &mut rows).await;
+            flush(&tx, &mut chunk).await;
         });
         RowStream {
             table: i,
             rx,
-            leftover: Vec::new(),
             received: 0,
             task,
         }
     }
 
     /// Next batch of a table with a tie-breaker, from its streaming query; empty when caught up.
+    /// Chunks end on batch boundaries, so whole chunks make exactly `batchSize` records.
     async fn read_streamed(&mut self, i: usize) -> Result<Vec<Record>> {
-        let mut rows: Vec<RawRow> = Vec::new();
-        while rows.len() < self.batch_size {
+        let mut records: Vec<Record> = Vec::new();
+        let mut last: Option<TablePosition> = None;
+        while records.len() < self.batch_size {
             if self.stream.as_ref().map(|s| s.table) != Some(i) {
                 self.stream = Some(self.start_stream(i));
             }
             let st = self.stream.as_mut().expect("a stream was just started");
-            let mut chunk = if st.leftover.is_empty() {
-                match st.rx.recv().await {
-                    Some(Ok(c)) => {
-                        st.received += c.len();
-                        c
+            match st.rx.recv().await {
+                Some(Ok(c)) => {
+                    st.received += c.records.len();
+                    if records.is_empty() {
+                        records = c.records;
+                        records.reserve(self.batch_size.min(10_000).saturating_sub(records.len()));
+                    } else {
+                        records.extend(c.records);
                     }
-                    Some(Err(e)) => {
-                        self.stream = None;
-                        return Err(e);
-                    }
-                    None => {
-                        // The query ended: at its row limit, go on with a fresh one; else caught up.
-                        let more = st.received >= STREAM_ROWS;
-                        self.stream = None;
-                        if !more || !rows.is_empty() {
-                            break;
-                        }
-                        continue;
+                    last = Some(c.last);
+                }
+                Some(Err(e)) => {
+                    self.stream = None;
+                    return Err(e);
+                }
+                None => {
+                    // The query ended: at its row limit, go on with a fresh one; else caught up.
+                    let more = st.received >= STREAM_ROWS;
+                    self.stream = None;
+                    if !more || !records.is_empty() {
+                        break;
                     }
                 }
-            } else {
-                std::mem::take(&mut st.leftover)
-            };
-            let room = self.batch_size - rows.len();
-            if chunk.len() > room {
-                st.leftover = chunk.split_off(room);
-            }
-            if rows.is_empty() {
-                rows = chunk;
-                rows.reserve(self.batch_size.min(10_000).saturating_sub(rows.len()));
-            } else {
-                rows.append(&mut chunk);
             }
         }
-        let name = self.plans[i].name.clone();
-        self.advance(&name, rows)
+        if let Some(last) = last {
+            self.position
+                .tables
+                .insert(self.plans[i].name.clone(), last);
+        }
+        Ok(records)
     }
 }
 
@@ -1030,15 +1159,31 @@ async fn measure_lag(
     let mut seconds: Option<f64> = None;
     for plan in &plans {
         let pos = position.tables.get(&plan.name);
-        let sql = plan.count_query(pos.is_some());
-        let binds = plan.binds(Page::After, pos);
-        let n: i64 = with_pool!(&pool, p => {
-            let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
-            for b in binds {
-                q = q.bind(b);
+        let estimate = match &pool {
+            Pool::Pg(p) => {
+                let mut q = sqlx::query_scalar(AssertSqlSafe(plan.estimate_query(pos.is_some())));
+                for b in plan.binds(Page::After, pos) {
+                    q = q.bind(b);
+                }
+                let top: String = q.fetch_one(p).await.map_err(from_sqlx)?;
+                plan_rows(&top)
             }
-            q.fetch_one(p).await.map_err(from_sqlx)?
-        });
+            Pool::My(_) => None,
+        };
+        let n: i64 = match estimate {
+            Some(e) if e >= EXACT_LAG_BELOW => e,
+            _ => {
+                let sql = plan.count_query(pos.is_some());
+                let binds = plan.binds(Page::After, pos);
+                with_pool!(&pool, p => {
+                    let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
+                    for b in binds {
+                        q = q.bind(b);
+                    }
+                    q.fetch_one(p).await.map_err(from_sqlx)?
+                })
+            }
+        };
         total += n;
         if n > 0
             && let Some(sql) = plan.age_query(pos.is_some())
@@ -1358,6 +1503,71 @@ mod tests {
             "public.orders: (2024-01-01 00:00:00+00, 42)"
         );
         assert!(SqlPosition::from_value(Some(&serde_json::json!({"offsets": 1}))).is_err());
+    }
+
+    #[test]
+    fn streamed_chunks_end_on_batch_boundaries_and_carry_the_last_position() {
+        let mut b = ChunkBuilder::new("ns/c", "public.t", 300);
+        let mut chunks = Vec::new();
+        for i in 0..700 {
+            b.add(format!("{{\"i\":{i}}}"), Some(&i.to_string()), Some("x"))
+                .unwrap();
+            if b.full() {
+                chunks.extend(b.take());
+            }
+        }
+        chunks.extend(b.take());
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.records.len()).collect();
+        assert_eq!(sizes, [256, 44, 256, 44, 100]);
+        let last = chunks.last().unwrap();
+        assert_eq!(
+            last.last,
+            TablePosition {
+                cursor: "699".into(),
+                tie_breaker: Some("x".into())
+            }
+        );
+        // The same id the page path gives the row.
+        assert_eq!(
+            last.records.last().unwrap().id,
+            event_id("ns/c", &["public.t", "699", "x"])
+        );
+        assert!(b.add("{}".into(), None, Some("x")).is_err(), "NULL cursor");
+    }
+
+    #[test]
+    fn plan_rows_reads_the_top_node_estimate() {
+        assert_eq!(
+            plan_rows("Seq Scan on orders s  (cost=0.00..18334.00 rows=999994 width=4)"),
+            Some(999_994)
+        );
+        assert_eq!(
+            plan_rows("Index Only Scan using t_idx on t s  (cost=0.42..4.44 rows=1 width=4)"),
+            Some(1)
+        );
+        assert_eq!(plan_rows("Result  (cost=0.00..0.01 width=4)"), None);
+        assert_eq!(plan_rows(""), None);
+    }
+
+    #[test]
+    fn estimate_query_explains_the_remaining_rows() {
+        let p = TablePlan::new(
+            Dialect::Postgres,
+            &table(Some("id")),
+            "orders".into(),
+            &pg_cols(),
+        )
+        .unwrap();
+        let q = p.estimate_query(true);
+        assert!(
+            q.starts_with(r#"EXPLAIN SELECT 1 FROM orders s WHERE s."updated_at" IS NOT NULL"#),
+            "{q}"
+        );
+        assert!(
+            q.ends_with("($1::timestamp with time zone, $2::bigint)"),
+            "{q}"
+        );
+        assert!(!q.contains("LIMIT"), "{q}");
     }
 
     #[test]
