@@ -559,3 +559,66 @@ async fn lag_is_estimated_for_large_tables_and_exact_near_the_end() -> Result<()
     assert_eq!(lag.records, 123);
     Ok(())
 }
+
+/// Cursor and tie-breaker types that travel binary in the COPY stream are rendered exactly as
+/// Postgres prints them (positions and event ids are made of that text), edge values included.
+#[tokio::test]
+async fn binary_keys_render_exactly_as_postgres_prints_them() -> Result<()> {
+    use futures::StreamExt;
+    use obsrv_connector::source::sql::{CopyRows, KeyFormat};
+    use sqlx::postgres::{PgConnectOptions, PgPoolCopyExt};
+    let pg = Postgres::start().await?;
+    let cases: [(KeyFormat, &str, &str); 7] = [
+        (KeyFormat::Int2, "int2", "'-32768', '0', '7', '32767'"),
+        (KeyFormat::Int4, "int4", "'-2147483648', '42', '2147483647'"),
+        (
+            KeyFormat::Int8,
+            "int8",
+            "'-9223372036854775808', '1', '9223372036854775807'",
+        ),
+        (
+            KeyFormat::Uuid,
+            "uuid",
+            "'6F1C1E5E-0000-4000-8000-00000000000A', '00000000-0000-0000-0000-000000000000'",
+        ),
+        (
+            KeyFormat::Date,
+            "date",
+            "'2024-02-29', '2000-01-01', '1999-12-31', '0001-01-01', '0044-03-15 BC', '12345-06-07', 'infinity', '-infinity'",
+        ),
+        (
+            KeyFormat::Timestamp,
+            "timestamp",
+            "'2024-05-06 07:08:09.123456', '2000-01-01', '1969-12-31 23:59:59.5', '0001-01-01 00:00:00.000001 BC', 'infinity'",
+        ),
+        (
+            KeyFormat::Timestamptz,
+            "timestamptz",
+            "'2024-01-01 00:00:00.001+00', '2024-06-30 23:59:59.99+05:30', '1900-01-01 00:00:00+00', '4713-01-01 00:00:00+00 BC', '-infinity'",
+        ),
+    ];
+    // In UTC, as the connector's sessions run.
+    let opts: PgConnectOptions = pg.url().parse()?;
+    let pool = sqlx::PgPool::connect_with(opts.options([("TimeZone", "UTC")])).await?;
+    for (format, ty, values) in cases {
+        // Column 1 is Postgres's own text; column 2 the binary value the parser renders.
+        let sql = format!(
+            "COPY (SELECT v::text, v, NULL::text FROM unnest(ARRAY[{values}]::{ty}[]) v) TO STDOUT (FORMAT binary)"
+        );
+        let mut stream = pool.copy_out_raw(&sql).await?;
+        let mut parser = CopyRows::new([format, KeyFormat::Text]);
+        let mut pairs = Vec::new();
+        while let Some(bytes) = stream.next().await {
+            parser.push_with(&bytes?, |(text, rendered, _)| {
+                pairs.push((text.to_string(), rendered.map(str::to_string)));
+                Ok(())
+            })?;
+        }
+        assert!(parser.finished());
+        assert_eq!(pairs.len(), values.split("', '").count(), "{ty}");
+        for (text, rendered) in pairs {
+            assert_eq!(rendered.as_deref(), Some(text.as_str()), "{ty}");
+        }
+    }
+    Ok(())
+}

@@ -239,13 +239,25 @@ impl TablePlan {
             Dialect::Postgres => ["$1", "$2", "$3"],
             Dialect::MySql => ["?", "?", "?"],
         };
-        self.query_with(page, limit, params)
+        self.query_with(page, limit, params, false)
+    }
+
+    /// How the cursor and tie-breaker travel in this table's COPY stream.
+    pub fn key_formats(&self) -> [KeyFormat; 2] {
+        let of = |c: &Column| match self.dialect {
+            Dialect::Postgres => KeyFormat::of_postgres(&c.base_type),
+            Dialect::MySql => KeyFormat::Text,
+        };
+        [
+            of(&self.cursor),
+            self.tie_breaker.as_ref().map_or(KeyFormat::Text, of),
+        ]
     }
 
     /// Postgres: the page at `pos` as `COPY (...) TO STDOUT (FORMAT binary)`. COPY takes no
     /// parameters, so the position's values are inlined as escaped string literals (`E'...'`,
     /// read the same whatever `standard_conforming_strings` says) cast to the column types.
-    /// Columns: row JSON text, cursor text, tie-breaker text, each sent as raw UTF-8.
+    /// Columns: row JSON text, then cursor and tie-breaker in their [`TablePlan::key_formats`].
     pub fn copy_query(&self, page: Page, limit: usize, pos: Option<&TablePosition>) -> String {
         let lits: Vec<String> = self
             .binds(page, pos)
@@ -255,11 +267,13 @@ impl TablePlan {
         let lit = |i: usize| lits.get(i).map(String::as_str).unwrap_or("NULL");
         format!(
             "COPY ({}) TO STDOUT (FORMAT binary)",
-            self.query_with(page, limit, [lit(0), lit(1), lit(2)])
+            self.query_with(page, limit, [lit(0), lit(1), lit(2)], true)
         )
     }
 
-    fn query_with(&self, page: Page, limit: usize, params: [&str; 3]) -> String {
+    /// `binary_keys`: cursor and tie-breaker as selected for a binary COPY (see
+    /// [`KeyFormat`]); text otherwise.
+    fn query_with(&self, page: Page, limit: usize, params: [&str; 3], binary_keys: bool) -> String {
         let d = self.dialect;
         let c = format!("s.{}", quote_ident(d, &self.cursor.name));
         let tb = self
@@ -309,19 +323,29 @@ impl TablePlan {
         };
         match d {
             Dialect::Postgres => {
+                let [cf, tf] = if binary_keys {
+                    self.key_formats()
+                } else {
+                    [KeyFormat::Text; 2]
+                };
+                let key = |col: &str, f: KeyFormat| match f {
+                    KeyFormat::Text => format!("{col}::text"),
+                    _ => col.to_string(),
+                };
+                let c_sel = key(&c, cf);
                 let tb_sel = tb
                     .as_ref()
-                    .map(|tb| format!("{tb}::text"))
+                    .map(|tb| key(tb, tf))
                     .unwrap_or_else(|| "NULL::text".into());
                 if self.whole_row {
                     format!(
-                        "SELECT row_to_json(s)::text, {c}::text, {tb_sel} FROM {} s WHERE {} ORDER BY {order}{limit}",
+                        "SELECT row_to_json(s)::text, {c_sel}, {tb_sel} FROM {} s WHERE {} ORDER BY {order}{limit}",
                         self.from,
                         conds.join(" AND ")
                     )
                 } else {
                     format!(
-                        "SELECT row_to_json(r)::text, {c}::text, {tb_sel} FROM {} s CROSS JOIN LATERAL (SELECT {}) r WHERE {} ORDER BY {order}{limit}",
+                        "SELECT row_to_json(r)::text, {c_sel}, {tb_sel} FROM {} s CROSS JOIN LATERAL (SELECT {}) r WHERE {} ORDER BY {order}{limit}",
                         self.from,
                         self.select.join(", "),
                         conds.join(" AND ")
@@ -455,6 +479,152 @@ pub fn split_page(
     (keep, Some(last))
 }
 
+/// How a key column (cursor, tie-breaker) travels in a Postgres COPY stream. Converting keys to
+/// text is a tenth of the database's cost for the whole query, so the types whose binary form is
+/// rendered here exactly as Postgres prints them (sessions run in UTC) come binary; the rest as
+/// text. The rendered text is what positions and event ids are made of, as before.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyFormat {
+    #[default]
+    Text,
+    Int2,
+    Int4,
+    Int8,
+    Date,
+    Timestamp,
+    Timestamptz,
+    Uuid,
+}
+
+impl KeyFormat {
+    /// By Postgres base type name (`pg_type.typname`).
+    pub fn of_postgres(typname: &str) -> KeyFormat {
+        match typname {
+            "int2" => KeyFormat::Int2,
+            "int4" => KeyFormat::Int4,
+            "int8" => KeyFormat::Int8,
+            "date" => KeyFormat::Date,
+            "timestamp" => KeyFormat::Timestamp,
+            "timestamptz" => KeyFormat::Timestamptz,
+            "uuid" => KeyFormat::Uuid,
+            _ => KeyFormat::Text,
+        }
+    }
+}
+
+/// Postgres's text output of a key column's binary form, into `out` (cleared first). Pure.
+pub fn render_key(f: KeyFormat, b: &[u8], out: &mut String) -> std::result::Result<(), String> {
+    use std::fmt::Write;
+    out.clear();
+    let size = |n: usize| {
+        if b.len() == n {
+            Ok(())
+        } else {
+            Err(format!("{f:?} value of {} bytes", b.len()))
+        }
+    };
+    match f {
+        KeyFormat::Text => out.push_str(std::str::from_utf8(b).map_err(|_| "not UTF-8")?),
+        KeyFormat::Int2 => {
+            size(2)?;
+            let _ = write!(out, "{}", i16::from_be_bytes([b[0], b[1]]));
+        }
+        KeyFormat::Int4 => {
+            size(4)?;
+            let _ = write!(out, "{}", i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        }
+        KeyFormat::Int8 => {
+            size(8)?;
+            let _ = write!(
+                out,
+                "{}",
+                i64::from_be_bytes(b.try_into().expect("8 bytes"))
+            );
+        }
+        KeyFormat::Uuid => {
+            size(16)?;
+            for (i, byte) in b.iter().enumerate() {
+                if matches!(i, 4 | 6 | 8 | 10) {
+                    out.push('-');
+                }
+                let _ = write!(out, "{byte:02x}");
+            }
+        }
+        KeyFormat::Date => {
+            size(4)?;
+            match i32::from_be_bytes([b[0], b[1], b[2], b[3]]) {
+                i32::MAX => out.push_str("infinity"),
+                i32::MIN => out.push_str("-infinity"),
+                days => {
+                    let bc = push_date(out, i64::from(days));
+                    if bc {
+                        out.push_str(" BC");
+                    }
+                }
+            }
+        }
+        KeyFormat::Timestamp | KeyFormat::Timestamptz => {
+            size(8)?;
+            const DAY_US: i64 = 86_400_000_000;
+            match i64::from_be_bytes(b.try_into().expect("8 bytes")) {
+                i64::MAX => out.push_str("infinity"),
+                i64::MIN => out.push_str("-infinity"),
+                us => {
+                    let bc = push_date(out, us.div_euclid(DAY_US));
+                    let t = us.rem_euclid(DAY_US);
+                    let (secs, micros) = (t / 1_000_000, t % 1_000_000);
+                    let _ = write!(
+                        out,
+                        " {:02}:{:02}:{:02}",
+                        secs / 3600,
+                        secs / 60 % 60,
+                        secs % 60
+                    );
+                    if micros != 0 {
+                        // Six digits less the trailing zeros, as Postgres prints them.
+                        let (mut digits, mut width) = (micros, 6);
+                        while digits % 10 == 0 {
+                            digits /= 10;
+                            width -= 1;
+                        }
+                        let _ = write!(out, ".{digits:0width$}");
+                    }
+                    if f == KeyFormat::Timestamptz {
+                        out.push_str("+00");
+                    }
+                    if bc {
+                        out.push_str(" BC");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `YYYY-MM-DD` of a day counted from 2000-01-01 (Postgres's epoch) in the proleptic
+/// Gregorian calendar; true when the year is BC (written as Postgres does: year 0 is 1 BC).
+fn push_date(out: &mut String, days_since_2000: i64) -> bool {
+    use std::fmt::Write;
+    // Days from 1970-01-01, then the civil date (H. Hinnant's days-to-civil algorithm).
+    let z = days_since_2000 + 10_957 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (shown, bc) = if year <= 0 {
+        (1 - year, true)
+    } else {
+        (year, false)
+    };
+    let _ = write!(out, "{shown:04}-{month:02}-{day:02}");
+    bc
+}
+
 /// `COPY ... (FORMAT binary)` starts with this signature, then flags and a header extension.
 const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 
@@ -466,12 +636,24 @@ pub struct CopyRows {
     buf: Vec<u8>,
     header: bool,
     finished: bool,
+    /// Cursor and tie-breaker formats.
+    keys: [KeyFormat; 2],
+    /// Their rendered text, reused row after row.
+    rendered: [String; 2],
 }
 
 /// One row of the COPY stream, borrowed from its bytes: row JSON, cursor, tie-breaker.
 pub type CopyRow<'a> = (&'a str, Option<&'a str>, Option<&'a str>);
 
 impl CopyRows {
+    /// A parser for a stream whose cursor and tie-breaker come in `keys` formats.
+    pub fn new(keys: [KeyFormat; 2]) -> CopyRows {
+        CopyRows {
+            keys,
+            ..CopyRows::default()
+        }
+    }
+
     /// Takes the next chunk of the COPY stream and appends every row it completes to `out`.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<RawRow>) -> Result<()> {
         self.push_with(chunk, |(json, c, tb)| {
@@ -542,7 +724,8 @@ impl CopyRows {
                 return Err(bad(&format!("expected 3 columns, got {n}")));
             }
             let mut p = at + 2;
-            let mut cols: [Option<&str>; 3] = [None, None, None];
+            // Each column's bytes (None for NULL); a row cut short waits for the next chunk.
+            let mut cols: [Option<&[u8]>; 3] = [None, None, None];
             for c in &mut cols {
                 if data.len() < p + 4 {
                     break 'rows;
@@ -556,14 +739,25 @@ impl CopyRows {
                 if data.len() < p + len {
                     break 'rows;
                 }
-                *c = Some(
-                    std::str::from_utf8(&data[p..p + len])
-                        .map_err(|_| bad("column is not UTF-8"))?,
-                );
+                *c = Some(&data[p..p + len]);
                 p += len;
             }
             let [json, cursor, tb] = cols;
-            on_row((json.ok_or_else(|| bad("row JSON is NULL"))?, cursor, tb))?;
+            let json = std::str::from_utf8(json.ok_or_else(|| bad("row JSON is NULL"))?)
+                .map_err(|_| bad("row JSON is not UTF-8"))?;
+            let [rc, rt] = &mut self.rendered;
+            let key = |bytes: Option<&[u8]>, f: KeyFormat, out: &mut String| {
+                bytes
+                    .map(|b| render_key(f, b, out).map_err(|m| bad(&format!("key column: {m}"))))
+                    .transpose()
+            };
+            let has_c = key(cursor, self.keys[0], rc)?.is_some();
+            let has_t = key(tb, self.keys[1], rt)?.is_some();
+            on_row((
+                json,
+                has_c.then_some(rc.as_str()),
+                has_t.then_some(rt.as_str()),
+            ))?;
             at = p;
         }
         Ok(at)
@@ -898,6 +1092,7 @@ impl SqlSource {
         let (tx, rx) = mpsc::channel((self.batch_size.clamp(1, 2_000) / ROW_CHUNK).max(1));
         let pool = self.pool.clone();
         let mut chunk = ChunkBuilder::new(&self.instance, &plan.name, self.batch_size);
+        let keys = plan.key_formats();
         let task = tokio::spawn(async move {
             // Sends what is gathered; false when the reader is gone.
             async fn flush(
@@ -919,7 +1114,7 @@ impl SqlSource {
                             return;
                         }
                     };
-                    let mut parser = CopyRows::default();
+                    let mut parser = CopyRows::new(keys);
                     loop {
                         // Hand over what is gathered whenever the database has nothing more yet.
                         let next = match stream.next().now_or_never() {
@@ -1294,7 +1489,19 @@ mod tests {
             tie_breaker: Some(r"it's \ 7".into()),
         };
         let q = plan.copy_query(Page::After, 500, Some(&pos));
-        assert!(q.starts_with("COPY (SELECT row_to_json(r)::text, "), "{q}");
+        // Keys of types rendered from their binary form are selected as they are.
+        assert_eq!(
+            plan.key_formats(),
+            [KeyFormat::Timestamptz, KeyFormat::Int8]
+        );
+        assert!(
+            q.starts_with(r#"COPY (SELECT row_to_json(r)::text, s."updated_at", s."id" FROM"#),
+            "{q}"
+        );
+        // The page query (sqlx, text protocol) keeps text keys.
+        assert!(plan.query(Page::After, 500).starts_with(
+            r#"SELECT row_to_json(r)::text, s."updated_at"::text, s."id"::text FROM"#
+        ));
         assert!(q.ends_with(" LIMIT 500) TO STDOUT (FORMAT binary)"), "{q}");
         assert!(
             q.contains(
