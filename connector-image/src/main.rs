@@ -294,7 +294,7 @@ async fn check_cmd(l: Loaded) -> ExitCode {
         &l.config.instance_id(),
         kind.unwrap_or(obsrv_crds::SourceKind::Postgres),
     );
-    let sink = Sink::new(l.sink.clone(), &l.secrets, ctx, false);
+    let sink = Sink::new(l.sink.clone(), &l.secrets, ctx, None);
     match sink {
         Ok(s) => match s.check().await {
             Ok(()) => println!(

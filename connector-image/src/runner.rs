@@ -1,7 +1,9 @@
 //! The pipeline: a reader task pulls batches from the source into a small bounded channel; the
 //! writer hands each batch to the producer, keeps a few in flight, and commits a batch's position
-//! only once it and every batch before it are acknowledged. Errors are retried with backoff and
-//! shown as `lastError`; SIGTERM stops reading, drains, commits and returns.
+//! only once it and every batch before it are acknowledged. With `delivery: exactlyOnce` each
+//! batch instead goes out in one Kafka transaction with its position (a state-topic record, or a
+//! Kafka source's group offsets), one batch at a time. Errors are retried with backoff and shown as
+//! `lastError`; SIGTERM stops reading, drains, commits and returns.
 
 use std::{
     collections::VecDeque,
@@ -21,8 +23,13 @@ use crate::{
     error::{Error, Result},
     http::Shared,
     schedule::{Cron, Plan},
-    sink::{InFlight, Sink, client_config},
-    source::{Batch, Source, SourceCommitter, kafka::KafkaSource, s3::S3Source, sql::SqlSource},
+    sink::{Acks, InFlight, Sink, client_config, replica_transactional_id, transactional_id},
+    source::{
+        Batch, Source, SourceCommitter,
+        kafka::{self, KafkaSource},
+        s3::S3Source,
+        sql::SqlSource,
+    },
     state::StateStore,
 };
 
@@ -179,6 +186,48 @@ impl Committer {
             Committer::Source(c) => c.commit(position),
         }
     }
+
+    /// exactlyOnce: whether a batch reaching `position` may still be delivered.
+    fn is_current(&self, position: &serde_json::Value) -> bool {
+        match self {
+            Committer::State(_) => true,
+            Committer::Source(c) => c.is_current(position),
+        }
+    }
+
+    /// exactlyOnce: adds `f`'s position to the open transaction (the state record, or a Kafka
+    /// source's group offsets); false when the batch may no longer be delivered.
+    async fn add_to_transaction(
+        &self,
+        sink: &Sink,
+        f: &InFlight,
+        acks: &Arc<Acks>,
+    ) -> Result<bool> {
+        match self {
+            Committer::State(s) => {
+                s.enqueue(&f.position, f.watermark.clone(), now_ms(), acks)
+                    .await?;
+                Ok(true)
+            }
+            Committer::Source(c) => match c.transaction_offsets(&f.position)? {
+                Some(offsets) => sink
+                    .send_offsets_to_transaction(offsets)
+                    .await
+                    .map(|_| true),
+                None => Ok(false),
+            },
+        }
+    }
+}
+
+/// This process among the connector's replicas: the pod's name (`HOSTNAME`) and the process id,
+/// which tells local processes apart too.
+fn replica_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".into());
+    format!("{host}.{}", std::process::id())
 }
 
 enum Item {
@@ -220,16 +269,15 @@ pub async fn run(rt: Runtime) -> Result<()> {
     };
     let instance = config.instance_id();
     let ctx = Context::new(&config.spec.dataset, &instance, kind);
-    // exactlyOnce: records and the position in one Kafka transaction. Kafka sources keep offsets
-    // in their group, which this runtime does not yet commit transactionally.
-    let transactional =
-        config.spec.delivery == obsrv_crds::Delivery::ExactlyOnce && kind != SourceKind::Kafka;
-    if config.spec.delivery == obsrv_crds::Delivery::ExactlyOnce && !transactional {
-        tracing::warn!(
-            "delivery exactlyOnce is not implemented for kafka sources yet: running atLeastOnce (event ids let downstream drop duplicates)"
-        );
-    }
-    let sink = match Sink::new(settings.clone(), &secrets, ctx, transactional) {
+    // exactlyOnce: records and the position in one Kafka transaction; the position is a record
+    // in the state topic or, for Kafka sources, the consumer group's offsets. Kafka sources may
+    // run several replicas, so each has its own transactional id.
+    let transactional = config.spec.delivery == obsrv_crds::Delivery::ExactlyOnce;
+    let transactional_id = transactional.then(|| match kind {
+        SourceKind::Kafka => replica_transactional_id(&instance, &replica_name()),
+        _ => transactional_id(&instance),
+    });
+    let sink = match Sink::new(settings.clone(), &secrets, ctx, transactional_id) {
         Ok(s) => s,
         Err(e) => return park(&shared, &mut stop, e).await,
     };
@@ -284,6 +332,9 @@ pub async fn run(rt: Runtime) -> Result<()> {
                 tracing::info!(resumed = committed.is_some(), "state loaded");
             }
             let source = open_source(&config, &secrets, committed.as_ref()).await?;
+            if let (true, AnySource::Kafka(k)) = (transactional, &source) {
+                kafka::same_cluster(&k.cluster_id().await?, &sink.cluster_id().await?)?;
+            }
             shared.set_max_parallelism(source.max_parallelism());
             shared.set_ready(true);
             let committer = match source.committer() {
@@ -505,11 +556,10 @@ async fn pipeline(
         };
         match item {
             Some(Ok(Item::Batch(b))) if transactional => {
-                let Committer::State(state) = committer else {
-                    return Err(Error::Config("exactlyOnce needs the state topic".into()));
-                };
-                transaction(sink, state, b, shared).await?;
-                *committed = None;
+                // A retry reopens the source here, not at its start.
+                if let Some(position) = transaction(sink, committer, b, shared).await? {
+                    *committed = Some(position);
+                }
                 backoff.reset();
             }
             Some(Ok(Item::Batch(b))) => {
@@ -554,25 +604,43 @@ async fn pipeline(
     }
 }
 
-/// One batch and its position in one transaction; aborted on any failure (the batch is re-read).
-async fn transaction(sink: &Sink, state: &StateStore, b: Batch, shared: &Shared) -> Result<()> {
+/// One batch and its position in one transaction; returns the position committed. Any failure
+/// aborts the transaction and ends the pipeline: the retry reopens the source at the last committed
+/// position (a Kafka source with a new consumer, which starts at the group's committed offsets, so
+/// the batch and whatever was read ahead come again). `None`: a Kafka batch read before a
+/// rebalance, dropped because the consumer reads its records again.
+async fn transaction(
+    sink: &Sink,
+    committer: &Committer,
+    b: Batch,
+    shared: &Shared,
+) -> Result<Option<serde_json::Value>> {
+    if !committer.is_current(&b.position) {
+        tracing::debug!("batch read before a rebalance dropped: its records are read again");
+        return Ok(None);
+    }
     sink.begin().await?;
     let res = async {
         let mut f = sink.send(b, now_ms()).await?;
-        let acks = crate::sink::Acks::new();
-        state
-            .enqueue(&f.position, f.watermark.clone(), now_ms(), &acks)
-            .await?;
+        let acks = Acks::new();
+        if !committer.add_to_transaction(sink, &f, &acks).await? {
+            return Ok(None);
+        }
         sink.commit_transaction().await?;
         f.acked().await?;
         acks.wait().await?;
-        Ok::<_, Error>(f)
+        Ok::<_, Error>(Some(f))
     }
     .await;
     match res {
-        Ok(f) => {
+        Ok(Some(f)) => {
             record_delivered(shared, &f);
-            Ok(())
+            Ok(Some(f.position))
+        }
+        Ok(None) => {
+            sink.abort().await?;
+            tracing::debug!("batch read before a rebalance aborted: its records are read again");
+            Ok(None)
         }
         Err(e) => {
             if let Err(abort) = sink.abort().await {

@@ -22,7 +22,7 @@ use crate::{
     config::{Secrets, SinkSettings, kafka_security},
     envelope::{Context, EVENT_ID_HEADER, Payload, Routed, route_at},
     error::{Error, Result},
-    source::Batch,
+    source::{Batch, GroupOffsets},
 };
 
 /// librdkafka settings shared by everything that talks to the sink cluster.
@@ -83,6 +83,14 @@ pub fn producer_config(s: &SinkSettings, secrets: &Secrets, client_id: &str) -> 
 /// The transactional id of a connector (one writer per connector: a restarted pod fences the old).
 pub fn transactional_id(instance: &str) -> String {
     format!("obsrv-connector.{}", instance.replace('/', "."))
+}
+
+/// The transactional id of one replica of a Kafka-source connector (`replica`: the pod's name
+/// and process id). Replicas share the work, so one shared id would have them fence each other;
+/// stale replicas are fenced by the consumer group's generation instead (the broker refuses their
+/// offsets once the group moved on).
+pub fn replica_transactional_id(instance: &str, replica: &str) -> String {
+    format!("{}.{replica}", transactional_id(instance))
 }
 
 /// Counts of one batch, by outcome.
@@ -231,21 +239,21 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// A sink; `transactional` sets a transactional id (exactlyOnce).
+    /// A sink; a `transactional_id` makes it transactional (exactlyOnce).
     pub fn new(
         settings: SinkSettings,
         secrets: &Secrets,
         ctx: Context,
-        transactional: bool,
+        transactional_id: Option<String>,
     ) -> Result<Sink> {
         let mut config = producer_config(
             &settings,
             secrets,
             &format!("obsrv-connector/{}", ctx.instance),
         );
-        if transactional {
+        if let Some(id) = transactional_id {
             config
-                .set("transactional.id", transactional_id(&ctx.instance))
+                .set("transactional.id", id)
                 // librdkafka requires message.timeout.ms <= transaction.timeout.ms.
                 .set("transaction.timeout.ms", "120000");
         }
@@ -294,6 +302,27 @@ impl Sink {
             p.abort_transaction(Duration::from_secs(60))
         })
         .await
+    }
+
+    /// Adds a Kafka source's next offsets to the open transaction: the consumer group commits them
+    /// with the transaction's records, or not at all.
+    pub async fn send_offsets_to_transaction(&self, g: GroupOffsets) -> Result<()> {
+        let p = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            p.send_offsets_to_transaction(&g.offsets, &g.group, Duration::from_secs(60))
+        })
+        .await
+        .map_err(|e| Error::SinkUnreachable(e.to_string()))?
+        .map_err(|e| Error::SinkUnreachable(format!("send offsets to transaction: {e}")))
+    }
+
+    /// The id of the sink cluster (exactlyOnce needs a Kafka source on the same cluster).
+    pub async fn cluster_id(&self) -> Result<String> {
+        let p = self.producer.clone();
+        tokio::task::spawn_blocking(move || p.client().fetch_cluster_id(Duration::from_secs(10)))
+            .await
+            .map_err(|e| Error::SinkUnreachable(e.to_string()))?
+            .ok_or_else(|| Error::SinkUnreachable("the sink cluster did not say its id".into()))
     }
 
     /// Checks the sink cluster answers and the ingest topic exists.
@@ -396,6 +425,18 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kafka_source_replicas_get_their_own_transactional_id() {
+        assert_eq!(
+            transactional_id("shop/orders"),
+            "obsrv-connector.shop.orders"
+        );
+        assert_eq!(
+            replica_transactional_id("shop/clicks", "clicks-7d9f-x2x.1"),
+            "obsrv-connector.shop.clicks.clicks-7d9f-x2x.1"
+        );
+    }
 
     #[tokio::test]
     async fn acks_wait_for_every_record_and_keep_the_first_failure() {

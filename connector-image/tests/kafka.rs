@@ -1,12 +1,18 @@
-//! The Kafka source end to end: consumer group offsets, JSON validation, parallelism and lag.
+//! The Kafka source end to end: consumer group offsets, JSON validation, parallelism and lag, and
+//! `delivery: exactlyOnce` (records and group offsets in one transaction).
 
 mod common;
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result, anyhow};
 use common::{Harness, consume_exactly, ids, total};
 use obsrv_e2e::services::{Broker, unique_name};
+use rdkafka::{
+    Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+    producer::{FutureProducer, FutureRecord},
+};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -74,5 +80,134 @@ async fn kafka_relay_validates_json_commits_offsets_and_reports_lag() -> Result<
         .await?;
     let recs = consume_exactly(&broker, &h.ingest, 21, T).await?;
     assert_eq!(recs.len(), 21, "{}", conn.log_tail());
+    Ok(())
+}
+
+/// Produces `values` to one partition in large batches (fast; the broker's end offsets may then be
+/// off, so tests using this read the group's committed offsets instead of `lagRecords`).
+async fn produce_to(broker: &Broker, topic: &str, partition: i32, values: &[String]) -> Result<()> {
+    let producer: FutureProducer = broker
+        .client_config()
+        .set("linger.ms", "20")
+        .create()
+        .context("creating a Kafka producer")?;
+    let sent: Vec<_> = values
+        .iter()
+        .map(|v| {
+            producer
+                .send_result(
+                    FutureRecord::<(), str>::to(topic)
+                        .partition(partition)
+                        .payload(v),
+                )
+                .map_err(|(e, _)| anyhow!("producing to {topic}: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    for d in futures::future::join_all(sent).await {
+        d?.map_err(|(e, _)| anyhow!("producing to {topic}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The offsets the connector's consumer group has committed, by partition (0 when none).
+fn committed(broker: &Broker, h: &Harness, topic: &str, partitions: i32) -> Result<Vec<i64>> {
+    let c: BaseConsumer = broker
+        .client_config()
+        .set("group.id", format!("obsrv-connector.tests.{}", h.name))
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(got
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .collect())
+}
+
+/// `delivery: exactlyOnce`: each batch's records (ingest and failed topic) and the group's next
+/// offsets commit in one transaction. A graceful stop mid-load leaves exactly as many records
+/// written as offsets committed, and the restart resumes after them: every record once. (Only
+/// graceful paths: the local broker does not hide aborted transactions from readers.)
+#[tokio::test]
+async fn exactly_once_kafka_relay_commits_records_and_offsets_together() -> Result<()> {
+    let broker = Broker::start().await?;
+    let topic = unique_name("orders");
+    broker.create_topic(&topic, 2).await?;
+    let per_partition = 15_000;
+    let events = |p: usize| -> Vec<String> {
+        (0..per_partition)
+            .map(|i| format!("{{\"partition\":{p},\"order\":{i},\"note\":\"{:040}\"}}", i))
+            .collect()
+    };
+    let mut first = events(0);
+    // Malformed input in the middle of a partition: it goes to the failed topic, in the same
+    // transactions as its neighbours.
+    first.insert(7_000, "not json".into());
+    first.insert(7_001, "[1,2]".into());
+    produce_to(&broker, &topic, 0, &first).await?;
+    produce_to(&broker, &topic, 1, &events(1)).await?;
+    let n = 2 * per_partition;
+
+    let m = manifest(&broker, &topic).replace(
+        "  dataset: clicks\n",
+        "  dataset: clicks\n  delivery: exactlyOnce\n",
+    );
+    let h = Harness::new(&broker, &m, &[]).await?;
+    let conn = h.start()?;
+    conn.wait_status("part of the load", T, |s| {
+        total(s, "recordsIngested") >= 5_000
+    })
+    .await?;
+    assert!(conn.terminate().await?.success());
+
+    // Graceful stop: what was written is exactly what the group's offsets cover.
+    let offsets = committed(&broker, &h, &topic, 2)?;
+    let written = broker
+        .consume_all(&h.ingest, n, Duration::from_secs(5))
+        .await?;
+    let failed = broker
+        .consume_all(&h.failed, 2, Duration::from_secs(2))
+        .await?;
+    assert_eq!(
+        offsets.iter().sum::<i64>() as usize,
+        written.len() + failed.len(),
+        "committed offsets {offsets:?}, {} ingested, {} failed",
+        written.len(),
+        failed.len()
+    );
+    assert_eq!(ids(&written)?.len(), written.len());
+    let first_run = written.len();
+
+    // The restart resumes after the committed offsets: every record exactly once.
+    let conn = h.start()?;
+    let recs = consume_exactly(&broker, &h.ingest, n, Duration::from_secs(120)).await?;
+    assert_eq!(recs.len(), n, "{}", conn.log_tail());
+    assert_eq!(ids(&recs)?.len(), n, "distinct event ids");
+    let failed = consume_exactly(&broker, &h.failed, 2, T).await?;
+    assert_eq!(failed.len(), 2);
+    for f in &failed {
+        assert_eq!(f.json()?["error"]["error_code"], "CE_1000");
+    }
+    conn.wait_status("the rest delivered", T, |s| {
+        total(s, "recordsIngested") as usize == n - first_run
+    })
+    .await?;
+    assert_eq!(
+        committed(&broker, &h, &topic, 2)?,
+        vec![per_partition as i64 + 2, per_partition as i64]
+    );
+    // Transactions, not plain writes: each commit leaves a marker that takes an offset.
+    let last = recs.iter().map(|r| r.offset).max().unwrap_or(0);
+    assert!(
+        last + 1 > n as i64,
+        "no commit markers in the ingest topic: {n} records end at offset {last}"
+    );
+    assert!(conn.terminate().await?.success());
     Ok(())
 }

@@ -1,20 +1,26 @@
-//! Kafka topics read with a consumer group. Offsets live in the group (committed only after the
-//! records before them are acknowledged by the sink); input that is not a JSON object goes to the
-//! failed topic.
+//! Kafka topics read with a consumer group. Offsets live in the group: atLeastOnce commits them
+//! once the records before them are acknowledged by the sink; exactlyOnce sends them to the sink's
+//! transaction with the batch's records (the source must then be the sink cluster). Input that is
+//! not a JSON object goes to the failed topic.
 
 use std::{
     collections::BTreeMap,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use obsrv_crds::{KafkaSource as KafkaSpec, OffsetReset, runtime::RuntimeConfig, runtime::env};
+use obsrv_crds::{
+    Delivery, KafkaSource as KafkaSpec, OffsetReset, runtime::RuntimeConfig, runtime::env,
+};
 use rdkafka::{
-    ClientConfig, Message, Offset, TopicPartitionList,
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
 };
 
-use super::{Batch, Lag, Record, Source, SourceCommitter};
+use super::{Batch, GroupOffsets, Lag, Record, Source, SourceCommitter};
 use crate::{
     config::{Secrets, kafka_security},
     envelope::{event_id, validate},
@@ -23,6 +29,10 @@ use crate::{
 
 /// Next offsets to read, by topic and partition.
 pub type Offsets = BTreeMap<String, BTreeMap<i32, i64>>;
+
+/// Payload bytes after which a batch is handed on before `batch_size` records: with large records
+/// a batch of 10,000 would otherwise hold hundreds of MiB (and up to three batches are alive).
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// The consumer group a connector uses unless the spec names one.
 pub fn default_group(rc: &RuntimeConfig) -> String {
@@ -33,6 +43,64 @@ pub fn default_group(rc: &RuntimeConfig) -> String {
 pub fn offsets_to_value(o: &Offsets) -> serde_json::Value {
     serde_json::json!({ "offsets": o })
 }
+
+/// exactlyOnce: offsets and the rebalance count they were read in, `{"offsets": ..., "epoch": 3}`.
+pub fn offsets_in_epoch(o: &Offsets, epoch: u64) -> serde_json::Value {
+    serde_json::json!({ "offsets": o, "epoch": epoch })
+}
+
+/// Whether a batch read in the position's epoch may still be delivered now that `rebalances` have
+/// happened. Eager rebalancing restarts every assigned partition at its committed offset, so the
+/// records of an older batch come again and delivering it too would double them.
+pub fn is_current_epoch(position: &serde_json::Value, rebalances: u64) -> bool {
+    position.get("epoch").and_then(serde_json::Value::as_u64) == Some(rebalances)
+}
+
+/// The offsets to commit, as librdkafka wants them.
+pub fn offsets_to_tpl(o: &Offsets) -> Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for (t, ps) in o {
+        for (p, off) in ps {
+            tpl.add_partition_offset(t, *p, Offset::Offset(*off))
+                .map_err(|e| Error::State(e.to_string()))?;
+        }
+    }
+    Ok(tpl)
+}
+
+/// exactlyOnce commits the source's offsets in a transaction of the sink cluster, so both must be
+/// one cluster: offsets sent to another cluster's group would never be read back.
+pub fn same_cluster(source: &str, sink: &str) -> Result<()> {
+    if source == sink {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "delivery exactlyOnce needs the Kafka source on the sink cluster (its offsets commit in the \
+         sink's transaction), but the source cluster is {source} and the sink cluster {sink}: \
+         use atLeastOnce (event ids let downstream drop duplicates)"
+    )))
+}
+
+/// Counts the consumer's rebalances (assignments and revocations, run inside `recv`), so that
+/// exactlyOnce can tell the records read before one from those read after.
+#[derive(Clone, Debug, Default)]
+pub struct Rebalances(Arc<AtomicU64>);
+
+impl Rebalances {
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+type GroupConsumer = StreamConsumer<Rebalances>;
 
 pub fn offsets_from_value(v: &serde_json::Value) -> Result<Offsets> {
     serde_json::from_value(v.get("offsets").cloned().unwrap_or_default())
@@ -56,7 +124,13 @@ pub fn lag_records(marks: &[(i64, i64, i64)]) -> i64 {
 }
 
 pub struct KafkaSource {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<GroupConsumer>,
+    rebalances: Rebalances,
+    /// exactlyOnce: positions carry their epoch, and offsets start over at each rebalance (the
+    /// partitions read before it may belong to another replica now).
+    exactly_once: bool,
+    /// The rebalance count `offsets` were read in.
+    epoch: u64,
     topics: Vec<String>,
     instance: String,
     batch_size: usize,
@@ -90,7 +164,19 @@ impl KafkaSource {
             )
             .set("client.id", format!("obsrv-connector/{}", rc.instance_id()))
             // A replaced pod's partitions move on within seconds, not the 45s default.
-            .set("session.timeout.ms", "10000");
+            .set("session.timeout.ms", "10000")
+            // Records of aborted transactions upstream are never relayed (librdkafka's default,
+            // stated because exactlyOnce relies on it; it also makes the group's offsets fetched
+            // on assignment wait for pending transactional commits).
+            .set("isolation.level", "read_committed")
+            // Bound the read-ahead, whatever the topic's size: librdkafka prefetches up to 64 MiB
+            // into its queue by default and a fetch response may carry 50 MiB, each more than the
+            // whole pod should use. 16 MiB of queue still holds ~100k typical events, seconds of
+            // work; one response of 4 MiB (1 MiB per partition) overshoots it at most that much.
+            // A single record larger than these limits is still fetched whole.
+            .set("queued.max.messages.kbytes", "16384")
+            .set("fetch.max.bytes", (4 << 20).to_string())
+            .set("max.partition.fetch.bytes", (1 << 20).to_string());
         let creds = match (
             secrets.get(env::SOURCE_USERNAME),
             secrets.get(env::SOURCE_PASSWORD),
@@ -106,8 +192,9 @@ impl KafkaSource {
         ) {
             c.set(k, v);
         }
-        let consumer: StreamConsumer = c
-            .create()
+        let rebalances = Rebalances::default();
+        let consumer: GroupConsumer = c
+            .create_with_context(rebalances.clone())
             .map_err(|e| Error::Config(format!("source consumer: {e}")))?;
         let mut partitions = 0;
         for t in &spec.topics {
@@ -136,6 +223,9 @@ impl KafkaSource {
             .map_err(|e| Error::SourceUnreachable(format!("subscribe: {e}")))?;
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
+            rebalances,
+            exactly_once: rc.spec.delivery == Delivery::ExactlyOnce,
+            epoch: 0,
             topics: spec.topics.clone(),
             instance: rc.instance_id(),
             batch_size: batch_size.max(1),
@@ -143,14 +233,24 @@ impl KafkaSource {
             partitions,
         })
     }
+
+    /// The id of the source cluster, to check exactlyOnce is possible ([`same_cluster`]).
+    pub async fn cluster_id(&self) -> Result<String> {
+        let c = self.consumer.clone();
+        tokio::task::spawn_blocking(move || c.client().fetch_cluster_id(Duration::from_secs(10)))
+            .await
+            .map_err(|e| Error::SourceUnreachable(e.to_string()))?
+            .ok_or_else(|| Error::SourceUnreachable("the source cluster did not say its id".into()))
+    }
 }
 
 impl Source for KafkaSource {
     async fn next_batch(&mut self) -> Result<Option<Batch>> {
         let mut records = Vec::new();
+        let mut bytes = 0;
         let first_wait = Duration::from_millis(500);
         let fill_until = Instant::now() + Duration::from_millis(100);
-        while records.len() < self.batch_size {
+        while records.len() < self.batch_size && bytes < MAX_BATCH_BYTES {
             let wait = if records.is_empty() {
                 first_wait
             } else {
@@ -161,6 +261,17 @@ impl Source for KafkaSource {
                 Ok(Err(e)) => return Err(Error::SourceUnreachable(format!("consume: {e}"))),
                 Ok(Ok(m)) => m,
             };
+            // A rebalance runs inside `recv`, before the message it returns: the records before it
+            // are re-read from the committed offsets, so exactlyOnce drops them here (and the
+            // runner drops batches already handed on, by their epoch).
+            let rebalances = self.rebalances.count();
+            if self.exactly_once && rebalances != self.epoch {
+                records.clear();
+                bytes = 0;
+                self.offsets.clear();
+                self.epoch = rebalances;
+            }
+            bytes += m.payload_len();
             let (topic, p, off) = (m.topic().to_string(), m.partition(), m.offset());
             let id = event_id(&self.instance, &[&topic, &p.to_string(), &off.to_string()]);
             records.push(Record {
@@ -172,9 +283,14 @@ impl Source for KafkaSource {
         if records.is_empty() {
             return Ok(None);
         }
+        let position = if self.exactly_once {
+            offsets_in_epoch(&self.offsets, self.epoch)
+        } else {
+            offsets_to_value(&self.offsets)
+        };
         Ok(Some(Batch {
             records,
-            position: offsets_to_value(&self.offsets),
+            position,
             watermark: Some(offsets_watermark(&self.offsets)),
         }))
     }
@@ -221,27 +337,46 @@ impl Source for KafkaSource {
     }
 
     fn committer(&self) -> Option<Box<dyn SourceCommitter>> {
-        Some(Box::new(GroupCommitter(self.consumer.clone())))
+        Some(Box::new(GroupCommitter {
+            consumer: self.consumer.clone(),
+            rebalances: self.rebalances.clone(),
+        }))
     }
 }
 
-struct GroupCommitter(Arc<StreamConsumer>);
+struct GroupCommitter {
+    consumer: Arc<GroupConsumer>,
+    rebalances: Rebalances,
+}
 
 impl SourceCommitter for GroupCommitter {
     fn commit(&self, position: &serde_json::Value) -> Result<()> {
-        let offsets = offsets_from_value(position)?;
-        let mut tpl = TopicPartitionList::new();
-        for (t, ps) in &offsets {
-            for (p, o) in ps {
-                tpl.add_partition_offset(t, *p, Offset::Offset(*o))
-                    .map_err(|e| Error::State(e.to_string()))?;
-            }
-        }
+        let tpl = offsets_to_tpl(&offsets_from_value(position)?)?;
         // Async: the commit is ordered after earlier ones by librdkafka; a lost commit only means
         // re-reading (at-least-once), never skipping.
-        self.0
+        self.consumer
             .commit(&tpl, CommitMode::Async)
             .map_err(|e| Error::SourceUnreachable(format!("commit offsets: {e}")))
+    }
+
+    fn is_current(&self, position: &serde_json::Value) -> bool {
+        is_current_epoch(position, self.rebalances.count())
+    }
+
+    fn transaction_offsets(&self, position: &serde_json::Value) -> Result<Option<GroupOffsets>> {
+        // Taken before the epoch check: a rebalance counts (revocation) before the group's
+        // generation changes, so a batch still current carries the generation it was read in,
+        // and the broker refuses the offsets if the group moves on before they arrive.
+        let group = self.consumer.group_metadata().ok_or_else(|| {
+            Error::SourceUnreachable("the consumer has no group metadata yet".into())
+        })?;
+        if !self.is_current(position) {
+            return Ok(None);
+        }
+        Ok(Some(GroupOffsets {
+            offsets: offsets_to_tpl(&offsets_from_value(position)?)?,
+            group,
+        }))
     }
 }
 
@@ -261,6 +396,37 @@ mod tests {
         );
         assert_eq!(offsets_from_value(&v).unwrap(), o);
         assert_eq!(offsets_watermark(&o), "events[0]=42 events[1]=7");
+        let tpl = offsets_to_tpl(&o).unwrap();
+        assert_eq!(
+            tpl.find_partition("events", 1).map(|e| e.offset()),
+            Some(Offset::Offset(7))
+        );
+    }
+
+    #[test]
+    fn exactly_once_positions_are_current_only_in_their_epoch() {
+        let mut o = Offsets::new();
+        o.entry("events".into()).or_default().insert(0, 42);
+        let v = offsets_in_epoch(&o, 3);
+        assert_eq!(
+            offsets_from_value(&v).unwrap(),
+            o,
+            "the epoch is not an offset"
+        );
+        assert!(is_current_epoch(&v, 3));
+        assert!(!is_current_epoch(&v, 4), "read before a rebalance");
+        assert!(
+            !is_current_epoch(&offsets_to_value(&o), 0),
+            "an atLeastOnce position has no epoch"
+        );
+    }
+
+    #[test]
+    fn exactly_once_needs_one_cluster() {
+        assert!(same_cluster("abc", "abc").is_ok());
+        let e = same_cluster("abc", "xyz").unwrap_err();
+        assert!(!e.is_retryable(), "a new spec is needed: {e}");
+        assert!(e.to_string().contains("abc") && e.to_string().contains("xyz"));
     }
 
     #[test]

@@ -7,7 +7,12 @@ pub mod sql;
 
 use std::future::Future;
 
-use crate::{envelope::Payload, error::Result};
+use rdkafka::{TopicPartitionList, consumer::ConsumerGroupMetadata};
+
+use crate::{
+    envelope::Payload,
+    error::{Error, Result},
+};
 
 /// One record read from a source.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,7 +68,31 @@ pub trait Source: Send + 'static {
     }
 }
 
+/// What a Kafka transaction needs to commit a batch's position in the source's consumer group.
+pub struct GroupOffsets {
+    /// The next offsets to read, per topic and partition.
+    pub offsets: TopicPartitionList,
+    /// The consumer's group generation, taken while the batch is current; the broker refuses the
+    /// offsets once the group has moved on.
+    pub group: ConsumerGroupMetadata,
+}
+
 /// Commits positions where the source keeps them (a Kafka consumer group).
 pub trait SourceCommitter: Send + Sync {
+    /// atLeastOnce: commits `position` once everything before it is acknowledged.
     fn commit(&self, position: &serde_json::Value) -> Result<()>;
+
+    /// exactlyOnce: whether the batch reaching `position` may still be delivered. A Kafka batch read
+    /// before a rebalance may not: the consumer re-reads its records from the committed offsets.
+    fn is_current(&self, _position: &serde_json::Value) -> bool {
+        true
+    }
+
+    /// exactlyOnce: what to send to the open transaction so `position` commits with the batch;
+    /// `None` when the batch is no longer current (see [`SourceCommitter::is_current`]).
+    fn transaction_offsets(&self, _position: &serde_json::Value) -> Result<Option<GroupOffsets>> {
+        Err(Error::Config(
+            "this source cannot commit its position in a transaction".into(),
+        ))
+    }
 }
