@@ -622,3 +622,53 @@ async fn binary_keys_render_exactly_as_postgres_prints_them() -> Result<()> {
     }
     Ok(())
 }
+
+/// TLS modes against a server that only accepts TLS: verify-full with the CA from the Secret
+/// loads the table; plaintext (`disable`) and an unverifiable server (`verify-full` without the
+/// CA) are refused, and `check` says why.
+#[tokio::test]
+async fn tls_modes_verify_the_server_and_refuse_plaintext() -> Result<()> {
+    let ((pg, ca), broker) = tokio::try_join!(Postgres::start_tls(), Broker::start())?;
+    pg.psql(
+        "CREATE TABLE t (id bigint PRIMARY KEY, at timestamptz NOT NULL); \
+         INSERT INTO t SELECT g, now() FROM generate_series(1, 40) g;",
+    )
+    .await?;
+    let with_mode =
+        |mode: &str| manifest(&pg, "t", "at", Some("id"), 16, "").replace("{mode: disable}", mode);
+    let mut with_ca = creds(&pg);
+    with_ca.push(("pg-creds", "ca.crt", ca));
+
+    let verified = harness(
+        &broker,
+        &with_mode("{mode: verify-full, ca: {secretName: pg-creds, key: ca.crt}}"),
+        &with_ca,
+    )
+    .await?;
+    let (code, out) = verified.command("check")?;
+    assert!(code.success(), "{out}");
+    let conn = verified.start()?;
+    let recs = consume_exactly(&broker, &verified.ingest, 40, T).await?;
+    assert_eq!(ids(&recs)?.len(), 40, "{}", conn.log_tail());
+
+    let required = harness(&broker, &with_mode("{mode: require}"), &creds(&pg)).await?;
+    let (code, out) = required.command("check")?;
+    assert!(code.success(), "require encrypts without verifying: {out}");
+
+    let plain = harness(&broker, &with_mode("{mode: disable}"), &creds(&pg)).await?;
+    let (code, out) = plain.command("check")?;
+    assert!(!code.success(), "{out}");
+    assert!(
+        out.contains("source: AuthFailed") && out.contains("no encryption"),
+        "plaintext refused by the server: {out}"
+    );
+
+    let unverified = harness(&broker, &with_mode("{mode: verify-full}"), &creds(&pg)).await?;
+    let (code, out) = unverified.command("check")?;
+    assert!(!code.success(), "{out}");
+    assert!(
+        out.to_lowercase().contains("certificate"),
+        "an unknown issuer is refused: {out}"
+    );
+    Ok(())
+}

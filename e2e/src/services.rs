@@ -302,12 +302,56 @@ pub struct Postgres {
 pub const TEST_USER: &str = "obsrv";
 pub const TEST_PASSWORD: &str = "obsrv-test-password";
 
+/// A throwaway certificate authority and the server certificate it signed (for 127.0.0.1 and
+/// localhost), PEM.
+pub struct TestCertificates {
+    pub ca_pem: String,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+}
+
+impl TestCertificates {
+    pub fn generate() -> Result<TestCertificates> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "obsrv test CA");
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut server = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?;
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        let cert = server.signed_by(&key, &ca_cert, &ca_key)?;
+        Ok(TestCertificates {
+            ca_pem: ca_cert.pem(),
+            server_cert_pem: cert.pem(),
+            server_key_pem: key.serialize_pem(),
+        })
+    }
+}
+
 impl Postgres {
     pub async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// A local server that accepts TCP connections over TLS only (`hostssl` in pg_hba.conf), with
+    /// a certificate for 127.0.0.1 signed by a throwaway CA; returns it with the CA's PEM. Always
+    /// local, even with `POSTGRES_URL` set: the test needs to own the server's TLS set-up.
+    pub async fn start_tls() -> Result<(Self, String)> {
+        let certs = TestCertificates::generate()?;
+        let pg = Self::start_with(Some(&certs)).await?;
+        Ok((pg, certs.ca_pem))
+    }
+
+    async fn start_with(tls: Option<&TestCertificates>) -> Result<Self> {
         let dirs = postgres_bin_dirs();
         let dirs: Vec<&str> = dirs.iter().map(String::as_str).collect();
         let psql = find_binary("psql", &dirs)?;
-        if let Ok(url) = std::env::var("POSTGRES_URL") {
+        if let Some(url) = std::env::var("POSTGRES_URL").ok().filter(|_| tls.is_none()) {
             let admin = SqlEndpoint::parse(&url)?;
             let endpoint = SqlEndpoint {
                 database: unique_name("obsrv_test"),
@@ -379,6 +423,24 @@ impl Postgres {
                 "synchronous_commit=off",
             ])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"]);
+        if let Some(certs) = tls {
+            let (crt, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&crt, &certs.server_cert_pem)?;
+            std::fs::write(&key, &certs.server_key_pem)?;
+            // Postgres refuses a key file others can read.
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            chown(&crt, user)?;
+            chown(&key, user)?;
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+            )?;
+            cmd.args(["-c", "ssl=on"])
+                .arg("-c")
+                .arg(format!("ssl_cert_file={}", crt.display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", key.display()));
+        }
         let mut server = Server::spawn("postgres", cmd, user, dir.path().join("postgres.log"))?;
         server
             .wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30))
