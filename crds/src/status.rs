@@ -109,6 +109,8 @@ pub struct ConnectorStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LagStatus {
+    /// Records not yet read, summed over the replicas. For a Postgres table with 100,000 or more
+    /// rows to go this is the query planner's estimate; below that it is an exact count.
     pub records: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
@@ -194,7 +196,8 @@ pub struct RuntimeStatus {
     /// Connected to source and sink (the same answer as `/readyz`).
     #[serde(default)]
     pub ready: bool,
-    /// Records not yet read, when the source can tell.
+    /// Records not yet read, when the source can tell (Postgres: the planner's estimate from
+    /// 100,000 rows to go, an exact count below).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_records: Option<i64>,
     /// Age of the oldest unread record, when the source can tell.
