@@ -28,7 +28,11 @@ use crate::{
 /// librdkafka settings shared by everything that talks to the sink cluster.
 pub fn client_config(s: &SinkSettings, secrets: &Secrets) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &s.bootstrap_servers);
+    c.set("bootstrap.servers", &s.bootstrap_servers)
+        // With sparse connections a client connects to a broker only once a request needs it and
+        // then waits for a retry timer: the idempotent producer's id (500 ms, twice), the state
+        // topic's creation and read (100 ms each). Every start paid over a second for it.
+        .set("enable.sparse.connections", "false");
     if let Ok(d) = std::env::var("OBSRV_KAFKA_DEBUG") {
         c.set("debug", d);
     }
@@ -66,9 +70,9 @@ pub fn producer_config(s: &SinkSettings, secrets: &Secrets, client_id: &str) -> 
         .set("queue.buffering.max.kbytes", "8192")
         .set("queue.buffering.max.messages", "20000")
         .set("message.timeout.ms", "120000")
-        // The idempotent producer asks for its producer id on a 500 ms timer and only connects to
-        // a broker when that timer first finds none: sparse connections cost every start a second.
-        .set("enable.sparse.connections", "false");
+        // Keys land on the partitions the Java client (Flink, Kafka Connect) would choose; it is
+        // also cheaper per record than the default CRC32 of the key.
+        .set("partitioner", "murmur2_random");
     if let Some(b) = s.batch_bytes {
         c.set("batch.size", b.to_string());
     }
@@ -187,6 +191,15 @@ pub async fn enqueue(
     if let Some(h) = headers {
         record = record.headers(h);
     }
+    enqueue_record(producer, record, acks).await
+}
+
+/// [`enqueue`] of a record already built; `acks` must be its opaque.
+async fn enqueue_record(
+    producer: &SinkProducer,
+    mut record: BaseRecord<'_, [u8], [u8], Arc<Acks>>,
+    acks: &Arc<Acks>,
+) -> Result<()> {
     acks.add();
     loop {
         match producer.send(record) {
@@ -393,15 +406,14 @@ impl Sink {
                 key: EVENT_ID_HEADER,
                 value: Some(rec.id.as_bytes()),
             });
-            enqueue(
-                &self.producer,
-                topic,
-                Some(rec.id.as_bytes()),
-                Some(bytes),
-                Some(headers),
-                &acks,
-            )
-            .await?;
+            // The message timestamp is the envelope's syncts (librdkafka would read the clock
+            // for every record otherwise).
+            let record = BaseRecord::with_opaque_to(topic.as_str(), acks.clone())
+                .key(rec.id.as_bytes())
+                .payload(bytes.as_slice())
+                .headers(headers)
+                .timestamp(syncts_ms);
+            enqueue_record(&self.producer, record, &acks).await?;
         }
         Ok(InFlight {
             acks,

@@ -115,6 +115,7 @@ impl StateStore {
                 }
             }
         }
+        destroy_in_background(admin);
         Ok(())
     }
 
@@ -133,62 +134,9 @@ impl StateStore {
             let c: BaseConsumer = cfg
                 .create()
                 .map_err(|e| Error::SinkUnreachable(format!("state consumer: {e}")))?;
-            let timeout = Duration::from_secs(10);
-            let md = c
-                .fetch_metadata(Some(&topic), timeout)
-                .map_err(|e| Error::SinkUnreachable(format!("state topic metadata: {e}")))?;
-            let parts: Vec<i32> = md
-                .topics()
-                .iter()
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
-            let mut tpl = TopicPartitionList::new();
-            let mut remaining = Vec::new();
-            for p in parts {
-                let (lo, hi) = c
-                    .fetch_watermarks(&topic, p, timeout)
-                    .map_err(|e| Error::SinkUnreachable(format!("state topic offsets: {e}")))?;
-                if hi > lo {
-                    tpl.add_partition_offset(&topic, p, Offset::Beginning)
-                        .map_err(|e| Error::State(e.to_string()))?;
-                    remaining.push((p, hi));
-                }
-            }
-            if remaining.is_empty() {
-                return Ok(None);
-            }
-            c.assign(&tpl)
-                .map_err(|e| Error::State(format!("assign state topic: {e}")))?;
-            let mut last: Option<Vec<u8>> = None;
-            let mut tombstone = false;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !remaining.is_empty() {
-                if Instant::now() > deadline {
-                    return Err(Error::State("timed out reading the state topic".into()));
-                }
-                if let Some(m) = c.poll(Duration::from_millis(200)) {
-                    let m = m.map_err(|e| Error::SinkUnreachable(format!("reading state: {e}")))?;
-                    if m.key() == Some(key.as_bytes()) {
-                        last = m.payload().map(<[u8]>::to_vec);
-                        tombstone = m.payload().is_none();
-                    }
-                    let (p, o) = (m.partition(), m.offset());
-                    remaining.retain(|(rp, hi)| !(*rp == p && o + 1 >= *hi));
-                }
-                // Transaction markers take offsets but are never delivered: the consumer's position
-                // (past them) tells when a partition is read to its end.
-                if let Ok(pos) = c.position() {
-                    for e in pos.elements() {
-                        if let Offset::Offset(o) = e.offset() {
-                            remaining.retain(|(rp, hi)| !(*rp == e.partition() && o >= *hi));
-                        }
-                    }
-                }
-            }
-            if tombstone {
-                return Ok(None);
-            }
-            StateRecord::decode(last.as_deref(), &kind)
+            let res = read_last(&c, &topic, &key, &kind);
+            destroy_in_background(c);
+            res
         })
         .await
         .map_err(|e| Error::State(e.to_string()))?
@@ -264,6 +212,72 @@ impl StateStore {
         .await?;
         acks.wait().await
     }
+}
+
+/// librdkafka's destroy waits for the client's threads to wind down (~100 ms); nothing here needs
+/// to wait for it, and a start would pay it twice.
+fn destroy_in_background<T: Send + 'static>(client: T) {
+    std::thread::spawn(move || drop(client));
+}
+
+/// Reads the state topic to its end; the last record for `key`, if any.
+fn read_last(c: &BaseConsumer, topic: &str, key: &str, kind: &str) -> Result<Option<StateRecord>> {
+    let timeout = Duration::from_secs(10);
+    let md = c
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| Error::SinkUnreachable(format!("state topic metadata: {e}")))?;
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = Vec::new();
+    for p in parts {
+        let (lo, hi) = c
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(|e| Error::SinkUnreachable(format!("state topic offsets: {e}")))?;
+        if hi > lo {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .map_err(|e| Error::State(e.to_string()))?;
+            remaining.push((p, hi));
+        }
+    }
+    if remaining.is_empty() {
+        return Ok(None);
+    }
+    c.assign(&tpl)
+        .map_err(|e| Error::State(format!("assign state topic: {e}")))?;
+    let mut last: Option<Vec<u8>> = None;
+    let mut tombstone = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !remaining.is_empty() {
+        if Instant::now() > deadline {
+            return Err(Error::State("timed out reading the state topic".into()));
+        }
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            let m = m.map_err(|e| Error::SinkUnreachable(format!("reading state: {e}")))?;
+            if m.key() == Some(key.as_bytes()) {
+                last = m.payload().map(<[u8]>::to_vec);
+                tombstone = m.payload().is_none();
+            }
+            let (p, o) = (m.partition(), m.offset());
+            remaining.retain(|(rp, hi)| !(*rp == p && o + 1 >= *hi));
+        }
+        // Transaction markers take offsets but are never delivered: the consumer's position
+        // (past them) tells when a partition is read to its end.
+        if let Ok(pos) = c.position() {
+            for e in pos.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    remaining.retain(|(rp, hi)| !(*rp == e.partition() && o >= *hi));
+                }
+            }
+        }
+    }
+    if tombstone {
+        return Ok(None);
+    }
+    StateRecord::decode(last.as_deref(), kind)
 }
 
 #[cfg(test)]
