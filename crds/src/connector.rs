@@ -388,8 +388,10 @@ pub enum ObjectFormat {
     Parquet,
 }
 
-/// Objects in an S3-compatible bucket (S3, MinIO, ...). Processed objects are tracked in state;
-/// nothing is ever written to the source bucket.
+/// Objects in an S3-compatible bucket (S3, MinIO, ...), read in key order. Processed objects are
+/// tracked in state; nothing is ever written to the source bucket. Past 256 KiB of remembered keys
+/// the lowest are kept as "done through key K": an object written later with a key sorting before K
+/// is not read, so keys should sort by time (date-partitioned prefixes do).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct S3Source {

@@ -35,10 +35,17 @@ pub const MAX_LINE_BYTES: usize = 16 << 20;
 /// Largest JSON document (format `json`) read; larger ones become a failed record.
 pub const MAX_JSON_DOCUMENT_BYTES: usize = 16 << 20;
 
+/// How many bytes of keys the processed set may hold; past it, its lowest keys are folded into
+/// `doneThrough`. Keeps the state record far below the sink's message size whatever the bucket.
+pub const DONE_KEYS_BUDGET: usize = 256 << 10;
+
 /// Where an S3 source is: objects done, and the object being read with the byte offset reached.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct S3Position {
+    /// Every key up to and including this one is done (the processed set's folded part).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done_through: Option<String>,
     #[serde(default)]
     pub done: BTreeSet<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,14 +74,40 @@ impl S3Position {
     }
 
     pub fn watermark(&self) -> String {
-        match &self.current {
-            Some(c) => format!(
-                "{} objects done; reading {} at {}",
-                self.done.len(),
-                c.key,
-                c.offset
-            ),
+        let done = match &self.done_through {
+            Some(t) => format!("objects through {t} and {} more done", self.done.len()),
             None => format!("{} objects done", self.done.len()),
+        };
+        match &self.current {
+            Some(c) => format!("{done}; reading {} at {}", c.key, c.offset),
+            None => done,
+        }
+    }
+
+    pub fn is_done(&self, key: &str) -> bool {
+        self.done.contains(key) || self.done_through.as_deref().is_some_and(|t| key <= t)
+    }
+
+    /// Keeps the processed set bounded, given the keys the bucket lists now. Pure.
+    /// - Keys no longer listed are forgotten (deleted objects; one uploaded again is read again).
+    /// - Past `budget` bytes of keys, the lowest done keys are folded into `done_through`, but
+    ///   never past a listed key that is not done, so nothing listed is ever skipped. What the fold
+    ///   costs: an object that appears later with a key sorting before `done_through` is taken as
+    ///   done, so keys should sort by time (date-partitioned prefixes do).
+    pub fn compact(&mut self, listed: &BTreeSet<String>, budget: usize) {
+        self.done.retain(|k| listed.contains(k));
+        let lowest_pending = listed.iter().find(|k| !self.is_done(k)).cloned();
+        let mut bytes: usize = self.done.iter().map(String::len).sum();
+        while bytes > budget {
+            match self.done.first() {
+                Some(k) if lowest_pending.as_ref().is_none_or(|p| k < p) => {}
+                _ => break,
+            }
+            let k = self.done.pop_first().expect("a first key");
+            bytes -= k.len();
+            if self.done_through.as_ref().is_none_or(|t| &k > t) {
+                self.done_through = Some(k);
+            }
         }
     }
 }
@@ -347,12 +380,13 @@ impl S3Source {
             .try_collect()
             .await
             .map_err(store_err)?;
-        let mut keys: Vec<String> = metas
+        let listed: BTreeSet<String> = metas.into_iter().map(|m| m.location.to_string()).collect();
+        self.position.compact(&listed, DONE_KEYS_BUDGET);
+        // In key order (a BTreeSet's).
+        let mut keys: Vec<String> = listed
             .into_iter()
-            .map(|m| m.location.to_string())
-            .filter(|k| !self.position.done.contains(k))
+            .filter(|k| !self.position.is_done(k))
             .collect();
-        keys.sort();
         if let Some(i) = self
             .position
             .current
@@ -615,6 +649,50 @@ impl Source for S3Source {
 mod tests {
     use super::*;
 
+    fn keys(ks: &[&str]) -> BTreeSet<String> {
+        ks.iter().map(|k| k.to_string()).collect()
+    }
+
+    #[test]
+    fn processed_set_forgets_deleted_objects_and_folds_its_lowest_keys() {
+        let mut p = S3Position {
+            done: keys(&["a", "b", "c", "d", "gone"]),
+            ..S3Position::default()
+        };
+        // Deleted objects are forgotten; within budget nothing is folded.
+        p.compact(&keys(&["a", "b", "c", "d", "e"]), 100);
+        assert_eq!(p.done, keys(&["a", "b", "c", "d"]));
+        assert_eq!(p.done_through, None);
+        // Over budget (2 bytes of keys): the lowest keys fold into done_through.
+        p.compact(&keys(&["a", "b", "c", "d", "e"]), 2);
+        assert_eq!(p.done_through.as_deref(), Some("b"));
+        assert_eq!(p.done, keys(&["c", "d"]));
+        assert!(p.is_done("a") && p.is_done("b") && p.is_done("d"));
+        assert!(!p.is_done("e"), "a listed key not done stays pending");
+        assert_eq!(p.watermark(), "objects through b and 2 more done");
+        // The state stays readable after the round trip.
+        let back = S3Position::from_value(Some(&serde_json::to_value(&p).unwrap())).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn folding_never_passes_a_listed_key_that_is_not_done() {
+        // "b" arrived late, below keys already done: it must still be read.
+        let mut p = S3Position {
+            done: keys(&["a", "c", "d", "e"]),
+            ..S3Position::default()
+        };
+        p.compact(&keys(&["a", "b", "c", "d", "e"]), 0);
+        assert_eq!(p.done_through.as_deref(), Some("a"));
+        assert!(!p.is_done("b"));
+        assert_eq!(p.done, keys(&["c", "d", "e"]));
+        // Once "b" is done, the fold moves on.
+        p.done.insert("b".into());
+        p.compact(&keys(&["a", "b", "c", "d", "e"]), 0);
+        assert_eq!(p.done_through.as_deref(), Some("e"));
+        assert!(p.done.is_empty());
+    }
+
     #[test]
     fn lines_keep_their_offsets_across_chunks() {
         let mut s = LineSplitter::new(100);
@@ -696,6 +774,7 @@ mod tests {
     #[test]
     fn positions_round_trip() {
         let p = S3Position {
+            done_through: None,
             done: ["a.jsonl".to_string()].into(),
             current: Some(CurrentObject {
                 key: "b.csv".into(),
