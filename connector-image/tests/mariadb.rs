@@ -111,3 +111,52 @@ async fn mariadb_full_load_ties_types_and_restart() -> Result<()> {
     assert_eq!(ids(&recs)?.len(), 98);
     Ok(())
 }
+
+/// TLS modes against a server that requires TLS: verify-full with the CA from the Secret loads the
+/// table; plaintext is refused and an unverifiable server too, and `check` says why.
+#[tokio::test]
+async fn mariadb_tls_modes_verify_the_server_and_refuse_plaintext() -> Result<()> {
+    let ((db, ca), broker) = tokio::try_join!(MariaDb::start_tls(), Broker::start())?;
+    db.sql(
+        "CREATE TABLE orders (id BIGINT PRIMARY KEY, updated_at DATETIME(6) NOT NULL, KEY (updated_at, id)); \
+         INSERT INTO orders SELECT seq, TIMESTAMP('2024-01-01 00:00:00') + INTERVAL seq SECOND FROM seq_1_to_30;",
+    )
+    .await?;
+    let with_mode = |mode: &str| manifest(&db, "orders", "id", 8).replace("{mode: disable}", mode);
+    let creds = [("db", "user", db.user()), ("db", "pass", db.password())];
+    let with_ca = [
+        ("db", "user", db.user()),
+        ("db", "pass", db.password()),
+        ("db", "ca.crt", ca.as_str()),
+    ];
+
+    let verified = Harness::new(
+        &broker,
+        &with_mode("{mode: verify-full, ca: {secretName: db, key: ca.crt}}"),
+        &with_ca,
+    )
+    .await?;
+    let (code, out) = verified.command("check")?;
+    assert!(code.success(), "{out}");
+    let conn = verified.start()?;
+    let recs = consume_exactly(&broker, &verified.ingest, 30, T).await?;
+    assert_eq!(ids(&recs)?.len(), 30, "{}", conn.log_tail());
+
+    let plain = Harness::new(&broker, &with_mode("{mode: disable}"), &creds).await?;
+    let (code, out) = plain.command("check")?;
+    assert!(!code.success(), "{out}");
+    // MariaDB answers a plaintext login on a TLS-only server with "Access denied".
+    assert!(
+        out.contains("source: AuthFailed") && out.contains("Access denied"),
+        "plaintext refused by the server: {out}"
+    );
+
+    let unverified = Harness::new(&broker, &with_mode("{mode: verify-full}"), &creds).await?;
+    let (code, out) = unverified.command("check")?;
+    assert!(!code.success(), "{out}");
+    assert!(
+        out.to_lowercase().contains("certificate"),
+        "an unknown issuer is refused: {out}"
+    );
+    Ok(())
+}

@@ -543,13 +543,28 @@ pub struct MariaDb {
     external: Option<SqlEndpoint>,
     server: Option<Server>,
     client: PathBuf,
+    /// The server requires TLS: the client connects with `--ssl`.
+    tls: bool,
     _dir: Option<TempDir>,
 }
 
 impl MariaDb {
     pub async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// A local server that requires TLS (`require_secure_transport`), with a certificate for
+    /// 127.0.0.1 signed by a throwaway CA; returns it with the CA's PEM. Always local, even with
+    /// `MYSQL_URL` set: the test needs to own the server's TLS set-up.
+    pub async fn start_tls() -> Result<(Self, String)> {
+        let certs = TestCertificates::generate()?;
+        let db = Self::start_with(Some(&certs)).await?;
+        Ok((db, certs.ca_pem))
+    }
+
+    async fn start_with(tls: Option<&TestCertificates>) -> Result<Self> {
         let client = find_binary("mariadb", &[]).or_else(|_| find_binary("mysql", &[]))?;
-        if let Ok(url) = std::env::var("MYSQL_URL") {
+        if let Some(url) = std::env::var("MYSQL_URL").ok().filter(|_| tls.is_none()) {
             let admin = SqlEndpoint::parse(&url)?;
             let endpoint = SqlEndpoint {
                 database: unique_name("obsrv_test"),
@@ -560,6 +575,7 @@ impl MariaDb {
                 external: Some(admin.clone()),
                 server: None,
                 client,
+                tls: false,
                 _dir: None,
             };
             db.sql_as(&admin, &format!("CREATE DATABASE {}", db.endpoint.database))
@@ -611,6 +627,16 @@ impl MariaDb {
                 "--innodb-flush-log-at-trx-commit=0",
             ])
             .args(["--innodb-buffer-pool-size=64M", "--skip-log-error"]);
+        if let Some(certs) = tls {
+            let (crt, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&crt, &certs.server_cert_pem)?;
+            std::fs::write(&key, &certs.server_key_pem)?;
+            chown(&crt, user)?;
+            chown(&key, user)?;
+            cmd.arg(format!("--ssl-cert={}", crt.display()))
+                .arg(format!("--ssl-key={}", key.display()))
+                .arg("--require-secure-transport=ON");
+        }
         let mut server = Server::spawn("mariadbd", cmd, user, dir.path().join("mariadbd.log"))?;
         server
             .wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(60))
@@ -639,6 +665,7 @@ impl MariaDb {
             external: None,
             server: Some(server),
             client,
+            tls: tls.is_some(),
             _dir: Some(dir),
         })
     }
@@ -666,6 +693,7 @@ impl MariaDb {
                 &e.user,
                 &e.database,
             ])
+            .args(self.tls.then_some("--ssl"))
             .args(["-e", sql])
             .env("MYSQL_PWD", &e.password)
             .stdin(Stdio::null())
