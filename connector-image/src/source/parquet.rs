@@ -11,7 +11,7 @@ use std::{
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use parquet::{
-    basic::{LogicalType, TimeUnit},
+    basic::{ConvertedType, LogicalType, TimeUnit},
     file::{
         reader::FileReader,
         serialized_reader::{ReadOptionsBuilder, SerializedFileReader},
@@ -57,8 +57,8 @@ pub fn row_json(row: &Row) -> Value {
     row_json_with(row, &[])
 }
 
-/// How a top-level timestamp column is stored, which the row API does not keep: nanoseconds come
-/// out as plain integers, and local (not UTC-adjusted) times must not get a `Z`.
+/// How a timestamp column is stored, which the row API does not keep: nanoseconds come out as plain
+/// integers, and local (not UTC-adjusted) times must not get a `Z`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimestampColumn {
     pub utc: bool,
@@ -72,26 +72,70 @@ pub enum Unit {
     Nanos,
 }
 
-/// The top-level timestamp columns of a schema (nested ones keep the row API's mapping).
-pub fn timestamp_columns(schema: &Type) -> Vec<(String, TimestampColumn)> {
-    schema
-        .get_fields()
-        .iter()
-        .filter_map(|t| match t.get_basic_info().logical_type_ref() {
-            Some(LogicalType::Timestamp(ts)) if t.is_primitive() => Some((
-                t.name().to_string(),
-                TimestampColumn {
+/// What the schema says about a field that the row API does not keep (a timestamp's unit and UTC
+/// flag), at any depth: struct fields, list elements, map keys and values.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Shape {
+    Timestamp(TimestampColumn),
+    Struct(Vec<(String, Shape)>),
+    List(Box<Shape>),
+    Map(Box<Shape>, Box<Shape>),
+    Plain,
+}
+
+impl Shape {
+    /// The shape of a schema node, following Parquet's LIST and MAP layouts (three-level lists and
+    /// the legacy two-level ones, as the row API reads them).
+    pub fn of(t: &Type) -> Shape {
+        let info = t.get_basic_info();
+        if t.is_primitive() {
+            return match info.logical_type_ref() {
+                Some(LogicalType::Timestamp(ts)) => Shape::Timestamp(TimestampColumn {
                     utc: ts.is_adjusted_to_u_t_c,
                     unit: match ts.unit {
                         TimeUnit::MILLIS => Unit::Millis,
                         TimeUnit::MICROS => Unit::Micros,
                         TimeUnit::NANOS => Unit::Nanos,
                     },
-                },
-            )),
-            _ => None,
-        })
-        .collect()
+                }),
+                _ => Shape::Plain,
+            };
+        }
+        let fields = t.get_fields();
+        let annotated = |l: fn(&LogicalType) -> bool, c: &[ConvertedType]| {
+            info.logical_type_ref().is_some_and(l) || c.contains(&info.converted_type())
+        };
+        let is_list = annotated(|l| matches!(l, LogicalType::List), &[ConvertedType::LIST]);
+        let is_map = annotated(
+            |l| matches!(l, LogicalType::Map),
+            &[ConvertedType::MAP, ConvertedType::MAP_KEY_VALUE],
+        );
+        match fields {
+            [repeated] if is_list => {
+                let inner = repeated.get_fields();
+                let element = match inner {
+                    [e] if !repeated.is_primitive()
+                        && repeated.name() != "array"
+                        && !repeated.name().ends_with("_tuple") =>
+                    {
+                        e.as_ref()
+                    }
+                    _ => repeated.as_ref(),
+                };
+                Shape::List(Box::new(Shape::of(element)))
+            }
+            [kv] if is_map && !kv.is_primitive() && kv.get_fields().len() == 2 => {
+                let kv = kv.get_fields();
+                Shape::Map(Box::new(Shape::of(&kv[0])), Box::new(Shape::of(&kv[1])))
+            }
+            _ => Shape::Struct(
+                fields
+                    .iter()
+                    .map(|f| (f.name().to_string(), Shape::of(f)))
+                    .collect(),
+            ),
+        }
+    }
 }
 
 /// A timestamp as ISO-8601: `…Z` when UTC-adjusted, without offset when local; digits per unit.
@@ -124,20 +168,53 @@ pub fn timestamp_json(value: i64, col: TimestampColumn) -> Value {
     }
 }
 
-/// [`row_json`] with the file's top-level timestamp columns rendered by [`timestamp_json`].
-pub fn row_json_with(row: &Row, timestamps: &[(String, TimestampColumn)]) -> Value {
+/// A field as JSON, timestamps rendered by [`timestamp_json`] as its shape says.
+pub fn json_with(f: &Field, shape: &Shape) -> Value {
+    match (f, shape) {
+        (
+            Field::TimestampMillis(v) | Field::TimestampMicros(v) | Field::Long(v),
+            Shape::Timestamp(c),
+        ) => timestamp_json(*v, *c),
+        (Field::Group(row), Shape::Struct(fields)) => row_json_with(row, fields),
+        (Field::ListInternal(list), Shape::List(element)) => Value::Array(
+            list.elements()
+                .iter()
+                .map(|e| json_with(e, element))
+                .collect(),
+        ),
+        // A repeated field without a LIST annotation: each element has the field's shape.
+        (Field::ListInternal(list), element) => Value::Array(
+            list.elements()
+                .iter()
+                .map(|e| json_with(e, element))
+                .collect(),
+        ),
+        (Field::MapInternal(map), Shape::Map(key, value)) => Value::Object(
+            map.entries()
+                .iter()
+                .map(|(k, v)| {
+                    let k = match json_with(k, key) {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    (k, json_with(v, value))
+                })
+                .collect(),
+        ),
+        _ => field_json(f),
+    }
+}
+
+/// A row (or struct) as a JSON object, columns in schema order, shaped by `fields`.
+pub fn row_json_with(row: &Row, fields: &[(String, Shape)]) -> Value {
     Value::Object(
         row.get_column_iter()
             .map(|(name, f)| {
-                let ts = timestamps.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
-                let v = match (ts, f) {
-                    (Some(c), Field::TimestampMillis(v) | Field::TimestampMicros(v)) => {
-                        timestamp_json(*v, c)
-                    }
-                    (Some(c), Field::Long(v)) => timestamp_json(*v, c),
-                    _ => field_json(f),
-                };
-                (name.clone(), v)
+                let shape = fields
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(&Shape::Plain, |(_, s)| s);
+                (name.clone(), json_with(f, shape))
             })
             .collect(),
     )
@@ -146,7 +223,8 @@ pub fn row_json_with(row: &Row, timestamps: &[(String, TimestampColumn)]) -> Val
 /// The rows of one Parquet file from a given row index on.
 pub struct ParquetRows {
     rows: Option<RowIter<'static>>,
-    timestamps: Vec<(String, TimestampColumn)>,
+    /// The file's columns, as the schema shapes them.
+    columns: Vec<(String, Shape)>,
     /// Index of the next row.
     next: u64,
     /// Why the file cannot be read (further), reported once.
@@ -164,15 +242,15 @@ impl ParquetRows {
     /// Opens `file` and positions it at row `start` (skipping whole row groups without decoding).
     pub fn open(file: File, start: u64) -> ParquetRows {
         match guarded(|| open_at(file, start)) {
-            Ok((rows, timestamps)) => ParquetRows {
+            Ok((rows, columns)) => ParquetRows {
                 rows: Some(rows),
-                timestamps,
+                columns,
                 next: start,
                 error: None,
             },
             Err(e) => ParquetRows {
                 rows: None,
-                timestamps: Vec::new(),
+                columns: Vec::new(),
                 next: start,
                 error: Some(format!("object is not a readable Parquet file: {e}")),
             },
@@ -197,7 +275,7 @@ impl ParquetRows {
                 self.next += 1;
                 Some(RowOutcome::Row(
                     at,
-                    row_json_with(&row, &self.timestamps).to_string(),
+                    row_json_with(&row, &self.columns).to_string(),
                 ))
             }
             Ok(None) => {
@@ -229,7 +307,7 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     })
 }
 
-type Opened = (RowIter<'static>, Vec<(String, TimestampColumn)>);
+type Opened = (RowIter<'static>, Vec<(String, Shape)>);
 
 fn open_at(file: File, start: u64) -> Result<Opened, String> {
     let clone = file.try_clone().map_err(|e| e.to_string())?;
@@ -245,7 +323,10 @@ fn open_at(file: File, start: u64) -> Result<Opened, String> {
         }
         before += n;
     }
-    let timestamps = timestamp_columns(meta.metadata().file_metadata().schema());
+    let columns = match Shape::of(meta.metadata().file_metadata().schema()) {
+        Shape::Struct(columns) => columns,
+        _ => Vec::new(),
+    };
     drop(meta);
     let options = ReadOptionsBuilder::new()
         .with_predicate(Box::new(move |_, i| i >= group))
@@ -261,7 +342,7 @@ fn open_at(file: File, start: u64) -> Result<Opened, String> {
             None => break,
         }
     }
-    Ok((rows, timestamps))
+    Ok((rows, columns))
 }
 
 #[cfg(test)]
@@ -412,6 +493,89 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(from3.next_row(), None);
+    }
+
+    #[test]
+    fn nested_timestamps_follow_their_unit_and_utc_flag() {
+        use parquet::{
+            data_type::{ByteArray, ByteArrayType, Int64Type},
+            file::{properties::WriterProperties, writer::SerializedFileWriter},
+            schema::parser::parse_message_type,
+        };
+        use std::sync::Arc;
+        let schema = Arc::new(
+            parse_message_type(
+                "message m {
+                    required group inner {
+                        required int64 at (TIMESTAMP(NANOS,true));
+                        required int64 local_ms (TIMESTAMP(MILLIS,false));
+                    }
+                    optional group stamps (LIST) {
+                        repeated group list { required int64 element (TIMESTAMP(NANOS,true)); }
+                    }
+                    optional group by_name (MAP) {
+                        repeated group key_value {
+                            required binary key (STRING);
+                            required int64 value (TIMESTAMP(NANOS,false));
+                        }
+                    }
+                    repeated int64 legacy (TIMESTAMP(MICROS,true));
+                }",
+            )
+            .unwrap(),
+        );
+        let mut f = tempfile::tempfile().unwrap();
+        let mut w = SerializedFileWriter::new(
+            f.try_clone().unwrap(),
+            schema,
+            Arc::new(WriterProperties::builder().build()),
+        )
+        .unwrap();
+        let ns = |i: i64| 1_700_000_000_000_000_000 + i;
+        let mut rg = w.next_row_group().unwrap();
+        let mut col = 0;
+        while let Some(mut c) = rg.next_column().unwrap() {
+            let (ints, d, r): (Vec<i64>, Vec<i16>, Vec<i16>) = match col {
+                0 => (vec![ns(1)], vec![], vec![]),
+                1 => (vec![1_700_000_000_123], vec![], vec![]),
+                2 => (vec![ns(2), ns(3)], vec![2, 2], vec![0, 1]),
+                3 => (vec![], vec![], vec![]),
+                4 => (vec![ns(4)], vec![2], vec![0]),
+                _ => (vec![1_700_000_000_000_005], vec![1], vec![0]),
+            };
+            fn levels(v: &[i16]) -> Option<&[i16]> {
+                (!v.is_empty()).then_some(v)
+            }
+            if col == 3 {
+                let keys: Vec<ByteArray> = vec!["x".into()];
+                c.typed::<ByteArrayType>()
+                    .write_batch(&keys, Some(&[2]), Some(&[0]))
+                    .unwrap();
+            } else {
+                c.typed::<Int64Type>()
+                    .write_batch(&ints, levels(&d), levels(&r))
+                    .unwrap();
+            }
+            c.close().unwrap();
+            col += 1;
+        }
+        rg.close().unwrap();
+        w.close().unwrap();
+        std::io::Seek::rewind(&mut f).unwrap();
+
+        let mut rows = ParquetRows::open(f, 0);
+        let Some(RowOutcome::Row(0, j)) = rows.next_row() else {
+            panic!("one row")
+        };
+        assert_eq!(
+            serde_json::from_str::<Value>(&j).unwrap(),
+            json!({
+                "inner": {"at": "2023-11-14T22:13:20.000000001Z", "local_ms": "2023-11-14T22:13:20.123"},
+                "stamps": ["2023-11-14T22:13:20.000000002Z", "2023-11-14T22:13:20.000000003Z"],
+                "by_name": {"x": "2023-11-14T22:13:20.000000004"},
+                "legacy": ["2023-11-14T22:13:20.000005Z"],
+            })
+        );
     }
 
     #[test]
