@@ -220,14 +220,23 @@ impl Committer {
     }
 }
 
-/// This process among the connector's replicas: the pod's name (`HOSTNAME`) and the process id,
-/// which tells local processes apart too.
+/// This process among the connector's replicas.
 fn replica_name() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "local".into());
-    format!("{host}.{}", std::process::id())
+    replica_name_of(
+        std::env::var("HOSTNAME").ok().as_deref(),
+        std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+        std::process::id(),
+    )
+}
+
+/// In a pod, the pod's name: it survives a container restart, so the restarted process takes over
+/// (and aborts) the transaction its predecessor left open instead of leaving it to time out.
+/// Elsewhere the host name and process id, which tell local processes apart. Pure.
+fn replica_name_of(hostname: Option<&str>, in_pod: bool, pid: u32) -> String {
+    match hostname.filter(|h| !h.is_empty()) {
+        Some(pod) if in_pod => pod.to_string(),
+        host => format!("{}.{pid}", host.unwrap_or("local")),
+    }
 }
 
 enum Item {
@@ -718,6 +727,17 @@ async fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_is_its_pod_in_a_cluster_and_its_process_elsewhere() {
+        assert_eq!(
+            replica_name_of(Some("clicks-7d9f-x2x"), true, 1),
+            "clicks-7d9f-x2x"
+        );
+        assert_eq!(replica_name_of(Some("laptop"), false, 4242), "laptop.4242");
+        assert_eq!(replica_name_of(None, true, 7), "local.7");
+        assert_eq!(replica_name_of(Some(""), false, 7), "local.7");
+    }
 
     #[test]
     fn backoff_grows_to_a_cap_and_resets() {
