@@ -29,9 +29,9 @@ use crate::{
 pub fn client_config(s: &SinkSettings, secrets: &Secrets) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &s.bootstrap_servers)
-        // With sparse connections a client connects to a broker only once a request needs it and
-        // then waits for a retry timer: the idempotent producer's id (500 ms, twice), the state
-        // topic's creation and read (100 ms each). Every start paid over a second for it.
+        // With sparse connections a client connects to a broker only once a request needs it, and
+        // the idempotent producer asks for its id on a 500 ms timer that first finds no broker
+        // connected: every start waited a second before its first record could go.
         .set("enable.sparse.connections", "false");
     if let Ok(d) = std::env::var("OBSRV_KAFKA_DEBUG") {
         c.set("debug", d);
@@ -90,7 +90,7 @@ pub fn transactional_id(instance: &str) -> String {
 }
 
 /// The transactional id of one replica of a Kafka-source connector (`replica`: the pod's name
-/// and process id). Replicas share the work, so one shared id would have them fence each other;
+/// in a cluster, host name and process id elsewhere). Replicas share the work, so one shared id would have them fence each other;
 /// stale replicas are fenced by the consumer group's generation instead (the broker refuses their
 /// offsets once the group moved on).
 pub fn replica_transactional_id(instance: &str, replica: &str) -> String {
