@@ -331,6 +331,22 @@ impl TestCertificates {
             server_key_pem: key.serialize_pem(),
         })
     }
+
+    /// Writes the server's certificate and key into `dir` for a server running as `user`; the key
+    /// readable by its owner only (Postgres refuses it otherwise). Returns their paths.
+    fn write_server_files(
+        &self,
+        dir: &Path,
+        user: Option<(u32, u32)>,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
+        std::fs::write(&crt, &self.server_cert_pem)?;
+        std::fs::write(&key, &self.server_key_pem)?;
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        chown(&crt, user)?;
+        chown(&key, user)?;
+        Ok((crt, key))
+    }
 }
 
 impl Postgres {
@@ -424,13 +440,7 @@ impl Postgres {
             ])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"]);
         if let Some(certs) = tls {
-            let (crt, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
-            std::fs::write(&crt, &certs.server_cert_pem)?;
-            std::fs::write(&key, &certs.server_key_pem)?;
-            // Postgres refuses a key file others can read.
-            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-            chown(&crt, user)?;
-            chown(&key, user)?;
+            let (crt, key) = certs.write_server_files(dir.path(), user)?;
             std::fs::write(
                 data.join("pg_hba.conf"),
                 "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
@@ -628,11 +638,7 @@ impl MariaDb {
             ])
             .args(["--innodb-buffer-pool-size=64M", "--skip-log-error"]);
         if let Some(certs) = tls {
-            let (crt, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
-            std::fs::write(&crt, &certs.server_cert_pem)?;
-            std::fs::write(&key, &certs.server_key_pem)?;
-            chown(&crt, user)?;
-            chown(&key, user)?;
+            let (crt, key) = certs.write_server_files(dir.path(), user)?;
             cmd.arg(format!("--ssl-cert={}", crt.display()))
                 .arg(format!("--ssl-key={}", key.display()))
                 .arg("--require-secure-transport=ON");

@@ -351,6 +351,22 @@ mod tests {
     use parquet::{data_type::Decimal, record::Field};
     use serde_json::json;
 
+    /// A temp file and a Parquet writer into it for `schema` (message type syntax).
+    fn writer(schema: &str) -> (File, parquet::file::writer::SerializedFileWriter<File>) {
+        use parquet::{
+            file::{properties::WriterProperties, writer::SerializedFileWriter},
+            schema::parser::parse_message_type,
+        };
+        let f = tempfile::tempfile().unwrap();
+        let w = SerializedFileWriter::new(
+            f.try_clone().unwrap(),
+            std::sync::Arc::new(parse_message_type(schema).unwrap()),
+            std::sync::Arc::new(WriterProperties::builder().build()),
+        )
+        .unwrap();
+        (f, w)
+    }
+
     #[test]
     fn fields_map_to_json_faithfully() {
         assert_eq!(
@@ -400,15 +416,9 @@ mod tests {
     /// a restart position inside the second row group.
     #[test]
     fn rows_from_a_written_file_and_a_mid_file_start() {
-        use parquet::{
-            data_type::{ByteArray, ByteArrayType, Int32Type, Int64Type},
-            file::{properties::WriterProperties, writer::SerializedFileWriter},
-            schema::parser::parse_message_type,
-        };
-        use std::sync::Arc;
-        let schema = Arc::new(
-            parse_message_type(
-                "message m {
+        use parquet::data_type::{ByteArray, ByteArrayType, Int32Type, Int64Type};
+        let (mut f, mut w) = writer(
+            "message m {
                     required int64 ns (TIMESTAMP(NANOS,true));
                     required int64 local (TIMESTAMP(MILLIS,false));
                     optional group attrs (MAP) {
@@ -418,16 +428,7 @@ mod tests {
                         }
                     }
                 }",
-            )
-            .unwrap(),
         );
-        let mut f = tempfile::tempfile().unwrap();
-        let mut w = SerializedFileWriter::new(
-            f.try_clone().unwrap(),
-            schema,
-            Arc::new(WriterProperties::builder().build()),
-        )
-        .unwrap();
         for g in 0..2i64 {
             let mut rg = w.next_row_group().unwrap();
             let mut col = 0;
@@ -497,15 +498,9 @@ mod tests {
 
     #[test]
     fn nested_timestamps_follow_their_unit_and_utc_flag() {
-        use parquet::{
-            data_type::{ByteArray, ByteArrayType, Int64Type},
-            file::{properties::WriterProperties, writer::SerializedFileWriter},
-            schema::parser::parse_message_type,
-        };
-        use std::sync::Arc;
-        let schema = Arc::new(
-            parse_message_type(
-                "message m {
+        use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+        let (mut f, mut w) = writer(
+            "message m {
                     required group inner {
                         required int64 at (TIMESTAMP(NANOS,true));
                         required int64 local_ms (TIMESTAMP(MILLIS,false));
@@ -521,16 +516,7 @@ mod tests {
                     }
                     repeated int64 legacy (TIMESTAMP(MICROS,true));
                 }",
-            )
-            .unwrap(),
         );
-        let mut f = tempfile::tempfile().unwrap();
-        let mut w = SerializedFileWriter::new(
-            f.try_clone().unwrap(),
-            schema,
-            Arc::new(WriterProperties::builder().build()),
-        )
-        .unwrap();
         let ns = |i: i64| 1_700_000_000_000_000_000 + i;
         let mut rg = w.next_row_group().unwrap();
         let mut col = 0;
