@@ -891,6 +891,51 @@ fn decode_my(r: &sqlx::mysql::MySqlRow) -> Result<RawRow> {
     ))
 }
 
+/// Sends what `chunk` gathered; false when the reader is gone.
+async fn flush(tx: &mpsc::Sender<Result<StreamChunk>>, chunk: &mut ChunkBuilder) -> bool {
+    match chunk.take() {
+        Some(c) => tx.send(Ok(c)).await.is_ok(),
+        None => true,
+    }
+}
+
+/// Drives a query's result stream into chunks for the reader: what is gathered is handed over
+/// whenever the database has nothing more yet or a chunk is full. `step` adds one item's rows
+/// (`None`: the stream ended) and says whether to go on; its error ends the stream after what
+/// came before it.
+async fn pump<T>(
+    mut stream: futures::stream::BoxStream<'_, T>,
+    tx: &mpsc::Sender<Result<StreamChunk>>,
+    chunk: &mut ChunkBuilder,
+    mut step: impl FnMut(Option<T>, &mut ChunkBuilder) -> Result<bool>,
+) {
+    loop {
+        let next = match stream.next().now_or_never() {
+            Some(n) => n,
+            None => {
+                if !flush(tx, chunk).await {
+                    return;
+                }
+                stream.next().await
+            }
+        };
+        match step(next, chunk) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                if flush(tx, chunk).await {
+                    let _ = tx.send(Err(e)).await;
+                }
+                return;
+            }
+        }
+        if chunk.full() && !flush(tx, chunk).await {
+            return;
+        }
+    }
+    flush(tx, chunk).await;
+}
+
 /// A Postgres/MySQL/MariaDB source over one or more tables, read round-robin.
 pub struct SqlSource {
     kind: SourceKind,
@@ -1094,20 +1139,10 @@ impl SqlSource {
         let mut chunk = ChunkBuilder::new(&self.instance, &plan.name, self.batch_size);
         let keys = plan.key_formats();
         let task = tokio::spawn(async move {
-            // Sends what is gathered; false when the reader is gone.
-            async fn flush(
-                tx: &mpsc::Sender<Result<StreamChunk>>,
-                chunk: &mut ChunkBuilder,
-            ) -> bool {
-                match chunk.take() {
-                    Some(c) => tx.send(Ok(c)).await.is_ok(),
-                    None => true,
-                }
-            }
             match pool {
                 Pool::Pg(p) => {
                     use sqlx::postgres::PgPoolCopyExt;
-                    let mut stream = match p.copy_out_raw(&sql).await {
+                    let stream = match p.copy_out_raw(&sql).await {
                         Ok(s) => s,
                         Err(e) => {
                             let _ = tx.send(Err(from_sqlx(e))).await;
@@ -1115,73 +1150,34 @@ impl SqlSource {
                         }
                     };
                     let mut parser = CopyRows::new(keys);
-                    loop {
-                        // Hand over what is gathered whenever the database has nothing more yet.
-                        let next = match stream.next().now_or_never() {
-                            Some(n) => n,
-                            None => {
-                                if !flush(&tx, &mut chunk).await {
-                                    return;
-                                }
-                                stream.next().await
-                            }
-                        };
-                        let res = match next {
-                            Some(Ok(bytes)) => parser.push_with(&bytes, |(json, c, tb)| {
-                                chunk.add(json.to_string(), c, tb)
-                            }),
-                            Some(Err(e)) => Err(from_sqlx(e)),
-                            None if parser.finished() => break,
-                            None => Err(Error::SourceUnreachable(
-                                "COPY output ended before its trailer".into(),
-                            )),
-                        };
-                        if let Err(e) = res {
-                            if flush(&tx, &mut chunk).await {
-                                let _ = tx.send(Err(e)).await;
-                            }
-                            return;
-                        }
-                        if chunk.full() && !flush(&tx, &mut chunk).await {
-                            return;
-                        }
-                    }
+                    pump(stream, &tx, &mut chunk, |next, chunk| match next {
+                        Some(Ok(bytes)) => parser
+                            .push_with(&bytes, |(json, c, tb)| chunk.add(json.to_string(), c, tb))
+                            .map(|()| true),
+                        Some(Err(e)) => Err(from_sqlx(e)),
+                        None if parser.finished() => Ok(false),
+                        None => Err(Error::SourceUnreachable(
+                            "COPY output ended before its trailer".into(),
+                        )),
+                    })
+                    .await;
                 }
                 Pool::My(p) => {
                     let mut q = sqlx::query(AssertSqlSafe(sql));
                     for b in binds {
                         q = q.bind(b);
                     }
-                    let mut stream = q.fetch(&p);
-                    loop {
-                        let next = match stream.next().now_or_never() {
-                            Some(n) => n,
-                            None => {
-                                if !flush(&tx, &mut chunk).await {
-                                    return;
-                                }
-                                stream.next().await
-                            }
-                        };
-                        let res = match next {
-                            Some(r) => r.map_err(from_sqlx).and_then(|r| decode_my(&r)).and_then(
-                                |(json, c, tb)| chunk.add(json, c.as_deref(), tb.as_deref()),
-                            ),
-                            None => break,
-                        };
-                        if let Err(e) = res {
-                            if flush(&tx, &mut chunk).await {
-                                let _ = tx.send(Err(e)).await;
-                            }
-                            return;
-                        }
-                        if chunk.full() && !flush(&tx, &mut chunk).await {
-                            return;
-                        }
-                    }
+                    pump(q.fetch(&p), &tx, &mut chunk, |next, chunk| match next {
+                        Some(r) => r
+                            .map_err(from_sqlx)
+                            .and_then(|r| decode_my(&r))
+                            .and_then(|(json, c, tb)| chunk.add(json, c.as_deref(), tb.as_deref()))
+                            .map(|()| true),
+                        None => Ok(false),
+                    })
+                    .await;
                 }
             }
-            flush(&tx, &mut chunk).await;
         });
         RowStream {
             table: i,
