@@ -149,24 +149,8 @@ impl StateStore {
         watermark: Option<String>,
         now_ms: i64,
     ) -> Result<()> {
-        let rec = StateRecord {
-            version: 1,
-            source: self.kind.clone(),
-            position: position.clone(),
-            watermark,
-            committed_at: now_ms,
-        };
-        let bytes = rec.encode();
         let acks = Acks::new();
-        enqueue(
-            &self.producer,
-            &self.topic,
-            Some(self.key.as_bytes()),
-            Some(&bytes),
-            None,
-            &acks,
-        )
-        .await?;
+        self.enqueue(position, watermark, now_ms, &acks).await?;
         acks.wait()
             .await
             .map_err(|e| Error::SinkUnreachable(format!("state write: {e}")))

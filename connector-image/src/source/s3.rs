@@ -367,8 +367,9 @@ impl S3Source {
             pending: VecDeque::new(),
             open: None,
         };
-        // Reach the bucket now so a wrong endpoint or key shows at start.
-        s.list().await?;
+        // Reach the bucket now so a wrong endpoint or key shows at start; the first batch reads
+        // from this listing.
+        s.pending = s.list().await?.into();
         Ok(s)
     }
 
