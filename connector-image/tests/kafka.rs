@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use common::{Harness, consume_exactly, ids, total};
+use common::{Harness, consume_exactly, ids, kill_9_mid_load_then_restart, total};
 use obsrv_e2e::services::{Broker, unique_name};
 use rdkafka::{
     Offset, TopicPartitionList,
@@ -229,31 +229,6 @@ async fn kill_9_mid_relay_then_restart_loses_nothing() -> Result<()> {
     }
     let n = 2 * per_partition;
     let h = Harness::new(&broker, &manifest(&broker, &topic), &[]).await?;
-    let conn = h.start()?;
-    let s = conn
-        .wait_status("part of the relay", T, |s| {
-            total(s, "recordsIngested") >= 3_000
-        })
-        .await?;
-    conn.kill9()?;
-    assert!(
-        total(&s, "recordsIngested") < n as u64,
-        "killed in the middle of the relay: {s}"
-    );
-    let conn = h.start()?;
-    conn.wait_status("caught up after restart", Duration::from_secs(120), |s| {
-        s["lagRecords"] == 0 && total(s, "recordsIngested") > 0
-    })
-    .await?;
-    let recs = broker
-        .consume_all(&h.ingest, 2 * n, Duration::from_secs(10))
-        .await?;
-    assert_eq!(
-        ids(&recs)?.len(),
-        n,
-        "distinct ids after kill -9 and restart ({} records read)\n{}",
-        recs.len(),
-        conn.log_tail()
-    );
+    kill_9_mid_load_then_restart(&broker, &h, n, 3_000).await?;
     Ok(())
 }

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::Result;
-use common::{Harness, consume_exactly, ids, total};
+use common::{Harness, consume_exactly, ids, kill_9_mid_load_then_restart, total};
 use obsrv_e2e::services::{Broker, MariaDb};
 use serde_json::{Value, json};
 
@@ -175,31 +175,6 @@ async fn mariadb_kill_9_mid_load_then_restart_loses_nothing() -> Result<()> {
     .await?;
     let creds = [("db", "user", db.user()), ("db", "pass", db.password())];
     let h = Harness::new(&broker, &manifest(&db, "orders", "id", 500), &creds).await?;
-    let conn = h.start()?;
-    let s = conn
-        .wait_status("part of the load", T, |s| {
-            total(s, "recordsIngested") >= 3_000
-        })
-        .await?;
-    conn.kill9()?;
-    assert!(
-        total(&s, "recordsIngested") < n as u64,
-        "killed in the middle of the load: {s}"
-    );
-    let conn = h.start()?;
-    conn.wait_status("caught up after restart", Duration::from_secs(120), |s| {
-        s["lagRecords"] == 0 && total(s, "recordsIngested") > 0
-    })
-    .await?;
-    let recs = broker
-        .consume_all(&h.ingest, 2 * n, Duration::from_secs(10))
-        .await?;
-    assert_eq!(
-        ids(&recs)?.len(),
-        n,
-        "distinct ids after kill -9 and restart ({} records read)\n{}",
-        recs.len(),
-        conn.log_tail()
-    );
+    kill_9_mid_load_then_restart(&broker, &h, n, 3_000).await?;
     Ok(())
 }

@@ -5,7 +5,7 @@ mod common;
 use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::Result;
-use common::{Harness, consume_exactly, ids, total};
+use common::{Harness, consume_exactly, ids, kill_9_mid_load_then_restart, total};
 use obsrv_e2e::services::{Broker, Postgres};
 use serde_json::{Value, json};
 
@@ -273,33 +273,7 @@ async fn kill_9_mid_load_then_restart_loses_nothing() -> Result<()> {
         &creds(&pg),
     )
     .await?;
-    let conn = h.start()?;
-    let s = conn
-        .wait_status("part of the load", T, |s| {
-            total(s, "recordsIngested") >= 3000
-        })
-        .await?;
-    conn.kill9()?;
-    assert!(
-        total(&s, "recordsIngested") < n as u64,
-        "killed in the middle of the load: {s}"
-    );
-    let conn = h.start()?;
-    conn.wait_status("caught up after restart", Duration::from_secs(120), |s| {
-        s["lagRecords"] == 0 && total(s, "recordsIngested") > 0
-    })
-    .await?;
-    let recs = broker
-        .consume_all(&h.ingest, 2 * n, Duration::from_secs(10))
-        .await?;
-    let distinct = ids(&recs)?;
-    assert_eq!(
-        distinct.len(),
-        n,
-        "distinct ids after kill -9 and restart ({} records read)\n{}",
-        recs.len(),
-        conn.log_tail()
-    );
+    kill_9_mid_load_then_restart(&broker, &h, n, 3_000).await?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::Result;
-use common::{Harness, consume_exactly, ids, total};
+use common::{Harness, consume_exactly, ids, kill_9_mid_load_then_restart, total};
 use obsrv_e2e::services::{Broker, S3, unique_name};
 
 const T: Duration = Duration::from_secs(60);
@@ -148,32 +148,7 @@ async fn kill_9_inside_a_large_object_loses_nothing() -> Result<()> {
         ("s3-creds", "secretAccessKey", s3.secret_key()),
     ];
     let h = Harness::new(&broker, &manifest(&s3, &b, "jsonLines"), &creds).await?;
-    let conn = h.start()?;
-    let s = conn
-        .wait_status("part of the object", T, |s| {
-            total(s, "recordsIngested") >= 10_000
-        })
-        .await?;
-    conn.kill9()?;
-    assert!(
-        total(&s, "recordsIngested") < n as u64,
-        "killed inside the object: {s}"
-    );
-    let conn = h.start()?;
-    conn.wait_status("caught up", Duration::from_secs(120), |s| {
-        s["lagRecords"] == 0 && total(s, "recordsIngested") > 0
-    })
-    .await?;
-    let recs = broker
-        .consume_all(&h.ingest, 2 * n, Duration::from_secs(10))
-        .await?;
-    assert_eq!(
-        ids(&recs)?.len(),
-        n,
-        "distinct ids ({} read)\n{}",
-        recs.len(),
-        conn.log_tail()
-    );
+    let recs = kill_9_mid_load_then_restart(&broker, &h, n, 10_000).await?;
     assert!(
         recs.len() < 2 * n,
         "resumed from the saved offset, not from the start"
@@ -428,32 +403,7 @@ async fn parquet_kill_9_mid_object_resumes_at_the_row() -> Result<()> {
         ("s3-creds", "secretAccessKey", s3.secret_key()),
     ];
     let h = Harness::new(&broker, &manifest(&s3, &b, "parquet"), &creds).await?;
-    let conn = h.start()?;
-    let s = conn
-        .wait_status("part of the object", T, |s| {
-            total(s, "recordsIngested") >= 10_000
-        })
-        .await?;
-    conn.kill9()?;
-    assert!(
-        total(&s, "recordsIngested") < n as u64,
-        "killed inside the object: {s}"
-    );
-    let conn = h.start()?;
-    conn.wait_status("caught up", Duration::from_secs(120), |s| {
-        s["lagRecords"] == 0 && total(s, "recordsIngested") > 0
-    })
-    .await?;
-    let recs = broker
-        .consume_all(&h.ingest, 2 * n, Duration::from_secs(10))
-        .await?;
-    assert_eq!(
-        ids(&recs)?.len(),
-        n,
-        "distinct ids ({} read)\n{}",
-        recs.len(),
-        conn.log_tail()
-    );
+    let recs = kill_9_mid_load_then_restart(&broker, &h, n, 10_000).await?;
     assert!(
         recs.len() < 2 * n,
         "resumed from the saved row, not from the start"
