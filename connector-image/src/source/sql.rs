@@ -1423,6 +1423,17 @@ mod tests {
         }
     }
 
+    /// `orders` keyed on (updated_at, id), with the columns of [`pg_cols`].
+    fn pg_plan() -> TablePlan {
+        TablePlan::new(
+            Dialect::Postgres,
+            &table(Some("id")),
+            "orders".into(),
+            &pg_cols(),
+        )
+        .unwrap()
+    }
+
     fn pg_cols() -> Vec<Column> {
         vec![
             col("id", "int8", "bigint"),
@@ -1434,13 +1445,7 @@ mod tests {
 
     #[test]
     fn postgres_keyset_query_never_uses_offset_and_compares_the_pair() {
-        let plan = TablePlan::new(
-            Dialect::Postgres,
-            &table(Some("id")),
-            "orders".into(),
-            &pg_cols(),
-        )
-        .unwrap();
+        let plan = pg_plan();
         let q = plan.query(Page::After, 500);
         assert!(!q.to_uppercase().contains("OFFSET"));
         assert!(
@@ -1473,13 +1478,7 @@ mod tests {
 
     #[test]
     fn postgres_copy_query_inlines_the_position_as_escaped_literals() {
-        let plan = TablePlan::new(
-            Dialect::Postgres,
-            &table(Some("id")),
-            "orders".into(),
-            &pg_cols(),
-        )
-        .unwrap();
+        let plan = pg_plan();
         let pos = TablePosition {
             cursor: "2024-01-01 00:00:00+00".into(),
             tie_breaker: Some(r"it's \ 7".into()),
@@ -1754,13 +1753,7 @@ mod tests {
 
     #[test]
     fn estimate_query_explains_the_remaining_rows() {
-        let p = TablePlan::new(
-            Dialect::Postgres,
-            &table(Some("id")),
-            "orders".into(),
-            &pg_cols(),
-        )
-        .unwrap();
+        let p = pg_plan();
         let q = p.estimate_query(true);
         assert!(
             q.starts_with(r#"EXPLAIN SELECT 1 FROM orders s WHERE s."updated_at" IS NOT NULL"#),
@@ -1775,13 +1768,7 @@ mod tests {
 
     #[test]
     fn age_query_only_for_time_cursors() {
-        let plan = TablePlan::new(
-            Dialect::Postgres,
-            &table(Some("id")),
-            "orders".into(),
-            &pg_cols(),
-        )
-        .unwrap();
+        let plan = pg_plan();
         let q = plan.age_query(true).unwrap();
         assert!(q.starts_with(r#"SELECT EXTRACT(EPOCH FROM (now() - min(s."updated_at")::timestamptz))::float8 FROM orders s WHERE"#), "{q}");
         assert!(
@@ -1796,13 +1783,7 @@ mod tests {
 
     #[test]
     fn count_query_reuses_the_keyset_condition() {
-        let plan = TablePlan::new(
-            Dialect::Postgres,
-            &table(Some("id")),
-            "orders".into(),
-            &pg_cols(),
-        )
-        .unwrap();
+        let plan = pg_plan();
         let q = plan.count_query(true);
         assert!(
             q.starts_with("SELECT count(*) FROM (SELECT 1 FROM orders s WHERE"),
