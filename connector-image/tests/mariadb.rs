@@ -5,7 +5,10 @@ mod common;
 use std::time::Duration;
 
 use anyhow::Result;
-use common::{Harness, consume_exactly, ids, kill_9_mid_load_then_restart, total};
+use common::{
+    Harness, check_fails, check_passes_and_loads, consume_exactly, ids,
+    kill_9_mid_load_then_restart, total,
+};
 use obsrv_e2e::services::{Broker, MariaDb};
 use serde_json::{Value, json};
 
@@ -136,15 +139,10 @@ async fn mariadb_tls_modes_verify_the_server_and_refuse_plaintext() -> Result<()
         &with_ca,
     )
     .await?;
-    let (code, out) = verified.command("check")?;
-    assert!(code.success(), "{out}");
-    let conn = verified.start()?;
-    let recs = consume_exactly(&broker, &verified.ingest, 30, T).await?;
-    assert_eq!(ids(&recs)?.len(), 30, "{}", conn.log_tail());
+    check_passes_and_loads(&broker, &verified, 30).await?;
 
     let plain = Harness::new(&broker, &with_mode("{mode: disable}"), &creds).await?;
-    let (code, out) = plain.command("check")?;
-    assert!(!code.success(), "{out}");
+    let out = check_fails(&plain)?;
     // MariaDB answers a plaintext login on a TLS-only server with "Access denied".
     assert!(
         out.contains("source: AuthFailed") && out.contains("Access denied"),
@@ -152,8 +150,7 @@ async fn mariadb_tls_modes_verify_the_server_and_refuse_plaintext() -> Result<()
     );
 
     let unverified = Harness::new(&broker, &with_mode("{mode: verify-full}"), &creds).await?;
-    let (code, out) = unverified.command("check")?;
-    assert!(!code.success(), "{out}");
+    let out = check_fails(&unverified)?;
     assert!(
         out.to_lowercase().contains("certificate"),
         "an unknown issuer is refused: {out}"

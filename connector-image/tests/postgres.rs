@@ -5,7 +5,10 @@ mod common;
 use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::Result;
-use common::{Harness, consume_exactly, ids, kill_9_mid_load_then_restart, total};
+use common::{
+    Harness, check_fails, check_passes_and_loads, consume_exactly, ids,
+    kill_9_mid_load_then_restart, total,
+};
 use obsrv_e2e::services::{Broker, Postgres};
 use serde_json::{Value, json};
 
@@ -619,27 +622,21 @@ async fn tls_modes_verify_the_server_and_refuse_plaintext() -> Result<()> {
         &with_ca,
     )
     .await?;
-    let (code, out) = verified.command("check")?;
-    assert!(code.success(), "{out}");
-    let conn = verified.start()?;
-    let recs = consume_exactly(&broker, &verified.ingest, 40, T).await?;
-    assert_eq!(ids(&recs)?.len(), 40, "{}", conn.log_tail());
+    check_passes_and_loads(&broker, &verified, 40).await?;
 
     let required = harness(&broker, &with_mode("{mode: require}"), &creds(&pg)).await?;
     let (code, out) = required.command("check")?;
     assert!(code.success(), "require encrypts without verifying: {out}");
 
     let plain = harness(&broker, &with_mode("{mode: disable}"), &creds(&pg)).await?;
-    let (code, out) = plain.command("check")?;
-    assert!(!code.success(), "{out}");
+    let out = check_fails(&plain)?;
     assert!(
         out.contains("source: AuthFailed") && out.contains("no encryption"),
         "plaintext refused by the server: {out}"
     );
 
     let unverified = harness(&broker, &with_mode("{mode: verify-full}"), &creds(&pg)).await?;
-    let (code, out) = unverified.command("check")?;
-    assert!(!code.success(), "{out}");
+    let out = check_fails(&unverified)?;
     assert!(
         out.to_lowercase().contains("certificate"),
         "an unknown issuer is refused: {out}"

@@ -284,3 +284,20 @@ pub async fn kill_9_mid_load_then_restart(
     );
     Ok(recs)
 }
+
+/// `check` passes, then the connector loads the `n` records of its source, each id once.
+pub async fn check_passes_and_loads(broker: &Broker, h: &Harness, n: usize) -> Result<()> {
+    let (code, out) = h.command("check")?;
+    assert!(code.success(), "{out}");
+    let conn = h.start()?;
+    let recs = consume_exactly(broker, &h.ingest, n, Duration::from_secs(60)).await?;
+    assert_eq!(ids(&recs)?.len(), n, "{}", conn.log_tail());
+    Ok(())
+}
+
+/// `check` fails; its output, for the caller to say why it should have.
+pub fn check_fails(h: &Harness) -> Result<String> {
+    let (code, out) = h.command("check")?;
+    assert!(!code.success(), "check passed: {out}");
+    Ok(out)
+}
