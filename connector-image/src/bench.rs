@@ -29,7 +29,10 @@ use sqlx::{Connection, postgres::PgConnection};
 
 use crate::{
     config::{Secrets, SinkSettings},
-    sink::{Acks, client_config, create_producer, enqueue, producer_config},
+    sink::{
+        Acks,
+        kafka::{client_config, create_producer, enqueue, producer_config},
+    },
 };
 
 pub(crate) type BenchResult<T> = std::result::Result<T, String>;
@@ -576,6 +579,74 @@ mod url {
         fn password_from_url() {
             assert_eq!(super::password("postgres://u:p%40@h:1/d"), "p%40");
             assert_eq!(super::password("postgres://u@h:1/d"), "");
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchSource {
+    Postgres,
+    Kafka,
+}
+
+/// `obsrv-connector bench`: Source -> broker benchmark against the machine's bounds: Postgres
+/// (COPY out, raw produce) or Kafka (raw consume+produce pipe).
+#[derive(clap::Parser)]
+#[command(name = "obsrv-connector bench")]
+struct BenchArgs {
+    /// What to benchmark: a Postgres table or a Kafka topic relayed to the ingest topic.
+    #[arg(long, value_enum, default_value = "postgres")]
+    source: BenchSource,
+    /// Rows (Postgres) or records (Kafka) to load.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: usize,
+    /// The connector's batchSize (rows per query; Postgres only).
+    #[arg(long, default_value_t = 10_000)]
+    batch_size: usize,
+    /// An existing Postgres (`postgres://user:password@host:port/db`); a throwaway one otherwise.
+    #[arg(long)]
+    postgres_url: Option<String>,
+    /// An existing broker; a throwaway nisshi otherwise.
+    #[arg(long)]
+    bootstrap: Option<String>,
+}
+
+/// Runs the benchmark named by `args` (`bench --source ... --rows ...`).
+pub fn main(args: impl Iterator<Item = String>) -> std::process::ExitCode {
+    use clap::Parser;
+    let b = BenchArgs::parse_from(args);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rdkafka=warn,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("obsrv-connector bench: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let report = rt.block_on(async {
+        match b.source {
+            BenchSource::Postgres => run(b.rows, b.batch_size, b.postgres_url, b.bootstrap)
+                .await
+                .map(|f| f.report()),
+            BenchSource::Kafka => crate::bench_kafka::run(b.rows, b.bootstrap)
+                .await
+                .map(|f| f.report()),
+        }
+    });
+    match report {
+        Ok(r) => {
+            println!("{r}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("obsrv-connector bench: {e}");
+            std::process::ExitCode::FAILURE
         }
     }
 }

@@ -36,7 +36,10 @@ use crate::{
         stop_connector,
     },
     config::Secrets,
-    sink::{Acks, SinkProducer, client_config, create_producer, enqueue, producer_config},
+    sink::{
+        Acks,
+        kafka::{SinkProducer, client_config, create_producer, enqueue, producer_config},
+    },
 };
 
 /// Partitions of the input topic.

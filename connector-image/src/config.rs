@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use obsrv_crds::{
-    Compression, Connector, Delivery, KafkaSink, Sasl, SaslMechanism, Tls, TlsMode,
+    Compression, Connector, Delivery, KafkaSinkSpec, Sasl, SaslMechanism, Tls, TlsMode,
     runtime::{RuntimeConfig, SecretEnv, secret_env},
 };
 
@@ -59,15 +59,15 @@ pub fn default_sink(
     state: String,
     max: i32,
     compression: Compression,
-) -> KafkaSink {
-    KafkaSink {
+) -> KafkaSinkSpec {
+    KafkaSinkSpec {
         bootstrap_servers: bootstrap,
         topic: Some(topic),
         failed_topic: Some(failed),
         state_topic: Some(state),
         max_message_bytes: Some(max),
         compression: Some(compression),
-        ..KafkaSink::default()
+        ..KafkaSinkSpec::default()
     }
 }
 
@@ -89,7 +89,10 @@ pub struct SinkSettings {
 
 impl SinkSettings {
     /// The Connector's sink over `defaults`; fails when no bootstrap server is known.
-    pub fn resolve(spec: &obsrv_crds::ConnectorSpec, defaults: &KafkaSink) -> Result<SinkSettings> {
+    pub fn resolve(
+        spec: &obsrv_crds::ConnectorSpec,
+        defaults: &KafkaSinkSpec,
+    ) -> Result<SinkSettings> {
         let own = spec
             .sink
             .as_ref()
@@ -164,10 +167,11 @@ pub fn kafka_security(
     out
 }
 
-/// Secret values by env var name, read once at start.
+/// Secret values by env var name, read once at start, and the directory of Secret files.
 #[derive(Clone, Default)]
 pub struct Secrets {
     values: BTreeMap<&'static str, String>,
+    dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -216,7 +220,28 @@ impl Secrets {
             };
             values.insert(s.env, value);
         }
-        Ok(Secrets { values })
+        Ok(Secrets {
+            values,
+            dir: dir.cloned(),
+        })
+    }
+
+    /// `<dir>/<secret>/<key>` of the Secrets directory (a custom source's mounted Secrets).
+    pub fn file(&self, secret: &str, key: &str) -> Result<String> {
+        let dir = self.dir.as_ref().ok_or_else(|| {
+            Error::Config(format!(
+                "Secret {secret} key {key} asked for, but no Secrets directory is set (--secrets-dir or {})",
+                obsrv_crds::runtime::SECRETS_DIR_ENV
+            ))
+        })?;
+        let path = dir.join(secret).join(key);
+        let v = std::fs::read_to_string(&path).map_err(|e| {
+            Error::Config(format!(
+                "Secret {secret} key {key}: {} unreadable: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(v.strip_suffix('\n').map(str::to_string).unwrap_or(v))
     }
 
     pub fn get(&self, env: &str) -> Option<&str> {
@@ -276,8 +301,8 @@ spec:
             ),
             ("k:9092", "ingest", 2048)
         );
-        rc.spec.sink = Some(obsrv_crds::Sink {
-            kafka: Some(KafkaSink {
+        rc.spec.sink = Some(obsrv_crds::SinkSpec {
+            kafka: Some(KafkaSinkSpec {
                 topic: Some("mine".into()),
                 ..Default::default()
             }),

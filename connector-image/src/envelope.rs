@@ -1,7 +1,6 @@
 //! Obsrv's record shapes: the ingest envelope, the failed-record document, and the deterministic
 //! event id. Pure functions: the sink only moves the bytes they return.
 
-use obsrv_crds::SourceKind;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -38,24 +37,25 @@ pub fn event_id(instance: &str, parts: &[&str]) -> String {
 pub struct Context {
     pub dataset: String,
     pub instance: String,
-    pub kind: SourceKind,
+    /// The source kind (`postgres`, `kafka`, ...).
+    pub kind: String,
     prefix: String,
     meta_head: String,
     meta_tail: String,
 }
 
 impl Context {
-    pub fn new(dataset: &str, instance: &str, kind: SourceKind) -> Context {
+    pub fn new(dataset: &str, instance: &str, kind: &str) -> Context {
         let q = |s: &str| serde_json::to_string(s).expect("strings serialize");
         Context {
             dataset: dataset.to_string(),
             instance: instance.to_string(),
-            kind,
+            kind: kind.to_string(),
             prefix: format!("{{\"dataset\":{},\"event\":", q(dataset)),
             meta_head: ",\"obsrv_meta\":{\"syncts\":".to_string(),
             meta_tail: format!(
                 ",\"flags\":{{}},\"timespans\":{{}},\"error\":{{}},\"source\":{{\"connector\":{},\"connectorInstance\":{}}}}}}}",
-                q(kind.as_str()),
+                q(kind),
                 q(instance)
             ),
         }
@@ -96,7 +96,7 @@ impl Context {
             "event": event,
             "error": {"error_code": code, "error_msg": msg},
             "connector_ctx": {
-                "connector_id": self.kind.as_str(),
+                "connector_id": self.kind,
                 "dataset_id": self.dataset,
                 "connector_instance_id": self.instance,
                 "connector_type": "source",
@@ -194,7 +194,7 @@ mod tests {
     use serde_json::Value;
 
     fn ctx() -> Context {
-        Context::new("orders", "shop/orders-pg", SourceKind::Postgres)
+        Context::new("orders", "shop/orders-pg", "postgres")
     }
 
     #[test]

@@ -12,9 +12,7 @@ use std::{
 };
 
 use k8s_openapi::jiff::Timestamp;
-use obsrv_crds::{
-    DesiredState, RuntimeState, SourceKind, SourceRef, runtime::RuntimeConfig, status::Totals,
-};
+use obsrv_crds::{DesiredState, Parallelism, RuntimeState, runtime::RuntimeConfig, status::Totals};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
@@ -23,13 +21,11 @@ use crate::{
     error::{Error, Result},
     http::Shared,
     schedule::{Cron, Plan},
-    sink::{Acks, InFlight, Sink, client_config, replica_transactional_id, transactional_id},
-    source::{
-        Batch, Source, SourceCommitter,
-        kafka::{self, KafkaSource},
-        s3::S3Source,
-        sql::SqlSource,
+    sink::{
+        Acks, InFlight, Sink, Transactions,
+        kafka::{replica_transactional_id, transactional_id},
     },
+    source::{Batch, BoxedSource, OpenContext, Registry, SourceCommitter},
     state::StateStore,
 };
 
@@ -78,100 +74,38 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|v| *v).await;
 }
 
-/// Any source the runtime knows.
-pub enum AnySource {
-    Sql(SqlSource),
-    Kafka(KafkaSource),
-    S3(Box<S3Source>),
-}
-
-impl Source for AnySource {
-    async fn next_batch(&mut self) -> Result<Option<Batch>> {
-        match self {
-            AnySource::Sql(s) => s.next_batch().await,
-            AnySource::Kafka(s) => s.next_batch().await,
-            AnySource::S3(s) => s.next_batch().await,
-        }
-    }
-    fn max_parallelism(&self) -> Option<i32> {
-        match self {
-            AnySource::Sql(s) => s.max_parallelism(),
-            AnySource::Kafka(s) => s.max_parallelism(),
-            AnySource::S3(s) => s.max_parallelism(),
-        }
-    }
-    async fn lag(&mut self) -> Result<Option<crate::source::Lag>> {
-        match self {
-            AnySource::Sql(s) => s.lag().await,
-            AnySource::Kafka(s) => s.lag().await,
-            AnySource::S3(s) => s.lag().await,
-        }
-    }
-    fn lag_task(
-        &self,
-    ) -> Option<futures::future::BoxFuture<'static, Result<Option<crate::source::Lag>>>> {
-        match self {
-            AnySource::Sql(s) => s.lag_task(),
-            AnySource::Kafka(s) => s.lag_task(),
-            AnySource::S3(s) => s.lag_task(),
-        }
-    }
-    fn committer(&self) -> Option<Box<dyn SourceCommitter>> {
-        match self {
-            AnySource::Sql(s) => s.committer(),
-            AnySource::Kafka(s) => s.committer(),
-            AnySource::S3(s) => s.committer(),
-        }
-    }
+/// The poll interval of the configured source (the spec's, or its kind's default).
+pub fn poll_interval(rc: &RuntimeConfig) -> Result<Duration> {
+    let source = rc
+        .spec
+        .source
+        .resolve()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    parse_duration(source.poll_interval()).map_err(|e| {
+        Error::Config(format!(
+            "spec.source.{}.pollInterval: {e}",
+            source.kind.name
+        ))
+    })
 }
 
 /// Opens the configured source, resuming after `position`.
 pub async fn open_source(
-    rc: &RuntimeConfig,
-    secrets: &Secrets,
-    position: Option<&serde_json::Value>,
-) -> Result<AnySource> {
-    let instance = rc.instance_id();
-    match rc
-        .spec
-        .source
-        .resolve()
-        .map_err(|e| Error::Config(e.to_string()))?
-    {
-        SourceRef::Sql(kind, spec) => Ok(AnySource::Sql(
-            SqlSource::connect(kind, spec, secrets, &instance, position).await?,
-        )),
-        SourceRef::Kafka(spec) => Ok(AnySource::Kafka(KafkaSource::connect(
-            spec,
-            secrets,
-            rc,
-            batch_size_for(rc),
-        )?)),
-        SourceRef::S3(spec) => Ok(AnySource::S3(Box::new(
-            S3Source::connect(spec, secrets, &instance, position).await?,
-        ))),
-    }
-}
-
-fn batch_size_for(rc: &RuntimeConfig) -> usize {
-    match rc.spec.source.resolve() {
-        Ok(SourceRef::Sql(_, s)) => s.batch_size.max(1) as usize,
-        _ => 10_000,
-    }
-}
-
-/// The poll interval of the configured source.
-pub fn poll_interval(rc: &RuntimeConfig) -> Result<Duration> {
-    match rc
-        .spec
-        .source
-        .resolve()
-        .map_err(|e| Error::Config(e.to_string()))?
-    {
-        SourceRef::Sql(_, s) => parse_duration(&s.poll_interval),
-        SourceRef::S3(s) => parse_duration(&s.poll_interval),
-        SourceRef::Kafka(_) => Ok(Duration::from_millis(200)),
-    }
+    registry: &Registry,
+    config: &Arc<RuntimeConfig>,
+    secrets: &Arc<Secrets>,
+    sink: &Arc<dyn Sink>,
+    position: Option<serde_json::Value>,
+) -> Result<BoxedSource> {
+    registry
+        .for_config(config)?
+        .open(OpenContext {
+            config: config.clone(),
+            secrets: secrets.clone(),
+            position,
+            sink: sink.clone(),
+        })
+        .await
 }
 
 enum Committer {
@@ -199,7 +133,7 @@ impl Committer {
     /// source's group offsets); false when the batch may no longer be delivered.
     async fn add_to_transaction(
         &self,
-        sink: &Sink,
+        txn: &dyn Transactions,
         f: &InFlight,
         acks: &Arc<Acks>,
     ) -> Result<bool> {
@@ -209,13 +143,7 @@ impl Committer {
                     .await?;
                 Ok(true)
             }
-            Committer::Source(c) => match c.transaction_offsets(&f.position)? {
-                Some(offsets) => sink
-                    .send_offsets_to_transaction(offsets)
-                    .await
-                    .map(|_| true),
-                None => Ok(false),
-            },
+            Committer::Source(c) => c.add_to_transaction(&f.position, txn).await,
         }
     }
 }
@@ -255,6 +183,8 @@ enum Finished {
 
 /// Everything a run needs.
 pub struct Runtime {
+    /// The source kinds this binary runs.
+    pub registry: Registry,
     pub config: RuntimeConfig,
     pub sink: SinkSettings,
     pub secrets: Secrets,
@@ -266,30 +196,45 @@ pub struct Runtime {
 /// reported on `/status` and the process waits for SIGTERM (a new config rolls the pod).
 pub async fn run(rt: Runtime) -> Result<()> {
     let Runtime {
+        registry,
         config,
         sink: settings,
         secrets,
         shared,
         mut stop,
     } = rt;
-    let kind = match config.spec.source.resolve() {
-        Ok(s) => s.kind(),
+    let (kind, parallelism) = match config.spec.source.resolve() {
+        Ok(s) => (s.kind, s.parallelism()),
         Err(e) => return park(&shared, &mut stop, Error::Config(e.to_string())).await,
     };
+    let factory = match registry.for_config(&config) {
+        Ok(f) => f.clone(),
+        Err(e) => return park(&shared, &mut stop, e).await,
+    };
     let instance = config.instance_id();
-    let ctx = Context::new(&config.spec.dataset, &instance, kind);
-    // exactlyOnce: records and the position in one Kafka transaction; the position is a record
-    // in the state topic or, for Kafka sources, the consumer group's offsets. Kafka sources may
-    // run several replicas, so each has its own transactional id.
+    let ctx = Context::new(&config.spec.dataset, &instance, kind.name);
+    // exactlyOnce: records and the position in one transaction; the position is a record in the
+    // state topic or the source's own (a Kafka consumer group's offsets). A source that several
+    // replicas share gives each replica its own transactional id, else they would fence each other.
     let transactional = config.spec.delivery == obsrv_crds::Delivery::ExactlyOnce;
-    let transactional_id = transactional.then(|| match kind {
-        SourceKind::Kafka => replica_transactional_id(&instance, &replica_name()),
-        _ => transactional_id(&instance),
+    let transactional_id = transactional.then(|| match parallelism {
+        Parallelism::Single => transactional_id(&instance),
+        _ => replica_transactional_id(&instance, &replica_name()),
     });
-    let sink = match Sink::new(settings.clone(), &secrets, ctx, transactional_id) {
+    let sink = match crate::sink::open(settings.clone(), &secrets, ctx, transactional_id) {
         Ok(s) => s,
         Err(e) => return park(&shared, &mut stop, e).await,
     };
+    let txn: Option<&dyn Transactions> = match (transactional, sink.transactions()) {
+        (false, _) => None,
+        (true, Some(t)) => Some(t),
+        (true, None) => {
+            let e = Error::Config("delivery exactlyOnce needs a sink with transactions".into());
+            return park(&shared, &mut stop, e).await;
+        }
+    };
+    let config = Arc::new(config);
+    let secrets = Arc::new(secrets);
     let poll = match poll_interval(&config) {
         Ok(p) => p,
         Err(e) => return park(&shared, &mut stop, e).await,
@@ -305,18 +250,22 @@ pub async fn run(rt: Runtime) -> Result<()> {
             return Ok(());
         }
     }
-    let state = (kind != SourceKind::Kafka).then(|| {
-        StateStore::new(
-            sink.producer().clone(),
-            client_config(&settings, &secrets),
-            &settings.state_topic,
-            &instance,
-            kind.as_str(),
-        )
-    });
+    let state = match factory.keeps_own_positions {
+        true => None,
+        false => match sink.positions(&instance, kind.name) {
+            Some(s) => Some(s),
+            None => {
+                let e = Error::Config(format!(
+                    "the sink cannot keep the positions of a {} source",
+                    kind.name
+                ));
+                return park(&shared, &mut stop, e).await;
+            }
+        },
+    };
 
     if config.spec.state == DesiredState::Paused {
-        return paused(&config, &secrets, &sink, &shared, &mut stop).await;
+        return paused(&registry, &config, &secrets, &sink, &shared, &mut stop).await;
     }
 
     let mut backoff = Backoff::default();
@@ -329,8 +278,8 @@ pub async fn run(rt: Runtime) -> Result<()> {
             break;
         }
         let attempt = async {
-            if transactional && !txn_ready {
-                sink.init_transactions().await?;
+            if let Some(t) = txn.filter(|_| !txn_ready) {
+                t.init().await?;
                 txn_ready = true;
             }
             if !loaded {
@@ -340,10 +289,8 @@ pub async fn run(rt: Runtime) -> Result<()> {
                 loaded = true;
                 tracing::info!(resumed = committed.is_some(), "state loaded");
             }
-            let source = open_source(&config, &secrets, committed.as_ref()).await?;
-            if let (true, AnySource::Kafka(k)) = (transactional, &source) {
-                kafka::same_cluster(&k.cluster_id().await?, &sink.cluster_id().await?)?;
-            }
+            let source =
+                open_source(&registry, &config, &secrets, &sink, committed.clone()).await?;
             shared.set_max_parallelism(source.max_parallelism());
             shared.set_ready(true);
             let committer = match source.committer() {
@@ -356,8 +303,8 @@ pub async fn run(rt: Runtime) -> Result<()> {
             };
             let res = pipeline(
                 source,
-                &sink,
-                transactional,
+                sink.as_ref(),
+                txn,
                 &committer,
                 &mut committed,
                 &shared,
@@ -437,9 +384,10 @@ async fn park(shared: &Shared, stop: &mut watch::Receiver<bool>, e: Error) -> Re
 
 /// `spec.state: Paused`: stay connected (ready when source and sink answer), read nothing.
 async fn paused(
-    config: &RuntimeConfig,
-    secrets: &Secrets,
-    sink: &Sink,
+    registry: &Registry,
+    config: &Arc<RuntimeConfig>,
+    secrets: &Arc<Secrets>,
+    sink: &Arc<dyn Sink>,
     shared: &Shared,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<()> {
@@ -447,7 +395,7 @@ async fn paused(
     loop {
         let check = async {
             sink.check().await?;
-            open_source(config, secrets, None)
+            open_source(registry, config, secrets, sink, None)
                 .await
                 .map(|s| s.max_parallelism())
         };
@@ -472,9 +420,9 @@ async fn paused(
 
 #[allow(clippy::too_many_arguments)]
 async fn pipeline(
-    mut source: AnySource,
-    sink: &Sink,
-    transactional: bool,
+    mut source: BoxedSource,
+    sink: &dyn Sink,
+    txn: Option<&dyn Transactions>,
     committer: &Committer,
     committed: &mut Option<serde_json::Value>,
     shared: &Arc<Shared>,
@@ -564,9 +512,10 @@ async fn pipeline(
             m = rx.recv() => m,
         };
         match item {
-            Some(Ok(Item::Batch(b))) if transactional => {
+            Some(Ok(Item::Batch(b))) if txn.is_some() => {
+                let txn = txn.expect("checked by the guard");
                 // A retry reopens the source here, not at its start.
-                if let Some(position) = transaction(sink, committer, b, shared).await? {
+                if let Some(position) = transaction(sink, txn, committer, b, shared).await? {
                     *committed = Some(position);
                 }
                 backoff.reset();
@@ -619,7 +568,8 @@ async fn pipeline(
 /// the batch and whatever was read ahead come again). `None`: a Kafka batch read before a
 /// rebalance, dropped because the consumer reads its records again.
 async fn transaction(
-    sink: &Sink,
+    sink: &dyn Sink,
+    txn: &dyn Transactions,
     committer: &Committer,
     b: Batch,
     shared: &Shared,
@@ -628,14 +578,14 @@ async fn transaction(
         tracing::debug!("batch read before a rebalance dropped: its records are read again");
         return Ok(None);
     }
-    sink.begin().await?;
+    txn.begin().await?;
     let res = async {
         let mut f = sink.send(b, now_ms()).await?;
         let acks = Acks::new();
-        if !committer.add_to_transaction(sink, &f, &acks).await? {
+        if !committer.add_to_transaction(txn, &f, &acks).await? {
             return Ok(None);
         }
-        sink.commit_transaction().await?;
+        txn.commit().await?;
         f.acked().await?;
         acks.wait().await?;
         Ok::<_, Error>(Some(f))
@@ -647,12 +597,12 @@ async fn transaction(
             Ok(Some(f.position))
         }
         Ok(None) => {
-            sink.abort().await?;
+            txn.abort().await?;
             tracing::debug!("batch read before a rebalance aborted: its records are read again");
             Ok(None)
         }
         Err(e) => {
-            if let Err(abort) = sink.abort().await {
+            if let Err(abort) = txn.abort().await {
                 tracing::warn!(error = %abort, "abort transaction failed");
             }
             Err(e)

@@ -15,7 +15,10 @@ use std::sync::Arc;
 
 use crate::{
     error::{Error, Result},
-    sink::{Acks, SinkProducer, enqueue},
+    sink::{
+        Acks,
+        kafka::{SinkProducer, enqueue},
+    },
 };
 
 /// The value written to the state topic.

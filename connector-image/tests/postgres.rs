@@ -501,7 +501,13 @@ async fn exactly_once_transactions_resume_without_loss() -> Result<()> {
 /// rows remain it is exact.
 #[tokio::test]
 async fn lag_is_estimated_for_large_tables_and_exact_near_the_end() -> Result<()> {
-    use obsrv_connector::{config::Secrets, runner::open_source, source::Source};
+    use obsrv_connector::{
+        config::Secrets,
+        source::{
+            Source,
+            sql::{Dialect, SqlSource},
+        },
+    };
     let pg = Postgres::start().await?;
     pg.psql(
         "CREATE TABLE big (id bigint PRIMARY KEY, updated_at timestamptz NOT NULL); \
@@ -518,9 +524,16 @@ async fn lag_is_estimated_for_large_tables_and_exact_near_the_end() -> Result<()
     std::fs::write(dir.path().join("pg-creds/username"), pg.user())?;
     std::fs::write(dir.path().join("pg-creds/password"), pg.password())?;
     let secrets = Secrets::load(&rc.spec, Some(&dir.path().to_path_buf()))?;
+    let spec = rc.spec.source.postgres.as_ref().expect("a postgres source");
+    let open = |pos: Option<serde_json::Value>| {
+        let (secrets, instance) = (secrets.clone(), rc.instance_id());
+        async move {
+            SqlSource::connect(Dialect::Postgres, spec, &secrets, &instance, pos.as_ref()).await
+        }
+    };
 
     // From the start: 300,000 rows, far above the exact-count limit.
-    let mut src = open_source(&rc, &secrets, None).await?;
+    let mut src = open(None).await?;
     let lag = src.lag().await?.expect("SQL sources measure lag");
     assert!(
         (270_000..=330_000).contains(&lag.records),
@@ -531,7 +544,7 @@ async fn lag_is_estimated_for_large_tables_and_exact_near_the_end() -> Result<()
 
     // 123 rows after the position: counted exactly.
     let pos = json!({"tables": {"public.big": {"cursor": "2024-01-04 11:17:57+00", "tieBreaker": "299877"}}});
-    let mut src = open_source(&rc, &secrets, Some(&pos)).await?;
+    let mut src = open(Some(pos)).await?;
     let lag = src.lag().await?.expect("SQL sources measure lag");
     assert_eq!(lag.records, 123);
     Ok(())

@@ -1,8 +1,7 @@
 //! `Connector` spec: what users write.
 //!
-//! Every source kind is a typed optional field of [`Source`]; a CEL rule requires exactly one to be
-//! set. New kinds (CDC, RabbitMQ, NATS, MQTT, Azure Blob, GCS, HTTP) are added as new optional fields,
-//! which is a backwards-compatible schema change.
+//! The source is one typed field per kind of [`SourceSpec`] (see [`crate::source`]); a CEL rule built
+//! from the kind registry requires exactly one to be set.
 
 use std::collections::BTreeMap;
 
@@ -10,6 +9,7 @@ use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use crate::source::SourceSpec;
 use crate::status::ConnectorStatus;
 
 /// Go-style duration: one or more `<number><unit>` groups, units ns, us, ms, s, m, h.
@@ -58,6 +58,7 @@ pub const DURATION_RULE: &str = "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s
         json_path = ".metadata.creationTimestamp"
     )
 )]
+#[x_kube(validation = Rule::new("!(has(self.image) && has(self.source.custom))").message("spec.image overrides the shared image of a built-in source kind; a custom source names its image in spec.source.custom.image"))]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectorSpec {
     /// Obsrv dataset id the records feed. Immutable.
@@ -68,10 +69,10 @@ pub struct ConnectorSpec {
     #[serde(default)]
     pub state: DesiredState,
     /// Where the data comes from: exactly one kind.
-    pub source: Source,
+    pub source: SourceSpec,
     /// Where records go. Fields left out take the operator's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sink: Option<Sink>,
+    pub sink: Option<SinkSpec>,
     /// Delivery guarantee towards the ingest topic.
     #[serde(default)]
     pub delivery: Delivery,
@@ -81,6 +82,10 @@ pub struct ConnectorSpec {
     /// For batch sources: when to run. Without it the connector polls continuously.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// Runs this image instead of the operator's shared connector image (a build of your own,
+    /// on the obsrv-connector SDK). A custom source names its image in `source.custom.image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// Pod-level overrides for this connector's Deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<PodOverrides>,
@@ -104,113 +109,6 @@ pub enum Delivery {
     #[default]
     AtLeastOnce,
     ExactlyOnce,
-}
-
-/// The source of a Connector. Exactly one field is set.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[x_kube(validation = Rule::new("[has(self.postgres), has(self.mysql), has(self.mariadb), has(self.kafka), has(self.s3)].filter(x, x).size() == 1").message("spec.source must set exactly one source kind (postgres, mysql, mariadb, kafka or s3)"))]
-#[serde(rename_all = "camelCase")]
-pub struct Source {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postgres: Option<SqlSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mysql: Option<SqlSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mariadb: Option<SqlSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kafka: Option<KafkaSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3: Option<S3Source>,
-}
-
-/// The kind of a source, as used in labels, metrics and the envelope's `obsrv_meta.source.connector`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    Postgres,
-    Mysql,
-    Mariadb,
-    Kafka,
-    S3,
-}
-
-impl SourceKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SourceKind::Postgres => "postgres",
-            SourceKind::Mysql => "mysql",
-            SourceKind::Mariadb => "mariadb",
-            SourceKind::Kafka => "kafka",
-            SourceKind::S3 => "s3",
-        }
-    }
-}
-
-impl std::fmt::Display for SourceKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A source resolved to its one kind.
-#[derive(Clone, Copy, Debug)]
-pub enum SourceRef<'a> {
-    Sql(SourceKind, &'a SqlSource),
-    Kafka(&'a KafkaSource),
-    S3(&'a S3Source),
-}
-
-impl SourceRef<'_> {
-    pub fn kind(&self) -> SourceKind {
-        match self {
-            SourceRef::Sql(kind, _) => *kind,
-            SourceRef::Kafka(_) => SourceKind::Kafka,
-            SourceRef::S3(_) => SourceKind::S3,
-        }
-    }
-}
-
-/// Why a [`Source`] does not name exactly one kind.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SourceError {
-    #[error("spec.source sets no source kind: set one of postgres, mysql, mariadb, kafka, s3")]
-    None,
-    #[error("spec.source sets {0} source kinds ({1}): set exactly one")]
-    Several(usize, String),
-}
-
-impl Source {
-    /// The one configured source, or why there is not exactly one.
-    pub fn resolve(&self) -> Result<SourceRef<'_>, SourceError> {
-        let mut found = Vec::new();
-        if let Some(s) = &self.postgres {
-            found.push(SourceRef::Sql(SourceKind::Postgres, s));
-        }
-        if let Some(s) = &self.mysql {
-            found.push(SourceRef::Sql(SourceKind::Mysql, s));
-        }
-        if let Some(s) = &self.mariadb {
-            found.push(SourceRef::Sql(SourceKind::Mariadb, s));
-        }
-        if let Some(s) = &self.kafka {
-            found.push(SourceRef::Kafka(s));
-        }
-        if let Some(s) = &self.s3 {
-            found.push(SourceRef::S3(s));
-        }
-        match found.len() {
-            0 => Err(SourceError::None),
-            1 => Ok(found[0]),
-            n => Err(SourceError::Several(
-                n,
-                found
-                    .iter()
-                    .map(|s| s.kind().as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )),
-        }
-    }
 }
 
 /// A reference to a username/password pair in a Secret of the Connector's namespace.
@@ -261,68 +159,8 @@ pub struct Tls {
     pub ca: Option<SecretKeyRef>,
 }
 
-/// Postgres, MySQL or MariaDB tables read incrementally by a cursor column.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct SqlSource {
-    pub host: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("port must be between 1 and 65535"))]
-    pub port: Option<i32>,
-    pub database: String,
-    pub credentials: CredentialsRef,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<Tls>,
-    #[x_kube(validation = Rule::new("self.size() > 0").message("tables must list at least one table"))]
-    pub tables: Vec<TableSpec>,
-    /// How long to wait between polls once caught up (Go duration, e.g. 30s).
-    #[serde(default = "default_poll_interval")]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message("pollInterval must be a duration such as 30s, 5m or 1h"))]
-    pub poll_interval: String,
-    /// Rows fetched per query.
-    #[serde(default = "default_batch_size")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("batchSize must be between 1 and 1000000"))]
-    pub batch_size: i32,
-}
-
 pub fn default_poll_interval() -> String {
     "30s".into()
-}
-fn default_batch_size() -> i32 {
-    10_000
-}
-
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct TableSpec {
-    /// Table name, optionally schema-qualified (`public.orders`).
-    #[x_kube(validation = Rule::new("self.size() > 0").message("table name must not be empty"))]
-    pub name: String,
-    pub cursor: CursorSpec,
-    /// Columns to read; all when empty.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub columns: Vec<String>,
-}
-
-/// Keyset pagination on `(column, tieBreaker)`: rows sharing a cursor value are never skipped.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct CursorSpec {
-    /// A column that grows as rows are added or changed (e.g. `updated_at`, `id`).
-    pub column: String,
-    /// A unique column ordering rows that share a cursor value (e.g. the primary key).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tie_breaker: Option<String>,
-}
-
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
-)]
-#[serde(rename_all = "camelCase")]
-pub enum OffsetReset {
-    #[default]
-    Earliest,
-    Latest,
 }
 
 #[derive(
@@ -357,91 +195,11 @@ pub struct Sasl {
     pub credentials: CredentialsRef,
 }
 
-/// Kafka topics consumed with a consumer group; offsets live in the group.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct KafkaSource {
-    #[x_kube(validation = Rule::new("self.size() > 0").message("bootstrapServers must not be empty"))]
-    pub bootstrap_servers: String,
-    #[x_kube(validation = Rule::new("self.size() > 0").message("topics must list at least one topic"))]
-    pub topics: Vec<String>,
-    /// Consumer group; defaults to `obsrv-connector.<namespace>.<name>`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consumer_group: Option<String>,
-    #[serde(default)]
-    pub offset_reset: OffsetReset,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<Tls>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sasl: Option<Sasl>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum ObjectFormat {
-    /// One JSON document (an object, or an array of objects) per file.
-    Json,
-    /// One JSON object per line.
-    JsonLines,
-    /// CSV with a header row.
-    Csv,
-    Parquet,
-}
-
-/// Objects in an S3-compatible bucket (S3, MinIO, ...), read in key order. Processed objects are
-/// tracked in state; nothing is ever written to the source bucket. Past 256 KiB of remembered keys
-/// the lowest are kept as "done through key K": an object written later with a key sorting before K
-/// is not read, so keys should sort by time (date-partitioned prefixes do).
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct S3Source {
-    /// Endpoint URL for S3-compatible stores; AWS when empty.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub endpoint: Option<String>,
-    #[serde(default = "default_region")]
-    pub region: String,
-    #[x_kube(validation = Rule::new("self.size() > 0").message("bucket must not be empty"))]
-    pub bucket: String,
-    #[serde(default)]
-    pub prefix: String,
-    pub format: ObjectFormat,
-    /// Access key id / secret access key; the pod's identity (IRSA, ...) when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials: Option<S3Credentials>,
-    /// Path-style addressing (MinIO and most S3-compatible stores).
-    #[serde(default)]
-    pub force_path_style: bool,
-    #[serde(default = "default_poll_interval")]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message("pollInterval must be a duration such as 30s, 5m or 1h"))]
-    pub poll_interval: String,
-}
-
-fn default_region() -> String {
-    "us-east-1".into()
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct S3Credentials {
-    pub secret_name: String,
-    #[serde(default = "default_access_key_key")]
-    pub access_key_id_key: String,
-    #[serde(default = "default_secret_key_key")]
-    pub secret_access_key_key: String,
-}
-
-fn default_access_key_key() -> String {
-    "accessKeyId".into()
-}
-fn default_secret_key_key() -> String {
-    "secretAccessKey".into()
-}
-
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct Sink {
+pub struct SinkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kafka: Option<KafkaSink>,
+    pub kafka: Option<KafkaSinkSpec>,
 }
 
 #[derive(
@@ -470,10 +228,10 @@ impl Compression {
 }
 
 /// The Kafka cluster Obsrv ingests from. Every field is optional in a Connector: what is left out
-/// comes from the operator's defaults (see [`KafkaSink::merged_over`]).
+/// comes from the operator's defaults (see [`KafkaSinkSpec::merged_over`]).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct KafkaSink {
+pub struct KafkaSinkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap_servers: Option<String>,
     /// Obsrv's ingest topic.
@@ -501,10 +259,10 @@ pub struct KafkaSink {
     pub sasl: Option<Sasl>,
 }
 
-impl KafkaSink {
+impl KafkaSinkSpec {
     /// `self`'s fields where set, `defaults`' otherwise.
-    pub fn merged_over(&self, defaults: &KafkaSink) -> KafkaSink {
-        KafkaSink {
+    pub fn merged_over(&self, defaults: &KafkaSinkSpec) -> KafkaSinkSpec {
+        KafkaSinkSpec {
             bootstrap_servers: self
                 .bootstrap_servers
                 .clone()
@@ -585,9 +343,6 @@ pub struct Schedule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PodOverrides {
-    /// A connector image of your own, built on the obsrv-connector framework.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

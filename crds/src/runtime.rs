@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::connector::{ConnectorSpec, CredentialsRef, SecretKeyRef, Source, Tls};
+use crate::connector::{ConnectorSpec, CredentialsRef, SecretKeyRef, Tls};
 
 /// Key of the runtime config in the connector's ConfigMap, and file name under [`CONFIG_DIR`].
 pub const CONFIG_FILE: &str = "connector.yaml";
@@ -11,6 +11,8 @@ pub const CONFIG_FILE: &str = "connector.yaml";
 pub const CONFIG_DIR: &str = "/etc/obsrv-connector";
 /// The connector's HTTP port: `/healthz`, `/readyz`, `/metrics`, `/status`.
 pub const HTTP_PORT: u16 = 8080;
+/// Environment variable naming a directory of Secret files `<dir>/<secretName>/<key>`.
+pub const SECRETS_DIR_ENV: &str = "OBSRV_SECRETS_DIR";
 /// Environment variable overriding the HTTP listen address (e.g. `127.0.0.5:8080`).
 pub const LISTEN_ENV: &str = "OBSRV_LISTEN";
 
@@ -52,7 +54,8 @@ pub mod env {
     pub const SINK_TLS_CA: &str = "OBSRV_SINK_TLS_CA";
 }
 
-fn credentials(
+/// The username and password of `c`, carried by `user` and `pass`.
+pub fn credentials_env(
     out: &mut Vec<SecretEnv>,
     c: &CredentialsRef,
     user: &'static str,
@@ -70,7 +73,8 @@ fn credentials(
     });
 }
 
-fn tls_ca(out: &mut Vec<SecretEnv>, tls: Option<&Tls>, env: &'static str) {
+/// The CA bundle of `tls`, when it names one, carried by `env`.
+pub fn tls_ca_env(out: &mut Vec<SecretEnv>, tls: Option<&Tls>, env: &'static str) {
     if let Some(SecretKeyRef { secret_name, key }) = tls.and_then(|t| t.ca.as_ref()) {
         out.push(SecretEnv {
             env,
@@ -80,59 +84,23 @@ fn tls_ca(out: &mut Vec<SecretEnv>, tls: Option<&Tls>, env: &'static str) {
     }
 }
 
-fn source_secrets(out: &mut Vec<SecretEnv>, source: &Source) {
-    for sql in [&source.postgres, &source.mysql, &source.mariadb]
-        .into_iter()
-        .flatten()
-    {
-        credentials(
-            out,
-            &sql.credentials,
-            env::SOURCE_USERNAME,
-            env::SOURCE_PASSWORD,
-        );
-        tls_ca(out, sql.tls.as_ref(), env::SOURCE_TLS_CA);
-    }
-    if let Some(k) = &source.kafka {
-        if let Some(sasl) = &k.sasl {
-            credentials(
-                out,
-                &sasl.credentials,
-                env::SOURCE_USERNAME,
-                env::SOURCE_PASSWORD,
-            );
-        }
-        tls_ca(out, k.tls.as_ref(), env::SOURCE_TLS_CA);
-    }
-    if let Some(c) = source.s3.as_ref().and_then(|s| s.credentials.as_ref()) {
-        out.push(SecretEnv {
-            env: env::SOURCE_ACCESS_KEY_ID,
-            secret_name: c.secret_name.clone(),
-            key: c.access_key_id_key.clone(),
-        });
-        out.push(SecretEnv {
-            env: env::SOURCE_SECRET_ACCESS_KEY,
-            secret_name: c.secret_name.clone(),
-            key: c.secret_access_key_key.clone(),
-        });
-    }
-}
-
 /// Every Secret value a connector with this spec needs, and the variable that carries it.
 /// The operator turns these into `secretKeyRef` env; the runtime reads them back.
 pub fn secret_env(spec: &ConnectorSpec) -> Vec<SecretEnv> {
     let mut out = Vec::new();
-    source_secrets(&mut out, &spec.source);
+    if let Ok(source) = spec.source.resolve() {
+        source.spec.secrets(&mut out);
+    }
     if let Some(k) = spec.sink.as_ref().and_then(|s| s.kafka.as_ref()) {
         if let Some(sasl) = &k.sasl {
-            credentials(
+            credentials_env(
                 &mut out,
                 &sasl.credentials,
                 env::SINK_USERNAME,
                 env::SINK_PASSWORD,
             );
         }
-        tls_ca(&mut out, k.tls.as_ref(), env::SINK_TLS_CA);
+        tls_ca_env(&mut out, k.tls.as_ref(), env::SINK_TLS_CA);
     }
     out
 }
@@ -143,6 +111,9 @@ pub fn referenced_secrets(spec: &ConnectorSpec) -> Vec<String> {
         .into_iter()
         .map(|s| s.secret_name)
         .collect();
+    if let Ok(source) = spec.source.resolve() {
+        names.extend(source.spec.mounted_secrets());
+    }
     for e in spec.template.iter().flat_map(|t| t.env.iter()) {
         if let Some(r) = e
             .value_from

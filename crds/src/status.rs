@@ -12,6 +12,8 @@ pub mod condition {
     pub const STALLED: &str = "Stalled";
     pub const CONFIG_VALID: &str = "ConfigValid";
     pub const SCALING_LIMITED: &str = "ScalingLimited";
+    /// Whether `status.lag` is known (an image without `/status`, or a source without lag, is not).
+    pub const LAG_KNOWN: &str = "LagKnown";
 }
 
 #[derive(

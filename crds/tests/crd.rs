@@ -144,31 +144,72 @@ fn dataset_is_immutable_but_other_fields_may_change() {
 #[test]
 fn examples_are_valid_connectors() {
     let dir = repo_root().join("examples");
-    let mut seen = 0;
+    let mut kinds = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir(&dir).into_iter().flatten() {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
             continue;
         }
-        for doc in yaml_docs(&path)
-            .into_iter()
-            .filter(|d| d["kind"] == "Connector")
-        {
-            validate(&doc, None).unwrap_or_else(|e| panic!("{} rejected: {e}", path.display()));
-            let c: Connector =
-                serde_json::from_value(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            c.spec
+        let docs = yaml_docs(&path);
+        for doc in docs.iter().filter(|d| d["kind"] == "Connector") {
+            validate(doc, None).unwrap_or_else(|e| panic!("{} rejected: {e}", path.display()));
+            let c: Connector = serde_json::from_value(doc.clone())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let source = c
+                .spec
                 .source
                 .resolve()
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            seen += 1;
+            kinds.insert(source.kind.name);
+            secrets_are_in_the_file(&path, &docs, &c);
         }
     }
-    // One example per source kind of this wave: postgres, mysql, mariadb, kafka, s3.
-    assert!(
-        seen >= 5,
-        "expected at least 5 example Connectors in examples/, found {seen}"
-    );
+    let all: std::collections::BTreeSet<&str> =
+        obsrv_crds::SOURCE_KINDS.iter().map(|k| k.name).collect();
+    assert_eq!(kinds, all, "examples/ holds one Connector per source kind");
+}
+
+/// Every Secret (and key) a Connector references is defined in its example file, in its namespace.
+fn secrets_are_in_the_file(path: &Path, docs: &[Value], c: &Connector) {
+    let secret = |name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: {} references Secret {name}, which the file does not define",
+                    path.display(),
+                    c.instance_id()
+                )
+            })
+    };
+    for name in obsrv_crds::runtime::referenced_secrets(&c.spec) {
+        let s = secret(&name);
+        assert_eq!(
+            s["metadata"]["namespace"].as_str(),
+            c.metadata.namespace.as_deref(),
+            "{}: Secret {name} must be in the Connector's namespace",
+            path.display()
+        );
+    }
+    let env = obsrv_crds::runtime::secret_env(&c.spec)
+        .into_iter()
+        .map(|e| (e.secret_name, e.key));
+    let template = c
+        .spec
+        .template
+        .iter()
+        .flat_map(|t| t.env.iter())
+        .filter_map(|e| {
+            let r = e.value_from.as_ref()?.secret_key_ref.as_ref()?;
+            Some((r.name.clone(), r.key.clone()))
+        });
+    for (name, key) in env.chain(template) {
+        let s = secret(&name);
+        let has = ["stringData", "data"]
+            .iter()
+            .any(|f| s[f].get(&key).is_some());
+        assert!(has, "{}: Secret {name} has no key {key:?}", path.display());
+    }
 }
 
 #[test]

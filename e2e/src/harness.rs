@@ -16,6 +16,13 @@ use crate::services::{Broker, free_port, unique_name};
 
 /// Image whose pods the local kubelet runs as `obsrv-connector` processes.
 pub const CONNECTOR_IMAGE: &str = "ghcr.io/obsrv/obsrv-connector";
+/// A user's own build of the connector image (`spec.image`): the kubelet runs `obsrv-connector`.
+pub const OWN_BUILD_IMAGE: &str = "registry.example/team/obsrv-connector-patched";
+/// The custom connector of `examples/custom-connector` (`spec.source.custom.image`): the kubelet
+/// runs its binary, `obsrv-example-http-connector`.
+pub const EXAMPLE_CUSTOM_IMAGE: &str = "registry.example/team/http-events-connector";
+/// The binary of [`EXAMPLE_CUSTOM_IMAGE`].
+pub const EXAMPLE_CUSTOM_BINARY: &str = "obsrv-example-http-connector";
 pub const INGEST_TOPIC: &str = "ingest";
 pub const FAILED_TOPIC: &str = "connectors.failed";
 pub const STATE_TOPIC: &str = "connectors.state";
@@ -34,10 +41,10 @@ pub fn binaries_dir() -> Result<PathBuf> {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    for bin in ["obsrv-operator", "obsrv-connector"] {
+    for bin in ["obsrv-operator", "obsrv-connector", EXAMPLE_CUSTOM_BINARY] {
         if !dir.join(bin).is_file() {
             bail!(
-                "{} is missing: build it with `cargo build -p obsrv-operator -p obsrv-connector` (scripts/test.sh does)",
+                "{} is missing: build it with `cargo build --workspace --bins` (scripts/test.sh does)",
                 dir.join(bin).display()
             );
         }
@@ -156,10 +163,11 @@ impl Stack {
     pub async fn start_with(dir: Option<PathBuf>, bin_dir: PathBuf) -> Result<Stack> {
         let (tmp, dir) = Self::workdir(dir)?;
         let broker = Self::broker_with_topics().await?;
-        let kubelet = KubeletOptions::new(vec![ImageBinary::new(
-            CONNECTOR_IMAGE,
-            bin_dir.join("obsrv-connector"),
-        )]);
+        let kubelet = KubeletOptions::new(vec![
+            ImageBinary::new(CONNECTOR_IMAGE, bin_dir.join("obsrv-connector")),
+            ImageBinary::new(OWN_BUILD_IMAGE, bin_dir.join("obsrv-connector")),
+            ImageBinary::new(EXAMPLE_CUSTOM_IMAGE, bin_dir.join(EXAMPLE_CUSTOM_BINARY)),
+        ]);
         let cp = ControlPlane::start(ControlPlaneOptions {
             dir: Some(dir.join("cluster")),
             kubelet: Some(kubelet),

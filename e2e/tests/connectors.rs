@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use obsrv_e2e::harness::{INGEST_TOPIC, Stack};
+use obsrv_e2e::harness::{INGEST_TOPIC, OWN_BUILD_IMAGE, Stack};
 use obsrv_e2e::services::{Broker, Postgres, free_port, unique_name};
 use serde_json::{Value, json};
 
@@ -188,6 +188,40 @@ async fn postgres_connector_delivers_every_row_and_reports_ready_lag_and_totals(
     insert_orders(&pg, 501, 520).await?;
     let ids = ingested_ids(&stack.broker, "orders", 520, WAIT).await?;
     assert_eq!(ids.len(), 520, "new rows keep flowing");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spec_image_runs_a_builtin_kind_in_an_image_of_your_own() -> Result<()> {
+    let (pg, stack) = start_with_orders(40).await?;
+    let image = format!("{OWN_BUILD_IMAGE}:1.2.3");
+    stack.apply(&pg_manifest(
+        "orders",
+        pg.host(),
+        pg.port(),
+        &pg,
+        json!({"image": image}),
+    ))?;
+    let ids = ingested_ids(&stack.broker, "orders", 40, WAIT).await?;
+    assert_eq!(ids, (1..=40).collect());
+    let d = stack.get_json(&["deployment", "orders"])?;
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        image
+    );
+    wait_ready(&stack, "orders").await?;
+
+    // A custom source names its image in source.custom: both at once is refused with a reason.
+    let both = json!({
+        "apiVersion": "obsrv.io/v1alpha1", "kind": "Connector",
+        "metadata": {"name": "both"},
+        "spec": {"dataset": "both", "image": image, "source": {"custom": {"image": "x:1"}}},
+    });
+    let out = stack.kubectl_with(&["apply", "-f", "-"], Some(&both.to_string()))?;
+    assert!(
+        !out.success && out.stderr.contains("spec.source.custom.image"),
+        "{out:?}"
+    );
     Ok(())
 }
 

@@ -174,6 +174,40 @@ async fn invalid_connectors_are_rejected_with_the_cel_message() {
         "{err}"
     );
 
+    let custom = |config: serde_json::Value| {
+        let mut c = connector("mine", "ds");
+        c["spec"]["source"] =
+            serde_json::json!({"custom": {"image": "registry.example/mine:1", "config": config}});
+        c
+    };
+    let err = reject(&cp, &custom(serde_json::json!([1, 2])));
+    assert!(
+        err.contains("spec.source.custom.config") && err.contains("must be of type object"),
+        "{err}"
+    );
+    let mut no_image = custom(serde_json::json!({}));
+    no_image["spec"]["source"]["custom"]
+        .as_object_mut()
+        .expect("object")
+        .remove("image");
+    let err = reject(&cp, &no_image);
+    assert!(
+        err.contains("spec.source.custom.image") && err.contains("Required value"),
+        "{err}"
+    );
+    let out = kubectl(
+        &cp,
+        &["apply", "-f", "-"],
+        Some(&custom(serde_json::json!({"url": "http://x", "nested": {"a": [1]}})).to_string()),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let kept = kubectl(&cp, &["get", "connector", "mine", "-o", "json"], None);
+    let kept: serde_json::Value = serde_json::from_slice(&kept.stdout).expect("json");
+    assert_eq!(
+        kept["spec"]["source"]["custom"]["config"]["nested"]["a"][0], 1,
+        "free-form config is kept, not pruned"
+    );
+
     let mut unknown = connector("typo", "ds");
     unknown["spec"]["replicas"] = serde_json::json!(3);
     let err = reject(&cp, &unknown);

@@ -10,15 +10,15 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use obsrv_crds::runtime::{self, RuntimeConfig};
-use obsrv_crds::{Connector, KafkaSink, Scaling, Sink, SourceKind, labels};
+use obsrv_crds::{Connector, KafkaSinkSpec, Parallelism, Scaling, SinkSpec, SourceKind, labels};
 use sha2::{Digest, Sha256};
 
 /// Name of the container running the connector.
@@ -30,9 +30,12 @@ pub const HTTP_PORT_NAME: &str = "http";
 #[derive(Debug, Clone)]
 pub struct Inputs<'a> {
     pub connector: &'a Connector,
+    /// The operator's shared connector image.
     pub image: &'a str,
-    pub sink_defaults: &'a KafkaSink,
-    pub source_kind: SourceKind,
+    pub sink_defaults: &'a KafkaSinkSpec,
+    pub source_kind: &'static SourceKind,
+    /// How many replicas can read the source at once (decides the rollout strategy).
+    pub parallelism: Parallelism,
     /// `resourceVersion` of every Secret the spec references, by name.
     pub secret_versions: &'a BTreeMap<String, String>,
     pub replicas: i32,
@@ -73,14 +76,14 @@ pub fn selector_string(c: &Connector) -> String {
 }
 
 /// The standard labels on every object the operator creates for a Connector.
-pub fn standard_labels(c: &Connector, kind: SourceKind) -> BTreeMap<String, String> {
+pub fn standard_labels(c: &Connector, kind: &SourceKind) -> BTreeMap<String, String> {
     let mut l = selector_labels(c);
     l.insert(labels::COMPONENT.into(), "connector".into());
     l.insert(labels::PART_OF.into(), "obsrv".into());
     l.insert(labels::MANAGED_BY.into(), labels::MANAGER.into());
     l.insert(labels::CONNECTOR.into(), c.name_any());
     l.insert(labels::DATASET.into(), label_value(&c.spec.dataset));
-    l.insert(labels::SOURCE.into(), kind.as_str().into());
+    l.insert(labels::SOURCE.into(), kind.name.into());
     l
 }
 
@@ -115,7 +118,7 @@ pub fn owned_by(owners: &[OwnerReference], c: &Connector) -> bool {
     })
 }
 
-fn meta(c: &Connector, kind: SourceKind) -> ObjectMeta {
+fn meta(c: &Connector, kind: &SourceKind) -> ObjectMeta {
     ObjectMeta {
         name: Some(c.name_any()),
         namespace: c.namespace(),
@@ -128,7 +131,7 @@ fn meta(c: &Connector, kind: SourceKind) -> ObjectMeta {
 /// What the connector pods read: the spec with the sink merged over the operator's defaults.
 /// Scaling is left out: replicas are the operator's business, and a `kubectl scale` or an
 /// autoscaling bound must not change the config checksum and restart every pod.
-pub fn runtime_config(c: &Connector, sink_defaults: &KafkaSink) -> RuntimeConfig {
+pub fn runtime_config(c: &Connector, sink_defaults: &KafkaSinkSpec) -> RuntimeConfig {
     let mut spec = c.spec.clone();
     spec.scaling = Scaling::default();
     let own = spec
@@ -136,7 +139,7 @@ pub fn runtime_config(c: &Connector, sink_defaults: &KafkaSink) -> RuntimeConfig
         .as_ref()
         .and_then(|s| s.kafka.clone())
         .unwrap_or_default();
-    spec.sink = Some(Sink {
+    spec.sink = Some(SinkSpec {
         kafka: Some(own.merged_over(sink_defaults)),
     });
     RuntimeConfig {
@@ -148,7 +151,7 @@ pub fn runtime_config(c: &Connector, sink_defaults: &KafkaSink) -> RuntimeConfig
 }
 
 /// The runtime config as the YAML file pods read.
-pub fn config_yaml(c: &Connector, sink_defaults: &KafkaSink) -> String {
+pub fn config_yaml(c: &Connector, sink_defaults: &KafkaSinkSpec) -> String {
     // A RuntimeConfig is plain data (strings, numbers, maps): serializing it cannot fail.
     serde_yaml::to_string(&runtime_config(c, sink_defaults)).unwrap_or_default()
 }
@@ -249,18 +252,69 @@ fn config_path() -> String {
     format!("{}/{}", runtime::CONFIG_DIR, runtime::CONFIG_FILE)
 }
 
+/// The image a Connector runs: a custom source's own, `spec.image`, or the shared one.
+pub fn image_of(c: &Connector, shared: &str) -> String {
+    c.spec
+        .source
+        .resolve()
+        .ok()
+        .and_then(|s| s.spec.image().map(str::to_string))
+        .or_else(|| c.spec.image.clone())
+        .unwrap_or_else(|| shared.to_string())
+}
+
+/// Volume names of Secrets mounted for a custom source, with the Secret each holds.
+fn secret_volumes(c: &Connector) -> Vec<(String, String)> {
+    c.spec
+        .source
+        .resolve()
+        .map(|s| s.spec.mounted_secrets())
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| (format!("secret-{i}"), name))
+        .collect()
+}
+
 /// The connector container (shared by the Deployment and the cleanup Job).
 fn container(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> Container {
     let t = c.spec.template.as_ref();
+    let mut mounts = vec![
+        VolumeMount {
+            name: "config".into(),
+            mount_path: runtime::CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        },
+    ];
+    let secrets = secret_volumes(c);
+    for (volume, secret) in &secrets {
+        mounts.push(VolumeMount {
+            name: volume.clone(),
+            mount_path: format!("{}/{secret}", obsrv_crds::source::SECRETS_DIR),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    let mut env = env(c);
+    if !secrets.is_empty() {
+        env.push(EnvVar {
+            name: runtime::SECRETS_DIR_ENV.into(),
+            value: Some(obsrv_crds::source::SECRETS_DIR.into()),
+            value_from: None,
+        });
+    }
     Container {
         name: CONTAINER.into(),
-        image: Some(
-            t.and_then(|t| t.image.clone())
-                .unwrap_or_else(|| image.to_string()),
-        ),
+        image: Some(image_of(c, image)),
         image_pull_policy: t.and_then(|t| t.image_pull_policy.clone()),
         args: Some(args),
-        env: Some(env(c)),
+        env: Some(env),
         ports: probes.then(|| {
             vec![ContainerPort {
                 name: Some(HTTP_PORT_NAME.into()),
@@ -282,25 +336,38 @@ fn container(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> Con
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".into(),
-                mount_path: runtime::CONFIG_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".into(),
-                mount_path: "/tmp".into(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     }
 }
 
 fn pod_spec(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> PodSpec {
     let t = c.spec.template.as_ref();
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: c.name_any(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    for (volume, secret) in secret_volumes(c) {
+        volumes.push(Volume {
+            name: volume,
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     PodSpec {
         containers: vec![container(c, image, args, probes)],
         service_account_name: t.and_then(|t| t.service_account_name.clone()),
@@ -316,26 +383,12 @@ fn pod_spec(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> PodS
         }),
         // The runtime drains and commits on SIGTERM; give it time.
         termination_grace_period_seconds: Some(60),
-        volumes: Some(vec![
-            Volume {
-                name: "config".into(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: c.name_any(),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(volumes),
         ..PodSpec::default()
     }
 }
 
-fn pod_meta(c: &Connector, kind: SourceKind, checksum: &str) -> ObjectMeta {
+fn pod_meta(c: &Connector, kind: &SourceKind, checksum: &str) -> ObjectMeta {
     let t = c.spec.template.as_ref();
     let mut l: BTreeMap<String, String> = t.map(|t| t.pod_labels.clone()).unwrap_or_default();
     // Our labels win: the selector must keep matching.
@@ -359,14 +412,7 @@ fn deployment(i: &Inputs<'_>, checksum: &str) -> Deployment {
                 match_labels: Some(selector_labels(c)),
                 ..LabelSelector::default()
             },
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".into()),
-                // Replace one pod at a time and never run below the wanted count during a roll.
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::Int(1)),
-                    max_unavailable: Some(IntOrString::Int(0)),
-                }),
-            }),
+            strategy: Some(strategy(i.parallelism)),
             template: PodTemplateSpec {
                 metadata: Some(pod_meta(c, i.source_kind, checksum)),
                 spec: Some(pod_spec(
@@ -382,7 +428,26 @@ fn deployment(i: &Inputs<'_>, checksum: &str) -> Deployment {
     }
 }
 
-fn service(c: &Connector, kind: SourceKind) -> Service {
+/// How pods are replaced. A single-reader source never runs two readers, not even for the
+/// moments of a roll: the old pod goes first (`Recreate`). Sources that share their work replace
+/// one pod at a time and never run below the wanted count.
+pub fn strategy(parallelism: Parallelism) -> DeploymentStrategy {
+    if parallelism == Parallelism::Single {
+        return DeploymentStrategy {
+            type_: Some("Recreate".into()),
+            rolling_update: None,
+        };
+    }
+    DeploymentStrategy {
+        type_: Some("RollingUpdate".into()),
+        rolling_update: Some(RollingUpdateDeployment {
+            max_surge: Some(IntOrString::Int(1)),
+            max_unavailable: Some(IntOrString::Int(0)),
+        }),
+    }
+}
+
+fn service(c: &Connector, kind: &SourceKind) -> Service {
     Service {
         metadata: meta(c, kind),
         spec: Some(ServiceSpec {
@@ -400,7 +465,7 @@ fn service(c: &Connector, kind: SourceKind) -> Service {
     }
 }
 
-fn pdb(c: &Connector, kind: SourceKind) -> PodDisruptionBudget {
+fn pdb(c: &Connector, kind: &SourceKind) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: meta(c, kind),
         spec: Some(PodDisruptionBudgetSpec {
@@ -446,18 +511,5 @@ pub fn cleanup_job(i: &Inputs<'_>, timeout_seconds: i64) -> Job {
             ..JobSpec::default()
         }),
         ..Job::default()
-    }
-}
-
-/// Whether deleting this Connector must run a cleanup Job first. None of this wave's sources hold
-/// anything on the source side (table cursors and S3 positions live in the state topic, Kafka offsets
-/// in the consumer group, which expires); CDC sources (replication slots) will return true.
-pub fn needs_cleanup(kind: SourceKind) -> bool {
-    match kind {
-        SourceKind::Postgres
-        | SourceKind::Mysql
-        | SourceKind::Mariadb
-        | SourceKind::Kafka
-        | SourceKind::S3 => false,
     }
 }

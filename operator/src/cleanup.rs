@@ -76,24 +76,9 @@ pub fn step(job: Option<JobState>, now: Timestamp, timeout: Duration) -> Cleanup
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builders::needs_cleanup;
-    use obsrv_crds::SourceKind;
 
     fn at(s: i64) -> Timestamp {
         Timestamp::from_second(s).expect("valid")
-    }
-
-    #[test]
-    fn this_waves_sources_need_no_cleanup() {
-        for k in [
-            SourceKind::Postgres,
-            SourceKind::Mysql,
-            SourceKind::Mariadb,
-            SourceKind::Kafka,
-            SourceKind::S3,
-        ] {
-            assert!(!needs_cleanup(k), "{k} keeps no source-side state");
-        }
     }
 
     #[test]

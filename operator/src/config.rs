@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use obsrv_crds::{Compression, KafkaSink};
+use obsrv_crds::{Compression, KafkaSinkSpec};
 
 /// Default connector image: the one released with this operator.
 pub const DEFAULT_IMAGE: &str =
@@ -97,8 +97,8 @@ pub struct Config {
 
 impl Config {
     /// The sink settings a Connector's `spec.sink.kafka` is merged over.
-    pub fn sink_defaults(&self) -> KafkaSink {
-        KafkaSink {
+    pub fn sink_defaults(&self) -> KafkaSinkSpec {
+        KafkaSinkSpec {
             bootstrap_servers: self
                 .sink_bootstrap_servers
                 .clone()
@@ -108,7 +108,7 @@ impl Config {
             state_topic: Some(self.sink_state_topic.clone()),
             max_message_bytes: Some(self.sink_max_message_bytes),
             compression: Some(self.sink_compression),
-            ..KafkaSink::default()
+            ..KafkaSinkSpec::default()
         }
     }
 

@@ -28,6 +28,10 @@ pub struct Report {
     pub status: Result<RuntimeStatus, String>,
 }
 
+/// The message of a pod whose image serves no `GET /status` (404): a custom image that keeps only
+/// the probes of the contract. Its readiness probe is then all the operator knows.
+pub const NO_STATUS_ENDPOINT: &str = "GET /status answered 404 Not Found";
+
 /// Running pods with an IP, as poll targets on `port`.
 pub fn targets(pods: &[Pod], port: u16) -> Vec<Target> {
     let mut out: Vec<Target> = pods
@@ -160,6 +164,9 @@ pub struct Observed {
     pub worst_error: Option<LastError>,
     /// How many pods report an error or could not be reached.
     pub failing: i32,
+    /// Ready pods whose image serves no `/status` (counted as reading: their readiness says so;
+    /// their lag is unknown).
+    pub no_status: i32,
     pub restarts: Option<Restarts>,
 }
 
@@ -188,6 +195,10 @@ pub fn aggregate(reports: &[Report]) -> Observed {
         match &r.status {
             // Not ready and not answering: still starting (the Deployment's rollout says so).
             Err(_) if !r.ready => {}
+            Err(msg) if msg == NO_STATUS_ENDPOINT => {
+                o.no_status += 1;
+                o.reading += 1;
+            }
             Err(msg) => {
                 o.failing += 1;
                 errors.push(LastError {

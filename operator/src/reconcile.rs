@@ -17,7 +17,7 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Client, Resource, ResourceExt};
 use obsrv_crds::status::{ConnectorStatus, condition};
-use obsrv_crds::{Connector, KafkaSink, labels};
+use obsrv_crds::{Connector, KafkaSinkSpec, labels};
 use tracing::{Instrument, info, warn};
 
 use crate::builders::{self, Inputs};
@@ -37,7 +37,7 @@ pub const FIELD_MANAGER: &str = labels::MANAGER;
 pub struct Context {
     pub client: Client,
     pub config: Config,
-    pub sink_defaults: KafkaSink,
+    pub sink_defaults: KafkaSinkSpec,
     pub http: reqwest::Client,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
@@ -284,7 +284,10 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
             None
         },
         lag_records: prev.and_then(|s| s.lag.as_ref()).map(|l| l.records),
-        max_parallelism: prev.and_then(|s| s.max_parallelism),
+        max_parallelism: effective_parallelism(
+            valid.parallelism.limit(),
+            prev.and_then(|s| s.max_parallelism),
+        ),
         last_high_lag_time: prev
             .and_then(|s| s.last_high_lag_time.as_ref())
             .map(|t| t.0),
@@ -298,6 +301,7 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         image: &ctx.config.connector_image,
         sink_defaults: &ctx.sink_defaults,
         source_kind: valid.source_kind,
+        parallelism: valid.parallelism,
         secret_versions: &versions,
         replicas: decision.replicas,
     });
@@ -380,6 +384,15 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(poll))
 }
 
+/// The most replicas the source allows: what the spec says (a single reader is 1 before any pod
+/// runs) or, when only the running source knows (Kafka partitions), what the pods report.
+fn effective_parallelism(from_spec: Option<i32>, reported: Option<i32>) -> Option<i32> {
+    match (from_spec, reported) {
+        (Some(s), Some(r)) => Some(s.min(r)),
+        (s, r) => s.or(r),
+    }
+}
+
 fn invalid(e: &SpecError) -> Blocked {
     Blocked {
         reason: e.reason().into(),
@@ -403,7 +416,7 @@ async fn blocked(
         generation: c.metadata.generation,
         now: ctx.now(),
         state: c.spec.state,
-        source_kind: c.spec.source.resolve().ok().map(|s| s.kind()),
+        source_kind: c.spec.source.resolve().ok().map(|s| s.kind),
         selector: builders::selector_string(c),
         outcome: Outcome::Blocked(b),
     });
@@ -549,9 +562,9 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         // Nothing could have run, so nothing holds source-side state.
         return Ok(Action::await_change());
     };
-    let kind = source.kind();
-    if !builders::needs_cleanup(kind) {
-        info!(source = kind.as_str(), "no source-side cleanup needed");
+    let kind = source.kind;
+    if !source.spec.needs_cleanup() {
+        info!(source = kind.name, "no source-side cleanup needed");
         return Ok(Action::await_change());
     }
     let ns = c.namespace().unwrap_or_else(|| "default".into());
@@ -569,6 +582,7 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
                     image: &ctx.config.connector_image,
                     sink_defaults: &ctx.sink_defaults,
                     source_kind: kind,
+                    parallelism: source.parallelism(),
                     secret_versions: &versions,
                     replicas: 0,
                 },

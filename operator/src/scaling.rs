@@ -103,7 +103,7 @@ pub fn decide(i: &ScaleInput<'_>) -> ScaleDecision {
             limit = Some(Limit {
                 reason: reason::SOURCE_PARALLELISM,
                 message: format!(
-                    "the source reports at most {p} parallel readers (e.g. partitions or tables); running {p} of {want} wanted replicas"
+                    "the source allows at most {p} parallel readers (its partitions, or one reader for a table or change stream); running {p} of {want} wanted replicas"
                 ),
             });
             p

@@ -88,7 +88,7 @@ pub struct StatusInput<'a> {
     pub generation: Option<i64>,
     pub now: Timestamp,
     pub state: DesiredState,
-    pub source_kind: Option<SourceKind>,
+    pub source_kind: Option<&'static SourceKind>,
     pub selector: String,
     pub outcome: Outcome<'a>,
 }
@@ -121,10 +121,7 @@ fn cond(
 pub fn compute(i: &StatusInput<'_>) -> ConnectorStatus {
     let mut s = i.previous.cloned().unwrap_or_default();
     s.observed_generation = i.generation;
-    s.source_kind = i
-        .source_kind
-        .map(|k| k.as_str().to_string())
-        .or(s.source_kind);
+    s.source_kind = i.source_kind.map(|k| k.name.to_string()).or(s.source_kind);
     s.selector = Some(i.selector.clone());
     let conditions = match &i.outcome {
         Outcome::Blocked(b) => {
@@ -170,21 +167,30 @@ pub fn compute(i: &StatusInput<'_>) -> ConnectorStatus {
 }
 
 fn previous_or(i: &StatusInput<'_>, type_: &str) -> Condition {
+    previous_or_else(i, type_, || {
+        cond(
+            i,
+            type_,
+            false,
+            "NotLimited",
+            "Replicas are not limited.".into(),
+        )
+    })
+}
+
+/// The previous condition of `type_` (with this generation), or `default`.
+fn previous_or_else(
+    i: &StatusInput<'_>,
+    type_: &str,
+    default: impl FnOnce() -> Condition,
+) -> Condition {
     i.previous
         .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_).cloned())
         .map(|c| Condition {
             observed_generation: i.generation,
             ..c
         })
-        .unwrap_or_else(|| {
-            cond(
-                i,
-                type_,
-                false,
-                "NotLimited",
-                "Replicas are not limited.".into(),
-            )
-        })
+        .unwrap_or_else(default)
 }
 
 fn applied(
@@ -375,7 +381,52 @@ fn applied(
             "The spec is valid.".into(),
         ),
         limited,
+        lag_known(i, s, observed),
     ]
+}
+
+/// `LagKnown`: whether `status.lag` says how far behind the source the connector is.
+fn lag_known(i: &StatusInput<'_>, s: &ConnectorStatus, observed: &Observed) -> Condition {
+    if observed.no_status > 0 {
+        return cond(
+            i,
+            condition::LAG_KNOWN,
+            false,
+            "NoStatusEndpoint",
+            format!(
+                "{} ready pod(s) serve no GET /status on port {}: Ready comes from their readiness probes; lag, totals and errors are unknown (see docs/custom-connectors.md).",
+                observed.no_status,
+                obsrv_crds::runtime::HTTP_PORT
+            ),
+        );
+    }
+    if observed.answered == 0 {
+        return previous_or_else(i, condition::LAG_KNOWN, || {
+            cond(
+                i,
+                condition::LAG_KNOWN,
+                false,
+                "NotObserved",
+                "No pod has reported yet.".into(),
+            )
+        });
+    }
+    match &s.lag {
+        Some(_) => cond(
+            i,
+            condition::LAG_KNOWN,
+            true,
+            "Reported",
+            "The connector reports its lag.".into(),
+        ),
+        None => cond(
+            i,
+            condition::LAG_KNOWN,
+            false,
+            "NotReported",
+            "The connector has not reported a lag: it has not measured one yet, or its source cannot tell.".into(),
+        ),
+    }
 }
 
 fn ready_msg_for_stalled(r: &Rollout) -> String {
@@ -411,7 +462,7 @@ mod tests {
             generation: Some(4),
             now: at(now),
             state: DesiredState::Running,
-            source_kind: Some(SourceKind::Kafka),
+            source_kind: Some(&obsrv_crds::source::kafka::KAFKA),
             selector: "app=x".into(),
             outcome,
         }

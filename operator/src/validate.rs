@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use obsrv_crds::{Connector, SourceKind};
+use obsrv_crds::{Connector, Parallelism, SourceKind};
 
 /// Why a spec cannot be run. The reason is a stable CamelCase word used in conditions and events.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -12,7 +12,7 @@ pub enum SpecError {
     #[error("{0}")]
     Source(#[from] obsrv_crds::SourceError),
     #[error("{field} is not a duration ({value:?}): use a value such as 30s, 5m or 1h")]
-    Duration { field: &'static str, value: String },
+    Duration { field: String, value: String },
     #[error("{0}")]
     Invalid(String),
     #[error(
@@ -37,7 +37,9 @@ pub use obsrv_crds::duration::{DurationError, parse_duration};
 /// What validation learned about a spec, used by the builders and the scaler.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Validated {
-    pub source_kind: SourceKind,
+    pub source_kind: &'static SourceKind,
+    /// How many replicas can read the source at once, as far as the spec tells.
+    pub parallelism: Parallelism,
     /// Scale-down stabilisation of the autoscaler.
     pub scale_down_delay: Duration,
 }
@@ -50,52 +52,24 @@ pub fn validate(c: &Connector, sink_has_bootstrap: bool) -> Result<Validated, Sp
         return Err(SpecError::Invalid("spec.dataset must not be empty".into()));
     }
     let source = spec.source.resolve()?;
-    let duration = |field: &'static str, value: &str| {
+    let duration = |field: &str, value: &str| {
         parse_duration(value).map_err(|_| SpecError::Duration {
-            field,
+            field: field.to_string(),
             value: value.to_string(),
         })
     };
-    match source {
-        obsrv_crds::SourceRef::Sql(_, s) => {
-            duration("spec.source.pollInterval", &s.poll_interval)?;
-            if s.tables.is_empty() {
-                return Err(SpecError::Invalid(
-                    "spec.source tables must list at least one table".into(),
-                ));
-            }
-            if let Some(t) = s
-                .tables
-                .iter()
-                .find(|t| t.name.trim().is_empty() || t.cursor.column.trim().is_empty())
-            {
-                return Err(SpecError::Invalid(format!(
-                    "table {:?} needs a name and a cursor column",
-                    t.name
-                )));
-            }
-            if s.batch_size < 1 {
-                return Err(SpecError::Invalid(
-                    "spec.source batchSize must be at least 1".into(),
-                ));
-            }
-        }
-        obsrv_crds::SourceRef::Kafka(k) => {
-            if k.topics.is_empty() || k.bootstrap_servers.trim().is_empty() {
-                return Err(SpecError::Invalid(
-                    "spec.source.kafka needs bootstrapServers and at least one topic".into(),
-                ));
-            }
-        }
-        obsrv_crds::SourceRef::S3(s) => {
-            duration("spec.source.s3.pollInterval", &s.poll_interval)?;
-            if s.bucket.trim().is_empty() {
-                return Err(SpecError::Invalid(
-                    "spec.source.s3.bucket must not be empty".into(),
-                ));
-            }
-        }
+    if spec.image.is_some() && source.spec.image().is_some() {
+        return Err(SpecError::Invalid(format!(
+            "spec.image overrides the shared image of a built-in source kind; a {} source names its image in spec.source.{}.image",
+            source.kind.name, source.kind.name
+        )));
     }
+    source
+        .spec
+        .validate()
+        .map_err(|e| SpecError::Invalid(format!("spec.source.{}.{e}", source.kind.name)))?;
+    let poll_field = format!("spec.source.{}.pollInterval", source.kind.name);
+    duration(&poll_field, source.poll_interval())?;
     let mut scale_down_delay = Duration::from_secs(300);
     if let Some(r) = spec.scaling.replicas
         && r < 0
@@ -128,7 +102,8 @@ pub fn validate(c: &Connector, sink_has_bootstrap: bool) -> Result<Validated, Sp
         return Err(SpecError::NoSinkBootstrap);
     }
     Ok(Validated {
-        source_kind: source.kind(),
+        source_kind: source.kind,
+        parallelism: source.parallelism(),
         scale_down_delay,
     })
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use obsrv_crds::runtime::RuntimeConfig;
-use obsrv_crds::{Connector, DesiredState, KafkaSink, SourceKind, labels};
+use obsrv_crds::{Connector, DesiredState, KafkaSinkSpec, labels};
 use obsrv_operator::builders::{self, Desired, Inputs};
 use obsrv_operator::config::Config;
 
@@ -14,19 +14,20 @@ fn fixture(yaml: &str) -> Connector {
     c
 }
 
-fn defaults() -> KafkaSink {
+fn defaults() -> KafkaSinkSpec {
     let mut cfg = Config::defaults();
     cfg.sink_bootstrap_servers = Some("kafka.obsrv:9092".into());
     cfg.sink_defaults()
 }
 
 fn build(c: &Connector, versions: &BTreeMap<String, String>, replicas: i32) -> Desired {
-    let kind = c.spec.source.resolve().expect("one source").kind();
+    let source = c.spec.source.resolve().expect("one source");
     builders::build(&Inputs {
         connector: c,
         image: "ghcr.io/obsrv/obsrv-connector:test",
         sink_defaults: &defaults(),
-        source_kind: kind,
+        source_kind: source.kind,
+        parallelism: source.parallelism(),
         secret_versions: versions,
         replicas,
     })
@@ -263,7 +264,8 @@ fn cleanup_job_is_bounded() {
             connector: &c,
             image: "img",
             sink_defaults: &defaults(),
-            source_kind: SourceKind::Postgres,
+            source_kind: &obsrv_crds::source::sql::POSTGRES,
+            parallelism: obsrv_crds::Parallelism::Single,
             secret_versions: &v,
             replicas: 0,
         },

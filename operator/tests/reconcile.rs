@@ -12,6 +12,7 @@ use support::*;
 const POSTGRES: &str = include_str!("fixtures/postgres.yaml");
 const KAFKA: &str = include_str!("fixtures/kafka-autoscale.yaml");
 const S3: &str = include_str!("fixtures/s3-two-replicas.yaml");
+const KAFKA_TWO: &str = include_str!("fixtures/kafka-two-replicas.yaml");
 
 async fn postgres() -> Harness {
     let h = Harness::new("shop").await;
@@ -191,25 +192,22 @@ async fn missing_secret_is_reported_without_applying() {
 #[tokio::test]
 async fn pause_stop_resume() {
     let mut h = Harness::new("lake").await;
-    h.secret(
-        "s3-creds",
-        &[("accessKeyId", "AK"), ("secretAccessKey", "SK")],
-    );
-    h.apply_yaml(S3);
-    create(&h, "files").await;
-    assert_eq!(h.replicas("files"), 2);
-    assert!(h.object(PDBS, "files").is_some(), "two replicas: PDB");
+    // Kafka: a source several replicas share (a single-reader kind never runs two).
+    h.apply_yaml(KAFKA_TWO);
+    create(&h, "events").await;
+    assert_eq!(h.replicas("events"), 2);
+    assert!(h.object(PDBS, "events").is_some(), "two replicas: PDB");
     let a = h.pod(running(0)).await;
     let b = h.pod(running(0)).await;
-    h.roll_out("files", &[a.clone(), b.clone()]);
-    h.reconcile_ok("files").await;
-    assert_eq!(h.status("files").phase, Some(Phase::Running));
+    h.roll_out("events", &[a.clone(), b.clone()]);
+    h.reconcile_ok("events").await;
+    assert_eq!(h.status("events").phase, Some(Phase::Running));
 
     // Paused: pods stay, their config says Paused.
-    h.edit_spec("files", |s| s["state"] = json!("Paused"));
-    h.reconcile_ok("files").await;
-    assert_eq!(h.replicas("files"), 2, "paused keeps pods");
-    let cm = h.object(CONFIGMAPS, "files").expect("configmap");
+    h.edit_spec("events", |s| s["state"] = json!("Paused"));
+    h.reconcile_ok("events").await;
+    assert_eq!(h.replicas("events"), 2, "paused keeps pods");
+    let cm = h.object(CONFIGMAPS, "events").expect("configmap");
     assert!(
         cm["data"]["connector.yaml"]
             .as_str()
@@ -219,40 +217,65 @@ async fn pause_stop_resume() {
     for ip in [&a, &b] {
         h.set_pod(ip, |s| s.state = RuntimeState::Paused);
     }
-    h.roll_out("files", &[a.clone(), b.clone()]);
-    h.reconcile_ok("files").await;
-    assert_eq!(h.status("files").phase, Some(Phase::Paused));
-    assert_eq!(h.condition("files", condition::READY).1, "Paused");
+    h.roll_out("events", &[a.clone(), b.clone()]);
+    h.reconcile_ok("events").await;
+    assert_eq!(h.status("events").phase, Some(Phase::Paused));
+    assert_eq!(h.condition("events", condition::READY).1, "Paused");
 
     // Stopped: zero replicas, no PDB; a /scale write does not win over the state.
-    h.edit_spec("files", |s| {
+    h.edit_spec("events", |s| {
         s["state"] = json!("Stopped");
         s["scaling"]["replicas"] = json!(5);
     });
-    h.reconcile_ok("files").await;
-    assert_eq!(h.replicas("files"), 0);
-    assert!(h.object(PDBS, "files").is_none());
-    h.roll_out("files", &[]);
-    h.reconcile_ok("files").await;
-    let s = h.status("files");
+    h.reconcile_ok("events").await;
+    assert_eq!(h.replicas("events"), 0);
+    assert!(h.object(PDBS, "events").is_none());
+    h.roll_out("events", &[]);
+    h.reconcile_ok("events").await;
+    let s = h.status("events");
     assert_eq!(s.phase, Some(Phase::Stopped));
     assert_eq!(s.replicas_summary.as_deref(), Some("0/0"));
-    assert_eq!(h.condition("files", condition::READY).1, "Stopped");
+    assert_eq!(h.condition("events", condition::READY).1, "Stopped");
 
     // Resume: replicas from the spec (the /scale write), pods read again.
-    h.edit_spec("files", |s| {
+    h.edit_spec("events", |s| {
         s["state"] = json!("Running");
         s["scaling"]["replicas"] = json!(2);
     });
-    h.reconcile_ok("files").await;
-    assert_eq!(h.replicas("files"), 2);
-    assert!(h.object(PDBS, "files").is_some());
+    h.reconcile_ok("events").await;
+    assert_eq!(h.replicas("events"), 2);
+    assert!(h.object(PDBS, "events").is_some());
     for ip in [&a, &b] {
         h.set_pod(ip, |s| s.state = RuntimeState::Running);
     }
-    h.roll_out("files", &[a, b]);
-    h.reconcile_ok("files").await;
-    assert_eq!(h.status("files").phase, Some(Phase::Running));
+    h.roll_out("events", &[a, b]);
+    h.reconcile_ok("events").await;
+    assert_eq!(h.status("events").phase, Some(Phase::Running));
+}
+
+#[tokio::test]
+async fn a_single_reader_source_never_runs_two_readers() {
+    let h = Harness::new("lake").await;
+    h.secret(
+        "s3-creds",
+        &[("accessKeyId", "AK"), ("secretAccessKey", "SK")],
+    );
+    h.apply_yaml(S3);
+    create(&h, "files").await;
+    // Two replicas asked for; the kind reads with one reader: clamped before any pod reports.
+    assert_eq!(h.replicas("files"), 1);
+    assert!(h.object(PDBS, "files").is_none());
+    let (status, reason, message) = h.condition("files", condition::SCALING_LIMITED);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "SourceParallelism")
+    );
+    assert!(message.contains("at most 1"), "{message}");
+    // A roll stops the old pod before the new one starts.
+    assert_eq!(
+        h.deployment("files")["spec"]["strategy"]["type"],
+        "Recreate"
+    );
 }
 
 #[tokio::test]
@@ -525,14 +548,13 @@ async fn followers_do_not_write() {
 
 #[tokio::test]
 async fn every_api_call_is_declared_in_rbac() {
-    let mut h = postgres().await;
-    running_connector(&mut h, "orders", 0).await;
-    h.edit_spec("orders", |s| s["scaling"]["replicas"] = json!(2));
-    h.reconcile_ok("orders").await;
-    h.edit_spec("orders", |s| s["scaling"]["replicas"] = json!(1));
-    h.reconcile_ok("orders").await;
-    h.api.delete(CONNECTORS.0, CONNECTORS.1, "shop", "orders");
-    h.reconcile_ok("orders").await;
+    let mut h = Harness::new("lake").await;
+    h.apply_yaml(KAFKA_TWO);
+    running_connector(&mut h, "events", 0).await;
+    h.edit_spec("events", |s| s["scaling"]["replicas"] = json!(1));
+    h.reconcile_ok("events").await;
+    h.api.delete(CONNECTORS.0, CONNECTORS.1, "lake", "events");
+    h.reconcile_ok("events").await;
     let calls = h.api.calls();
     assert!(
         calls

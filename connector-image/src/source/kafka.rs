@@ -12,20 +12,46 @@ use std::{
     time::{Duration, Instant},
 };
 
-use obsrv_crds::{
-    Delivery, KafkaSource as KafkaSpec, OffsetReset, runtime::RuntimeConfig, runtime::env,
-};
+use futures::{FutureExt, future::BoxFuture};
+use obsrv_crds::{Delivery, KafkaSourceSpec, OffsetReset, runtime::RuntimeConfig, runtime::env};
 use rdkafka::{
     ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
 };
 
-use super::{Batch, GroupOffsets, Lag, Record, Source, SourceCommitter};
+use super::{Batch, Lag, OpenContext, Record, Source, SourceCommitter, SourceFactory};
 use crate::{
     config::{Secrets, kafka_security},
     envelope::{event_id, validate},
     error::{Error, Result},
+    sink::{Transactions, kafka::GroupOffsets},
 };
+
+/// Records per batch (fewer when [`MAX_BATCH_BYTES`] is reached first).
+pub const BATCH_RECORDS: usize = 10_000;
+
+/// The `kafka` kind. Offsets live in the consumer group, not in the state topic.
+pub fn factory() -> SourceFactory {
+    SourceFactory::new(obsrv_crds::source::kafka::KAFKA.name, open).keeping_own_positions()
+}
+
+async fn open(ctx: OpenContext) -> Result<KafkaSource> {
+    let spec = ctx
+        .config
+        .spec
+        .source
+        .kafka
+        .as_ref()
+        .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+    let source = KafkaSource::connect(spec, &ctx.secrets, &ctx.config, BATCH_RECORDS)?;
+    if ctx.delivery() == Delivery::ExactlyOnce {
+        let sink = ctx.sink.transactions().ok_or_else(|| {
+            Error::Config("delivery exactlyOnce needs a sink with transactions".into())
+        })?;
+        same_cluster(&source.cluster_id().await?, &sink.cluster_id().await?)?;
+    }
+    Ok(source)
+}
 
 /// Next offsets to read, by topic and partition.
 pub type Offsets = BTreeMap<String, BTreeMap<i32, i64>>;
@@ -140,7 +166,7 @@ pub struct KafkaSource {
 
 impl KafkaSource {
     pub fn connect(
-        spec: &KafkaSpec,
+        spec: &KafkaSourceSpec,
         secrets: &Secrets,
         rc: &RuntimeConfig,
         batch_size: usize,
@@ -299,6 +325,14 @@ impl Source for KafkaSource {
         Some(self.partitions)
     }
 
+    fn describe(&self) -> String {
+        format!(
+            "kafka topics {}, {} partitions",
+            self.topics.join(", "),
+            self.partitions
+        )
+    }
+
     async fn lag(&mut self) -> Result<Option<Lag>> {
         let c = self.consumer.clone();
         let topics = self.topics.clone();
@@ -363,20 +397,26 @@ impl SourceCommitter for GroupCommitter {
         is_current_epoch(position, self.rebalances.count())
     }
 
-    fn transaction_offsets(&self, position: &serde_json::Value) -> Result<Option<GroupOffsets>> {
-        // Taken before the epoch check: a rebalance counts (revocation) before the group's
-        // generation changes, so a batch still current carries the generation it was read in,
-        // and the broker refuses the offsets if the group moves on before they arrive.
-        let group = self.consumer.group_metadata().ok_or_else(|| {
-            Error::SourceUnreachable("the consumer has no group metadata yet".into())
-        })?;
-        if !self.is_current(position) {
-            return Ok(None);
+    fn add_to_transaction<'a>(
+        &'a self,
+        position: &'a serde_json::Value,
+        txn: &'a dyn Transactions,
+    ) -> BoxFuture<'a, Result<bool>> {
+        async move {
+            // Taken before the epoch check: a rebalance counts (revocation) before the group's
+            // generation changes, so a batch still current carries the generation it was read
+            // in, and the broker refuses the offsets if the group moves on before they arrive.
+            let group = self.consumer.group_metadata().ok_or_else(|| {
+                Error::SourceUnreachable("the consumer has no group metadata yet".into())
+            })?;
+            if !self.is_current(position) {
+                return Ok(false);
+            }
+            let offsets = offsets_to_tpl(&offsets_from_value(position)?)?;
+            txn.send_offsets(GroupOffsets { offsets, group }).await?;
+            Ok(true)
         }
-        Ok(Some(GroupOffsets {
-            offsets: offsets_to_tpl(&offsets_from_value(position)?)?,
-            group,
-        }))
+        .boxed()
     }
 }
 

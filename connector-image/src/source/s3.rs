@@ -13,10 +13,10 @@ use std::{
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 use object_store::{GetOptions, GetRange, ObjectStore, aws::AmazonS3Builder, path::Path};
-use obsrv_crds::{ObjectFormat, S3Source as S3Spec, runtime::env};
+use obsrv_crds::{ObjectFormat, S3SourceSpec, runtime::env};
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, Lag, Record, Source};
+use super::{Batch, Lag, OpenContext, Record, Source, SourceFactory};
 #[path = "parquet.rs"]
 pub mod pq;
 use crate::{
@@ -329,9 +329,26 @@ fn store_err(e: object_store::Error) -> Error {
     }
 }
 
+/// The `s3` kind.
+pub fn factory() -> SourceFactory {
+    SourceFactory::new(
+        obsrv_crds::source::object::S3.name,
+        |ctx: OpenContext| async move {
+            let spec = ctx
+                .config
+                .spec
+                .source
+                .s3
+                .as_ref()
+                .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+            S3Source::connect(spec, &ctx.secrets, &ctx.instance(), ctx.position.as_ref()).await
+        },
+    )
+}
+
 impl S3Source {
     pub async fn connect(
-        spec: &S3Spec,
+        spec: &S3SourceSpec,
         secrets: &Secrets,
         instance: &str,
         position: Option<&serde_json::Value>,
@@ -639,6 +656,19 @@ impl Source for S3Source {
                 watermark: Some(self.position.watermark()),
             }));
         }
+    }
+
+    fn describe(&self) -> String {
+        let prefix = self
+            .prefix
+            .as_ref()
+            .map(|p| format!("/{p}"))
+            .unwrap_or_default();
+        format!(
+            "s3 {}{prefix}, {} objects to read",
+            self.bucket,
+            self.pending.len()
+        )
     }
 
     async fn lag(&mut self) -> Result<Option<Lag>> {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures::{FutureExt, StreamExt};
-use obsrv_crds::{SourceKind, SqlSource as SqlSpec, TableSpec, TlsMode, runtime::env};
+use obsrv_crds::{SqlSourceSpec, TableSpec, TlsMode, runtime::env};
 use serde::{Deserialize, Serialize};
 use sqlx::{
     AssertSqlSafe, MySqlPool, PgPool, Row,
@@ -18,7 +18,7 @@ use sqlx::{
 };
 use tokio::sync::mpsc;
 
-use super::{Batch, Lag, Record, Source};
+use super::{Batch, Lag, OpenContext, Record, Source, SourceFactory};
 use crate::{
     config::Secrets,
     envelope::{Payload, event_id},
@@ -936,9 +936,30 @@ async fn pump<T>(
     flush(tx, chunk).await;
 }
 
+/// The `postgres` kind.
+pub fn postgres() -> SourceFactory {
+    SourceFactory::new(obsrv_crds::source::sql::POSTGRES.name, |ctx| {
+        SqlSource::open(Dialect::Postgres, ctx, |s| s.postgres.as_ref())
+    })
+}
+
+/// The `mysql` kind.
+pub fn mysql() -> SourceFactory {
+    SourceFactory::new(obsrv_crds::source::sql::MYSQL.name, |ctx| {
+        SqlSource::open(Dialect::MySql, ctx, |s| s.mysql.as_ref())
+    })
+}
+
+/// The `mariadb` kind (MySQL's protocol and dialect).
+pub fn mariadb() -> SourceFactory {
+    SourceFactory::new(obsrv_crds::source::sql::MARIADB.name, |ctx| {
+        SqlSource::open(Dialect::MySql, ctx, |s| s.mariadb.as_ref())
+    })
+}
+
 /// A Postgres/MySQL/MariaDB source over one or more tables, read round-robin.
 pub struct SqlSource {
-    kind: SourceKind,
+    dialect: Dialect,
     instance: String,
     pool: Pool,
     plans: Vec<TablePlan>,
@@ -949,10 +970,28 @@ pub struct SqlSource {
 }
 
 impl SqlSource {
+    /// Opens the table source `field` of the context's spec.
+    async fn open(
+        dialect: Dialect,
+        ctx: OpenContext,
+        field: fn(&obsrv_crds::SourceSpec) -> Option<&SqlSourceSpec>,
+    ) -> Result<SqlSource> {
+        let spec = field(&ctx.config.spec.source)
+            .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+        SqlSource::connect(
+            dialect,
+            spec,
+            &ctx.secrets,
+            &ctx.instance(),
+            ctx.position.as_ref(),
+        )
+        .await
+    }
+
     /// Connects, resolves every table against its catalog, and starts after `position`.
     pub async fn connect(
-        kind: SourceKind,
-        spec: &SqlSpec,
+        dialect: Dialect,
+        spec: &SqlSourceSpec,
         secrets: &Secrets,
         instance: &str,
         position: Option<&serde_json::Value>,
@@ -964,8 +1003,8 @@ impl SqlSource {
             .map(|s| s.as_bytes().to_vec());
         let mode = spec.tls.as_ref().map(|t| t.mode).unwrap_or(TlsMode::Prefer);
         let timeout = Duration::from_secs(15);
-        let pool = match kind {
-            SourceKind::Postgres => {
+        let pool = match dialect {
+            Dialect::Postgres => {
                 let mut o = PgConnectOptions::new()
                     .host(&spec.host)
                     .port(spec.port.unwrap_or(5432) as u16)
@@ -1026,7 +1065,7 @@ impl SqlSource {
         }
         let position = SqlPosition::from_value(position)?;
         Ok(SqlSource {
-            kind,
+            dialect,
             instance: instance.to_string(),
             pool,
             plans,
@@ -1320,7 +1359,7 @@ impl Source for SqlSource {
 
     async fn lag(&mut self) -> Result<Option<Lag>> {
         measure_lag(
-            self.kind,
+            self.dialect,
             self.pool.clone(),
             self.plans.clone(),
             self.position.clone(),
@@ -1328,9 +1367,14 @@ impl Source for SqlSource {
         .await
     }
 
+    fn describe(&self) -> String {
+        let tables: Vec<&str> = self.plans.iter().map(|p| p.name.as_str()).collect();
+        format!("{:?} tables {}", self.dialect, tables.join(", "))
+    }
+
     fn lag_task(&self) -> Option<futures::future::BoxFuture<'static, Result<Option<Lag>>>> {
         Some(Box::pin(measure_lag(
-            self.kind,
+            self.dialect,
             self.pool.clone(),
             self.plans.clone(),
             self.position.clone(),
@@ -1340,7 +1384,7 @@ impl Source for SqlSource {
 
 /// Rows after the position (capped count) and the age of the oldest of them, over every table.
 async fn measure_lag(
-    kind: SourceKind,
+    dialect: Dialect,
     pool: Pool,
     plans: Vec<TablePlan>,
     position: SqlPosition,
@@ -1392,7 +1436,12 @@ async fn measure_lag(
             }
         }
     }
-    tracing::debug!(kind = %kind, elapsed_ms = started.elapsed().as_millis() as u64, lag = total, "lag measured");
+    tracing::debug!(
+        ?dialect,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        lag = total,
+        "lag measured"
+    );
     Ok(Some(Lag {
         records: total,
         seconds: if total == 0 { Some(0.0) } else { seconds },

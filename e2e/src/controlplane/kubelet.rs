@@ -8,7 +8,8 @@
 //! - Kubelet: every pod whose container image matches an [`ImageBinary`] runs that program as a real
 //!   process on its own loopback address 127.x.y.N, with the container's env (values, `secretKeyRef`,
 //!   `configMapKeyRef`, `fieldRef`, `envFrom`), ConfigMap/Secret/emptyDir volumes materialised to
-//!   directories (mount paths in args and env values are rewritten to them), `OBSRV_LISTEN=<ip>:<port>`,
+//!   directories (mount paths in args and env values are rewritten to them; a directory above
+//!   mounts becomes a local directory linking to them), `OBSRV_LISTEN=<ip>:<port>`,
 //!   readiness from the readiness probe's HTTP GET, restarts with back-off, SIGTERM then SIGKILL after
 //!   the grace period when the pod is deleted.
 
@@ -1210,6 +1211,34 @@ impl ProcessContext {
                 local,
             });
         }
+        // A directory above mounts (`/var/run/secrets/obsrv` above one Secret volume per
+        // `/var/run/secrets/obsrv/<name>`) is a real directory in a container: give it a local
+        // one whose entries link to the mounts below it.
+        let tree = self.pod_dir.join("fs");
+        let mut parents: Vec<Mount> = Vec::new();
+        for m in &mounts {
+            let link = tree.join(m.path.trim_start_matches('/'));
+            if let Some(parent) = link.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+            }
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&m.local, &link)
+                .map_err(|e| format!("linking {}: {e}", link.display()))?;
+            let mut p = Path::new(&m.path).parent();
+            while let Some(dir) = p.filter(|d| d.components().count() > 2) {
+                let path = dir.to_string_lossy().to_string();
+                if !mounts.iter().any(|o| o.path == path) && !parents.iter().any(|o| o.path == path)
+                {
+                    parents.push(Mount {
+                        local: tree.join(path.trim_start_matches('/')),
+                        path,
+                    });
+                }
+                p = dir.parent();
+            }
+        }
+        mounts.extend(parents);
         mounts.sort_by_key(|m| std::cmp::Reverse(m.path.len()));
         Ok(mounts)
     }

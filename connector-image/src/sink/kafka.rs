@@ -2,28 +2,50 @@
 //! the failed topic. Delivery is tracked per batch so the runner can commit positions in order.
 
 use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use futures::{FutureExt, future::BoxFuture};
 use obsrv_crds::{Compression, runtime::env};
 use rdkafka::{
-    ClientConfig, ClientContext,
+    ClientConfig, ClientContext, TopicPartitionList,
+    consumer::ConsumerGroupMetadata,
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
     producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer},
 };
-use tokio::sync::Notify;
 
+use super::{Acks, InFlight, Outcome, Sink, SinkFactory, Transactions};
 use crate::{
     config::{Secrets, SinkSettings, kafka_security},
     envelope::{Context, EVENT_ID_HEADER, Payload, Routed, route_at},
     error::{Error, Result},
-    source::{Batch, GroupOffsets},
+    source::Batch,
+    state::StateStore,
 };
+
+/// The Kafka sink kind (`spec.sink.kafka`).
+pub static FACTORY: SinkFactory = SinkFactory {
+    kind: "kafka",
+    open: |settings, secrets, ctx, transactional_id| {
+        Ok(Arc::new(KafkaSink::new(
+            settings,
+            secrets,
+            ctx,
+            transactional_id,
+        )?))
+    },
+};
+
+/// What a Kafka transaction needs to commit a batch's position in a source's consumer group.
+pub struct GroupOffsets {
+    /// The next offsets to read, per topic and partition.
+    pub offsets: TopicPartitionList,
+    /// The consumer's group generation, taken while the batch is current; the broker refuses the
+    /// offsets once the group has moved on.
+    pub group: ConsumerGroupMetadata,
+}
 
 /// librdkafka settings shared by everything that talks to the sink cluster.
 pub fn client_config(s: &SinkSettings, secrets: &Secrets) -> ClientConfig {
@@ -97,56 +119,6 @@ pub fn replica_transactional_id(instance: &str, replica: &str) -> String {
     format!("{}.{replica}", transactional_id(instance))
 }
 
-/// Counts of one batch, by outcome.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Outcome {
-    pub ingested: u64,
-    pub failed: u64,
-    pub bytes_ingested: u64,
-    pub bytes_failed: u64,
-}
-
-/// Delivery reports of a group of records: one counter per batch instead of a channel per
-/// record, which keeps per-record overhead to an atomic increment.
-#[derive(Debug, Default)]
-pub struct Acks {
-    remaining: AtomicUsize,
-    error: Mutex<Option<String>>,
-    notify: Notify,
-}
-
-impl Acks {
-    pub fn new() -> Arc<Acks> {
-        Arc::new(Acks::default())
-    }
-
-    fn add(&self) {
-        self.remaining.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn done(&self, error: Option<String>) {
-        if let Some(e) = error {
-            let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-            slot.get_or_insert(e);
-        }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // notify_one keeps a permit when nobody waits yet: no lost wake-up.
-            self.notify.notify_one();
-        }
-    }
-
-    /// Waits until every record added so far is acknowledged; the first failure fails the group.
-    pub async fn wait(&self) -> Result<()> {
-        while self.remaining.load(Ordering::Acquire) > 0 {
-            self.notify.notified().await;
-        }
-        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            Some(e) => Err(Error::SinkUnreachable(format!("delivery failed: {e}"))),
-            None => Ok(()),
-        }
-    }
-}
-
 /// Routes librdkafka's delivery reports to the [`Acks`] of each record's batch.
 pub struct AckContext;
 
@@ -216,22 +188,6 @@ async fn enqueue_record(
     }
 }
 
-/// A batch handed to the producer, not yet acknowledged.
-pub struct InFlight {
-    acks: Arc<Acks>,
-    pub position: serde_json::Value,
-    pub watermark: Option<String>,
-    pub outcome: Outcome,
-    pub started: Instant,
-}
-
-impl InFlight {
-    /// Waits for every record of the batch; any failed delivery fails the batch (it will be re-read).
-    pub async fn acked(&mut self) -> Result<()> {
-        self.acks.wait().await
-    }
-}
-
 /// Runs a blocking transaction call of the producer off the async threads.
 async fn txn_call(
     producer: &Arc<SinkProducer>,
@@ -245,20 +201,22 @@ async fn txn_call(
         .map_err(|e| Error::SinkUnreachable(format!("{what}: {e}")))
 }
 
-pub struct Sink {
+/// Obsrv's ingest topic (and the failed and state topics) on one Kafka cluster.
+pub struct KafkaSink {
     producer: Arc<SinkProducer>,
     settings: SinkSettings,
     ctx: Context,
+    secrets: Secrets,
 }
 
-impl Sink {
+impl KafkaSink {
     /// A sink; a `transactional_id` makes it transactional (exactlyOnce).
     pub fn new(
         settings: SinkSettings,
         secrets: &Secrets,
         ctx: Context,
         transactional_id: Option<String>,
-    ) -> Result<Sink> {
+    ) -> Result<KafkaSink> {
         let mut config = producer_config(
             &settings,
             secrets,
@@ -271,10 +229,11 @@ impl Sink {
                 .set("transaction.timeout.ms", "120000");
         }
         let producer = create_producer(&config)?;
-        Ok(Sink {
+        Ok(KafkaSink {
             producer,
             settings,
             ctx,
+            secrets: secrets.clone(),
         })
     }
 
@@ -339,16 +298,20 @@ impl Sink {
     }
 
     /// Checks the sink cluster answers and the ingest topic exists.
-    pub async fn check(&self) -> Result<()> {
+    pub async fn check(&self) -> Result<String> {
         let p = self.producer.clone();
         let topic = self.settings.topic.clone();
+        let bootstrap = self.settings.bootstrap_servers.clone();
         tokio::task::spawn_blocking(move || {
             let md = p
                 .client()
                 .fetch_metadata(Some(&topic), Duration::from_secs(10))
                 .map_err(|e| Error::SinkUnreachable(format!("metadata: {e}")))?;
             match md.topics().first() {
-                Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(format!(
+                    "kafka {bootstrap} topic {topic}, {} partitions",
+                    t.partitions().len()
+                )),
                 _ => Err(Error::SinkUnreachable(format!(
                     "ingest topic {topic} not found on the sink cluster"
                 ))),
@@ -434,6 +397,55 @@ impl Sink {
     }
 }
 
+impl Sink for KafkaSink {
+    fn send(&self, batch: Batch, syncts_ms: i64) -> BoxFuture<'_, Result<InFlight>> {
+        KafkaSink::send(self, batch, syncts_ms).boxed()
+    }
+
+    fn flush(&self, timeout: Duration) -> BoxFuture<'_, Result<()>> {
+        KafkaSink::flush(self, timeout).boxed()
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<String>> {
+        KafkaSink::check(self).boxed()
+    }
+
+    fn positions(&self, key: &str, kind: &str) -> Option<StateStore> {
+        Some(StateStore::new(
+            self.producer.clone(),
+            client_config(&self.settings, &self.secrets),
+            &self.settings.state_topic,
+            key,
+            kind,
+        ))
+    }
+
+    fn transactions(&self) -> Option<&dyn Transactions> {
+        Some(self)
+    }
+}
+
+impl Transactions for KafkaSink {
+    fn init(&self) -> BoxFuture<'_, Result<()>> {
+        self.init_transactions().boxed()
+    }
+    fn begin(&self) -> BoxFuture<'_, Result<()>> {
+        KafkaSink::begin(self).boxed()
+    }
+    fn commit(&self) -> BoxFuture<'_, Result<()>> {
+        self.commit_transaction().boxed()
+    }
+    fn abort(&self) -> BoxFuture<'_, Result<()>> {
+        KafkaSink::abort(self).boxed()
+    }
+    fn cluster_id(&self) -> BoxFuture<'_, Result<String>> {
+        KafkaSink::cluster_id(self).boxed()
+    }
+    fn send_offsets(&self, offsets: GroupOffsets) -> BoxFuture<'_, Result<()>> {
+        self.send_offsets_to_transaction(offsets).boxed()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,27 +460,5 @@ mod tests {
             replica_transactional_id("shop/clicks", "clicks-7d9f-x2x.1"),
             "obsrv-connector.shop.clicks.clicks-7d9f-x2x.1"
         );
-    }
-
-    #[tokio::test]
-    async fn acks_wait_for_every_record_and_keep_the_first_failure() {
-        let acks = Acks::new();
-        acks.add();
-        acks.add();
-        let waiter = tokio::spawn({
-            let a = acks.clone();
-            async move { a.wait().await }
-        });
-        acks.done(None);
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished(), "one record still unacknowledged");
-        acks.done(Some("broker down".into()));
-        let res = waiter.await.unwrap();
-        assert!(
-            matches!(res, Err(Error::SinkUnreachable(ref m)) if m.contains("broker down")),
-            "{res:?}"
-        );
-        let empty = Acks::new();
-        assert!(empty.wait().await.is_ok());
     }
 }
