@@ -12,7 +12,7 @@ use obsrv_crds::{
     status::{LastError, Totals},
 };
 
-use crate::{error::Error, metrics::Metrics};
+use crate::{error::Error, metrics::Metrics, source::Lag};
 
 /// What the runtime reports, shared by the pipeline and the HTTP server.
 pub struct Shared {
@@ -54,14 +54,25 @@ impl Shared {
         self.lock().max_parallelism = p;
     }
 
-    pub fn set_lag(&self, records: i64, seconds: Option<f64>) {
+    pub fn set_lag(&self, lag: Lag) {
         {
             let mut s = self.lock();
-            s.lag_records = Some(records);
-            s.lag_seconds = seconds;
+            s.lag_records = Some(lag.records);
+            s.lag_seconds = lag.seconds;
+            s.lag_bytes = lag.bytes;
         }
-        self.metrics.lag_records.set(records);
-        self.metrics.lag_seconds.set(seconds.unwrap_or(0.0));
+        self.metrics.lag_records.set(lag.records);
+        self.metrics.lag_seconds.set(lag.seconds.unwrap_or(0.0));
+    }
+
+    /// Caught up: nothing left to read (bytes shown as 0 only by sources that count bytes).
+    pub fn set_caught_up(&self) {
+        let had_bytes = self.lock().lag_bytes.is_some();
+        self.set_lag(Lag {
+            records: 0,
+            seconds: Some(0.0),
+            bytes: had_bytes.then_some(0),
+        });
     }
 
     /// Records a failure: `Degraded` with the reason, until the next success.

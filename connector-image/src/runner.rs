@@ -455,7 +455,7 @@ async fn pipeline(
                                 let shared = reader_shared.clone();
                                 lag_job = Some(AbortOnDrop(tokio::spawn(async move {
                                     match task.await {
-                                        Ok(Some(l)) => shared.set_lag(l.records, l.seconds),
+                                        Ok(Some(l)) => shared.set_lag(l),
                                         Ok(None) => {}
                                         Err(e) => tracing::debug!(error = %e, "lag not measured"),
                                     }
@@ -463,7 +463,7 @@ async fn pipeline(
                             }
                         } else {
                             match source.lag().await {
-                                Ok(Some(l)) => reader_shared.set_lag(l.records, l.seconds),
+                                Ok(Some(l)) => reader_shared.set_lag(l),
                                 Ok(None) => {}
                                 Err(e) => tracing::debug!(error = %e, "lag not measured"),
                             }
@@ -476,7 +476,7 @@ async fn pipeline(
                         j.0.abort();
                         let _ = (&mut j.0).await;
                     }
-                    reader_shared.set_lag(0, Some(0.0));
+                    reader_shared.set_caught_up();
                     if tx.send(Ok(Item::CaughtUp)).await.is_err() || once {
                         break;
                     }

@@ -116,6 +116,10 @@ pub struct LagStatus {
     pub records: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
+    /// Bytes not yet read, when the source can tell (WAL a replication slot retains, objects
+    /// pending), summed over the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<Time>,
 }
@@ -205,6 +209,9 @@ pub struct RuntimeStatus {
     /// Age of the oldest unread record, when the source can tell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_seconds: Option<f64>,
+    /// Bytes not yet read, when the source can tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<i64>,
     #[serde(default)]
     pub totals: Totals,
     #[serde(default, skip_serializing_if = "Option::is_none")]

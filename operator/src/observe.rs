@@ -157,6 +157,8 @@ pub struct Observed {
     pub lag_records: Option<i64>,
     /// Largest lag in seconds reported.
     pub lag_seconds: Option<f64>,
+    /// Sum of the bytes the pods report not yet read.
+    pub lag_bytes: Option<i64>,
     pub totals: Option<Totals>,
     pub watermark: Option<String>,
     pub max_parallelism: Option<i32>,
@@ -216,6 +218,9 @@ pub fn aggregate(reports: &[Report]) -> Observed {
                 }
                 if let Some(l) = s.lag_records {
                     o.lag_records = Some(o.lag_records.unwrap_or(0).saturating_add(l.max(0)));
+                }
+                if let Some(b) = s.lag_bytes {
+                    o.lag_bytes = Some(o.lag_bytes.unwrap_or(0).saturating_add(b.max(0)));
                 }
                 if let Some(secs) = s.lag_seconds {
                     o.lag_seconds = Some(o.lag_seconds.map_or(secs, |m: f64| m.max(secs)));

@@ -212,11 +212,16 @@ fn applied(
         let lag = observed.lag_records.map(|records| LagStatus {
             records,
             seconds: observed.lag_seconds,
+            bytes: observed.lag_bytes,
             observed_at: None,
         });
         // Keep observedAt while the numbers hold, so an unchanged lag does not cause a write.
         s.lag = match (lag, s.lag.take()) {
-            (Some(new), Some(old)) if old.records == new.records && old.seconds == new.seconds => {
+            (Some(new), Some(old))
+                if old.records == new.records
+                    && old.seconds == new.seconds
+                    && old.bytes == new.bytes =>
+            {
                 Some(old)
             }
             (Some(new), _) => Some(LagStatus {

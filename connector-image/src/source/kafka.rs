@@ -364,6 +364,7 @@ impl Source for KafkaSource {
             Ok(Some(Lag {
                 records: lag_records(&marks),
                 seconds: None,
+                bytes: None,
             }))
         })
         .await

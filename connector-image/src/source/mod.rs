@@ -45,6 +45,8 @@ pub struct Batch {
 pub struct Lag {
     pub records: i64,
     pub seconds: Option<f64>,
+    /// Bytes not yet read, when the source can tell (WAL retained, objects pending).
+    pub bytes: Option<i64>,
 }
 
 /// A source of records: what a connector implements.

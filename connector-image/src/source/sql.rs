@@ -1445,6 +1445,7 @@ async fn measure_lag(
     Ok(Some(Lag {
         records: total,
         seconds: if total == 0 { Some(0.0) } else { seconds },
+        bytes: None,
     }))
 }
 

@@ -176,6 +176,7 @@ impl Source for EventsApi {
         Ok(self.total.map(|total| Lag {
             records: total.saturating_sub(self.offset) as i64,
             seconds: None,
+            bytes: None,
         }))
     }
 
