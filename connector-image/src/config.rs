@@ -5,44 +5,18 @@
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use obsrv_crds::{
-    Compression, Connector, Delivery, KafkaSinkSpec, Sasl, SaslMechanism, Tls, TlsMode,
+    Compression, Delivery, KafkaSinkSpec, Sasl, SaslMechanism, Tls, TlsMode,
     runtime::{RuntimeConfig, SecretEnv, secret_env},
 };
 
+use crate::manifest::FileSecrets;
+
 use crate::error::{Error, Result};
 
-/// Parses a config file: a `RuntimeConfig` (what the operator writes in the ConfigMap) or a
-/// `Connector` manifest (anything with a `kind`), so a manifest runs locally as it would in a cluster.
+/// Parses a config file: a Connector manifest (with or without its Secrets) or the operator's
+/// rendered `RuntimeConfig`. See [`crate::manifest`].
 pub fn parse_config(text: &str) -> Result<RuntimeConfig> {
-    let value: serde_yaml::Value = serde_yaml::from_str(text)
-        .map_err(|e| Error::Config(format!("config is not YAML: {e}")))?;
-    if value.get("kind").is_some() {
-        let c: Connector = serde_yaml::from_value(value)
-            .map_err(|e| Error::Config(format!("not a valid Connector manifest: {e}")))?;
-        let name = c
-            .metadata
-            .name
-            .clone()
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| Error::Config("the Connector manifest has no metadata.name".into()))?;
-        Ok(RuntimeConfig {
-            namespace: c
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            name,
-            uid: c.metadata.uid.clone(),
-            spec: c.spec,
-        })
-    } else {
-        let rc: RuntimeConfig = serde_yaml::from_value(value)
-            .map_err(|e| Error::Config(format!("not a valid runtime config: {e}")))?;
-        if rc.spec.dataset.is_empty() {
-            return Err(Error::Config("spec.dataset must not be empty".into()));
-        }
-        Ok(rc)
-    }
+    crate::manifest::parse(text, None).map(|m| m.config)
 }
 
 /// Parses a Go-style duration (`30s`, `1m30s`, `500ms`, `1.5h`) the way the operator validates it.
@@ -167,10 +141,12 @@ pub fn kafka_security(
     out
 }
 
-/// Secret values by env var name, read once at start, and the directory of Secret files.
+/// Secret values by env var name, read once at start; the Secrets of the config file and the
+/// directory of Secret files, for Secrets read by name (custom sources).
 #[derive(Clone, Default)]
 pub struct Secrets {
     values: BTreeMap<&'static str, String>,
+    in_file: FileSecrets,
     dir: Option<PathBuf>,
 }
 
@@ -182,19 +158,26 @@ impl std::fmt::Debug for Secrets {
 }
 
 impl Secrets {
-    /// Reads every Secret value the spec needs: the env var first, then `<dir>/<secret>/<key>`.
-    pub fn load(spec: &obsrv_crds::ConnectorSpec, dir: Option<&PathBuf>) -> Result<Secrets> {
-        Self::load_with(&secret_env(spec), dir, |k| std::env::var(k).ok())
+    /// Reads every Secret value the spec needs: the env var first, then a Secret of the config
+    /// file, then `<dir>/<secret>/<key>`.
+    pub fn load(
+        spec: &obsrv_crds::ConnectorSpec,
+        dir: Option<&PathBuf>,
+        in_file: FileSecrets,
+    ) -> Result<Secrets> {
+        Self::load_with(&secret_env(spec), dir, in_file, |k| std::env::var(k).ok())
     }
 
     fn load_with(
         wanted: &[SecretEnv],
         dir: Option<&PathBuf>,
+        in_file: FileSecrets,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Secrets> {
         let mut values = BTreeMap::new();
         for s in wanted {
-            let value = match env(s.env) {
+            let from_file = in_file.get(&(s.secret_name.clone(), s.key.clone()));
+            let value = match env(s.env).or_else(|| from_file.cloned()) {
                 Some(v) => v,
                 None => match dir {
                     Some(d) => {
@@ -212,8 +195,8 @@ impl Secrets {
                     }
                     None => {
                         return Err(Error::Config(format!(
-                            "{} (Secret {} key {}) is not set; set it or pass --secrets-dir",
-                            s.env, s.secret_name, s.key
+                            "Secret {} key {} is needed ({}): put the Secret in the config file, set {}, or pass --secrets-dir",
+                            s.secret_name, s.key, s.env, s.env
                         )));
                     }
                 },
@@ -222,12 +205,17 @@ impl Secrets {
         }
         Ok(Secrets {
             values,
+            in_file,
             dir: dir.cloned(),
         })
     }
 
-    /// `<dir>/<secret>/<key>` of the Secrets directory (a custom source's mounted Secrets).
+    /// A Secret value by name: from the config file, else `<dir>/<secret>/<key>` of the Secrets
+    /// directory (a custom source's mounted Secrets).
     pub fn file(&self, secret: &str, key: &str) -> Result<String> {
+        if let Some(v) = self.in_file.get(&(secret.to_string(), key.to_string())) {
+            return Ok(v.clone());
+        }
         let dir = self.dir.as_ref().ok_or_else(|| {
             Error::Config(format!(
                 "Secret {secret} key {key} asked for, but no Secrets directory is set (--secrets-dir or {})",
@@ -334,14 +322,20 @@ spec:
         std::fs::create_dir_all(dir.path().join("pg-creds")).unwrap();
         std::fs::write(dir.path().join("pg-creds/password"), "s3cret\n").unwrap();
         let d = dir.path().to_path_buf();
-        let s = Secrets::load_with(&wanted, Some(&d), |k| {
+        let s = Secrets::load_with(&wanted, Some(&d), FileSecrets::new(), |k| {
             (k == "OBSRV_SOURCE_USERNAME").then(|| "app".to_string())
         })
         .unwrap();
         assert_eq!(s.get("OBSRV_SOURCE_USERNAME"), Some("app"));
         assert_eq!(s.get("OBSRV_SOURCE_PASSWORD"), Some("s3cret"));
         assert!(!format!("{s:?}").contains("s3cret"));
-        let e = Secrets::load_with(&wanted, None, |_| None).unwrap_err();
+        let in_file = FileSecrets::from([
+            (("pg-creds".into(), "username".into()), "app".into()),
+            (("pg-creds".into(), "password".into()), "from-file".into()),
+        ]);
+        let s = Secrets::load_with(&wanted, None, in_file, |_| None).unwrap();
+        assert_eq!(s.get("OBSRV_SOURCE_PASSWORD"), Some("from-file"));
+        let e = Secrets::load_with(&wanted, None, FileSecrets::new(), |_| None).unwrap_err();
         assert!(
             e.to_string().contains("OBSRV_SOURCE_USERNAME") && e.to_string().contains("pg-creds"),
             "{e}"

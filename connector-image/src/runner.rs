@@ -12,7 +12,12 @@ use std::{
 };
 
 use k8s_openapi::jiff::Timestamp;
-use obsrv_crds::{DesiredState, Parallelism, RuntimeState, runtime::RuntimeConfig, status::Totals};
+use obsrv_crds::{
+    DesiredState, Parallelism, RuntimeState,
+    runtime::RuntimeConfig,
+    schedule::{Cron, Plan},
+    status::Totals,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
@@ -20,7 +25,6 @@ use crate::{
     envelope::Context,
     error::{Error, Result},
     http::Shared,
-    schedule::{Cron, Plan},
     sink::{
         Acks, InFlight, Sink, Transactions,
         kafka::{replica_transactional_id, transactional_id},
@@ -241,7 +245,7 @@ pub async fn run(rt: Runtime) -> Result<()> {
     };
     let plan = match Plan::from_spec(config.spec.schedule.as_ref()) {
         Ok(p) => p,
-        Err(e) => return park(&shared, &mut stop, e).await,
+        Err(e) => return park(&shared, &mut stop, Error::Config(e.to_string())).await,
     };
     let once = plan.is_batch();
     if let Plan::Cron(cron) = plan {
@@ -289,8 +293,12 @@ pub async fn run(rt: Runtime) -> Result<()> {
                 loaded = true;
                 tracing::info!(resumed = committed.is_some(), "state loaded");
             }
-            let source =
-                open_source(&registry, &config, &secrets, &sink, committed.clone()).await?;
+            // SIGTERM while connecting ends the run at once: nothing is read or held yet.
+            let mut stop_connect = stop.clone();
+            let source = tokio::select! {
+                s = open_source(&registry, &config, &secrets, &sink, committed.clone()) => s?,
+                _ = stopped(&mut stop_connect) => return Ok(Finished::Stopped),
+            };
             shared.set_max_parallelism(source.max_parallelism());
             shared.set_ready(true);
             let committer = match source.committer() {
@@ -627,6 +635,7 @@ fn record_delivered(shared: &Shared, f: &InFlight) {
         },
         f.watermark.clone(),
     );
+    shared.failures(&f.failures);
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -192,6 +192,8 @@ pub mod reason {
     pub const SCHEMA_ERROR: &str = "SchemaError";
     pub const CONFIG_ERROR: &str = "ConfigError";
     pub const STATE_ERROR: &str = "StateError";
+    pub const NOT_FOUND: &str = "NotFound";
+    pub const TLS_CONFIG: &str = "TlsConfig";
 }
 
 /// The JSON body of a connector pod's `GET /status`.

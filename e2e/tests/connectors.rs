@@ -478,9 +478,19 @@ async fn unreachable_source_is_reported_and_recovers() -> Result<()> {
         })
         .await?;
     assert!(
-        !ready["message"].as_str().unwrap_or_default().is_empty(),
-        "Ready=False carries a message: {ready}"
+        ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("connection refused at {host}:{port}: is Postgres listening there?")),
+        "Ready=False names the endpoint and the likely cause: {ready}"
     );
+    let events = stack
+        .eventually("a SourceUnreachable event", WAIT, async || {
+            let e = stack.kubectl_ok(&["get", "events", "-o", "json"])?;
+            Ok(e.contains("SourceUnreachable").then_some(e))
+        })
+        .await?;
+    assert!(events.contains("is Postgres listening there?"), "{events}");
 
     let forward = tcp_forward(&host, port, format!("{}:{}", pg.host(), pg.port())).await?;
     assert_eq!(

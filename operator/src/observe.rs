@@ -176,9 +176,9 @@ pub struct Observed {
 fn severity(reason: &str) -> u8 {
     use obsrv_crds::status::reason as r;
     match reason {
-        r::AUTH_FAILED | r::CONFIG_ERROR => 5,
+        r::AUTH_FAILED | r::CONFIG_ERROR | r::TLS_CONFIG => 5,
         r::SOURCE_UNREACHABLE | r::SINK_UNREACHABLE => 4,
-        r::SCHEMA_ERROR | r::STATE_ERROR => 3,
+        r::SCHEMA_ERROR | r::STATE_ERROR | r::NOT_FOUND => 3,
         POD_UNREACHABLE => 2,
         _ => 1,
     }

@@ -226,7 +226,12 @@ impl KafkaSource {
         for t in &spec.topics {
             let md = consumer
                 .fetch_metadata(Some(t), Duration::from_secs(10))
-                .map_err(|e| Error::SourceUnreachable(format!("metadata of {t}: {e}")))?;
+                .map_err(|e| {
+                    Error::SourceUnreachable(format!(
+                        "no broker answered at {} within 10s ({e}): is Kafka listening there?",
+                        spec.bootstrap_servers
+                    ))
+                })?;
             let n = md
                 .topics()
                 .first()
