@@ -691,6 +691,25 @@ def lua_to_py(value: Any) -> Any:
     return value
 
 
+def kstatus(obj: dict[str, Any]) -> str:
+    """The status kstatus (sigs.k8s.io/cli-utils/pkg/kstatus) computes for a custom resource:
+    Terminating while deleted; InProgress while its status is of an older generation or a
+    Reconciling condition is True; Failed when a Stalled condition is True; Current otherwise."""
+    meta = obj.get("metadata", {})
+    status = obj.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return "Terminating"
+    observed = status.get("observedGeneration")
+    if observed is not None and observed != meta.get("generation"):
+        return "InProgress"
+    conditions = {c["type"]: c for c in status.get("conditions", [])}
+    if conditions.get("Reconciling", {}).get("status") == "True":
+        return "InProgress"
+    if conditions.get("Stalled", {}).get("status") == "True":
+        return "Failed"
+    return "Current"
+
+
 def argocd_run(script: str, obj: dict[str, Any]) -> Any:
     """Run an Argo CD Lua script (health check or resource action) the way Argo CD does: the live
     object in the global `obj`, the script's return value as the result."""
@@ -962,13 +981,18 @@ def main() -> int:
             hs = argocd_health(script, fx["object"])
             require(hs.get("status") == fx["expect"], f"expected {fx['expect']}, Lua returned {hs}")
             require(bool(hs.get("message")), f"no message: {hs}")
+            ks = kstatus(fx["object"])
+            require(ks == fx["kstatus"], f"expected kstatus {fx['kstatus']}, got {ks}")
             return hs["message"]
 
-        run.check(f"argocd health: {fx['name']} -> {fx['expect']}", health)
+        run.check(f"argocd health / kstatus: {fx['name']} -> {fx['expect']} / {fx['kstatus']}", health)
 
     def all_statuses() -> None:
         missing = {"Healthy", "Progressing", "Degraded", "Suspended"} - expected_statuses
         require(not missing, f"no Argo CD fixture for {sorted(missing)}")
+        verdicts = {f["kstatus"] for f in fixtures}
+        missing = {"Current", "InProgress", "Failed"} - verdicts
+        require(not missing, f"no kstatus fixture for {sorted(missing)}")
 
     run.check("argocd health fixtures cover Healthy, Progressing, Degraded, Suspended", all_statuses)
 

@@ -120,6 +120,7 @@ impl Shared {
         }
         // Not ready until the next success proves source and sink answer again.
         s.ready = false;
+        s.failed_attempts = s.failed_attempts.saturating_add(1);
         s.last_error = Some(LastError {
             reason: e.reason().to_string(),
             message: e.to_string(),
@@ -150,15 +151,25 @@ impl Shared {
 
     /// Records an acknowledged batch.
     pub fn success(&self, add: Totals, watermark: Option<String>) {
+        {
+            let mut s = self.lock();
+            s.totals = s.totals + add;
+            if watermark.is_some() {
+                s.watermark = watermark;
+            }
+        }
+        self.healthy();
+    }
+
+    /// Source and sink just worked (a batch delivered, or caught up after a clean read and
+    /// commit): the last error is over, even on a quiet source with nothing new to deliver.
+    pub fn healthy(&self) {
         let now = Timestamp::now();
         self.metrics.last_success.set(now.as_second());
         let mut s = self.lock();
-        s.totals = s.totals + add;
-        if watermark.is_some() {
-            s.watermark = watermark;
-        }
         s.last_success_at = Some(Time(now));
         s.last_error = None;
+        s.failed_attempts = 0;
         s.ready = true;
         if matches!(s.state, RuntimeState::Degraded | RuntimeState::Starting) {
             s.state = RuntimeState::Running;

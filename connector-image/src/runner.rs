@@ -544,9 +544,7 @@ async fn pipeline(
                 commit(committer, committed, &mut pending).await?;
                 last_commit = Instant::now();
                 backoff.reset();
-                if shared.status().state != RuntimeState::Degraded {
-                    shared.set_state(RuntimeState::Running);
-                }
+                shared.healthy();
                 if once {
                     return Ok(Finished::Done);
                 }

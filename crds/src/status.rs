@@ -88,8 +88,16 @@ pub struct ConnectorStatus {
     pub selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<LagStatus>,
+    /// Records and bytes over the Connector's life: every pod's, including pods that restarted or
+    /// are gone (counted at each poll of the pods; a pod that crashes loses at most its last poll
+    /// interval from these numbers, and those records are read again and counted then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totals: Option<Totals>,
+    /// How `totals` add up: what retired pods (gone, or restarted) contributed, and each current
+    /// pod's last report. Kept in status so totals never go backwards, not even across an
+    /// operator restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals_ledger: Option<TotalsLedger>,
     /// Human-readable source position (cursor value, offsets summary, last object).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark: Option<String>,
@@ -148,6 +156,33 @@ impl std::ops::Add for Totals {
     }
 }
 
+/// Totals of retired pods, and of each current pod by the process start it reported.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TotalsLedger {
+    #[serde(default)]
+    pub retired: Totals,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<PodTotals>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTotals {
+    pub pod: String,
+    /// When the pod's connector process started (a restart starts a new count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    pub totals: Totals,
+}
+
+impl TotalsLedger {
+    /// The Connector's totals: retired pods' plus current pods'.
+    pub fn sum(&self) -> Totals {
+        self.pods.iter().fold(self.retired, |t, p| t + p.totals)
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LastError {
@@ -196,6 +231,10 @@ pub mod reason {
     pub const TLS_CONFIG: &str = "TlsConfig";
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// The JSON body of a connector pod's `GET /status`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -227,6 +266,10 @@ pub struct RuntimeStatus {
     pub last_success_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
+    /// Failed attempts in a row (reset by the next success): the operator says `Stalled` past a
+    /// few, so GitOps tools see an outage as a failure rather than as healthy.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_attempts: u32,
     /// Checksum of the config the pod runs, to tell old pods from new during a roll.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_checksum: Option<String>,

@@ -481,7 +481,9 @@ async fn unreachable_source_is_reported_and_recovers() -> Result<()> {
         ready["message"]
             .as_str()
             .unwrap_or_default()
-            .contains(&format!("connection refused at {host}:{port}: is Postgres listening there?")),
+            .contains(&format!(
+                "connection refused at {host}:{port}: is Postgres listening there?"
+            )),
         "Ready=False names the endpoint and the likely cause: {ready}"
     );
     let events = stack

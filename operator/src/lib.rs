@@ -19,5 +19,6 @@ pub mod run;
 pub mod scaling;
 pub mod status;
 pub mod telemetry;
+pub mod totals;
 pub mod unreadable;
 pub mod validate;

@@ -62,6 +62,14 @@ pub fn targets(pods: &[Pod], port: u16) -> Vec<Target> {
     out
 }
 
+/// Names of the pods that exist (any phase, not being deleted).
+pub fn live_pods(pods: &[Pod]) -> Vec<String> {
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.metadata.name.clone())
+        .collect()
+}
+
 /// Container restarts over the Connector's pods (current pods only: a replaced pod's count is gone
 /// with it), and the latest time a container last terminated.
 pub fn restarts(pods: &[Pod]) -> Option<Restarts> {
@@ -169,6 +177,12 @@ pub struct Observed {
     /// Ready pods whose image serves no `/status` (counted as reading: their readiness says so;
     /// their lag is unknown).
     pub no_status: i32,
+    /// Every pod's counts, for the totals ledger.
+    pub reports: Vec<crate::totals::PodReport>,
+    /// Every pod of the Connector that exists (answering or not).
+    pub live_pods: Vec<String>,
+    /// The most failed attempts in a row a pod reports.
+    pub failed_attempts: u32,
     pub restarts: Option<Restarts>,
 }
 
@@ -211,6 +225,12 @@ pub fn aggregate(reports: &[Report]) -> Observed {
             }
             Ok(s) => {
                 o.answered += 1;
+                o.failed_attempts = o.failed_attempts.max(s.failed_attempts);
+                o.reports.push(crate::totals::PodReport {
+                    pod: r.pod.clone(),
+                    started_at: s.started_at.clone(),
+                    totals: s.totals,
+                });
                 match s.state {
                     RuntimeState::Running | RuntimeState::Idle => o.reading += 1,
                     RuntimeState::Paused => o.paused += 1,

@@ -360,6 +360,7 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
             observe::poll(&ctx.http, targets, ctx.poll_concurrency, ctx.poll_timeout).await;
         observe::Observed {
             restarts: observe::restarts(&list.items),
+            live_pods: observe::live_pods(&list.items),
             ..observe::aggregate(&reports)
         }
     } else {
