@@ -125,6 +125,8 @@ struct Loaded {
     sink: SinkSettings,
     secrets: Secrets,
     checksum: String,
+    /// The operator's state file beside the config (`Running`/`Paused`), when there is one.
+    state_file: Option<PathBuf>,
 }
 
 /// Reads and checks everything a run needs: the file (manifest or runtime config), the spec as
@@ -149,11 +151,16 @@ fn load(c: &Common) -> Result<Loaded, Error> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
+    let state_file = std::path::Path::new(&c.file)
+        .parent()
+        .map(|d| d.join(obsrv_crds::runtime::STATE_FILE))
+        .filter(|p| p.is_file());
     Ok(Loaded {
         config,
         sink,
         secrets,
         checksum,
+        state_file,
     })
 }
 
@@ -261,8 +268,10 @@ async fn run_cmd(registry: Registry, listen: SocketAddr, l: Loaded) -> ExitCode 
         let _ = tx.send(true);
     });
     tracing::info!(connector = %l.config.instance_id(), dataset = %l.config.spec.dataset, "starting");
+    let desired = crate::runner::desired_state(l.state_file, l.config.spec.state);
     match run(Runtime {
         registry,
+        desired,
         config: l.config,
         sink: l.sink,
         secrets: l.secrets,

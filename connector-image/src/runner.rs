@@ -194,6 +194,69 @@ pub struct Runtime {
     pub secrets: Secrets,
     pub shared: Arc<Shared>,
     pub stop: watch::Receiver<bool>,
+    /// Running or Paused, as it changes (the operator's state file; the spec's state locally).
+    pub desired: watch::Receiver<DesiredState>,
+}
+
+/// Resolves when `rx` changes; never when its sender is gone (the value then stays as it is).
+async fn changed<T>(rx: &mut watch::Receiver<T>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// True once the run must stop reading: SIGTERM, or the Connector paused (or stopped).
+fn halt_signal(
+    mut stop: watch::Receiver<bool>,
+    mut desired: watch::Receiver<DesiredState>,
+) -> watch::Receiver<bool> {
+    let halted = |stop: &watch::Receiver<bool>, d: &watch::Receiver<DesiredState>| {
+        *stop.borrow() || *d.borrow() != DesiredState::Running
+    };
+    let (tx, rx) = watch::channel(halted(&stop, &desired));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = changed(&mut stop) => {}
+                _ = changed(&mut desired) => {}
+                _ = tx.closed() => return,
+            }
+            let _ = tx.send(halted(&stop, &desired));
+        }
+    });
+    rx
+}
+
+/// Follows the state file the operator writes beside the config (`runtime::STATE_FILE`), read
+/// every 2 s; without one, the spec's state, fixed.
+pub fn desired_state(
+    state_file: Option<std::path::PathBuf>,
+    spec_state: DesiredState,
+) -> watch::Receiver<DesiredState> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| DesiredState::parse(&s))
+    };
+    let Some(path) = state_file.filter(|p| read(p).is_some()) else {
+        let (tx, rx) = watch::channel(spec_state);
+        // Kept for the life of the process: the state never changes.
+        std::mem::forget(tx);
+        return rx;
+    };
+    let (tx, rx) = watch::channel(read(&path).unwrap_or(spec_state));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if let Some(d) = read(&path) {
+                tx.send_if_modified(|cur| std::mem::replace(cur, d) != d);
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// Runs the connector until `stop`. Never gives up on retryable errors; configuration errors are
@@ -206,6 +269,7 @@ pub async fn run(rt: Runtime) -> Result<()> {
         secrets,
         shared,
         mut stop,
+        mut desired,
     } = rt;
     let (kind, parallelism) = match config.spec.source.resolve() {
         Ok(s) => (s.kind, s.parallelism()),
@@ -268,10 +332,6 @@ pub async fn run(rt: Runtime) -> Result<()> {
         },
     };
 
-    if config.spec.state == DesiredState::Paused {
-        return paused(&registry, &config, &secrets, &sink, &shared, &mut stop).await;
-    }
-
     let mut backoff = Backoff::default();
     let mut committed: Option<serde_json::Value> = None;
     let mut loaded = state.is_none();
@@ -281,6 +341,26 @@ pub async fn run(rt: Runtime) -> Result<()> {
         if *stop.borrow() {
             break;
         }
+        if *desired.borrow() != DesiredState::Running {
+            // Paused: connected, reading nothing; resumes where it stopped (the position kept).
+            if !paused(
+                &registry,
+                &config,
+                &secrets,
+                &sink,
+                &shared,
+                &mut stop,
+                &mut desired,
+            )
+            .await
+            {
+                break;
+            }
+            tracing::info!("resumed");
+            shared.set_state(RuntimeState::Running);
+            continue;
+        }
+        let halt = halt_signal(stop.clone(), desired.clone());
         let attempt = async {
             if let Some(t) = txn.filter(|_| !txn_ready) {
                 t.init().await?;
@@ -293,8 +373,8 @@ pub async fn run(rt: Runtime) -> Result<()> {
                 loaded = true;
                 tracing::info!(resumed = committed.is_some(), "state loaded");
             }
-            // SIGTERM while connecting ends the run at once: nothing is read or held yet.
-            let mut stop_connect = stop.clone();
+            // SIGTERM (or a pause) while connecting ends the run at once: nothing is read yet.
+            let mut stop_connect = halt.clone();
             let source = tokio::select! {
                 s = open_source(&registry, &config, &secrets, &sink, committed.clone()) => s?,
                 _ = stopped(&mut stop_connect) => return Ok(Finished::Stopped),
@@ -316,7 +396,7 @@ pub async fn run(rt: Runtime) -> Result<()> {
                 &committer,
                 &mut committed,
                 &shared,
-                stop.clone(),
+                halt.clone(),
                 poll,
                 once,
                 &mut backoff,
@@ -328,6 +408,8 @@ pub async fn run(rt: Runtime) -> Result<()> {
             res
         };
         match attempt.await {
+            // Paused: the loop's top waits in the paused state.
+            Ok(Finished::Stopped) if !*stop.borrow() => continue,
             Ok(Finished::Stopped) => break,
             Ok(Finished::Done) => match plan {
                 Plan::Cron(cron) => {
@@ -390,7 +472,8 @@ async fn park(shared: &Shared, stop: &mut watch::Receiver<bool>, e: Error) -> Re
     Err(e)
 }
 
-/// `spec.state: Paused`: stay connected (ready when source and sink answer), read nothing.
+/// `state: Paused`: stay connected (ready when source and sink answer), read nothing, until
+/// resumed (true) or stopped (false).
 async fn paused(
     registry: &Registry,
     config: &Arc<RuntimeConfig>,
@@ -398,8 +481,10 @@ async fn paused(
     sink: &Arc<dyn Sink>,
     shared: &Shared,
     stop: &mut watch::Receiver<bool>,
-) -> Result<()> {
+    desired: &mut watch::Receiver<DesiredState>,
+) -> bool {
     let mut backoff = Backoff::default();
+    let resumed = |d: &watch::Receiver<DesiredState>| *d.borrow() == DesiredState::Running;
     loop {
         let check = async {
             sink.check().await?;
@@ -407,20 +492,27 @@ async fn paused(
                 .await
                 .map(|s| s.max_parallelism())
         };
-        match check.await {
+        let wait = match check.await {
             Ok(p) => {
                 shared.set_max_parallelism(p);
-                shared.set_ready(true);
+                shared.healthy();
                 shared.set_state(RuntimeState::Paused);
-                stopped(stop).await;
-                return Ok(());
+                tracing::info!("paused: connected, reading nothing");
+                None
             }
             Err(e) => {
                 shared.error(&e);
-                tokio::select! {
-                    _ = stopped(stop) => return Ok(()),
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
-                }
+                Some(backoff.next_delay())
+            }
+        };
+        loop {
+            if resumed(desired) {
+                return true;
+            }
+            tokio::select! {
+                _ = stopped(stop) => return false,
+                _ = changed(desired) => {}
+                _ = tokio::time::sleep(wait.unwrap_or(Duration::MAX)), if wait.is_some() => break,
             }
         }
     }

@@ -101,6 +101,27 @@ pub enum DesiredState {
     Stopped,
 }
 
+impl DesiredState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredState::Running => "Running",
+            DesiredState::Paused => "Paused",
+            DesiredState::Stopped => "Stopped",
+        }
+    }
+
+    /// Parses `Running`, `Paused` or `Stopped` (surrounding whitespace ignored).
+    pub fn parse(s: &str) -> Option<DesiredState> {
+        [
+            DesiredState::Running,
+            DesiredState::Paused,
+            DesiredState::Stopped,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s.trim())
+    }
+}
+
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
 )]

@@ -287,6 +287,15 @@ async fn pause_stop_and_resume() -> Result<()> {
         ingested_ids(&stack.broker, "orders", 20, WAIT).await?.len(),
         20
     );
+    wait_ready(&stack, "orders").await?;
+    let pods = |stack: &Stack| -> Result<Vec<String>> {
+        Ok(stack
+            .pods("orders")?
+            .iter()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(String::from))
+            .collect())
+    };
+    let before = pods(&stack)?;
 
     patch_spec(&stack, "orders", r#"{"spec":{"state":"Paused"}}"#)?;
     stack
@@ -307,6 +316,18 @@ async fn pause_stop_and_resume() -> Result<()> {
         !stack.ready_pods("orders")?.is_empty(),
         "a paused connector keeps its pods"
     );
+    assert_eq!(pods(&stack)?, before, "pausing does not roll the pods");
+
+    // Resume: the same pods read on from where they stopped.
+    patch_spec(&stack, "orders", r#"{"spec":{"state":"Running"}}"#)?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
+        30,
+        "rows written while paused arrive"
+    );
+    assert_eq!(pods(&stack)?, before, "resuming does not roll the pods");
+    let events = stack.kubectl_ok(&["get", "events"])?;
+    assert!(!events.contains("rolling pods"), "{events}");
 
     patch_spec(&stack, "orders", r#"{"spec":{"state":"Stopped"}}"#)?;
     stack
@@ -317,14 +338,25 @@ async fn pause_stop_and_resume() -> Result<()> {
         .await?;
     let deployment = stack.get_json(&["deployment", "orders"])?;
     assert_eq!(deployment["spec"]["replicas"], 0);
+    assert!(
+        status(&stack, "orders")?["totals"]["recordsIngested"].as_u64() >= Some(30),
+        "totals survive scaling to zero"
+    );
 
     patch_spec(&stack, "orders", r#"{"spec":{"state":"Running"}}"#)?;
+    insert_orders(&pg, 31, 40).await?;
     assert_eq!(
-        ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
-        30,
-        "rows written while paused arrive"
+        ingested_ids(&stack.broker, "orders", 40, WAIT).await?.len(),
+        40,
+        "a stopped connector resumes where it stopped"
     );
     wait_ready(&stack, "orders").await?;
+    stack
+        .eventually("totals over the Connector's life", WAIT, async || {
+            let n = status(&stack, "orders")?["totals"]["recordsIngested"].as_u64();
+            Ok((n >= Some(40)).then_some(()))
+        })
+        .await?;
     Ok(())
 }
 

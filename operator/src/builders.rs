@@ -18,7 +18,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use obsrv_crds::runtime::{self, RuntimeConfig};
-use obsrv_crds::{Connector, KafkaSinkSpec, Parallelism, Scaling, SinkSpec, SourceKind, labels};
+use obsrv_crds::{
+    Connector, DesiredState, KafkaSinkSpec, Parallelism, Scaling, SinkSpec, SourceKind, labels,
+};
 use sha2::{Digest, Sha256};
 
 /// Name of the container running the connector.
@@ -134,6 +136,8 @@ fn meta(c: &Connector, kind: &SourceKind) -> ObjectMeta {
 pub fn runtime_config(c: &Connector, sink_defaults: &KafkaSinkSpec) -> RuntimeConfig {
     let mut spec = c.spec.clone();
     spec.scaling = Scaling::default();
+    // The state travels in its own file (runtime::STATE_FILE): pausing must not roll the pods.
+    spec.state = DesiredState::Running;
     let own = spec
         .sink
         .as_ref()
@@ -176,7 +180,13 @@ pub fn build(i: &Inputs<'_>) -> Desired {
     let sum = checksum(&yaml, i.secret_versions);
     let config_map = ConfigMap {
         metadata: meta(c, i.source_kind),
-        data: Some(BTreeMap::from([(runtime::CONFIG_FILE.to_string(), yaml)])),
+        data: Some(BTreeMap::from([
+            (runtime::CONFIG_FILE.to_string(), yaml),
+            (
+                runtime::STATE_FILE.to_string(),
+                c.spec.state.as_str().to_string(),
+            ),
+        ])),
         ..ConfigMap::default()
     };
     let mut desired = Desired {

@@ -203,16 +203,17 @@ async fn pause_stop_resume() {
     h.reconcile_ok("events").await;
     assert_eq!(h.status("events").phase, Some(Phase::Running));
 
-    // Paused: pods stay, their config says Paused.
+    // Paused: pods stay (not even rolled), their state file says Paused.
+    let checksum = h.checksum("events");
     h.edit_spec("events", |s| s["state"] = json!("Paused"));
     h.reconcile_ok("events").await;
     assert_eq!(h.replicas("events"), 2, "paused keeps pods");
     let cm = h.object(CONFIGMAPS, "events").expect("configmap");
-    assert!(
-        cm["data"]["connector.yaml"]
-            .as_str()
-            .expect("config")
-            .contains("state: Paused")
+    assert_eq!(cm["data"]["state"], "Paused");
+    assert_eq!(
+        h.checksum("events"),
+        checksum,
+        "pausing does not roll the pods"
     );
     for ip in [&a, &b] {
         h.set_pod(ip, |s| s.state = RuntimeState::Paused);
