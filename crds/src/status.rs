@@ -108,6 +108,10 @@ pub struct ConnectorStatus {
     pub last_error: Option<LastError>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarts: Option<Restarts>,
+    /// Set when the connector restarted too often: replicas stay at 0 until a spec change or a new
+    /// `obsrv.io/retry` annotation value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_budget: Option<RestartBudget>,
     /// When the autoscaler last changed replicas (for stabilisation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<Time>,
@@ -196,9 +200,29 @@ pub struct LastError {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Restarts {
+    /// Container restarts of the current pods.
     pub count: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart_time: Option<Time>,
+    /// How the last restarted container ended (`exit code 2 (Error)`, `OOMKilled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+}
+
+/// The restart budget ran out: the Connector runs no replicas until its spec changes or the
+/// `obsrv.io/retry` annotation gets a new value.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartBudget {
+    /// The generation whose pods used up the budget.
+    pub generation: i64,
+    /// The `obsrv.io/retry` annotation's value at the time (a new value retries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<String>,
+    /// What happened, for the Stalled condition.
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exhausted_at: Option<Time>,
 }
 
 /// What the runtime is doing, as reported on `/status`.

@@ -65,7 +65,10 @@ async fn run_scope(ctx: Arc<Context>, ns: Option<String>, mut shutdown: watch::R
     .reflect(writer)
     .applied_objects()
     .predicate_filter(
-        predicates::generation.combine(predicates::finalizers),
+        predicates::generation
+            .combine(predicates::finalizers)
+            // A new obsrv.io/retry value retries a Connector whose restart budget ran out.
+            .combine(predicates::annotations),
         Default::default(),
     );
     let owned =

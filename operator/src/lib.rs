@@ -5,6 +5,7 @@
 //! [`status`] (pure) → write when changed. [`scaling`] and [`cleanup`] decide, also purely.
 
 pub mod admin;
+pub mod budget;
 pub mod builders;
 pub mod cleanup;
 pub mod config;

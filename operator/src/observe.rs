@@ -62,6 +62,20 @@ pub fn targets(pods: &[Pod], port: u16) -> Vec<Target> {
     out
 }
 
+/// The pods whose template carries `checksum` (the current config).
+pub fn of_template(pods: &[Pod], checksum: &str) -> Vec<Pod> {
+    pods.iter()
+        .filter(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(obsrv_crds::labels::CONFIG_CHECKSUM))
+                .is_some_and(|c| c == checksum)
+        })
+        .cloned()
+        .collect()
+}
+
 /// Names of the pods that exist (any phase, not being deleted).
 pub fn live_pods(pods: &[Pod]) -> Vec<String> {
     pods.iter()
@@ -84,18 +98,16 @@ pub fn restarts(pods: &[Pod]) -> Option<Restarts> {
     let count = statuses.iter().map(|s| i64::from(s.restart_count)).sum();
     let last = statuses
         .iter()
-        .filter_map(|s| {
-            s.last_state
-                .as_ref()?
-                .terminated
-                .as_ref()?
-                .finished_at
-                .clone()
-        })
-        .max();
+        .filter_map(|s| s.last_state.as_ref()?.terminated.as_ref())
+        .max_by_key(|t| t.finished_at.clone());
     Some(Restarts {
         count,
-        last_restart_time: last,
+        last_restart_time: last.and_then(|t| t.finished_at.clone()),
+        last_exit: last.map(|t| match (&t.reason, &t.message) {
+            (Some(r), Some(m)) => format!("exit code {} ({r}: {m})", t.exit_code),
+            (Some(r), None) => format!("exit code {} ({r})", t.exit_code),
+            _ => format!("exit code {}", t.exit_code),
+        }),
     })
 }
 
@@ -183,6 +195,9 @@ pub struct Observed {
     pub live_pods: Vec<String>,
     /// The most failed attempts in a row a pod reports.
     pub failed_attempts: u32,
+    /// Restarts of the pods running the current config only (a roll's old pods do not count
+    /// against the new config's restart budget).
+    pub current_restarts: Option<Restarts>,
     pub restarts: Option<Restarts>,
 }
 

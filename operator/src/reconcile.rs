@@ -272,11 +272,17 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         return blocked(c, ctx, b, Some(poll)).await;
     }
 
-    // 4. Decide replicas (pure).
+    // 4. Decide replicas (pure). A spent restart budget runs none until a change or a retry.
     let now = ctx.now();
+    let generation = c.metadata.generation.unwrap_or_default();
+    let retry = c.annotations().get(labels::RETRY).cloned();
+    let spent = prev
+        .and_then(|s| s.restart_budget.as_ref())
+        .filter(|b| b.generation == generation && b.retry == retry);
     let has_status = prev.is_some_and(|s| s.phase.is_some());
     let decision = scaling::decide(&ScaleInput {
         state: c.spec.state,
+        halted: spent.is_some(),
         scaling: &c.spec.scaling,
         current: if has_status {
             prev.map(|s| s.replicas)
@@ -360,6 +366,10 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
             observe::poll(&ctx.http, targets, ctx.poll_concurrency, ctx.poll_timeout).await;
         observe::Observed {
             restarts: observe::restarts(&list.items),
+            current_restarts: observe::restarts(&observe::of_template(
+                &list.items,
+                &desired.checksum,
+            )),
             live_pods: observe::live_pods(&list.items),
             ..observe::aggregate(&reports)
         }
@@ -368,8 +378,17 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     };
 
     // 7. Status (pure) and write when changed.
+    let budget = crate::budget::account(
+        spent,
+        generation,
+        retry.as_deref(),
+        observed.current_restarts.as_ref(),
+        &name,
+        now,
+    );
     let next = status::compute(&StatusInput {
         previous: prev,
+        restart_budget: budget,
         generation: c.metadata.generation,
         now,
         state: c.spec.state,
@@ -412,8 +431,10 @@ async fn blocked(
 ) -> Result<Action, Error> {
     // Counted with the failures so an invalid spec or a conflict shows up by reason in metrics.
     ctx.metrics.failed(&b.reason);
+    let previous = ctx.previous_status(c);
     let next = status::compute(&StatusInput {
-        previous: ctx.previous_status(c).as_ref(),
+        restart_budget: previous.as_ref().and_then(|s| s.restart_budget.clone()),
+        previous: previous.as_ref(),
         generation: c.metadata.generation,
         now: ctx.now(),
         state: c.spec.state,

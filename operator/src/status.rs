@@ -92,6 +92,8 @@ pub enum Outcome<'a> {
 #[derive(Debug, Clone)]
 pub struct StatusInput<'a> {
     pub previous: Option<&'a ConnectorStatus>,
+    /// The restart budget after this observation (`Some` while exhausted).
+    pub restart_budget: Option<obsrv_crds::status::RestartBudget>,
     pub generation: Option<i64>,
     pub now: Timestamp,
     pub state: DesiredState,
@@ -274,9 +276,17 @@ fn applied(
         }
     }
 
+    s.restart_budget = i.restart_budget.clone();
     let complete = rollout.complete(want);
     let healthy = observed.failing == 0;
+    let exhausted = i.restart_budget.as_ref().map(|b| b.message.clone());
     let (ready, ready_reason, ready_msg, phase) = match i.state {
+        DesiredState::Running | DesiredState::Paused if exhausted.is_some() => (
+            false,
+            crate::budget::EXHAUSTED,
+            exhausted.clone().unwrap_or_default(),
+            Phase::Failed,
+        ),
         DesiredState::Stopped if rollout.total == 0 => (
             true,
             "Stopped",
@@ -347,7 +357,7 @@ fn applied(
     };
     s.phase = Some(phase);
     let stuck = rollout.stuck.is_some() && !complete;
-    let reconciling = !complete && healthy && !stuck;
+    let reconciling = !complete && healthy && !stuck && exhausted.is_none();
     let limited = match &decision.limit {
         Some(l) => cond(
             i,
@@ -381,7 +391,9 @@ fn applied(
                 "The Deployment matches the spec.".into()
             },
         ),
-        if stuck {
+        if let Some(m) = exhausted.filter(|_| i.state != DesiredState::Stopped) {
+            cond(i, condition::STALLED, true, crate::budget::EXHAUSTED, m)
+        } else if stuck {
             cond(
                 i,
                 condition::STALLED,
@@ -497,6 +509,7 @@ mod tests {
     ) -> StatusInput<'a> {
         StatusInput {
             previous: prev,
+            restart_budget: None,
             generation: Some(4),
             now: at(now),
             state: DesiredState::Running,

@@ -166,7 +166,7 @@ fn deployment_pod_template_is_locked_down_and_uses_secret_refs() {
 }
 
 #[test]
-fn checksum_rolls_on_spec_edit_and_secret_rotation_only() {
+fn checksum_rolls_on_spec_edit_and_secret_rotation_only_not_on_pause() {
     let c = fixture(POSTGRES);
     let v1 = versions(&[("pg-ca", "7"), ("pg-creds", "3")]);
     let base = build(&c, &v1, 1).checksum;
@@ -201,13 +201,18 @@ fn checksum_rolls_on_spec_edit_and_secret_rotation_only() {
     let mut paused = c.clone();
     paused.spec.state = DesiredState::Paused;
     let d = build(&paused, &v1, 1);
-    assert_ne!(
+    assert_eq!(
         d.checksum, base,
-        "pausing reaches the pods through their config"
+        "pausing does not roll pods: it reaches them through their state file"
     );
-    let rc: RuntimeConfig =
-        serde_yaml::from_str(&d.config_map.data.expect("data")["connector.yaml"]).expect("parses");
-    assert_eq!(rc.spec.state, DesiredState::Paused);
+    let data = d.config_map.data.expect("data");
+    assert_eq!(data["state"], "Paused");
+    let rc: RuntimeConfig = serde_yaml::from_str(&data["connector.yaml"]).expect("parses");
+    assert_eq!(
+        rc.spec.state,
+        DesiredState::Running,
+        "the checksummed config never changes with the state"
+    );
 }
 
 #[test]

@@ -859,3 +859,53 @@ async fn lag_observed_at_is_refreshed_once_a_minute_while_pods_report() {
     h.reconcile_ok("orders").await;
     assert!(seen(&h).0 > first.0, "refreshed after a minute");
 }
+
+#[tokio::test]
+async fn a_connector_that_keeps_restarting_stops_until_a_change_or_a_retry() {
+    let mut h = postgres().await;
+    running_connector(&mut h, "orders", 0).await;
+    let checksum = h.checksum("orders");
+    let crash = |h: &Harness, restarts: i64| {
+        h.api.edit(PODS.0, PODS.1, "shop", "orders-pod-0", |p| {
+            p["metadata"]["annotations"] = json!({"obsrv.io/config-checksum": checksum});
+            p["status"]["containerStatuses"] = json!([{
+                "name": "connector", "ready": false, "restartCount": restarts, "image": "img", "imageID": "img@sha",
+                "lastState": {"terminated": {"exitCode": 2, "reason": "Error", "finishedAt": "2026-01-01T00:05:00Z"}}
+            }]);
+        });
+    };
+    crash(&h, 4);
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.replicas("orders"), 1, "within the budget");
+
+    crash(&h, 5);
+    h.reconcile_ok("orders").await;
+    let s = h.status("orders");
+    assert_eq!(s.phase, Some(Phase::Failed));
+    let (stalled, why, msg) = h.condition("orders", condition::STALLED);
+    assert_eq!(
+        (stalled.as_str(), why.as_str()),
+        ("True", "RestartBudgetExhausted")
+    );
+    assert!(
+        msg.contains("restarted 5 times") && msg.contains("exit code 2 (Error)"),
+        "{msg}"
+    );
+    assert!(msg.contains("obsrv.io/retry"), "says how to retry: {msg}");
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.replicas("orders"), 0, "no more restarts");
+    h.roll_out("orders", &[]);
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.replicas("orders"), 0, "stays down without pods to count");
+    assert_eq!(h.status("orders").phase, Some(Phase::Failed));
+
+    // The documented retry: a new annotation value runs it again.
+    h.api
+        .edit(CONNECTORS.0, CONNECTORS.1, "shop", "orders", |c| {
+            c["metadata"]["annotations"] = json!({"obsrv.io/retry": "1"});
+        });
+    h.reconcile_ok("orders").await;
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.replicas("orders"), 1);
+    assert!(h.status("orders").restart_budget.is_none());
+}
