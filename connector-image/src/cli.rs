@@ -123,7 +123,9 @@ fn say(line: impl std::fmt::Display) {
 struct Loaded {
     config: RuntimeConfig,
     sink: SinkSettings,
-    secrets: Secrets,
+    /// Where Secret values come from; read when needed (and again after a rotation).
+    secrets_dir: Option<PathBuf>,
+    file_secrets: crate::manifest::FileSecrets,
     checksum: String,
     /// The operator's state file beside the config (`Running`/`Paused`), when there is one.
     state_file: Option<PathBuf>,
@@ -146,7 +148,6 @@ fn load(c: &Common) -> Result<Loaded, Error> {
         c.sink_compression,
     );
     let sink = SinkSettings::resolve(&config.spec, &defaults)?;
-    let secrets = Secrets::load(&config.spec, c.secrets_dir.as_ref(), manifest.secrets)?;
     let checksum = Sha256::digest(text.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -158,10 +159,21 @@ fn load(c: &Common) -> Result<Loaded, Error> {
     Ok(Loaded {
         config,
         sink,
-        secrets,
+        secrets_dir: c.secrets_dir.clone(),
+        file_secrets: manifest.secrets,
         checksum,
         state_file,
     })
+}
+
+impl Loaded {
+    fn secrets(&self) -> Result<Secrets, Error> {
+        Secrets::load(
+            &self.config.spec,
+            self.secrets_dir.as_ref(),
+            self.file_secrets.clone(),
+        )
+    }
 }
 
 fn init_logs(format: &str) {
@@ -268,22 +280,44 @@ async fn run_cmd(registry: Registry, listen: SocketAddr, l: Loaded) -> ExitCode 
         let _ = tx.send(true);
     });
     tracing::info!(connector = %l.config.instance_id(), dataset = %l.config.spec.dataset, "starting");
-    let desired = crate::runner::desired_state(l.state_file, l.config.spec.state);
-    match run(Runtime {
-        registry,
-        desired,
-        config: l.config,
-        sink: l.sink,
-        secrets: l.secrets,
-        shared,
-        stop: rx,
-    })
-    .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(reason = e.reason(), error = %e, "stopped with an error");
-            ExitCode::FAILURE
+    let desired = crate::runner::desired_state(l.state_file.clone(), l.config.spec.state);
+    let mut stop = rx;
+    let mut backoff = crate::runner::Backoff::default();
+    loop {
+        // Read the Secrets at each start: a missing one is reported and retried (in a pod its
+        // volume fills in once the Secret exists), a rotated one is read anew.
+        let secrets = match l.secrets() {
+            Ok(s) => s,
+            Err(e) if e.is_retryable() => {
+                shared.error(&e);
+                tokio::select! {
+                    _ = crate::runner::stopped(&mut stop) => return ExitCode::SUCCESS,
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                }
+            }
+            Err(e) => {
+                eprintln!("obsrv-connector: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        backoff.reset();
+        let ended = run(Runtime {
+            registry: registry.clone(),
+            desired: desired.clone(),
+            config: l.config.clone(),
+            sink: l.sink.clone(),
+            secrets,
+            shared: shared.clone(),
+            stop: stop.clone(),
+        })
+        .await;
+        match ended {
+            Ok(crate::runner::Ended::SecretsRotated) => continue,
+            Ok(crate::runner::Ended::Stopped) => return ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(reason = e.reason(), error = %e, "stopped with an error");
+                return ExitCode::FAILURE;
+            }
         }
     }
 }
@@ -319,7 +353,14 @@ async fn check_cmd(registry: &Registry, l: Loaded) -> ExitCode {
         l.config.instance_id(),
         l.config.spec.dataset
     ));
-    let sink = match crate::sink::open(l.sink.clone(), &l.secrets, ctx, None) {
+    let secrets = match l.secrets() {
+        Ok(s) => s,
+        Err(e) => {
+            say(format_args!("secrets: {} - {e}", e.reason()));
+            return ExitCode::FAILURE;
+        }
+    };
+    let sink = match crate::sink::open(l.sink.clone(), &secrets, ctx, None) {
         Ok(s) => s,
         Err(e) => {
             say(format_args!("sink: {} - {e}", e.reason()));
@@ -327,7 +368,7 @@ async fn check_cmd(registry: &Registry, l: Loaded) -> ExitCode {
         }
     };
     let config = Arc::new(l.config);
-    let secrets = Arc::new(l.secrets);
+    let secrets = Arc::new(secrets);
     match open_source(registry, &config, &secrets, &sink, None).await {
         Ok(s) => {
             let details = s.describe();

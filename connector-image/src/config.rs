@@ -141,13 +141,16 @@ pub fn kafka_security(
     out
 }
 
-/// Secret values by env var name, read once at start; the Secrets of the config file and the
-/// directory of Secret files, for Secrets read by name (custom sources).
+/// Secret values by env var name, read at start; the Secrets of the config file and the directory
+/// of Secret files (`<dir>/<secretName>/<key>`: in a pod, the Secrets the operator mounts), for
+/// Secrets read by name (custom sources). Files read are remembered, so a rotation is noticed
+/// ([`Secrets::rotated`]).
 #[derive(Clone, Default)]
 pub struct Secrets {
     values: BTreeMap<&'static str, String>,
     in_file: FileSecrets,
     dir: Option<PathBuf>,
+    read: std::sync::Arc<std::sync::Mutex<BTreeMap<PathBuf, String>>>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -155,6 +158,12 @@ impl std::fmt::Debug for Secrets {
         // Names only: a value must never reach a log line.
         f.debug_list().entries(self.values.keys()).finish()
     }
+}
+
+/// Reads a Secret file, without the trailing newline editors add.
+fn read_secret_file(path: &std::path::Path) -> std::io::Result<String> {
+    let v = std::fs::read_to_string(path)?;
+    Ok(v.strip_suffix('\n').map(str::to_string).unwrap_or(v))
 }
 
 impl Secrets {
@@ -174,40 +183,28 @@ impl Secrets {
         in_file: FileSecrets,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Secrets> {
+        let secrets = Secrets {
+            values: BTreeMap::new(),
+            in_file,
+            dir: dir.cloned(),
+            read: Default::default(),
+        };
         let mut values = BTreeMap::new();
         for s in wanted {
-            let from_file = in_file.get(&(s.secret_name.clone(), s.key.clone()));
+            let from_file = secrets.in_file.get(&(s.secret_name.clone(), s.key.clone()));
             let value = match env(s.env).or_else(|| from_file.cloned()) {
                 Some(v) => v,
-                None => match dir {
-                    Some(d) => {
-                        let path = d.join(&s.secret_name).join(&s.key);
-                        let v = std::fs::read_to_string(&path).map_err(|e| {
-                            Error::Config(format!(
-                                "{} (Secret {} key {}) not set and {} unreadable: {e}",
-                                s.env,
-                                s.secret_name,
-                                s.key,
-                                path.display()
-                            ))
-                        })?;
-                        v.strip_suffix('\n').map(str::to_string).unwrap_or(v)
-                    }
-                    None => {
-                        return Err(Error::Config(format!(
-                            "Secret {} key {} is needed ({}): put the Secret in the config file, set {}, or pass --secrets-dir",
-                            s.secret_name, s.key, s.env, s.env
-                        )));
-                    }
-                },
+                None if secrets.dir.is_some() => secrets.file(&s.secret_name, &s.key)?,
+                None => {
+                    return Err(Error::Config(format!(
+                        "Secret {} key {} is needed ({}): put the Secret in the config file, set {}, or pass --secrets-dir",
+                        s.secret_name, s.key, s.env, s.env
+                    )));
+                }
             };
             values.insert(s.env, value);
         }
-        Ok(Secrets {
-            values,
-            in_file,
-            dir: dir.cloned(),
-        })
+        Ok(Secrets { values, ..secrets })
     }
 
     /// A Secret value by name: from the config file, else `<dir>/<secret>/<key>` of the Secrets
@@ -223,13 +220,27 @@ impl Secrets {
             ))
         })?;
         let path = dir.join(secret).join(key);
-        let v = std::fs::read_to_string(&path).map_err(|e| {
-            Error::Config(format!(
-                "Secret {secret} key {key}: {} unreadable: {e}",
+        let v = read_secret_file(&path).map_err(|e| {
+            // In a pod the Secret's volume is optional: until the Secret (or the key) exists the
+            // file is missing, and the retry picks it up once it does.
+            Error::NotFound(format!(
+                "Secret {secret} key {key}: {e} ({}): create the Secret with that key in the Connector's namespace",
                 path.display()
             ))
         })?;
-        Ok(v.strip_suffix('\n').map(str::to_string).unwrap_or(v))
+        self.read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path, v.clone());
+        Ok(v)
+    }
+
+    /// Whether a Secret file read so far changed since (a rotation): then the connector reconnects
+    /// with the new values instead of waiting for a restart.
+    pub fn rotated(&self) -> bool {
+        let read = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        read.iter()
+            .any(|(path, old)| read_secret_file(path).ok().as_ref() != Some(old))
     }
 
     pub fn get(&self, env: &str) -> Option<&str> {

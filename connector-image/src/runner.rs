@@ -198,6 +198,41 @@ pub struct Runtime {
     pub desired: watch::Receiver<DesiredState>,
 }
 
+/// How a run ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// SIGTERM: everything in flight delivered and committed.
+    Stopped,
+    /// A Secret file changed: run again with the new values (same process, no restart).
+    SecretsRotated,
+}
+
+/// How often mounted Secret files are compared with what was read.
+pub const SECRETS_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// Turns true once a Secret file the run read has changed.
+fn rotation_signal(secrets: Arc<Secrets>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(SECRETS_CHECK_EVERY) => {}
+            }
+            let s = secrets.clone();
+            if tokio::task::spawn_blocking(move || s.rotated())
+                .await
+                .unwrap_or(false)
+            {
+                tracing::info!("a Secret changed: reconnecting with the new values");
+                let _ = tx.send(true);
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Resolves when `rx` changes; never when its sender is gone (the value then stays as it is).
 async fn changed<T>(rx: &mut watch::Receiver<T>) {
     if rx.changed().await.is_err() {
@@ -205,23 +240,28 @@ async fn changed<T>(rx: &mut watch::Receiver<T>) {
     }
 }
 
-/// True once the run must stop reading: SIGTERM, or the Connector paused (or stopped).
+/// True once the run must stop reading: SIGTERM, the Connector paused (or stopped), or a Secret
+/// rotated.
 fn halt_signal(
     mut stop: watch::Receiver<bool>,
     mut desired: watch::Receiver<DesiredState>,
+    mut rotated: watch::Receiver<bool>,
 ) -> watch::Receiver<bool> {
-    let halted = |stop: &watch::Receiver<bool>, d: &watch::Receiver<DesiredState>| {
-        *stop.borrow() || *d.borrow() != DesiredState::Running
+    let halted = |stop: &watch::Receiver<bool>,
+                  d: &watch::Receiver<DesiredState>,
+                  r: &watch::Receiver<bool>| {
+        *stop.borrow() || *d.borrow() != DesiredState::Running || *r.borrow()
     };
-    let (tx, rx) = watch::channel(halted(&stop, &desired));
+    let (tx, rx) = watch::channel(halted(&stop, &desired, &rotated));
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = changed(&mut stop) => {}
                 _ = changed(&mut desired) => {}
+                _ = changed(&mut rotated) => {}
                 _ = tx.closed() => return,
             }
-            let _ = tx.send(halted(&stop, &desired));
+            let _ = tx.send(halted(&stop, &desired, &rotated));
         }
     });
     rx
@@ -259,9 +299,10 @@ pub fn desired_state(
     rx
 }
 
-/// Runs the connector until `stop`. Never gives up on retryable errors; configuration errors are
+/// Runs the connector until `stop` (or until a Secret it read rotates: the caller then runs it
+/// again with the new values). Never gives up on retryable errors; configuration errors are
 /// reported on `/status` and the process waits for SIGTERM (a new config rolls the pod).
-pub async fn run(rt: Runtime) -> Result<()> {
+pub async fn run(rt: Runtime) -> Result<Ended> {
     let Runtime {
         registry,
         config,
@@ -303,6 +344,7 @@ pub async fn run(rt: Runtime) -> Result<()> {
     };
     let config = Arc::new(config);
     let secrets = Arc::new(secrets);
+    let mut rotated = rotation_signal(secrets.clone());
     let poll = match poll_interval(&config) {
         Ok(p) => p,
         Err(e) => return park(&shared, &mut stop, e).await,
@@ -315,7 +357,7 @@ pub async fn run(rt: Runtime) -> Result<()> {
     if let Plan::Cron(cron) = plan {
         // The first run waits for the schedule too.
         if !wait_for_next_run(&cron, &shared, &mut stop).await {
-            return Ok(());
+            return Ok(Ended::Stopped);
         }
     }
     let state = match factory.keeps_own_positions {
@@ -337,30 +379,37 @@ pub async fn run(rt: Runtime) -> Result<()> {
     let mut loaded = state.is_none();
     let mut txn_ready = false;
     let mut state = state;
+    let mut ended = Ended::Stopped;
     loop {
         if *stop.borrow() {
             break;
         }
+        if *rotated.borrow() {
+            ended = Ended::SecretsRotated;
+            break;
+        }
         if *desired.borrow() != DesiredState::Running {
             // Paused: connected, reading nothing; resumes where it stopped (the position kept).
-            if !paused(
+            // A stop or a rotation ends the pause (the loop's top tells which).
+            let (_fixed, running) = watch::channel(DesiredState::Running);
+            let mut halt = halt_signal(stop.clone(), running, rotated.clone());
+            if paused(
                 &registry,
                 &config,
                 &secrets,
                 &sink,
                 &shared,
-                &mut stop,
+                &mut halt,
                 &mut desired,
             )
             .await
             {
-                break;
+                tracing::info!("resumed");
+                shared.set_state(RuntimeState::Running);
             }
-            tracing::info!("resumed");
-            shared.set_state(RuntimeState::Running);
             continue;
         }
-        let halt = halt_signal(stop.clone(), desired.clone());
+        let halt = halt_signal(stop.clone(), desired.clone(), rotated.clone());
         let attempt = async {
             if let Some(t) = txn.filter(|_| !txn_ready) {
                 t.init().await?;
@@ -408,7 +457,7 @@ pub async fn run(rt: Runtime) -> Result<()> {
             res
         };
         match attempt.await {
-            // Paused: the loop's top waits in the paused state.
+            // Paused or rotated: the loop's top takes it from there.
             Ok(Finished::Stopped) if !*stop.borrow() => continue,
             Ok(Finished::Stopped) => break,
             Ok(Finished::Done) => match plan {
@@ -434,14 +483,17 @@ pub async fn run(rt: Runtime) -> Result<()> {
                 let d = backoff.next_delay();
                 tokio::select! {
                     _ = stopped(&mut stop) => break,
+                    _ = changed(&mut rotated) => {}
                     _ = tokio::time::sleep(d) => {}
                 }
             }
         }
     }
-    shared.set_state(RuntimeState::Stopping);
+    if ended == Ended::Stopped {
+        shared.set_state(RuntimeState::Stopping);
+    }
     let _ = sink.flush(Duration::from_secs(5)).await;
-    Ok(())
+    Ok(ended)
 }
 
 /// Idles until the next scheduled run; false when stopped first.
@@ -465,7 +517,7 @@ async fn wait_for_next_run(cron: &Cron, shared: &Shared, stop: &mut watch::Recei
 }
 
 /// A configuration error: report it and wait for SIGTERM instead of crash-looping.
-async fn park(shared: &Shared, stop: &mut watch::Receiver<bool>, e: Error) -> Result<()> {
+async fn park(shared: &Shared, stop: &mut watch::Receiver<bool>, e: Error) -> Result<Ended> {
     shared.error(&e);
     shared.set_ready(false);
     stopped(stop).await;

@@ -350,6 +350,18 @@ impl Stack {
         }
     }
 
+    /// Everything the connector pods logged so far (local control plane: one file per pod, with
+    /// every restart of its container).
+    pub fn pod_logs(&self) -> Result<String> {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.dir.join("cluster/logs"))?.flatten() {
+            if entry.path().is_file() {
+                out.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        Ok(out)
+    }
+
     /// Path of the current operator's log (local control plane).
     pub fn operator_log(&self) -> PathBuf {
         let runs = match &self.cluster {

@@ -1,14 +1,13 @@
 //! The reconcile pipeline for one Connector: validate → build → apply → observe → status.
 //! Decisions live in pure modules; this file is the thin I/O edge around them.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
@@ -226,26 +225,8 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         Err(e) => return blocked(c, ctx, invalid(&e), None).await,
     };
 
-    // 2. Dereference: the Secrets' versions (metadata only: values never enter the operator).
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut versions = BTreeMap::new();
-    for s in obsrv_crds::runtime::referenced_secrets(&c.spec) {
-        match secrets.get_metadata_opt(&s).await? {
-            Some(m) => {
-                versions.insert(s, m.metadata.resource_version.unwrap_or_default());
-            }
-            None => {
-                let b = Blocked {
-                    reason: "SecretNotFound".into(),
-                    message: format!(
-                        "Secret {s} referenced by the spec does not exist in namespace {ns}."
-                    ),
-                    invalid_spec: false,
-                };
-                return blocked(c, ctx, b, Some(poll)).await;
-            }
-        }
-    }
+    // 2. Nothing to dereference: Secrets reach the pods as optional volumes, the pods say which
+    //    one they lack and follow rotations themselves, so the operator reads no Secret at all.
 
     // 3. Refuse objects of our names that we do not own.
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -308,7 +289,6 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         sink_defaults: &ctx.sink_defaults,
         source_kind: valid.source_kind,
         parallelism: valid.parallelism,
-        secret_versions: &versions,
         replicas: decision.replicas,
     });
     // Skip the applies when the live Deployment carries the hash of exactly these objects: no
@@ -597,7 +577,6 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     let step = cleanup::step(live.as_ref().map(JobState::of), ctx.now(), timeout);
     match step {
         CleanupStep::Start => {
-            let versions = BTreeMap::new();
             let job = builders::cleanup_job(
                 &Inputs {
                     connector: c,
@@ -605,7 +584,6 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
                     sink_defaults: &ctx.sink_defaults,
                     source_kind: kind,
                     parallelism: source.parallelism(),
-                    secret_versions: &versions,
                     replicas: 0,
                 },
                 i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
