@@ -22,7 +22,8 @@ What it checks (each line of output is one check; the last line is `N passed, M 
   rules` accepts it and every value set's rules; `promtool test rules helm/ci/alert-tests.yaml` passes,
   has a firing and a quiet case for every alert, and fails on a changed threshold, selector or `for:`;
 - the Grafana dashboard (dashboards/obsrv-connectors.json): datasource, namespace and connector
-  variables used by every query, queries that parse as PromQL, metrics the operator / runtime export
+  variables used by every query, every panel's queries evaluated by promtool on sample series
+  (helm/ci/dashboard-tests.yaml), queries that parse as PromQL, metrics the operator / runtime export
   (or kube-state-metrics' and `up`, listed), labels those series carry (the runtime's own, the
   PodMonitor's relabelings from pod labels the operator sets, the Prometheus Operator's target
   labels); the optional dashboard ConfigMap holds the same JSON; docs/monitoring.md explains every
@@ -657,6 +658,7 @@ def check_monitoring(objects: list[dict[str, Any]], values: dict[str, Any]) -> s
 
 ALERT_RULES = CI / "alert-rules.yaml"
 ALERT_TESTS = CI / "alert-tests.yaml"
+DASHBOARD_TESTS = CI / "dashboard-tests.yaml"
 DASHBOARD = CHART / "dashboards" / "obsrv-connectors.json"
 MONITORING_DOC = ROOT / "docs" / "monitoring.md"
 # The value set helm/ci/alert-rules.yaml is rendered from: the chart's defaults, alerts on.
@@ -989,6 +991,54 @@ def check_dashboard_configmap(objects: list[dict[str, Any]], values: dict[str, A
     return f"ConfigMap {md['namespace']}/{md['name']}"
 
 
+def panel_query(dash: dict[str, Any], reference: str) -> tuple[str, str]:
+    """(panel title, PromQL) for `panel: <title>[; ref=X][; namespace=v][; connector=v]`: the panel's
+    query as Grafana sends it, with $__rate_interval as 5m and the variables as given (default .*,
+    Grafana's "All")."""
+    m = re.fullmatch(r"panel: ([^;]+)((?:;\s*\w+=[^;]*)*)", reference.strip())
+    require(m is not None, f"{DASHBOARD_TESTS.name}: expr {reference!r} is not 'panel: <title>[; k=v]...'")
+    assert m is not None
+    title = m.group(1).strip()
+    opts = dict(kv.split("=", 1) for kv in re.findall(r";\s*(\w+=[^;]*)", m.group(2)))
+    ref = opts.pop("ref", "A").strip()
+    panel = next((p for p in dash_panels(dash) if p.get("title") == title), None)
+    require(panel is not None, f"{DASHBOARD_TESTS.name}: no panel titled {title!r}")
+    assert panel is not None
+    target = next((t for t in panel["targets"] if t.get("refId") == ref), None)
+    require(target is not None, f"{DASHBOARD_TESTS.name}: panel {title!r} has no target {ref}")
+    assert target is not None
+    expr = target["expr"]
+    for v in GRAFANA_INTERVALS:
+        expr = expr.replace(v, "5m")
+    for name in ("namespace", "connector"):
+        value = opts.pop(name, ".*").strip()
+        expr = expr.replace("${" + name + "}", value).replace("$" + name, value)
+    require(not opts, f"{DASHBOARD_TESTS.name}: unknown option(s) {sorted(opts)} in {reference!r}")
+    left = re.findall(r"\$\{?[A-Za-z_]\w*", expr)
+    require(not left, f"panel {title!r} {ref}: variables {left} have no stand-in for promtool")
+    return title, expr
+
+
+def test_dashboard_queries(dash: dict[str, Any]) -> str:
+    """promtool test rules on helm/ci/dashboard-tests.yaml with the panels' real queries in place."""
+    tests = load_yaml(DASHBOARD_TESTS)
+    covered: set[str] = set()
+    cases = 0
+    for t in tests.get("tests", []):
+        for case in t.get("promql_expr_test", []):
+            title, case["expr"] = panel_query(dash, case["expr"])
+            covered.add(title)
+            cases += 1
+    panels = [p["title"] for p in dash_panels(dash) if p.get("type") != "row"]
+    missing = [p for p in panels if p not in covered]
+    require(not missing, f"{DASHBOARD_TESTS.name} has no case for panel(s): {missing}")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / DASHBOARD_TESTS.name).write_text(yaml.safe_dump(tests, sort_keys=False), encoding="utf-8")
+        out = run_promtool("test", "rules", DASHBOARD_TESTS.name, cwd=Path(tmp))
+    require("SUCCESS" in out, f"promtool test rules did not report SUCCESS:\n{out}")
+    return f"{cases} queries of {len(panels)} panels"
+
+
 def check_monitoring_doc(rules_spec: dict[str, Any], dash: dict[str, Any]) -> str:
     require(MONITORING_DOC.exists(), "docs/monitoring.md missing")
     doc = MONITORING_DOC.read_text(encoding="utf-8")
@@ -1065,6 +1115,12 @@ def main_monitoring(run: Runner, rendered: dict[str, tuple[list[dict[str, Any]],
         return check_dashboard(dash)
 
     run.check(f"Grafana dashboard {DASHBOARD.relative_to(ROOT)}", dashboard_ok)
+
+    def dashboard_tests() -> str:
+        require(bool(dash), "the dashboard did not load")
+        return test_dashboard_queries(dash)
+
+    run.check("promtool test rules helm/ci/dashboard-tests.yaml (every panel's queries)", dashboard_tests)
 
     def series_used() -> str:
         objects = next(
