@@ -5,8 +5,8 @@
 //!
 //! The real operator and connector binaries run on the local control plane: one Connector ingests
 //! good and malformed records (records and bytes by outcome, batch latency, lag, last success), one
-//! reads a topic that does not exist (connector errors by reason, a Degraded phase), one references a
-//! missing Secret (operator reconcile failures by reason), so every series has samples.
+//! reads a topic that does not exist (connector errors by reason, a Degraded phase), one has a name
+//! taken by a foreign ConfigMap (operator reconcile failures by reason), so every series has samples.
 //!
 //! Metric names come from the queries through a real PromQL parser; labels Prometheus adds when it
 //! scrapes ([`TARGET_LABELS`]) and series from outside the project ([`EXTERNAL`]) are listed below.
@@ -414,15 +414,12 @@ fn kafka_connector(name: &str, bootstrap: &str, topic: &str) -> String {
     serde_yaml::to_string(&c).expect("a JSON value is YAML")
 }
 
-/// A Postgres Connector whose Secret does not exist: the operator reports a reconcile failure.
-fn connector_without_secret(name: &str) -> String {
+/// A ConfigMap that is not the operator's, with the name of a Connector applied next: the operator
+/// refuses to take it over and reports a reconcile failure (reason NameConflict).
+fn foreign_config_map(name: &str) -> String {
     let c = json!({
-        "apiVersion": "obsrv.io/v1alpha1", "kind": "Connector", "metadata": {"name": name},
-        "spec": {"dataset": name, "source": {"postgres": {
-            "host": "127.0.0.1", "database": "shop", "tls": {"mode": "disable"},
-            "credentials": {"secretName": format!("{name}-creds-absent")},
-            "tables": [{"name": "public.orders", "cursor": {"column": "updated_at", "tieBreaker": "id"}}],
-        }}},
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name},
+        "data": {"owner": "somebody else"},
     });
     serde_yaml::to_string(&c).expect("a JSON value is YAML")
 }
@@ -468,7 +465,8 @@ async fn every_metric_the_dashboard_and_alerts_read_is_served() -> Result<()> {
         stack.broker.bootstrap(),
         &unique_name("absent"),
     ))?;
-    stack.apply(&connector_without_secret("no-secret"))?;
+    stack.apply(&foreign_config_map("taken"))?;
+    stack.apply(&kafka_connector("taken", stack.broker.bootstrap(), &topic))?;
 
     // The good Connector: every record ingested or failed, as its status says.
     stack
