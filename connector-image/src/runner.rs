@@ -654,7 +654,7 @@ async fn pipeline(
             biased;
             _ = stopped(&mut stop) => {
                 tracing::info!(in_flight = inflight.len(), "stopping: draining in-flight batches");
-                let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut inflight, &mut pending, shared)).await;
+                let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut inflight, &mut pending, shared, sink)).await;
                 commit(committer, committed, &mut pending).await?;
                 return match drained {
                     Ok(r) => r.map(|_| Finished::Stopped),
@@ -675,7 +675,7 @@ async fn pipeline(
             Some(Ok(Item::Batch(b))) => {
                 inflight.push_back(sink.send(b, now_ms()).await?);
                 while inflight.len() > MAX_IN_FLIGHT {
-                    ack_front(&mut inflight, &mut pending, shared).await?;
+                    ack_front(&mut inflight, &mut pending, shared, sink).await?;
                     backoff.reset();
                 }
                 if last_commit.elapsed() >= COMMIT_EVERY && pending.is_some() {
@@ -684,7 +684,7 @@ async fn pipeline(
                 }
             }
             Some(Ok(Item::CaughtUp)) => {
-                drain(&mut inflight, &mut pending, shared).await?;
+                drain(&mut inflight, &mut pending, shared, sink).await?;
                 commit(committer, committed, &mut pending).await?;
                 last_commit = Instant::now();
                 backoff.reset();
@@ -695,12 +695,12 @@ async fn pipeline(
             }
             Some(Err(e)) => {
                 // What was read before the error is still delivered and committed.
-                drain(&mut inflight, &mut pending, shared).await?;
+                drain(&mut inflight, &mut pending, shared, sink).await?;
                 commit(committer, committed, &mut pending).await?;
                 return Err(e);
             }
             None => {
-                drain(&mut inflight, &mut pending, shared).await?;
+                drain(&mut inflight, &mut pending, shared, sink).await?;
                 commit(committer, committed, &mut pending).await?;
                 return Ok(if once {
                     Finished::Done
@@ -788,15 +788,32 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// How often a wait for acknowledgements asks the sink why they do not come.
+pub const ACK_WATCH_EVERY: Duration = Duration::from_secs(5);
+
 async fn ack_front(
     inflight: &mut VecDeque<InFlight>,
     pending: &mut Option<(serde_json::Value, Option<String>)>,
     shared: &Shared,
+    sink: &dyn Sink,
 ) -> Result<()> {
     let Some(mut f) = inflight.pop_front() else {
         return Ok(());
     };
-    f.acked().await?;
+    loop {
+        tokio::select! {
+            r = f.acked() => {
+                r?;
+                break;
+            }
+            // Deliveries wait (a broker outage): say why, keep waiting; nothing is lost.
+            _ = tokio::time::sleep(ACK_WATCH_EVERY) => {
+                if let Some(why) = sink.stalled() {
+                    shared.error(&Error::SinkUnreachable(why));
+                }
+            }
+        }
+    }
     record_delivered(shared, &f);
     *pending = Some((f.position, f.watermark));
     Ok(())
@@ -806,9 +823,10 @@ async fn drain(
     inflight: &mut VecDeque<InFlight>,
     pending: &mut Option<(serde_json::Value, Option<String>)>,
     shared: &Shared,
+    sink: &dyn Sink,
 ) -> Result<()> {
     while !inflight.is_empty() {
-        ack_front(inflight, pending, shared).await?;
+        ack_front(inflight, pending, shared, sink).await?;
     }
     Ok(())
 }

@@ -993,6 +993,8 @@ pub fn mariadb() -> SourceFactory {
 /// A Postgres/MySQL/MariaDB source over one or more tables, read round-robin.
 pub struct SqlSource {
     dialect: Dialect,
+    /// `host:port`, named in every error of a running read.
+    endpoint: String,
     instance: String,
     pool: Pool,
     plans: Vec<TablePlan>,
@@ -1107,6 +1109,7 @@ impl SqlSource {
         }
         let position = SqlPosition::from_value(position)?;
         Ok(SqlSource {
+            endpoint: format!("{}:{port}", spec.host),
             dialect,
             instance: instance.to_string(),
             pool,
@@ -1375,8 +1378,25 @@ async fn resolve_table(pool: &Pool, t: &TableSpec, database: &str) -> Result<Tab
     }
 }
 
-impl Source for SqlSource {
-    async fn next_batch(&mut self) -> Result<Option<Batch>> {
+impl SqlSource {
+    /// Errors of a running read name the endpoint: a dropped connection or a pool that cannot open
+    /// a new one says where, not just "pool timed out".
+    fn located(&self, e: Error) -> Error {
+        match e {
+            Error::SourceUnreachable(m) if m.contains("pool timed out") => {
+                Error::SourceUnreachable(format!(
+                    "no connection to {} could be opened: is the database reachable there?",
+                    self.endpoint
+                ))
+            }
+            Error::SourceUnreachable(m) if !m.contains(&self.endpoint) => {
+                Error::SourceUnreachable(format!("{}: {m}", self.endpoint))
+            }
+            e => e,
+        }
+    }
+
+    async fn read_next(&mut self) -> Result<Option<Batch>> {
         let n = self.plans.len();
         for k in 0..n {
             let i = (self.next_table + k) % n;
@@ -1397,6 +1417,13 @@ impl Source for SqlSource {
             }
         }
         Ok(None)
+    }
+}
+
+impl Source for SqlSource {
+    async fn next_batch(&mut self) -> Result<Option<Batch>> {
+        let res = self.read_next().await;
+        res.map_err(|e| self.located(e))
     }
 
     async fn lag(&mut self) -> Result<Option<Lag>> {
