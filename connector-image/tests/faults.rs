@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::Result;
-use common::{Harness, ids, total};
+use common::{Harness, ids, pg_manifest, total};
 use obsrv_e2e::services::{Broker, Postgres, free_port, proxy::Proxy};
 
 const ROWS: u32 = 20_000;
@@ -28,27 +28,7 @@ async fn a_broker_outage_mid_stream_loses_nothing_and_heals_by_itself() -> Resul
          FROM generate_series(1, {ROWS}) g;"
     ))
     .await?;
-    let manifest = format!(
-        r#"apiVersion: obsrv.io/v1alpha1
-kind: Connector
-metadata: {{name: NAME, namespace: tests}}
-spec:
-  dataset: events
-  source:
-    postgres:
-      host: {host}
-      port: {port}
-      database: {db}
-      credentials: {{secretName: pg-creds}}
-      tls: {{mode: disable}}
-      tables: [{{name: public.events, cursor: {{column: updated_at, tieBreaker: id}}}}]
-      pollInterval: 200ms
-      batchSize: 200
-"#,
-        host = pg.host(),
-        port = pg.port(),
-        db = pg.database(),
-    );
+    let manifest = pg_manifest(&pg, "public.events", "updated_at", Some("id"), 200, "");
     let h = Harness::new(
         &broker,
         &manifest,

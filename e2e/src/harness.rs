@@ -521,6 +521,30 @@ impl Stack {
     }
 }
 
+/// Distinct `event.id`s of the records in the ingest topic for `dataset`, once there are at least
+/// `expected` (or at `timeout`, with what arrived).
+pub async fn ingested_ids(
+    broker: &Broker,
+    dataset: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Result<std::collections::BTreeSet<i64>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ids: std::collections::BTreeSet<i64> = broker
+            .consume_all(INGEST_TOPIC, usize::MAX, Duration::from_secs(3))
+            .await?
+            .iter()
+            .filter_map(|r| r.json().ok())
+            .filter(|v| v["dataset"] == dataset)
+            .filter_map(|v| v["event"]["id"].as_i64())
+            .collect();
+        if ids.len() >= expected || Instant::now() > deadline {
+            return Ok(ids);
+        }
+    }
+}
+
 /// Pids of `obsrv-connector` processes serving `ip` (found by their `OBSRV_LISTEN` environment),
 /// the way an operator of a node would find a pod's process.
 pub fn connector_pids_on(ip: &str) -> Vec<i32> {

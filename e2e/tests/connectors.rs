@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use obsrv_e2e::harness::{INGEST_TOPIC, OWN_BUILD_IMAGE, Stack};
-use obsrv_e2e::services::{Broker, Postgres, free_port, proxy::Proxy, unique_name};
+use obsrv_e2e::harness::{INGEST_TOPIC, OWN_BUILD_IMAGE, Stack, ingested_ids};
+use obsrv_e2e::services::{Postgres, free_port, proxy::Proxy, unique_name};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -80,30 +80,6 @@ async fn insert_orders(pg: &Postgres, from: u32, to: u32) -> Result<()> {
     ))
     .await?;
     Ok(())
-}
-
-/// Distinct `event.id`s of the records in the ingest topic for `dataset`.
-async fn ingested_ids(
-    broker: &Broker,
-    dataset: &str,
-    expected: usize,
-    timeout: Duration,
-) -> Result<BTreeSet<i64>> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let records = broker
-            .consume_all(INGEST_TOPIC, usize::MAX, Duration::from_secs(3))
-            .await?;
-        let ids: BTreeSet<i64> = records
-            .iter()
-            .filter_map(|r| r.json().ok())
-            .filter(|v| v["dataset"] == dataset)
-            .filter_map(|v| v["event"]["id"].as_i64())
-            .collect();
-        if ids.len() >= expected || std::time::Instant::now() > deadline {
-            return Ok(ids);
-        }
-    }
 }
 
 /// `kubectl patch connector <name> --type merge -p <patch>`.
