@@ -11,21 +11,23 @@ use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use obsrv_e2e::controlplane::{Call, InProcessApi};
 use serde_json::json;
 
-fn crd() -> serde_json::Value {
+/// An in-process API serving the Connector CRD of crds/connector.yaml.
+fn api_with_connectors() -> InProcessApi {
     let yaml = std::fs::read_to_string(common::repo_root().join("crds/connector.yaml"))
         .expect("crds/connector.yaml");
-    serde_yaml::from_str(&yaml).expect("CRD parses")
-}
-
-#[tokio::test]
-async fn calls_are_recorded_and_owned_objects_are_gone_when_the_delete_returns() {
     let api = InProcessApi::new();
     api.create(
         "apiextensions.k8s.io",
         "customresourcedefinitions",
         "",
-        crd(),
+        serde_yaml::from_str(&yaml).expect("CRD parses"),
     );
+    api
+}
+
+#[tokio::test]
+async fn calls_are_recorded_and_owned_objects_are_gone_when_the_delete_returns() {
+    let api = api_with_connectors();
     api.namespace("shop");
     let mut c = connector("orders", "orders");
     c["metadata"]["namespace"] = json!("shop");
@@ -92,13 +94,7 @@ async fn calls_are_recorded_and_owned_objects_are_gone_when_the_delete_returns()
 
 #[tokio::test]
 async fn direct_writes_play_other_actors_around_validation() {
-    let api = InProcessApi::new();
-    api.create(
-        "apiextensions.k8s.io",
-        "customresourcedefinitions",
-        "",
-        crd(),
-    );
+    let api = api_with_connectors();
     let mut c = connector("orders", "orders");
     c["spec"]["state"] = json!("Sleeping");
     let err = api

@@ -2,13 +2,13 @@
 //! (release, for `cargo bench`), run on a Connector manifest as its own process, as in a pod.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use obsrv_connector::config::SinkSettings;
-use obsrv_e2e::services::free_port;
+use obsrv_e2e::{harness::Process, services::free_port};
 use serde_json::Value;
 
 /// How long a connector may take before the bench gives up.
@@ -16,7 +16,7 @@ const TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// A running `obsrv-connector run`; stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Connector {
-    child: Child,
+    process: Process,
     status_url: String,
     http: reqwest::Client,
     started: Instant,
@@ -67,7 +67,7 @@ impl Connector {
             .spawn()
             .context("starting obsrv-connector")?;
         Ok(Connector {
-            child,
+            process: child.into(),
             status_url: format!("http://{addr}/status"),
             http: reqwest::Client::new(),
             started,
@@ -97,7 +97,7 @@ impl Connector {
     ) -> Result<T> {
         let mut last_error = Value::Null;
         loop {
-            if let Some(s) = self.child.try_wait()? {
+            if let Some(s) = self.process.try_wait()? {
                 bail!("the connector exited early: {s}");
             }
             let status = self.status().await.unwrap_or_default();
@@ -118,7 +118,7 @@ impl Connector {
 
     /// The connector's peak RSS and CPU seconds so far (from /proc; zero when unreadable).
     pub fn usage(&self) -> Usage {
-        let pid = self.child.id();
+        let pid = self.process.pid();
         Usage {
             peak_rss_kib: peak_rss_kib(pid).unwrap_or(0),
             cpu_secs: cpu_secs(pid).unwrap_or(0.0),
@@ -129,25 +129,6 @@ impl Connector {
     pub fn stop(self) -> Usage {
         self.usage()
         // dropped here: SIGTERM, wait
-    }
-}
-
-impl Drop for Connector {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        // SAFETY: our own child, not yet reaped, so the pid cannot have been reused.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -168,7 +149,6 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     // Fields after the command name, which is in parentheses and may hold spaces.
     let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    Some(ticks as f64 / hz as f64)
+    // Clock ticks: USER_HZ, 100 on Linux whatever the kernel's own HZ.
+    Some(ticks as f64 / 100.0)
 }
