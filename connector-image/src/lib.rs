@@ -6,8 +6,6 @@
 //! retries, schedules, metrics, `/status` and signals come from the runtime, exactly as for the
 //! built-in kinds (which use the same API). See `examples/custom-connector`.
 
-pub mod bench;
-pub mod bench_kafka;
 pub mod cli;
 pub mod config;
 pub mod envelope;

@@ -55,9 +55,20 @@ pub fn binaries_dir() -> Result<PathBuf> {
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Process(Child);
 
+impl From<Child> for Process {
+    fn from(child: Child) -> Process {
+        Process(child)
+    }
+}
+
 impl Process {
     pub fn pid(&self) -> u32 {
         self.0.id()
+    }
+
+    /// Its exit status once it has exited (`None` while it runs).
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.0.try_wait()
     }
 
     /// `kill -9`, and reap it.
@@ -69,6 +80,9 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
         // SAFETY: our own child, not yet reaped, so the pid cannot have been reused.
         unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);

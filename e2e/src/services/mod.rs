@@ -244,7 +244,8 @@ pub struct SqlEndpoint {
 }
 
 impl SqlEndpoint {
-    fn parse(url: &str) -> Result<Self> {
+    /// `scheme://user:password@host:port/database` (the port is required).
+    pub fn parse(url: &str) -> Result<Self> {
         let u = url::Url::parse(url).with_context(|| format!("parsing database URL {url:?}"))?;
         Ok(SqlEndpoint {
             host: u.host_str().unwrap_or("127.0.0.1").to_string(),
@@ -257,7 +258,8 @@ impl SqlEndpoint {
         })
     }
 
-    fn url(&self, scheme: &str) -> String {
+    /// `scheme://user:password@host:port/database`.
+    pub fn url(&self, scheme: &str) -> String {
         format!(
             "{scheme}://{}:{}@{}:{}/{}",
             self.user, self.password, self.host, self.port, self.database
