@@ -8,28 +8,18 @@ use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use obsrv_crds::{AzureAuth, AzureBlobSourceSpec};
 
 use super::{
-    OpenContext, SourceFactory,
-    objects::{ObjectSource, Store},
+    SourceFactory,
+    objects::{self, Store},
 };
 use crate::{
     config::Secrets,
     error::{Error, Result},
 };
 
-/// The `azureBlob` kind. Positions are kept per shard by the file-source layer itself.
+/// The `azureBlob` kind.
 pub fn factory() -> SourceFactory {
-    SourceFactory::new(obsrv_crds::source::object::AZURE_BLOB.name, open).keeping_own_positions()
-}
-
-async fn open(ctx: OpenContext) -> Result<ObjectSource> {
-    let spec = ctx
-        .config
-        .spec
-        .source
-        .azure_blob
-        .as_ref()
-        .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
-    ObjectSource::open(&ctx, store(spec, &ctx.secrets)?, &spec.objects).await
+    let kind = &obsrv_crds::source::object::AZURE_BLOB;
+    objects::factory(kind, |s| s.azure_blob.as_ref(), |s| &s.objects, store)
 }
 
 /// What a connection string says: `Key=Value` pairs separated by `;` (values may hold `=`).

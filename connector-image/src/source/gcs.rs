@@ -7,28 +7,18 @@ use object_store::gcp::GoogleCloudStorageBuilder;
 use obsrv_crds::{GcsSourceSpec, runtime::env};
 
 use super::{
-    OpenContext, SourceFactory,
-    objects::{ObjectSource, Store},
+    SourceFactory,
+    objects::{self, Store},
 };
 use crate::{
     config::Secrets,
     error::{Error, Result},
 };
 
-/// The `gcs` kind. Positions are kept per shard by the file-source layer itself.
+/// The `gcs` kind.
 pub fn factory() -> SourceFactory {
-    SourceFactory::new(obsrv_crds::source::object::GCS.name, open).keeping_own_positions()
-}
-
-async fn open(ctx: OpenContext) -> Result<ObjectSource> {
-    let spec = ctx
-        .config
-        .spec
-        .source
-        .gcs
-        .as_ref()
-        .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
-    ObjectSource::open(&ctx, store(spec, &ctx.secrets)?, &spec.objects).await
+    let kind = &obsrv_crds::source::object::GCS;
+    objects::factory(kind, |s| s.gcs.as_ref(), |s| &s.objects, store)
 }
 
 /// The bucket's client: a service-account key from the Secret, else the pod's identity

@@ -8,28 +8,18 @@ use object_store::aws::AmazonS3Builder;
 use obsrv_crds::{S3SourceSpec, runtime::env};
 
 use super::{
-    OpenContext, SourceFactory,
-    objects::{ObjectSource, Store},
+    SourceFactory,
+    objects::{self, Store},
 };
 use crate::{
     config::Secrets,
     error::{Error, Result},
 };
 
-/// The `s3` kind. Positions are kept per shard by the file-source layer itself.
+/// The `s3` kind.
 pub fn factory() -> SourceFactory {
-    SourceFactory::new(obsrv_crds::source::object::S3.name, open).keeping_own_positions()
-}
-
-async fn open(ctx: OpenContext) -> Result<ObjectSource> {
-    let spec = ctx
-        .config
-        .spec
-        .source
-        .s3
-        .as_ref()
-        .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
-    ObjectSource::open(&ctx, store(spec, &ctx.secrets)?, &spec.objects).await
+    let kind = &obsrv_crds::source::object::S3;
+    objects::factory(kind, |s| s.s3.as_ref(), |s| &s.objects, store)
 }
 
 /// The bucket's client: access keys from the Secret, else the pod's identity (IRSA web identity,

@@ -52,7 +52,9 @@ pub enum ObjectFormat {
 }
 
 /// How objects are compressed (whole-file compression, on top of the format).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum ObjectCompression {
     /// By the key's extension (`.gz`, `.zst`, `.sz`/`.snappy`), else by the first bytes of the
@@ -259,7 +261,9 @@ pub struct AzureBlobSourceSpec {
 }
 
 /// How an Azure Blob source signs in, and the Secret key holding it.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum AzureAuth {
     /// The storage account's access key (shared key).

@@ -14,6 +14,9 @@
 //!
 //! A missing binary is an error naming the command that installs it — never a skip.
 
+pub mod azurite;
+pub mod gcs;
+
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;

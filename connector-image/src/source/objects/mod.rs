@@ -34,8 +34,9 @@ use obsrv_crds::{ObjectFormat, ObjectSelection};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{Batch, Lag, OpenContext, Record, Source, SourceCommitter};
+use super::{Batch, Lag, OpenContext, Record, Source, SourceCommitter, SourceFactory};
 use crate::{
+    config::Secrets,
     envelope::{Payload, event_id},
     error::{Error, Result},
     runner::now_ms,
@@ -59,6 +60,23 @@ pub struct Store {
     pub url: String,
     /// The bucket or container: part of every record's event id.
     pub name: String,
+}
+
+/// The runtime's factory of a file kind. What differs between the stores is only where a
+/// Connector's spec holds the kind (`of`), its selection (`objects`), and how its client is built
+/// from the spec and the Secret (`store`). Positions are kept per shard by this module.
+pub fn factory<S: Send + Sync + 'static>(
+    kind: &'static obsrv_crds::SourceKind,
+    of: fn(&obsrv_crds::SourceSpec) -> Option<&S>,
+    objects: fn(&S) -> &ObjectSelection,
+    store: fn(&S, &Secrets) -> Result<Store>,
+) -> SourceFactory {
+    SourceFactory::new(kind.name, move |ctx: OpenContext| async move {
+        let spec = of(&ctx.config.spec.source)
+            .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+        ObjectSource::open(&ctx, store(spec, &ctx.secrets)?, objects(spec)).await
+    })
+    .keeping_own_positions()
 }
 
 /// Which objects are read: a raw key prefix, a glob below it, a start time.
@@ -191,8 +209,11 @@ struct ShardStates {
 }
 
 impl ShardStates {
-    /// Enqueues the changed shards of `p` that this replica may write; returns how many.
-    async fn enqueue(&self, p: &ObjectsPosition, acks: &Arc<Acks>) -> Result<usize> {
+    /// Writes the changed shards of `p` that this replica may write. `acks`: enqueue them all
+    /// into the sink's open transaction; `None`: write one at a time, each acknowledged before the
+    /// next (a produce request holding several records makes nisshi's end offsets wrong, and a
+    /// reader of the state topic would stop short of the newest).
+    async fn write(&self, p: &ObjectsPosition, acks: Option<&Arc<Acks>>) -> Result<usize> {
         let changed: Vec<(u32, ShardPosition)> = {
             let w = self.written.lock().unwrap_or_else(|e| e.into_inner());
             p.shards
@@ -203,10 +224,15 @@ impl ShardStates {
         };
         for (shard, pos) in &changed {
             let v = serde_json::to_value(pos).map_err(|e| Error::State(e.to_string()))?;
-            self.store
-                .with_key(&state_key(&self.instance, *shard))
-                .enqueue(&v, Some(pos.watermark()), now_ms(), acks)
-                .await?;
+            let store = self.store.with_key(&state_key(&self.instance, *shard));
+            match acks {
+                Some(acks) => {
+                    store
+                        .enqueue(&v, Some(pos.watermark()), now_ms(), acks)
+                        .await?
+                }
+                None => store.commit(&v, Some(pos.watermark()), now_ms()).await?,
+            }
         }
         let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
         for (shard, pos) in changed.iter() {
@@ -252,7 +278,7 @@ impl SourceCommitter for Committer {
             }
             // The state store writes through the sink's (transactional) producer: the records
             // commit with the batch's.
-            self.states.enqueue(&p, &Acks::new()).await?;
+            self.states.write(&p, Some(&Acks::new())).await?;
             self.states
                 .progress
                 .committed(p.seq, &self.states.membership);
@@ -269,14 +295,8 @@ async fn write_states(states: Arc<ShardStates>, mut rx: mpsc::UnboundedReceiver<
         while let Ok(newer) = rx.try_recv() {
             p = newer;
         }
-        let acks = Acks::new();
-        let res = async {
-            states.enqueue(&p, &acks).await?;
-            acks.wait().await
-        }
-        .await;
-        match res {
-            Ok(()) => states.progress.committed(p.seq, &states.membership),
+        match states.write(&p, None).await {
+            Ok(_) => states.progress.committed(p.seq, &states.membership),
             Err(e) => {
                 // Forget what was written: the next commit writes every shard again.
                 states

@@ -288,11 +288,22 @@ impl<F: FnMut(Event) -> bool> Out<'_, F> {
     }
 }
 
-/// Names the record's place in a failed record's reason.
+/// A record that cannot be ingested, its reason naming the file and line.
 fn failed(url: &str, line: u64, raw: Vec<u8>, reason: &str) -> Payload {
     Payload::Unparseable {
         raw: String::from_utf8_lossy(&raw).into_owned(),
         reason: format!("{url} line {line}: {reason}"),
+    }
+}
+
+/// `p`, its reason (when it cannot be ingested) prefixed with the file and the record's place.
+fn located(p: Payload, url: &str, unit: &str, n: u64) -> Payload {
+    match p {
+        Payload::Unparseable { raw, reason } if !reason.starts_with(url) => Payload::Unparseable {
+            raw,
+            reason: format!("{url} {unit} {n}: {reason}"),
+        },
+        p => p,
     }
 }
 
@@ -373,16 +384,7 @@ fn lines_of<F: FnMut(Event) -> bool>(
         } else {
             validate(&raw)
         };
-        let payload = match payload {
-            Payload::Unparseable { raw, reason } if !reason.starts_with(url) => {
-                Payload::Unparseable {
-                    raw,
-                    reason: format!("{url} line {number}: {reason}"),
-                }
-            }
-            p => p,
-        };
-        out.push(offset, payload, resume)?;
+        out.push(offset, located(payload, url, "line", number), resume)?;
     }
 }
 
@@ -413,15 +415,7 @@ fn document_of<F: FnMut(Event) -> bool>(
     drop(bytes);
     let first = resume.offset;
     for (i, p) in items.into_iter().enumerate().skip(first as usize) {
-        let p = match p {
-            Payload::Unparseable { raw, reason } if !reason.starts_with(url) => {
-                Payload::Unparseable {
-                    raw,
-                    reason: format!("{url} element {i}: {reason}"),
-                }
-            }
-            p => p,
-        };
+        let p = located(p, url, "element", i as u64);
         resume.offset = i as u64 + 1;
         resume.line = resume.offset;
         out.push(i as u64, p, resume)?;
