@@ -52,8 +52,9 @@ impl Azurite {
             // Required: without them Azurite writes to disk and phones home.
             .args(["--inMemoryPersistence", "--disableTelemetry"])
             // object_store may speak a newer API version than this Azurite knows.
-            .args(["--skipApiVersionCheck", "--silent", "--location"])
-            .arg(dir.path())
+            .args(["--skipApiVersionCheck", "--silent"])
+            // In memory, it still writes its debug log and config in the working directory.
+            .current_dir(dir.path())
             .env(
                 "AZURITE_ACCOUNTS",
                 format!("{AZURITE_ACCOUNT}:{AZURITE_KEY}"),
