@@ -508,6 +508,76 @@ async fn malformed_and_corrupt_inputs_are_reported(store: &Store, broker: &Broke
     Ok(())
 }
 
+/// Azure users sign in with a shared key, a connection string (naming account and endpoint) or a
+/// SAS token; a wrong key is `AuthFailed`, and no secret value reaches the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_signs_in_the_ways_azure_users_hold_credentials() -> Result<()> {
+    use obsrv_e2e::services::azurite::Azurite;
+    let (az, broker) = tokio::try_join!(Azurite::start(), Broker::start())?;
+    let c = "signin";
+    az.create_container(c).await?;
+    az.put_blob(c, "a.jsonl", "{\"n\":1}\n").await?;
+    let sas = az.sas_token("rl")?;
+    let wrong = "d3Jvbmcta2V5LW9mLXRoZS1yaWdodC1sZW5ndGgtZm9yLWF6dXJl";
+    let cases = [
+        ("sharedKey", "accountKey", az.key().to_string(), true),
+        (
+            "connectionString",
+            "connectionString",
+            az.connection_string(),
+            false,
+        ),
+        ("sasToken", "sasToken", format!("?{sas}"), true),
+        ("sharedKey", "accountKey", wrong.to_string(), true),
+    ];
+    for (i, (auth, key, value, names_account)) in cases.iter().enumerate() {
+        let mut spec = json!({
+            "container": c, "format": "jsonLines", "pollInterval": "200ms",
+            "credentials": {"secretName": "az", "auth": auth},
+        });
+        if *names_account {
+            spec["account"] = az.account().into();
+            spec["endpoint"] = az.endpoint().into();
+        }
+        let m = manifest(json!({"azureBlob": spec}), json!({}));
+        let h = Harness::new(&broker, &m, &[("az", key, value)]).await?;
+        if i < 3 {
+            common::check_passes_and_loads(&broker, &h, 1).await?;
+        } else {
+            let out = common::check_fails(&h)?;
+            assert!(out.contains("source: AuthFailed"), "{out}");
+            assert!(!out.contains(wrong), "no secret value in the output: {out}");
+        }
+    }
+    Ok(())
+}
+
+/// A GCS Secret that is not a service-account key is a `Config` error naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gcs_secret_that_is_no_service_account_key_is_a_config_error() -> Result<()> {
+    use obsrv_e2e::services::gcs::Gcs;
+    let (gcs, broker) = tokio::try_join!(Gcs::start(), Broker::start())?;
+    gcs.create_bucket("sa-check").await?;
+    let source = json!({"gcs": {"bucket": "sa-check", "endpoint": gcs.endpoint(), "format": "json",
+        "credentials": {"secretName": "sa"}}});
+    let h = Harness::new(
+        &broker,
+        &manifest(source, json!({})),
+        &[("sa", "serviceAccount.json", "hunter2")],
+    )
+    .await?;
+    let out = common::check_fails(&h)?;
+    assert!(
+        out.contains("source: ConfigError") || out.contains("source: Config"),
+        "{out}"
+    );
+    assert!(
+        out.contains("service-account JSON") && !out.contains("hunter2"),
+        "{out}"
+    );
+    Ok(())
+}
+
 /// Starts the store and a broker, and runs `scenario` against them.
 async fn run(kind: Kind, scenario: impl AsyncFnOnce(&Store, &Broker) -> Result<()>) -> Result<()> {
     let (store, broker) = tokio::try_join!(Store::start(kind), Broker::start())?;
