@@ -78,8 +78,11 @@ impl Codec {
     }
 }
 
+/// An input whose first bytes were read to tell its codec, put back in front of the rest.
+pub type Sniffed<R> = Chain<Cursor<Vec<u8>>, R>;
+
 /// Reads the first bytes of `input` to tell its codec; returns it with the whole input again.
-pub fn sniff_reader<R: Read>(mut input: R) -> std::io::Result<(Codec, Chain<Cursor<Vec<u8>>, R>)> {
+pub fn sniff_reader<R: Read>(mut input: R) -> std::io::Result<(Codec, Sniffed<R>)> {
     let mut head = vec![0u8; SNAPPY_MAGIC.len()];
     let mut got = 0;
     while got < head.len() {
