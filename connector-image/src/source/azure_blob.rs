@@ -2,25 +2,14 @@
 //! (shared key, SAS token or connection string from the Secret, else the pod's identity); listing,
 //! state, scale-out and decoding are the shared file-source layer's ([`super::objects`]).
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::collections::BTreeMap;
 
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use obsrv_crds::{AzureAuth, AzureBlobSourceSpec};
 
-use super::{
-    SourceFactory,
-    objects::{self, Store},
-};
-use crate::{
-    config::Secrets,
-    error::{Error, Result},
-};
-
-/// The `azureBlob` kind.
-pub fn factory() -> SourceFactory {
-    let kind = &obsrv_crds::source::object::AZURE_BLOB;
-    objects::factory(kind, |s| s.azure_blob.as_ref(), |s| &s.objects, store)
-}
+use super::{SourceFactory, objects};
+use crate::config::Secrets;
+use crate::error::{Error, Result};
 
 /// What a connection string says: `Key=Value` pairs separated by `;` (values may hold `=`).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -76,7 +65,7 @@ impl ConnectionString {
 }
 
 /// The container's client.
-pub fn store(spec: &AzureBlobSourceSpec, secrets: &Secrets) -> Result<Store> {
+pub fn store(spec: &AzureBlobSourceSpec, secrets: &Secrets) -> Result<objects::Store> {
     let mut b = MicrosoftAzureBuilder::from_env().with_container_name(&spec.container);
     let mut account = spec.account.clone();
     let mut endpoint = spec.endpoint.clone();
@@ -114,14 +103,14 @@ pub fn store(spec: &AzureBlobSourceSpec, secrets: &Secrets) -> Result<Store> {
             .with_endpoint(ep.trim_end_matches('/').to_string())
             .with_allow_http(ep.starts_with("http://"));
     }
-    let client = b
-        .build()
-        .map_err(|e| Error::Config(format!("azureBlob source: {e}")))?;
-    Ok(Store {
-        client: Arc::new(client),
-        url: format!("az://{account}/{}", spec.container),
-        name: spec.container.clone(),
-    })
+    let url = format!("az://{account}/{}", spec.container);
+    objects::Store::new("azureBlob", b.build(), url, &spec.container)
+}
+
+/// The `azureBlob` kind.
+pub fn factory() -> SourceFactory {
+    let kind = &obsrv_crds::source::object::AZURE_BLOB;
+    objects::factory(kind, |s| s.azure_blob.as_ref(), |s| &s.objects, store)
 }
 
 #[cfg(test)]

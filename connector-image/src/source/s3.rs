@@ -2,29 +2,16 @@
 //! `forcePathStyle`). Only the client is built here; listing, state, scale-out and decoding are the
 //! shared file-source layer's ([`super::objects`]).
 
-use std::sync::Arc;
-
 use object_store::aws::AmazonS3Builder;
 use obsrv_crds::{S3SourceSpec, runtime::env};
 
-use super::{
-    SourceFactory,
-    objects::{self, Store},
-};
-use crate::{
-    config::Secrets,
-    error::{Error, Result},
-};
-
-/// The `s3` kind.
-pub fn factory() -> SourceFactory {
-    let kind = &obsrv_crds::source::object::S3;
-    objects::factory(kind, |s| s.s3.as_ref(), |s| &s.objects, store)
-}
+use super::{SourceFactory, objects};
+use crate::config::Secrets;
+use crate::error::Result;
 
 /// The bucket's client: access keys from the Secret, else the pod's identity (IRSA web identity,
 /// ECS/EC2 roles, `AWS_*` variables) as the AWS SDKs find it.
-pub fn store(spec: &S3SourceSpec, secrets: &Secrets) -> Result<Store> {
+pub fn store(spec: &S3SourceSpec, secrets: &Secrets) -> Result<objects::Store> {
     let mut b = AmazonS3Builder::from_env()
         .with_bucket_name(&spec.bucket)
         .with_region(&spec.region)
@@ -40,12 +27,12 @@ pub fn store(spec: &S3SourceSpec, secrets: &Secrets) -> Result<Store> {
     ) {
         b = b.with_access_key_id(k).with_secret_access_key(s);
     }
-    let client = b
-        .build()
-        .map_err(|e| Error::Config(format!("s3 source: {e}")))?;
-    Ok(Store {
-        client: Arc::new(client),
-        url: format!("s3://{}", spec.bucket),
-        name: spec.bucket.clone(),
-    })
+    let url = format!("s3://{}", spec.bucket);
+    objects::Store::new("s3", b.build(), url, &spec.bucket)
+}
+
+/// The `s3` kind.
+pub fn factory() -> SourceFactory {
+    let kind = &obsrv_crds::source::object::S3;
+    objects::factory(kind, |s| s.s3.as_ref(), |s| &s.objects, store)
 }

@@ -137,6 +137,20 @@ pub struct ObjectSelection {
 }
 
 impl ObjectSelection {
+    /// What every store's spec checks: its bucket (`field`) named, `endpoint` a URL, the selection.
+    fn validate_store(
+        &self,
+        field: &str,
+        name: &str,
+        endpoint: Option<&String>,
+    ) -> Result<(), String> {
+        if name.trim().is_empty() {
+            return Err(format!("{field} must not be empty"));
+        }
+        http_url("endpoint", endpoint)?;
+        self.validate()
+    }
+
     fn validate(&self) -> Result<(), String> {
         if let Some(c) = &self.csv {
             for (field, v) in [("csv.delimiter", &c.delimiter), ("csv.quote", &c.quote)] {
@@ -226,11 +240,9 @@ impl KindSpec for S3SourceSpec {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.bucket.trim().is_empty() {
-            return Err("bucket must not be empty".into());
-        }
-        http_url("endpoint", self.endpoint.as_ref())?;
-        self.objects.validate()
+        let endpoint = self.endpoint.as_ref();
+        self.objects
+            .validate_store("bucket", &self.bucket, endpoint)
     }
 
     fn poll_interval(&self) -> Option<&str> {
@@ -323,9 +335,6 @@ impl KindSpec for AzureBlobSourceSpec {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.container.trim().is_empty() {
-            return Err("container must not be empty".into());
-        }
         let from_connection_string = self
             .credentials
             .as_ref()
@@ -336,8 +345,9 @@ impl KindSpec for AzureBlobSourceSpec {
                     .into(),
             );
         }
-        http_url("endpoint", self.endpoint.as_ref())?;
-        self.objects.validate()
+        let endpoint = self.endpoint.as_ref();
+        self.objects
+            .validate_store("container", &self.container, endpoint)
     }
 
     fn poll_interval(&self) -> Option<&str> {
@@ -387,11 +397,9 @@ impl KindSpec for GcsSourceSpec {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.bucket.trim().is_empty() {
-            return Err("bucket must not be empty".into());
-        }
-        http_url("endpoint", self.endpoint.as_ref())?;
-        self.objects.validate()
+        let endpoint = self.endpoint.as_ref();
+        self.objects
+            .validate_store("bucket", &self.bucket, endpoint)
     }
 
     fn poll_interval(&self) -> Option<&str> {

@@ -79,6 +79,23 @@ pub fn factory<S: Send + Sync + 'static>(
     .keeping_own_positions()
 }
 
+impl Store {
+    /// A store from a client builder's outcome (a builder's error is the spec's: `Config`).
+    pub fn new<C: ObjectStore>(
+        kind: &str,
+        built: object_store::Result<C>,
+        url: String,
+        name: &str,
+    ) -> Result<Store> {
+        let client = built.map_err(|e| Error::Config(format!("{kind} source: {e}")))?;
+        Ok(Store {
+            client: Arc::new(client),
+            url,
+            name: name.to_string(),
+        })
+    }
+}
+
 /// Which objects are read: a raw key prefix, a glob below it, a start time.
 #[derive(Clone, Debug)]
 pub struct Selection {
