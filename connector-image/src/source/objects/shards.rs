@@ -213,6 +213,8 @@ impl ConsumerContext for GroupContext {
 pub struct Group {
     pub membership: Arc<Membership>,
     stop: Arc<AtomicBool>,
+    /// Signalled once the consumer has left the group.
+    left: Mutex<std::sync::mpsc::Receiver<()>>,
 }
 
 impl Group {
@@ -252,6 +254,7 @@ impl Group {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let m = membership.clone();
+        let (left_tx, left) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("file-shards".into())
             .spawn(move || {
@@ -264,9 +267,14 @@ impl Group {
                 m.close();
                 // Leaves the group now, so the others take the shards without a session timeout.
                 drop(consumer);
+                let _ = left_tx.send(());
             })
             .map_err(|e| Error::State(format!("file shards thread: {e}")))?;
-        Ok(Group { membership, stop })
+        Ok(Group {
+            membership,
+            stop,
+            left: Mutex::new(left),
+        })
     }
 }
 
@@ -274,6 +282,10 @@ impl Drop for Group {
     fn drop(&mut self) {
         self.membership.close();
         self.stop.store(true, Ordering::SeqCst);
+        // A process stopping right after would otherwise leave before the consumer says goodbye,
+        // and its shards would wait out the session timeout.
+        let left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = left.recv_timeout(Duration::from_secs(5));
     }
 }
 
