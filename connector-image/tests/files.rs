@@ -578,6 +578,49 @@ async fn a_gcs_secret_that_is_no_service_account_key_is_a_config_error() -> Resu
     Ok(())
 }
 
+/// `delivery: exactlyOnce`: each batch's records and its shards' states commit in one
+/// transaction; a restart resumes after the last one and delivers nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_commits_shard_states_with_the_records() -> Result<()> {
+    let (store, broker) = tokio::try_join!(Store::start(Kind::S3), Broker::start())?;
+    let b = store.bucket().await?;
+    for o in 0..6 {
+        let body: String = (0..100)
+            .map(|l| format!("{{\"o\":{o},\"l\":{l}}}\n"))
+            .collect();
+        store.put(&b, &format!("in/{o}.jsonl"), body).await?;
+    }
+    let source = store.source(&b, json!({"format": "jsonLines", "prefix": "in/"}));
+    let secrets = store.secrets();
+    let secrets: Vec<(&str, &str, &str)> = secrets
+        .iter()
+        .map(|(s, k, v)| (*s, *k, v.as_str()))
+        .collect();
+    let m = manifest(source, json!({"delivery": "exactlyOnce"}));
+    let h = Harness::new(&broker, &m, &secrets).await?;
+    let conn = h.start()?;
+    assert_eq!(
+        consume_exactly(&broker, &h.ingest, 600, T).await?.len(),
+        600,
+        "{}",
+        conn.log_tail()
+    );
+    conn.wait_status("600 ingested", T, |s| total(s, "recordsIngested") == 600)
+        .await?;
+    assert!(conn.terminate().await?.success());
+    store.put(&b, "in/9.jsonl", "{\"o\":9}\n").await?;
+    let conn = h.start()?;
+    let recs = consume_exactly(&broker, &h.ingest, 601, T).await?;
+    assert_eq!(
+        recs.len(),
+        601,
+        "only the new object after the restart\n{}",
+        conn.log_tail()
+    );
+    assert_eq!(ids(&recs)?.len(), 601);
+    Ok(())
+}
+
 /// Starts the store and a broker, and runs `scenario` against them.
 async fn run(kind: Kind, scenario: impl AsyncFnOnce(&Store, &Broker) -> Result<()>) -> Result<()> {
     let (store, broker) = tokio::try_join!(Store::start(kind), Broker::start())?;
