@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use super::{Batch, Lag, OpenContext, Record, Source, SourceCommitter, SourceFactory};
 use crate::{
     config::Secrets,
-    envelope::{Payload, event_id},
+    envelope::{EventIds, Payload},
     error::{Error, Result},
     runner::now_ms,
     sink::{Acks, Transactions},
@@ -582,7 +582,14 @@ impl ObjectSource {
     fn records(&mut self, event: Event) -> Vec<Record> {
         let r = self.reading.as_mut().expect("an object being read");
         let (key, shard) = (r.object.key.clone(), r.object.shard);
-        let ids = |at: &str| event_id(&self.instance, &[&self.store.name, &key, at]);
+        let ids = EventIds::new(&self.instance, &[&self.store.name, &key]);
+        let mut at = String::new();
+        let mut id = |n: &dyn std::fmt::Display| {
+            use std::fmt::Write as _;
+            at.clear();
+            let _ = write!(at, "{n}");
+            ids.id(&at)
+        };
         let (records, resume, done) = match event {
             Event::Records {
                 items,
@@ -592,7 +599,7 @@ impl ObjectSource {
                 let records = items
                     .into_iter()
                     .map(|i| Record {
-                        id: ids(&i.at.to_string()),
+                        id: id(&i.at),
                         payload: i.payload,
                     })
                     .collect();
@@ -601,7 +608,7 @@ impl ObjectSource {
             Event::Unreadable { reason, resume } => {
                 tracing::warn!(object = %key, %reason, "object skipped: its content cannot be decoded");
                 let record = Record {
-                    id: ids("unreadable"),
+                    id: id(&"unreadable"),
                     payload: Payload::Unparseable {
                         raw: format!("{}/{key}", self.store.url),
                         reason,

@@ -28,7 +28,7 @@ use std::{
 use obsrv_crds::{ObjectCompression, ObjectFormat};
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::{Payload, validate};
+use crate::envelope::{Payload, validate_owned};
 use compression::Codec;
 use lines::{LineSplitter, MAX_LINE_BYTES};
 use parquet::{ParquetRows, RowOutcome};
@@ -382,7 +382,7 @@ fn lines_of<F: FnMut(Event) -> bool>(
                 Some(h) => csv::row(h, &fields),
             }
         } else {
-            validate(&raw)
+            validate_owned(raw)
         };
         out.push(offset, located(payload, url, "line", number), resume)?;
     }
