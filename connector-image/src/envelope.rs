@@ -17,12 +17,13 @@ pub const FAILED_EVENT_PREVIEW_BYTES: usize = 4096;
 /// id, so downstream can drop the duplicates an at-least-once restart produces. The parts are
 /// length-prefixed so no two different positions hash the same input.
 pub fn event_id(instance: &str, parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for p in std::iter::once(&instance).chain(parts.iter()) {
-        h.update((p.len() as u64).to_be_bytes());
-        h.update(p.as_bytes());
+    match parts.split_last() {
+        Some((last, leading)) => EventIds::new(instance, leading).id(last),
+        None => hex16(&EventIds::new(instance, &[]).0.finalize()),
     }
-    let digest = h.finalize();
+}
+
+fn hex16(digest: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(32);
     for b in &digest[..16] {
@@ -30,6 +31,29 @@ pub fn event_id(instance: &str, parts: &[&str]) -> String {
         out.push(HEX[(b & 0xf) as usize] as char);
     }
     out
+}
+
+/// [`event_id`]s of records that share their leading parts (a file's records: the instance, the
+/// bucket and the key), hashed once; `id(last)` equals `event_id(instance, [leading.., last])`.
+#[derive(Clone)]
+pub struct EventIds(Sha256);
+
+impl EventIds {
+    pub fn new(instance: &str, leading: &[&str]) -> EventIds {
+        let mut h = Sha256::new();
+        for p in std::iter::once(&instance).chain(leading.iter()) {
+            h.update((p.len() as u64).to_be_bytes());
+            h.update(p.as_bytes());
+        }
+        EventIds(h)
+    }
+
+    pub fn id(&self, last: &str) -> String {
+        let mut h = self.0.clone();
+        h.update((last.len() as u64).to_be_bytes());
+        h.update(last.as_bytes());
+        hex16(&h.finalize())
+    }
 }
 
 /// Who a record comes from, pre-rendered once so building an envelope is a few memcpy.
@@ -130,6 +154,29 @@ pub fn validate(raw: &[u8]) -> Payload {
     }
 }
 
+/// [`validate`] of bytes the caller gives up: a JSON object becomes the payload without a copy.
+pub fn validate_owned(mut raw: Vec<u8>) -> Payload {
+    let object = match serde_json::from_slice::<&serde_json::value::RawValue>(&raw) {
+        Ok(v) if v.get().trim_start().starts_with('{') => {
+            let start = v.get().as_ptr() as usize - raw.as_ptr() as usize;
+            Some((start, v.get().len()))
+        }
+        _ => None,
+    };
+    match object {
+        Some((start, len)) => {
+            raw.truncate(start + len);
+            raw.drain(..start);
+            // RawValue only holds valid UTF-8.
+            Payload::Json(
+                String::from_utf8(raw)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            )
+        }
+        None => validate(&raw),
+    }
+}
+
 /// Where a record goes, with the bytes to write.
 #[derive(Debug, PartialEq)]
 pub enum Routed {
@@ -205,6 +252,20 @@ pub fn route_at(
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    #[test]
+    fn ids_from_a_shared_prefix_and_owned_validation_match_the_plain_ones() {
+        let ids = EventIds::new("ns/c", &["bucket", "in/a.jsonl"]);
+        assert_eq!(
+            ids.id("42"),
+            event_id("ns/c", &["bucket", "in/a.jsonl", "42"])
+        );
+        assert_ne!(ids.id("42"), ids.id("43"));
+        assert_eq!(event_id("x", &[]).len(), 32);
+        for raw in [&b" {\"a\": 1} "[..], b"[1]", b"{oops", b"\"s\""] {
+            assert_eq!(validate_owned(raw.to_vec()), validate(raw), "{raw:?}");
+        }
+    }
 
     fn ctx() -> Context {
         Context::new("orders", "shop/orders-pg", "postgres")

@@ -1,7 +1,10 @@
 //! Source positions kept in a compacted topic on the sink cluster, keyed by connector identity
 //! (`<namespace>/<name>`). The last record for the key is the position to resume from.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
@@ -83,53 +86,69 @@ impl StateStore {
 
     /// Creates the compacted state topic when it does not exist yet.
     pub async fn ensure_topic(&self) -> Result<()> {
-        let admin: AdminClient<_> = self
-            .client
-            .create()
-            .map_err(|e| Error::SinkUnreachable(format!("admin client: {e}")))?;
-        let topic = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(-1))
-            .set("cleanup.policy", "compact");
-        let res = admin
-            .create_topics(
-                &[topic],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-            )
-            .await
-            .map_err(|e| Error::SinkUnreachable(format!("create state topic: {e}")))?;
-        for r in res {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, e)) => {
-                    // Without the right to create topics, a topic made by an administrator is fine.
-                    let md = admin
-                        .inner()
-                        .fetch_metadata(Some(&self.topic), Duration::from_secs(10));
-                    let exists = md.is_ok_and(|m| {
-                        m.topics()
-                            .iter()
-                            .any(|t| t.error().is_none() && !t.partitions().is_empty())
-                    });
-                    if !exists {
-                        return Err(Error::SinkUnreachable(format!(
-                            "create state topic {t}: {e}"
-                        )));
-                    }
-                    tracing::warn!(topic = %t, error = %e, "state topic not created, using the existing one");
-                }
-            }
-        }
-        destroy_in_background(admin);
-        Ok(())
+        ensure_topic(&self.client, &self.topic, 1, true).await
     }
 
-    /// The last committed state for this connector, if any: reads the topic to its end.
-    pub async fn load(&self) -> Result<Option<StateRecord>> {
+    /// The state topic's name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// librdkafka settings of the sink cluster the state lives on (security included).
+    pub fn client_config(&self) -> &ClientConfig {
+        &self.client
+    }
+
+    /// This store with another key (a source that keeps several positions, e.g. one per shard).
+    pub fn with_key(&self, key: &str) -> StateStore {
+        StateStore {
+            producer: self.producer.clone(),
+            client: self.client.clone(),
+            topic: self.topic.clone(),
+            key: key.into(),
+            kind: self.kind.clone(),
+        }
+    }
+
+    /// The last committed state of each of `keys` that has one: one read of the topic.
+    pub async fn load_keys(
+        &self,
+        keys: std::collections::BTreeSet<String>,
+    ) -> Result<std::collections::BTreeMap<String, StateRecord>> {
+        let cfg = self.reader_config();
+        let topic = self.topic.clone();
+        let kind = self.kind.clone();
+        tokio::task::spawn_blocking(move || {
+            let c: BaseConsumer = cfg
+                .create()
+                .map_err(|e| Error::SinkUnreachable(format!("state consumer: {e}")))?;
+            let res = read_latest(&c, &topic, |k| keys.contains(k));
+            destroy_in_background(c);
+            let mut out = std::collections::BTreeMap::new();
+            for (k, v) in res? {
+                if let Some(r) = StateRecord::decode(v.as_deref(), &kind)? {
+                    out.insert(k, r);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::State(e.to_string()))?
+    }
+
+    fn reader_config(&self) -> ClientConfig {
         let mut cfg = self.client.clone();
         cfg.set("group.id", format!("obsrv-connector-state-{}", self.key))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             // Positions written by an aborted exactlyOnce transaction must not be resumed from.
             .set("isolation.level", "read_committed");
+        cfg
+    }
+
+    /// The last committed state for this connector, if any: reads the topic to its end.
+    pub async fn load(&self) -> Result<Option<StateRecord>> {
+        let cfg = self.reader_config();
         let topic = self.topic.clone();
         let key = self.key.clone();
         let kind = self.kind.clone();
@@ -137,9 +156,12 @@ impl StateStore {
             let c: BaseConsumer = cfg
                 .create()
                 .map_err(|e| Error::SinkUnreachable(format!("state consumer: {e}")))?;
-            let res = read_last(&c, &topic, &key, &kind);
+            let res = read_latest(&c, &topic, |k| k == key);
             destroy_in_background(c);
-            res
+            match res?.remove(&key) {
+                Some(v) => StateRecord::decode(v.as_deref(), &kind),
+                None => Ok(None),
+            }
         })
         .await
         .map_err(|e| Error::State(e.to_string()))?
@@ -201,14 +223,63 @@ impl StateStore {
     }
 }
 
+/// Creates `topic` with `partitions` (compacted or not) on the cluster of `client` when it does not
+/// exist yet; without the right to create topics, one made by an administrator is fine.
+pub async fn ensure_topic(
+    client: &ClientConfig,
+    topic: &str,
+    partitions: i32,
+    compacted: bool,
+) -> Result<()> {
+    let admin: AdminClient<_> = client
+        .create()
+        .map_err(|e| Error::SinkUnreachable(format!("admin client: {e}")))?;
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    if compacted {
+        new = new.set("cleanup.policy", "compact");
+    }
+    let res = admin
+        .create_topics(
+            &[new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .map_err(|e| Error::SinkUnreachable(format!("create topic {topic}: {e}")))?;
+    for r in res {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => {
+                let md = admin
+                    .inner()
+                    .fetch_metadata(Some(topic), Duration::from_secs(10));
+                let exists = md.is_ok_and(|m| {
+                    m.topics()
+                        .iter()
+                        .any(|t| t.error().is_none() && !t.partitions().is_empty())
+                });
+                if !exists {
+                    return Err(Error::SinkUnreachable(format!("create topic {t}: {e}")));
+                }
+                tracing::warn!(topic = %t, error = %e, "topic not created, using the existing one");
+            }
+        }
+    }
+    destroy_in_background(admin);
+    Ok(())
+}
+
 /// librdkafka's destroy waits for the client's threads to wind down (~100 ms); nothing here needs
 /// to wait for it, and a start would pay it twice.
 fn destroy_in_background<T: Send + 'static>(client: T) {
     std::thread::spawn(move || drop(client));
 }
 
-/// Reads the state topic to its end; the last record for `key`, if any.
-fn read_last(c: &BaseConsumer, topic: &str, key: &str, kind: &str) -> Result<Option<StateRecord>> {
+/// Reads the state topic to its end: the last value (`None`: a tombstone) of every key `wanted`.
+fn read_latest(
+    c: &BaseConsumer,
+    topic: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<BTreeMap<String, Option<Vec<u8>>>> {
     let timeout = Duration::from_secs(10);
     let md = c
         .fetch_metadata(Some(topic), timeout)
@@ -230,13 +301,12 @@ fn read_last(c: &BaseConsumer, topic: &str, key: &str, kind: &str) -> Result<Opt
             remaining.push((p, hi));
         }
     }
+    let mut last = BTreeMap::new();
     if remaining.is_empty() {
-        return Ok(None);
+        return Ok(last);
     }
     c.assign(&tpl)
         .map_err(|e| Error::State(format!("assign state topic: {e}")))?;
-    let mut last: Option<Vec<u8>> = None;
-    let mut tombstone = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !remaining.is_empty() {
         if Instant::now() > deadline {
@@ -244,9 +314,10 @@ fn read_last(c: &BaseConsumer, topic: &str, key: &str, kind: &str) -> Result<Opt
         }
         if let Some(m) = c.poll(Duration::from_millis(200)) {
             let m = m.map_err(|e| Error::SinkUnreachable(format!("reading state: {e}")))?;
-            if m.key() == Some(key.as_bytes()) {
-                last = m.payload().map(<[u8]>::to_vec);
-                tombstone = m.payload().is_none();
+            if let Some(k) = m.key().and_then(|k| std::str::from_utf8(k).ok())
+                && wanted(k)
+            {
+                last.insert(k.to_string(), m.payload().map(<[u8]>::to_vec));
             }
             let (p, o) = (m.partition(), m.offset());
             remaining.retain(|(rp, hi)| !(*rp == p && o + 1 >= *hi));
@@ -261,10 +332,7 @@ fn read_last(c: &BaseConsumer, topic: &str, key: &str, kind: &str) -> Result<Opt
             }
         }
     }
-    if tombstone {
-        return Ok(None);
-    }
-    StateRecord::decode(last.as_deref(), kind)
+    Ok(last)
 }
 
 #[cfg(test)]

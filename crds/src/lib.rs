@@ -18,9 +18,11 @@ pub mod validate;
 
 pub use connector::*;
 pub use source::{
-    Category, CursorSpec, CustomSourceSpec, KafkaSourceSpec, KindSpec, ObjectFormat, OffsetReset,
-    Parallelism, ResolvedSource, S3Credentials, S3SourceSpec, SOURCE_KINDS, SecretMount,
-    SourceError, SourceKind, SourceSpec, SqlSourceSpec, TableSpec, source_kind,
+    AzureAuth, AzureBlobSourceSpec, AzureCredentials, Category, CsvOptions, CursorSpec,
+    CustomSourceSpec, GcsCredentials, GcsSourceSpec, KafkaSourceSpec, KindSpec, ObjectCompression,
+    ObjectFormat, ObjectSelection, OffsetReset, Parallelism, ResolvedSource, S3Credentials,
+    S3SourceSpec, SOURCE_KINDS, SecretMount, SourceError, SourceKind, SourceSpec, SqlSourceSpec,
+    TableSpec, source_kind,
 };
 pub use status::{ConnectorStatus, Phase, RuntimeState, RuntimeStatus};
 

@@ -54,6 +54,14 @@ pub mod env {
     pub const SOURCE_TLS_CA: &str = "OBSRV_SOURCE_TLS_CA";
     pub const SOURCE_ACCESS_KEY_ID: &str = "OBSRV_SOURCE_ACCESS_KEY_ID";
     pub const SOURCE_SECRET_ACCESS_KEY: &str = "OBSRV_SOURCE_SECRET_ACCESS_KEY";
+    /// Azure Blob: the storage account's shared key.
+    pub const SOURCE_ACCOUNT_KEY: &str = "OBSRV_SOURCE_ACCOUNT_KEY";
+    /// Azure Blob: a SAS token.
+    pub const SOURCE_SAS_TOKEN: &str = "OBSRV_SOURCE_SAS_TOKEN";
+    /// Azure Blob: a connection string.
+    pub const SOURCE_CONNECTION_STRING: &str = "OBSRV_SOURCE_CONNECTION_STRING";
+    /// GCS: a service-account key (JSON).
+    pub const SOURCE_SERVICE_ACCOUNT: &str = "OBSRV_SOURCE_SERVICE_ACCOUNT";
     pub const SINK_USERNAME: &str = "OBSRV_SINK_USERNAME";
     pub const SINK_PASSWORD: &str = "OBSRV_SINK_PASSWORD";
     pub const SINK_TLS_CA: &str = "OBSRV_SINK_TLS_CA";

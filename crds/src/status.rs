@@ -124,12 +124,16 @@ pub struct ConnectorStatus {
 #[serde(rename_all = "camelCase")]
 pub struct LagStatus {
     /// Records not yet read, summed over the replicas. For a Postgres table with 100,000 or more
-    /// rows to go this is the query planner's estimate; below that it is an exact count.
+    /// rows to go this is the query planner's estimate; below that it is an exact count. For file
+    /// sources (s3, azureBlob, gcs) it counts objects not yet fully read (a file's rows are not
+    /// known before it is read).
     pub records: i64,
+    /// Age of the oldest unread record; for file sources, of the oldest object not yet fully read
+    /// (by its last-modified time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
     /// Bytes not yet read, when the source can tell (WAL a replication slot retains, objects
-    /// pending), summed over the replicas.
+    /// pending: their stored sizes, less what is read of the current one), summed over the replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

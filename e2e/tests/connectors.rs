@@ -748,3 +748,173 @@ async fn delete_cleans_up_objects_and_processes() -> Result<()> {
         .await?;
     Ok(())
 }
+
+/// A Secret and a Connector manifest for a file source `source` (its `spec.source`).
+fn file_manifest(name: &str, secret: Value, source: Value, scaling: Value) -> Result<String> {
+    let connector = json!({
+        "apiVersion": "obsrv.io/v1alpha1", "kind": "Connector", "metadata": {"name": name},
+        "spec": {"dataset": name, "source": source, "scaling": scaling},
+    });
+    Ok(format!(
+        "{}---\n{}",
+        serde_yaml::to_string(&secret)?,
+        serde_yaml::to_string(&connector)?
+    ))
+}
+
+/// `n` objects of `lines` JSON lines each, ids from `first`, as (key, body).
+fn id_objects(prefix: &str, first: i64, n: i64, lines: i64) -> Vec<(String, String)> {
+    (0..n)
+        .map(|o| {
+            let body: String = (0..lines)
+                .map(|l| format!("{{\"id\":{}}}\n", first + o * lines + l))
+                .collect();
+            (format!("{prefix}{:04}.jsonl", first + o * lines), body)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_blob_connector_delivers_and_scales_out_through_scale() -> Result<()> {
+    use obsrv_e2e::services::azurite::Azurite;
+    let (az, stack) = tokio::try_join!(Azurite::start(), Stack::start(None))?;
+    az.create_container("landing").await?;
+    for (key, body) in id_objects("logs/", 0, 10, 20) {
+        az.put_blob("landing", &key, body).await?;
+    }
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "weblogs-azure"},
+        "stringData": {"connectionString": az.connection_string()},
+    });
+    let source = json!({"azureBlob": {
+        "container": "landing", "prefix": "logs/", "glob": "*.jsonl", "format": "jsonLines",
+        "credentials": {"secretName": "weblogs-azure", "auth": "connectionString"},
+        "pollInterval": "1s",
+    }});
+    stack.apply(&file_manifest(
+        "weblogs",
+        secret,
+        source,
+        json!({"replicas": 1}),
+    )?)?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "weblogs", 200, WAIT).await?,
+        (0..200).collect(),
+        "every line of every blob"
+    );
+    wait_ready(&stack, "weblogs").await?;
+    let first = stack.ready_pods("weblogs")?;
+
+    // A file source shares its objects between replicas: /scale is not clamped to one.
+    stack.kubectl_ok(&["scale", "connector", "weblogs", "--replicas", "2"])?;
+    let two = stack
+        .eventually("2 ready pods", WAIT, async || {
+            let pods = stack.ready_pods("weblogs")?;
+            Ok((pods.len() == 2).then_some(pods))
+        })
+        .await?;
+    assert!(
+        first.iter().all(|p| two.contains(p)),
+        "{first:?} -> {two:?}"
+    );
+    for (key, body) in id_objects("logs/", 200, 20, 20) {
+        az.put_blob("landing", &key, body).await?;
+    }
+    assert_eq!(
+        ingested_ids(&stack.broker, "weblogs", 600, WAIT)
+            .await?
+            .len(),
+        600,
+        "two replicas share the new blobs"
+    );
+    stack
+        .eventually(
+            "status: 600 ingested, no lag, not limited",
+            WAIT,
+            async || {
+                let s = status(&stack, "weblogs")?;
+                let limited = stack.condition("weblogs", "ScalingLimited")?["status"] == "True";
+                Ok(
+                    (s["totals"]["recordsIngested"] == 600 && s["lag"]["records"] == 0 && !limited)
+                        .then_some(()),
+                )
+            },
+        )
+        .await?;
+    let records = stack
+        .broker
+        .consume_all(INGEST_TOPIC, 1000, Duration::from_secs(5))
+        .await?;
+    let mine = records
+        .iter()
+        .filter_map(|r| r.json().ok())
+        .filter(|v| v["dataset"] == "weblogs")
+        .count();
+    assert_eq!(mine, 600, "each blob read by exactly one replica");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcs_connector_delivers_compressed_csv_and_reports_status() -> Result<()> {
+    use obsrv_e2e::services::gcs::Gcs;
+    use std::io::Write as _;
+    let (gcs, stack) = tokio::try_join!(Gcs::start(), Stack::start(None))?;
+    gcs.create_bucket("exports").await?;
+    for part in 0..4 {
+        let mut csv = String::from("id;item\n");
+        for i in 0..25 {
+            csv.push_str(&format!("{};\"item; {i}\"\n", part * 25 + i));
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(csv.as_bytes())?;
+        gcs.put_object(
+            "exports",
+            &format!("orders/part-{part}.csv.gz"),
+            gz.finish()?,
+        )
+        .await?;
+    }
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "exports-sa"},
+        "stringData": {"serviceAccount.json": gcs.service_account_json()?},
+    });
+    let source = json!({"gcs": {
+        "bucket": "exports", "endpoint": gcs.endpoint(), "prefix": "orders/", "format": "csv",
+        "csv": {"delimiter": ";"}, "credentials": {"secretName": "exports-sa"}, "pollInterval": "1s",
+    }});
+    stack.apply(&file_manifest(
+        "exports",
+        secret,
+        source,
+        json!({"replicas": 1}),
+    )?)?;
+    let records = stack
+        .eventually("100 rows ingested", WAIT, async || {
+            let recs = stack
+                .broker
+                .consume_all(INGEST_TOPIC, usize::MAX, Duration::from_secs(2))
+                .await?;
+            let mine: Vec<Value> = recs
+                .iter()
+                .filter_map(|r| r.json().ok())
+                .filter(|v| v["dataset"] == "exports")
+                .collect();
+            Ok((mine.len() >= 100).then_some(mine))
+        })
+        .await?;
+    assert_eq!(records.len(), 100);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["event"] == json!({"id": "7", "item": "item; 7"}))
+    );
+    assert_eq!(records[0]["obsrv_meta"]["source"]["connector"], "gcs");
+    wait_ready(&stack, "exports").await?;
+    stack
+        .eventually("totals 100 and lag 0", WAIT, async || {
+            let s = status(&stack, "exports")?;
+            Ok((s["totals"]["recordsIngested"] == 100 && s["lag"]["records"] == 0).then_some(()))
+        })
+        .await?;
+    Ok(())
+}

@@ -13,6 +13,7 @@ const POSTGRES: &str = include_str!("fixtures/postgres.yaml");
 const KAFKA: &str = include_str!("fixtures/kafka-autoscale.yaml");
 const S3: &str = include_str!("fixtures/s3-two-replicas.yaml");
 const KAFKA_TWO: &str = include_str!("fixtures/kafka-two-replicas.yaml");
+const POSTGRES_TWO: &str = include_str!("fixtures/postgres-two-replicas.yaml");
 
 async fn postgres() -> Harness {
     let h = Harness::new("shop").await;
@@ -277,17 +278,17 @@ async fn pause_stop_resume() {
 
 #[tokio::test]
 async fn a_single_reader_source_never_runs_two_readers() {
-    let h = Harness::new("lake").await;
+    let h = Harness::new("shop").await;
     h.secret(
-        "s3-creds",
-        &[("accessKeyId", "AK"), ("secretAccessKey", "SK")],
+        "pg-creds",
+        &[("username", "app"), ("password", "s3cr3t-pw")],
     );
-    h.apply_yaml(S3);
-    create(&h, "files").await;
-    // Two replicas asked for; the kind reads with one reader: clamped before any pod reports.
-    assert_eq!(h.replicas("files"), 1);
-    assert!(h.object(PDBS, "files").is_none());
-    let (status, reason, message) = h.condition("files", condition::SCALING_LIMITED);
+    h.apply_yaml(POSTGRES_TWO);
+    create(&h, "orders").await;
+    // Two replicas asked for; a table cursor reads with one reader: clamped before any pod reports.
+    assert_eq!(h.replicas("orders"), 1);
+    assert!(h.object(PDBS, "orders").is_none());
+    let (status, reason, message) = h.condition("orders", condition::SCALING_LIMITED);
     assert_eq!(
         (status.as_str(), reason.as_str()),
         ("True", "SourceParallelism")
@@ -295,8 +296,27 @@ async fn a_single_reader_source_never_runs_two_readers() {
     assert!(message.contains("at most 1"), "{message}");
     // A roll stops the old pod before the new one starts.
     assert_eq!(
-        h.deployment("files")["spec"]["strategy"]["type"],
+        h.deployment("orders")["spec"]["strategy"]["type"],
         "Recreate"
+    );
+}
+
+#[tokio::test]
+async fn a_file_source_runs_the_replicas_asked_for() {
+    let h = Harness::new("lake").await;
+    h.secret(
+        "s3-creds",
+        &[("accessKeyId", "AK"), ("secretAccessKey", "SK")],
+    );
+    h.apply_yaml(S3);
+    create(&h, "files").await;
+    // Replicas share the objects (each read by one of them): no clamp, rolled one pod at a time.
+    assert_eq!(h.replicas("files"), 2);
+    assert!(h.object(PDBS, "files").is_some());
+    assert_ne!(h.condition("files", condition::SCALING_LIMITED).0, "True");
+    assert_eq!(
+        h.deployment("files")["spec"]["strategy"]["type"],
+        "RollingUpdate"
     );
 }
 

@@ -5,7 +5,10 @@
 //! function, registers them in a [`Registry`], and calls [`crate::cli::main`]. The built-in kinds
 //! use the very same API (see [`Registry::builtin`]).
 
+pub mod azure_blob;
+pub mod gcs;
 pub mod kafka;
+pub mod objects;
 pub mod s3;
 pub mod sql;
 
@@ -267,6 +270,8 @@ impl Registry {
             .with(sql::mariadb())
             .with(kafka::factory())
             .with(s3::factory())
+            .with(azure_blob::factory())
+            .with(gcs::factory())
     }
 
     /// A custom connector: `open` runs `spec.source.custom`.

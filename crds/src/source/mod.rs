@@ -19,7 +19,10 @@ use crate::runtime::SecretEnv;
 
 pub use custom::{CustomSourceSpec, SECRETS_DIR, SecretMount};
 pub use kafka::{KafkaSourceSpec, OffsetReset};
-pub use object::{ObjectFormat, S3Credentials, S3SourceSpec};
+pub use object::{
+    AzureAuth, AzureBlobSourceSpec, AzureCredentials, CsvOptions, GcsCredentials, GcsSourceSpec,
+    ObjectCompression, ObjectFormat, ObjectSelection, S3Credentials, S3SourceSpec,
+};
 pub use sql::{CursorSpec, SqlSourceSpec, TableSpec};
 
 /// The source of a Connector. Exactly one field is set (a CEL rule built from [`SOURCE_KINDS`]
@@ -39,12 +42,17 @@ pub struct SourceSpec {
     /// Kafka topics consumed with a consumer group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaSourceSpec>,
-    /// Objects in an S3-compatible bucket (AWS S3, MinIO, ...), read in key order. Processed
-    /// objects are tracked in state; nothing is ever written to the source bucket. Past 256 KiB of
-    /// remembered keys the lowest are kept as "done through key K": an object written later with a
-    /// key sorting before K is not read, so keys should sort by time (date-partitioned prefixes do).
+    /// Objects in an S3-compatible bucket (AWS S3, MinIO, ...): JSON, JSON lines, CSV or
+    /// Parquet, optionally gzip/zstd/snappy-compressed. Processed objects are tracked in state;
+    /// nothing is ever written to the source bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3SourceSpec>,
+    /// Blobs in an Azure Blob Storage container, read like `s3` objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_blob: Option<AzureBlobSourceSpec>,
+    /// Objects in a Google Cloud Storage bucket, read like `s3` objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gcs: Option<GcsSourceSpec>,
     /// Your own connector image (built on the obsrv-connector SDK, or any image that keeps the
     /// contract in docs/custom-connectors.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,6 +180,8 @@ pub static SOURCE_KINDS: &[&SourceKind] = &[
     &sql::MARIADB,
     &kafka::KAFKA,
     &object::S3,
+    &object::AZURE_BLOB,
+    &object::GCS,
     &custom::CUSTOM,
 ];
 
@@ -296,7 +306,8 @@ mod tests {
                 "host": "h", "database": "d", "credentials": {"secretName": "s"},
                 "tables": [{"name": "t", "cursor": {"column": "c"}}]}),
             "kafka" => serde_json::json!({"bootstrapServers": "b:9092", "topics": ["t"]}),
-            "s3" => serde_json::json!({"bucket": "b", "format": "json"}),
+            "s3" | "gcs" => serde_json::json!({"bucket": "b", "format": "json"}),
+            "azureBlob" => serde_json::json!({"account": "a", "container": "c", "format": "csv"}),
             "custom" => serde_json::json!({"image": "registry.example/mine:1"}),
             other => panic!("add an example spec for the new kind {other}"),
         }

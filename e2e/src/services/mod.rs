@@ -14,6 +14,8 @@
 //!
 //! A missing binary is an error naming the command that installs it — never a skip.
 
+pub mod azurite;
+pub mod gcs;
 pub mod proxy;
 
 use std::io::Write as _;

@@ -1,4 +1,4 @@
-//! Parquet objects of the S3 source, row by row. The object is first copied to an anonymous temp
+//! Parquet objects of the file sources, row by row. The object is first copied to an anonymous temp
 //! file (never held in memory), then read one row group at a time through the `parquet` crate's
 //! row API; the position inside the object is the row index. Rows become JSON objects with
 //! ISO-8601 timestamps/dates, decimals as exact strings, bytes as base64 and nested groups, lists
