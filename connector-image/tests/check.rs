@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use obsrv_e2e::services::free_port;
+use obsrv_e2e::services::{S3, free_port};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -213,6 +213,35 @@ fn unreachable_endpoints_are_named_with_the_likely_cause() -> Result<()> {
     assert!(
         !out.contains("librdkafka") && out.lines().count() <= 4,
         "one line per part, no librdkafka noise:\n{out}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_bucket_is_named_in_one_line() -> Result<()> {
+    let s3 = S3::start().await?;
+    let text_of = std::fs::read_to_string(repo().join("examples/s3.yaml"))?;
+    let mut d = docs(&text_of);
+    for doc in &mut d {
+        if doc["kind"] == "Secret" {
+            doc["stringData"]["accessKeyId"] = s3.access_key().into();
+            doc["stringData"]["secretAccessKey"] = s3.secret_key().into();
+        } else {
+            doc["spec"]["source"]["s3"]["endpoint"] = s3.endpoint().into();
+            doc["spec"]["source"]["s3"]["bucket"] = "sensor-landin".into();
+        }
+    }
+    let out = run("check", &yaml(&d), "127.0.0.1:9", &[])?;
+    let out = text(&out);
+    assert!(
+        out.contains(
+            "source: NotFound - not found: s3://sensor-landin does not exist: check the bucket (container) name and the endpoint"
+        ),
+        "{out}"
+    );
+    assert!(
+        !out.contains("<?xml") && !out.contains("<Error>"),
+        "no raw XML:\n{out}"
     );
     Ok(())
 }

@@ -146,39 +146,48 @@ impl Selection {
     }
 }
 
-/// Maps a store error to the runtime's reasons.
-pub fn store_err(e: object_store::Error) -> Error {
-    match &e {
-        object_store::Error::Unauthenticated { .. }
-        | object_store::Error::PermissionDenied { .. } => Error::AuthFailed(e.to_string()),
-        object_store::Error::NotFound { .. } => Error::Schema(e.to_string()),
-        _ => {
-            let s = e.to_string();
-            let auth = [
-                "InvalidAccessKeyId",
-                "SignatureDoesNotMatch",
-                "AccessDenied",
-                "AuthenticationFailed",
-                "AuthorizationFailure",
-                "403",
-                "401",
-            ];
-            let missing = ["NoSuchBucket", "ContainerNotFound", "404"];
-            if auth.iter().any(|a| s.contains(a)) {
-                Error::AuthFailed(s)
-            } else if missing.iter().any(|m| s.contains(m)) {
-                Error::Schema(s)
-            } else {
-                Error::SourceUnreachable(s)
-            }
-        }
+/// Maps a store error to the runtime's reasons, naming the store (`s3://bucket`) and the object
+/// when there is one. A missing bucket or object gets one line, not the store's XML reply.
+pub fn store_err(url: &str, key: Option<&str>, e: object_store::Error) -> Error {
+    let s = e.to_string();
+    let auth = [
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "AuthenticationFailed",
+        "AuthorizationFailure",
+        "403",
+        "401",
+    ];
+    let missing = [
+        "NoSuchBucket",
+        "ContainerNotFound",
+        "NoSuchKey",
+        "BlobNotFound",
+        "404",
+    ];
+    let is_missing =
+        matches!(e, object_store::Error::NotFound { .. }) || missing.iter().any(|m| s.contains(m));
+    let is_auth = matches!(
+        e,
+        object_store::Error::Unauthenticated { .. } | object_store::Error::PermissionDenied { .. }
+    ) || auth.iter().any(|a| s.contains(a));
+    match key {
+        _ if is_auth => Error::AuthFailed(format!("{url}: {s}")),
+        Some(key) if is_missing => Error::NotFound(format!(
+            "object {url}/{key} does not exist (deleted after it was listed?)"
+        )),
+        None if is_missing => Error::NotFound(format!(
+            "{url} does not exist: check the bucket (container) name and the endpoint"
+        )),
+        _ => Error::SourceUnreachable(format!("{url}: {s}")),
     }
 }
 
 /// The store's error inside an I/O error from the object's byte stream.
 fn transport_err(url: &str, key: &str, e: std::io::Error) -> Error {
     match e.into_inner().map(|i| i.downcast::<object_store::Error>()) {
-        Some(Ok(e)) => store_err(*e),
+        Some(Ok(e)) => store_err(url, Some(key), *e),
         Some(Err(other)) => Error::SourceUnreachable(format!("reading {url}/{key}: {other}")),
         None => Error::SourceUnreachable(format!("reading {url}/{key}")),
     }
@@ -416,7 +425,7 @@ impl ObjectSource {
             .list(root.as_ref())
             .try_collect()
             .await
-            .map_err(store_err)?;
+            .map_err(|e| store_err(&self.store.url, None, e))?;
         let mut out: Vec<Pending> = metas
             .into_iter()
             .filter_map(|m| {
@@ -535,7 +544,7 @@ impl ObjectSource {
             .client
             .get_opts(&object.location, opts)
             .await
-            .map_err(store_err)?;
+            .map_err(|e| store_err(&self.store.url, Some(&object.key), e))?;
         let stream = got.into_stream().map_err(std::io::Error::other);
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
         // Two chunks in the channel (plus one being built) bound what an object holds in memory.
