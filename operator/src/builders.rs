@@ -301,6 +301,71 @@ pub fn image_of(c: &Connector, shared: &str) -> String {
         .unwrap_or_else(|| shared.to_string())
 }
 
+/// Where a marketplace connector's pod gets the runtime: an init container of the shared image
+/// copies `obsrv-connector` into this memory-backed volume, and the image's own container runs it.
+pub const RUNTIME_DIR: &str = "/obsrv/bin";
+/// The runtime's private files (a marketplace program's config, catalog and state): memory-backed.
+pub const WORK_DIR: &str = "/obsrv/work";
+/// The runtime inside the shared image.
+const SHARED_IMAGE_RUNTIME: &str = "/usr/local/bin/obsrv-connector";
+
+/// Whether the Connector's image lacks the runtime (an Airbyte source, a Singer tap).
+fn injects_runtime(c: &Connector) -> bool {
+    c.spec
+        .source
+        .resolve()
+        .is_ok_and(|s| s.spec.injects_runtime())
+}
+
+fn memory_volume(name: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    }
+}
+
+/// The init container that copies the runtime out of the shared image.
+fn runtime_installer(image: &str) -> Container {
+    Container {
+        name: "install-runtime".into(),
+        image: Some(image.into()),
+        command: Some(vec![
+            "cp".into(),
+            SHARED_IMAGE_RUNTIME.into(),
+            format!("{RUNTIME_DIR}/obsrv-connector"),
+        ]),
+        volume_mounts: Some(vec![mount("obsrv-runtime", RUNTIME_DIR, false)]),
+        security_context: Some(restricted()),
+        ..Container::default()
+    }
+}
+
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
 /// The connector container (shared by the Deployment and the cleanup Job).
 fn container(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> Container {
     let t = c.spec.template.as_ref();
@@ -325,11 +390,22 @@ fn container(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> Con
             ..VolumeMount::default()
         });
     }
-    let env = env(c);
+    let mut env = env(c);
+    let injected = injects_runtime(c);
+    if injected {
+        mounts.push(mount("obsrv-runtime", RUNTIME_DIR, true));
+        mounts.push(mount("obsrv-work", WORK_DIR, false));
+        env.push(EnvVar {
+            name: runtime::WORK_DIR_ENV.into(),
+            value: Some(WORK_DIR.into()),
+            value_from: None,
+        });
+    }
     Container {
         name: CONTAINER.into(),
         image: Some(image_of(c, image)),
         image_pull_policy: t.and_then(|t| t.image_pull_policy.clone()),
+        command: injected.then(|| vec![format!("{RUNTIME_DIR}/obsrv-connector")]),
         args: Some(args),
         env: Some(env),
         ports: probes.then(|| {
@@ -343,16 +419,7 @@ fn container(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> Con
         liveness_probe: probes.then(|| http_probe("/healthz", 10, 6)),
         readiness_probe: probes.then(|| http_probe("/readyz", 5, 3)),
         resources: t.and_then(|t| t.resources.clone()),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(restricted()),
         volume_mounts: Some(mounts),
         ..Container::default()
     }
@@ -395,7 +462,13 @@ fn pod_spec(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> PodS
             ..Volume::default()
         });
     }
+    let injected = injects_runtime(c);
+    if injected {
+        volumes.push(memory_volume("obsrv-runtime"));
+        volumes.push(memory_volume("obsrv-work"));
+    }
     PodSpec {
+        init_containers: injected.then(|| vec![runtime_installer(image)]),
         containers: vec![container(c, image, args, probes)],
         service_account_name: t.and_then(|t| t.service_account_name.clone()),
         node_selector: t.map(|t| t.node_selector.clone()).filter(|m| !m.is_empty()),

@@ -8,6 +8,7 @@
 pub mod azure_blob;
 pub mod gcs;
 pub mod kafka;
+pub mod marketplace;
 pub mod objects;
 pub mod s3;
 pub mod sql;
@@ -272,6 +273,7 @@ impl Registry {
             .with(s3::factory())
             .with(azure_blob::factory())
             .with(gcs::factory())
+            .with(marketplace::factory())
     }
 
     /// A custom connector: `open` runs `spec.source.custom`.
@@ -335,11 +337,6 @@ mod tests {
     fn every_crd_kind_has_a_runtime_factory_and_no_other() {
         let runtime: Vec<&str> = Registry::builtin().kinds().collect();
         for kind in obsrv_crds::SOURCE_KINDS {
-            // Custom sources run the user's image, built on this SDK with `Registry::custom`.
-            if kind.name == obsrv_crds::source::custom::CUSTOM.name {
-                assert!(!runtime.contains(&kind.name));
-                continue;
-            }
             assert!(
                 runtime.contains(&kind.name),
                 "{} is in the CRD but has no runtime factory",

@@ -136,6 +136,12 @@ pub trait KindSpec: std::fmt::Debug + Send + Sync {
         None
     }
 
+    /// Whether that image lacks the runtime, which the operator then copies into the pod (a
+    /// marketplace connector: an Airbyte source or a Singer tap driven by `obsrv-connector`).
+    fn injects_runtime(&self) -> bool {
+        false
+    }
+
     /// Whether deleting the Connector must first release something held on the source side
     /// (a replication slot), through a cleanup Job of the connector image.
     fn needs_cleanup(&self) -> bool {

@@ -83,6 +83,20 @@ pub fn find_binary(name: &str, extra_dirs: &[&str]) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("`{name}` was not found on PATH or in ~/.cargo/bin: {SETUP_HINT}"))
 }
 
+/// A marketplace program (`source-faker`, `tap-postgres`) of the project's `.venv-marketplace`.
+pub fn marketplace_program(name: &str) -> Result<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.venv-marketplace/bin")
+        .join(name);
+    if path.is_file() {
+        return Ok(path);
+    }
+    Err(anyhow!(
+        "{} is missing: run `scripts/setup.sh` (it installs the marketplace programs into .venv-marketplace)",
+        path.display()
+    ))
+}
+
 /// Postgres' binaries live in a versioned directory on Debian.
 fn postgres_bin_dirs() -> Vec<String> {
     let mut dirs: Vec<String> = std::fs::read_dir("/usr/lib/postgresql")

@@ -1,0 +1,280 @@
+//! Marketplace connectors driven through their protocol by the real runtime: an Airbyte source
+//! (`source-faker`) and a Singer tap (`tap-postgres` against the test Postgres), both real programs
+//! from PyPI installed by `scripts/setup.sh` into `.venv-marketplace`.
+
+mod common;
+
+use std::{collections::BTreeSet, time::Duration};
+
+use anyhow::Result;
+use common::{Harness, consume_exactly, total};
+use obsrv_e2e::services::{Broker, Postgres, marketplace_program};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn faker_manifest(count: usize, extra_config: &str) -> Result<String> {
+    let faker = marketplace_program("source-faker")?;
+    Ok(format!(
+        r#"apiVersion: obsrv.io/v1alpha1
+kind: Connector
+metadata: {{name: NAME, namespace: tests}}
+spec:
+  dataset: users
+  source:
+    custom:
+      image: airbyte/source-faker:6.2.0
+      protocol: airbyte
+      command: ["{faker}"]
+      config: {{count: {count}, seed: 1, records_per_slice: 500, parallelism: 1, always_updated: false{extra_config}}}
+      streams: [{{name: users}}]
+      pollInterval: 1h
+"#,
+        faker = faker.display()
+    ))
+}
+
+/// The distinct `id` fields of the users in a topic's records.
+async fn user_ids(broker: &Broker, topic: &str, at_least: usize) -> Result<BTreeSet<i64>> {
+    let recs = broker
+        .consume_all(topic, at_least, Duration::from_secs(60))
+        .await?;
+    Ok(recs
+        .iter()
+        .filter_map(|r| r.json().ok())
+        .filter_map(|v: Value| v["event"]["id"].as_i64())
+        .collect())
+}
+
+/// Waits until the `event.id`s of the topic's records cover `want`; says what is missing if not.
+async fn wait_ids(
+    broker: &Broker,
+    topic: &str,
+    want: std::ops::RangeInclusive<i64>,
+    conn: &common::Connector,
+) -> Result<()> {
+    let want: BTreeSet<i64> = want.collect();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let got: BTreeSet<i64> = broker
+            .consume_all(topic, usize::MAX, Duration::from_secs(2))
+            .await?
+            .iter()
+            .filter_map(|r| r.json().ok())
+            .filter_map(|v: Value| v["event"]["id"].as_i64())
+            .collect();
+        let missing = want.difference(&got).count();
+        if missing == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "{missing} of {} ids missing: {}",
+                want.len(),
+                conn.log_tail()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_airbyte_source_checks_loads_and_resumes_from_its_committed_state() -> Result<()> {
+    let broker = Broker::start().await?;
+    let h = Harness::new(&broker, &faker_manifest(2_000, "")?, &[]).await?;
+    let (code, out) = h.command("check")?;
+    assert!(code.success(), "{out}");
+    assert!(
+        out.contains("source: ok (airbyte")
+            && out.contains("check succeeded; streams users (incremental)"),
+        "{out}"
+    );
+    let conn = h.start()?;
+    let recs = consume_exactly(&broker, &h.ingest, 2_000, WAIT).await?;
+    assert_eq!(recs.len(), 2_000, "{}", conn.log_tail());
+    assert_eq!(common::ids(&recs)?.len(), 2_000);
+    let ids = user_ids(&broker, &h.ingest, 2_000).await?;
+    assert_eq!(ids, (1..=2_000).collect(), "every user once");
+    let event: Value = recs[0].json()?;
+    assert_eq!(event["dataset"], "users");
+    assert!(
+        event["event"]["email"].is_string(),
+        "the record's data is the event: {event}"
+    );
+    let s = conn
+        .wait_status("the last state committed", WAIT, |s| {
+            total(s, "recordsIngested") == 2_000 && s["watermark"].is_string()
+        })
+        .await?;
+    assert_eq!(s["lastError"], Value::Null, "{s}");
+    conn.terminate().await?;
+
+    // A restart hands the committed state back: the source has nothing new to send.
+    let conn = h.start()?;
+    conn.wait_status("running again", WAIT, |s| s["state"] == "Running")
+        .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let again = broker
+        .consume_all(&h.ingest, 2_001, Duration::from_secs(3))
+        .await?;
+    assert_eq!(
+        again.len(),
+        2_000,
+        "nothing re-read after the state: {}",
+        conn.log_tail()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_broken_program_says_why_and_keeps_its_secrets() -> Result<()> {
+    let broker = Broker::start().await?;
+    // Config from a Secret: the value must not appear in any output.
+    let secret = "faker-s3cret-value-42";
+    let manifest = faker_manifest(100, "")?.replace(
+        "count: 100,",
+        "count: {secretKeyRef: {name: faker, key: count}},",
+    );
+    // A count that is not a number: the program's own check fails with its message.
+    let h = Harness::new(&broker, &manifest, &[("faker", "count", secret)]).await?;
+    let (code, out) = h.command("check")?;
+    assert!(!code.success(), "{out}");
+    assert!(out.contains("source-faker"), "names the program: {out}");
+    assert!(!out.contains(secret), "no secret in the output: {out}");
+    let conn = h.start()?;
+    let s = conn
+        .wait_status("the failure in status", WAIT, |s| {
+            s["lastError"].is_object()
+        })
+        .await?;
+    assert!(!s.to_string().contains(secret), "no secret in status: {s}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!conn.log_tail().contains(secret), "no secret in the log");
+
+    // A program that writes garbage, a 5 MB record and then dies mid-stream.
+    let script = r#"echo '{"type":"RECORD","record":{"stream":"s","data":{"id":1},"emitted_at":0}}'
+echo 'this is not json'
+printf '{"type":"RECORD","record":{"stream":"s","data":{"blob":"'; head -c 5000000 /dev/zero | tr '\0' x; echo '"},"emitted_at":0}}'
+echo '{"type":"STATE","state":{"type":"STREAM","stream":{"stream_descriptor":{"name":"s"},"stream_state":{"n":3}}}}'
+echo '{"type":"TRACE","trace":{"type":"ERROR","error":{"message":"upstream API returned 500","failure_type":"system_error"}}}'
+exit 3"#;
+    let dir = tempfile::tempdir()?;
+    let prog = dir.path().join("broken-source");
+    std::fs::write(
+        &prog,
+        format!(
+            r#"#!/bin/sh
+case "$1" in
+  check) echo '{{"type":"CONNECTION_STATUS","connectionStatus":{{"status":"SUCCEEDED"}}}}' ;;
+  discover) echo '{{"type":"CATALOG","catalog":{{"streams":[{{"name":"s","json_schema":{{}},"supported_sync_modes":["full_refresh"]}}]}}}}' ;;
+  read) {script} ;;
+esac
+"#
+        ),
+    )?;
+    std::fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let manifest = faker_manifest(1, "")?.replace(
+        &marketplace_program("source-faker")?.display().to_string(),
+        &prog.display().to_string(),
+    );
+    let manifest = manifest.replace("streams: [{name: users}]", "streams: [{name: s}]");
+    let h = Harness::new(&broker, &manifest, &[]).await?;
+    let conn = h.start()?;
+    let s = conn
+        .wait_status("the program's error in status", WAIT, |s| {
+            s["lastError"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("upstream API returned 500"))
+        })
+        .await?;
+    assert_eq!(s["lastError"]["reason"], "SourceUnreachable", "{s}");
+    let failed = broker.consume_all(&h.failed, 2, WAIT).await?;
+    let docs: Vec<Value> = failed.iter().filter_map(|r| r.json().ok()).collect();
+    let text = serde_json::to_string(&docs)?;
+    assert!(
+        text.contains("line 2 of the program's output is not JSON"),
+        "{text}"
+    );
+    assert_eq!(
+        docs.len(),
+        2,
+        "the garbage line and the oversize record: {text}"
+    );
+    let ingested = broker.consume_all(&h.ingest, 1, WAIT).await?;
+    assert!(!ingested.is_empty(), "the good record arrived");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_singer_tap_reads_postgres_incrementally_and_resumes_after_kill_9() -> Result<()> {
+    let broker = Broker::start().await?;
+    let pg = Postgres::start().await?;
+    pg.psql(
+        "CREATE TABLE events (id bigserial PRIMARY KEY, kind text NOT NULL); \
+         INSERT INTO events (kind) SELECT 'click' FROM generate_series(1, 20000);",
+    )
+    .await?;
+    let tap = marketplace_program("tap-postgres")?;
+    let manifest = format!(
+        r#"apiVersion: obsrv.io/v1alpha1
+kind: Connector
+metadata: {{name: NAME, namespace: tests}}
+spec:
+  dataset: events
+  source:
+    custom:
+      image: meltano/tap-postgres:0.10.0
+      protocol: singer
+      command: ["{tap}"]
+      config:
+        host: {host}
+        port: {port}
+        user: {user}
+        database: {db}
+        password: {{secretKeyRef: {{name: pg, key: password}}}}
+      streams: [{{name: public-events, cursorField: id}}]
+      pollInterval: 1s
+"#,
+        tap = tap.display(),
+        host = pg.host(),
+        port = pg.port(),
+        user = pg.user(),
+        db = pg.database(),
+    );
+    let h = Harness::new(&broker, &manifest, &[("pg", "password", pg.password())]).await?;
+    let (code, out) = h.command("check")?;
+    assert!(code.success(), "{out}");
+    assert!(out.contains("public-events (incremental by id)"), "{out}");
+    let conn = h.start()?;
+    let s = conn
+        .wait_status("part of the load", WAIT, |s| {
+            total(s, "recordsIngested") >= 4_000
+        })
+        .await?;
+    conn.kill9()?;
+    assert!(
+        total(&s, "recordsIngested") < 20_000,
+        "killed mid-load: {s}"
+    );
+    // Rows added while it is down arrive after the restart, from the committed bookmark.
+    pg.psql("INSERT INTO events (kind) SELECT 'view' FROM generate_series(1, 500);")
+        .await?;
+    let conn = h.start()?;
+    wait_ids(&broker, &h.ingest, 1..=20_500, &conn).await?;
+    // Incremental: later polls (every second) read from the bookmark, not the whole table.
+    let count = || async {
+        anyhow::Ok(
+            broker
+                .consume_all(&h.ingest, usize::MAX, Duration::from_secs(2))
+                .await?
+                .len(),
+        )
+    };
+    let before = count().await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = count().await?;
+    assert!(
+        after - before < 100,
+        "{before} then {after} records: polls re-read the table"
+    );
+    Ok(())
+}
