@@ -38,7 +38,7 @@ enum Command {
     Run(Common),
     /// Connect to source and sink, say what is wrong, exit non-zero on failure.
     Check(Common),
-    /// Release what the source holds (nothing for the current sources).
+    /// Release what the source holds (a CDC replication slot; nothing for most kinds).
     Cleanup(Common),
 }
 
@@ -176,18 +176,28 @@ async fn main_async(registry: Registry, cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run(c) => run_cmd(registry, c, loaded).await,
         Command::Check(_) => check_cmd(&registry, loaded).await,
-        Command::Cleanup(_) => {
-            // Postgres/MySQL/MariaDB keyset reads, Kafka groups and S3 listing hold nothing on the
-            // source; positions stay in the state topic so a re-created connector can resume.
-            let kind = loaded
-                .config
-                .spec
-                .source
-                .resolve()
-                .map(|s| s.kind.name)
-                .unwrap_or_default();
-            println!("cleanup: nothing held on the {kind} source");
+        Command::Cleanup(_) => cleanup_cmd(&registry, loaded).await,
+    }
+}
+
+/// Releases what the source holds (a replication slot) through the kind's cleanup hook.
+async fn cleanup_cmd(registry: &Registry, l: Loaded) -> ExitCode {
+    let ctx = crate::source::CleanupContext {
+        config: Arc::new(l.config),
+        secrets: Arc::new(l.secrets),
+    };
+    let res = match registry.for_config(&ctx.config) {
+        Ok(f) => f.cleanup(ctx.clone()).await,
+        Err(e) => Err(e),
+    };
+    match res {
+        Ok(done) => {
+            println!("cleanup: {done}");
             ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("cleanup: {} - {e}", e.reason());
+            ExitCode::FAILURE
         }
     }
 }

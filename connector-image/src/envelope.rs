@@ -113,6 +113,20 @@ pub enum Payload {
     Json(String),
     /// Input that is not a JSON object, with why.
     Unparseable { raw: String, reason: String },
+    /// The text of a JSON object with a message key of its own: a change-data-capture event keyed
+    /// by its row's primary key, so the changes of one row stay in order on one partition. The
+    /// event id still travels in the `obsrv-event-id` header.
+    Keyed { json: String, key: String },
+}
+
+impl Payload {
+    /// The message key when it is not the event id.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Payload::Keyed { key, .. } => Some(key),
+            _ => None,
+        }
+    }
 }
 
 /// Checks that `raw` is a JSON object, for sources whose input is not rendered by us.
@@ -150,7 +164,7 @@ pub fn route_at(
     max_message_bytes: usize,
 ) -> Routed {
     match payload {
-        Payload::Json(event) => {
+        Payload::Json(event) | Payload::Keyed { json: event, .. } => {
             let env = ctx.envelope_at(event, syncts);
             if env.len() > max_message_bytes {
                 let mut cut = FAILED_EVENT_PREVIEW_BYTES.min(event.len());

@@ -15,9 +15,10 @@ pub mod status;
 
 pub use connector::*;
 pub use source::{
-    Category, CursorSpec, CustomSourceSpec, KafkaSourceSpec, KindSpec, ObjectFormat, OffsetReset,
-    Parallelism, ResolvedSource, S3Credentials, S3SourceSpec, SOURCE_KINDS, SecretMount,
-    SourceError, SourceKind, SourceSpec, SqlSourceSpec, TableSpec, source_kind,
+    BinlogCdcSourceSpec, Category, CursorSpec, CustomSourceSpec, KafkaSourceSpec, KindSpec,
+    ObjectFormat, OffsetReset, Parallelism, PostgresCdcSourceSpec, ResolvedSource, S3Credentials,
+    S3SourceSpec, SOURCE_KINDS, SecretMount, SnapshotMode, SourceError, SourceKind, SourceSpec,
+    SqlSourceSpec, TableSpec, source_kind,
 };
 pub use status::{ConnectorStatus, Phase, RuntimeState, RuntimeStatus};
 

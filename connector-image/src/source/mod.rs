@@ -5,6 +5,7 @@
 //! function, registers them in a [`Registry`], and calls [`crate::cli::main`]. The built-in kinds
 //! use the very same API (see [`Registry::builtin`]).
 
+pub mod cdc;
 pub mod kafka;
 pub mod s3;
 pub mod sql;
@@ -213,6 +214,15 @@ impl OpenContext {
 }
 
 type OpenFn = dyn Fn(OpenContext) -> BoxFuture<'static, Result<BoxedSource>> + Send + Sync;
+type CleanupFn = dyn Fn(CleanupContext) -> BoxFuture<'static, Result<String>> + Send + Sync;
+
+/// What a kind's cleanup gets when its Connector is deleted (`obsrv-connector cleanup`, run by
+/// the operator as a short Job with the Connector's own config and Secrets).
+#[derive(Clone)]
+pub struct CleanupContext {
+    pub config: Arc<RuntimeConfig>,
+    pub secrets: Arc<Secrets>,
+}
 
 /// One source kind of the runtime: its name (a field of the CRD's `spec.source`) and how it opens.
 #[derive(Clone)]
@@ -221,6 +231,8 @@ pub struct SourceFactory {
     /// Positions live with the source (a Kafka consumer group) rather than in the state topic.
     pub keeps_own_positions: bool,
     open: Arc<OpenFn>,
+    /// Releases what the source holds on its side (a replication slot); `None`: nothing.
+    cleanup: Option<Arc<CleanupFn>>,
 }
 
 impl SourceFactory {
@@ -238,6 +250,26 @@ impl SourceFactory {
                 let fut = open(ctx);
                 async move { fut.await.map(|s| Box::new(s) as BoxedSource) }.boxed()
             }),
+            cleanup: None,
+        }
+    }
+
+    /// What deleting the Connector must release on the source side (`cleanup` returns what it
+    /// did, for the Job's log). The CRD kind says `needs_cleanup()` so the operator runs it.
+    pub fn with_cleanup<F, Fut>(mut self, cleanup: F) -> SourceFactory
+    where
+        F: Fn(CleanupContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String>> + Send + 'static,
+    {
+        self.cleanup = Some(Arc::new(move |ctx| cleanup(ctx).boxed()));
+        self
+    }
+
+    /// Runs the kind's cleanup; says what was done (or that nothing is held).
+    pub async fn cleanup(&self, ctx: CleanupContext) -> Result<String> {
+        match &self.cleanup {
+            Some(f) => f(ctx).await,
+            None => Ok(format!("nothing held on the {} source", self.kind)),
         }
     }
 
@@ -267,6 +299,7 @@ impl Registry {
             .with(sql::mariadb())
             .with(kafka::factory())
             .with(s3::factory())
+            .with(cdc::postgres::factory())
     }
 
     /// A custom connector: `open` runs `spec.source.custom`.

@@ -14,7 +14,8 @@ pub fn quote_ident(d: Dialect, name: &str) -> String {
     }
 }
 
-fn quote_literal(s: &str) -> String {
+/// `s` as a SQL string literal (quotes doubled, backslashes doubled for an `E'...'` literal).
+pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
