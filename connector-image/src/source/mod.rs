@@ -300,6 +300,8 @@ impl Registry {
             .with(kafka::factory())
             .with(s3::factory())
             .with(cdc::postgres::factory())
+            .with(cdc::binlog::mysql())
+            .with(cdc::binlog::mariadb())
     }
 
     /// A custom connector: `open` runs `spec.source.custom`.
