@@ -743,3 +743,37 @@ async fn tls_verify_full_streams_changes() -> Result<()> {
     assert_eq!(recs.len(), 2, "{}", conn.log_tail());
     Ok(())
 }
+
+/// A change too large for the sink goes to the failed topic, its preview starting with the
+/// position; the changes after it still arrive.
+#[tokio::test]
+async fn an_oversize_change_goes_to_the_failed_topic_with_its_position() -> Result<()> {
+    let (pg, broker) = tokio::try_join!(Postgres::start(), Broker::start())?;
+    pg.psql("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        .await?;
+    let m = format!(
+        "{}  sink:\n    kafka: {{maxMessageBytes: 2048}}\n",
+        manifest(
+            &pg,
+            "docs",
+            "      snapshot: never\n      slotName: docs_slot\n"
+        )
+    );
+    let h = harness(&broker, &pg, &m).await?;
+    let conn = h.start()?;
+    wait_slot_active(&pg, "docs_slot").await?;
+    pg.psql("INSERT INTO docs VALUES (1, 'a'); INSERT INTO docs VALUES (2, repeat('x', 5000)); INSERT INTO docs VALUES (3, 'c')")
+        .await?;
+    let ok = consume_exactly(&broker, &h.ingest, 2, T).await?;
+    assert_eq!(ok.len(), 2, "{}", conn.log_tail());
+    let failed = consume_exactly(&broker, &h.failed, 1, T).await?;
+    assert_eq!(failed.len(), 1);
+    let f = failed[0].json()?;
+    assert_eq!(f["error"]["error_code"], "CE_1001");
+    let preview = f["event"].as_str().unwrap_or_default();
+    assert!(
+        preview.starts_with("{\"source\":") && preview.contains("\"lsn\":"),
+        "the preview says where the row was: {preview:.200}"
+    );
+    Ok(())
+}
