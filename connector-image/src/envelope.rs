@@ -148,7 +148,12 @@ pub fn validate(raw: &[u8]) -> Payload {
 #[derive(Debug, PartialEq)]
 pub enum Routed {
     Ingest(Vec<u8>),
-    Failed(Vec<u8>),
+    /// The failed-topic document, with its error code and message (for logs and counts).
+    Failed {
+        doc: Vec<u8>,
+        code: &'static str,
+        message: String,
+    },
 }
 
 /// Decides the topic and bytes for one record.
@@ -177,11 +182,15 @@ pub fn route_at(
                     max_message_bytes,
                     cut
                 );
-                Routed::Failed(ctx.failed(
-                    serde_json::Value::String(event[..cut].to_string()),
-                    CE_TOO_LARGE,
-                    &msg,
-                ))
+                Routed::Failed {
+                    doc: ctx.failed(
+                        serde_json::Value::String(event[..cut].to_string()),
+                        CE_TOO_LARGE,
+                        &msg,
+                    ),
+                    code: CE_TOO_LARGE,
+                    message: msg,
+                }
             } else {
                 Routed::Ingest(env)
             }
@@ -193,11 +202,15 @@ pub fn route_at(
             while !raw.is_char_boundary(cut) {
                 cut -= 1;
             }
-            Routed::Failed(ctx.failed(
-                serde_json::Value::String(raw[..cut].to_string()),
-                CE_UNPARSEABLE,
-                reason,
-            ))
+            Routed::Failed {
+                doc: ctx.failed(
+                    serde_json::Value::String(raw[..cut].to_string()),
+                    CE_UNPARSEABLE,
+                    reason,
+                ),
+                code: CE_UNPARSEABLE,
+                message: reason.clone(),
+            }
         }
     }
 }
@@ -257,7 +270,7 @@ mod tests {
     #[test]
     fn unparseable_input_is_routed_to_failed_with_ce_1000() {
         let p = validate(b"{not json");
-        let Routed::Failed(doc) = route(&ctx(), &p, 1, 1 << 20) else {
+        let Routed::Failed { doc, .. } = route(&ctx(), &p, 1, 1 << 20) else {
             panic!("expected failed")
         };
         let v: Value = serde_json::from_slice(&doc).unwrap();
@@ -274,7 +287,7 @@ mod tests {
     #[test]
     fn oversize_records_go_to_failed_with_ce_1001_and_stay_small() {
         let big = format!("{{\"blob\":\"{}\"}}", "é".repeat(3000));
-        let Routed::Failed(doc) = route(&ctx(), &Payload::Json(big.clone()), 1, 2048) else {
+        let Routed::Failed { doc, .. } = route(&ctx(), &Payload::Json(big.clone()), 1, 2048) else {
             panic!("expected failed")
         };
         let v: Value = serde_json::from_slice(&doc).unwrap();

@@ -523,7 +523,11 @@ async fn lag_is_estimated_for_large_tables_and_exact_near_the_end() -> Result<()
     std::fs::create_dir(dir.path().join("pg-creds"))?;
     std::fs::write(dir.path().join("pg-creds/username"), pg.user())?;
     std::fs::write(dir.path().join("pg-creds/password"), pg.password())?;
-    let secrets = Secrets::load(&rc.spec, Some(&dir.path().to_path_buf()))?;
+    let secrets = Secrets::load(
+        &rc.spec,
+        Some(&dir.path().to_path_buf()),
+        Default::default(),
+    )?;
     let spec = rc.spec.source.postgres.as_ref().expect("a postgres source");
     let open = |pos: Option<serde_json::Value>| {
         let (secrets, instance) = (secrets.clone(), rc.instance_id());

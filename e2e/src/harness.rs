@@ -98,6 +98,8 @@ enum Cluster {
         cp: Box<ControlPlane>,
         operator: Option<Process>,
         runs: u32,
+        /// Where the running operator serves `/metrics`, `/healthz` and `/readyz`.
+        admin: Option<String>,
     },
     /// A real cluster (`E2E_KUBECONFIG`) where the operator was installed with the Helm chart.
     Remote { operator_namespace: String },
@@ -181,6 +183,7 @@ impl Stack {
                 cp: Box::new(cp),
                 operator: None,
                 runs: 0,
+                admin: None,
             },
             broker,
             kubeconfig,
@@ -239,10 +242,17 @@ impl Stack {
             self.bin_dir.clone(),
             self.dir.clone(),
         );
-        let Cluster::Local { operator, runs, .. } = &mut self.cluster else {
+        let Cluster::Local {
+            operator,
+            runs,
+            admin: admin_addr,
+            ..
+        } = &mut self.cluster
+        else {
             return Ok(());
         };
         *runs += 1;
+        *admin_addr = Some(admin.clone());
         let log = std::fs::File::create(dir.join(format!("operator-{runs}.log")))?;
         let child = Command::new(bin_dir.join("obsrv-operator"))
             .env("KUBECONFIG", &kubeconfig)
@@ -270,6 +280,15 @@ impl Stack {
             .context("starting obsrv-operator")?;
         *operator = Some(Process(child));
         Ok(())
+    }
+
+    /// `host:port` of the local operator's admin server (`/metrics`, `/healthz`, `/readyz`); None on
+    /// a real cluster, where the chart's `<fullname>-metrics` Service exposes it.
+    pub fn operator_admin(&self) -> Option<&str> {
+        match &self.cluster {
+            Cluster::Local { admin, .. } => admin.as_deref(),
+            Cluster::Remote { .. } => None,
+        }
     }
 
     /// `kill -9` of the operator (a forced delete of its pods on a real cluster).
@@ -348,6 +367,18 @@ impl Stack {
                 self.namespace
             ),
         }
+    }
+
+    /// Everything the connector pods logged so far (local control plane: one file per pod, with
+    /// every restart of its container).
+    pub fn pod_logs(&self) -> Result<String> {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.dir.join("cluster/logs"))?.flatten() {
+            if entry.path().is_file() {
+                out.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        Ok(out)
     }
 
     /// Path of the current operator's log (local control plane).

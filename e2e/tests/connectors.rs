@@ -226,7 +226,7 @@ async fn spec_image_runs_a_builtin_kind_in_an_image_of_your_own() -> Result<()> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spec_edit_and_secret_rotation_roll_the_pods() -> Result<()> {
+async fn a_spec_edit_rolls_the_pods_and_a_secret_rotation_reaches_them_without_one() -> Result<()> {
     let (pg, stack) = start_with_orders(50).await?;
     // The connector reads as a read-only role whose password we rotate.
     pg.psql(
@@ -256,26 +256,47 @@ async fn spec_edit_and_secret_rotation_roll_the_pods() -> Result<()> {
         })
         .await?;
 
-    // Rotate the password in Postgres and in the Secret: the pods roll and read with the new one.
+    // Rotate the password in Postgres (the old one stops working for new sessions) and in the
+    // Secret: the running pod reconnects with the new one, no roll.
     pg.psql("ALTER ROLE reader PASSWORD 'rotated-password'")
         .await?;
     stack.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: orders-creds}\nstringData: {username: reader, password: rotated-password}\n")?;
     stack
-        .eventually("a new pod after the Secret rotation", WAIT, async || {
-            let now: BTreeSet<String> = stack.ready_pods("orders")?.into_iter().collect();
-            Ok((!now.is_empty() && now.is_disjoint(&after_edit)).then_some(()))
-        })
+        .eventually(
+            "the pod reconnected with the rotated Secret",
+            WAIT,
+            async || {
+                let logs = stack.pod_logs()?;
+                Ok(logs
+                    .contains("a Secret changed: reconnecting")
+                    .then_some(()))
+            },
+        )
         .await?;
     insert_orders(&pg, 51, 60).await?;
     assert_eq!(
         ingested_ids(&stack.broker, "orders", 60, WAIT).await?.len(),
         60
     );
+    let now: BTreeSet<String> = stack.ready_pods("orders")?.into_iter().collect();
+    assert_eq!(now, after_edit, "a rotation does not roll the pods");
+    wait_ready(&stack, "orders").await?;
+
+    // No secret value anywhere a user or a log collector looks.
     let cm = stack.get_json(&["configmap", "orders"])?;
-    assert!(
-        !cm.to_string().contains("rotated-password"),
-        "no secret value in the ConfigMap"
-    );
+    let seen = [
+        cm.to_string(),
+        stack.get_json(&["connector", "orders"])?.to_string(),
+        stack.get_json(&["deployment", "orders"])?.to_string(),
+        stack.kubectl_ok(&["get", "events", "-o", "json"])?,
+        stack.pod_logs()?,
+        std::fs::read_to_string(stack.operator_log())?,
+    ];
+    for value in ["first-password", "rotated-password", pg.password()] {
+        for text in &seen {
+            assert!(!text.contains(value), "a secret value leaked: {value}");
+        }
+    }
     Ok(())
 }
 
@@ -287,6 +308,15 @@ async fn pause_stop_and_resume() -> Result<()> {
         ingested_ids(&stack.broker, "orders", 20, WAIT).await?.len(),
         20
     );
+    wait_ready(&stack, "orders").await?;
+    let pods = |stack: &Stack| -> Result<Vec<String>> {
+        Ok(stack
+            .pods("orders")?
+            .iter()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(String::from))
+            .collect())
+    };
+    let before = pods(&stack)?;
 
     patch_spec(&stack, "orders", r#"{"spec":{"state":"Paused"}}"#)?;
     stack
@@ -307,6 +337,18 @@ async fn pause_stop_and_resume() -> Result<()> {
         !stack.ready_pods("orders")?.is_empty(),
         "a paused connector keeps its pods"
     );
+    assert_eq!(pods(&stack)?, before, "pausing does not roll the pods");
+
+    // Resume: the same pods read on from where they stopped.
+    patch_spec(&stack, "orders", r#"{"spec":{"state":"Running"}}"#)?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
+        30,
+        "rows written while paused arrive"
+    );
+    assert_eq!(pods(&stack)?, before, "resuming does not roll the pods");
+    let events = stack.kubectl_ok(&["get", "events"])?;
+    assert!(!events.contains("rolling pods"), "{events}");
 
     patch_spec(&stack, "orders", r#"{"spec":{"state":"Stopped"}}"#)?;
     stack
@@ -317,14 +359,25 @@ async fn pause_stop_and_resume() -> Result<()> {
         .await?;
     let deployment = stack.get_json(&["deployment", "orders"])?;
     assert_eq!(deployment["spec"]["replicas"], 0);
+    assert!(
+        status(&stack, "orders")?["totals"]["recordsIngested"].as_u64() >= Some(30),
+        "totals survive scaling to zero"
+    );
 
     patch_spec(&stack, "orders", r#"{"spec":{"state":"Running"}}"#)?;
+    insert_orders(&pg, 31, 40).await?;
     assert_eq!(
-        ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
-        30,
-        "rows written while paused arrive"
+        ingested_ids(&stack.broker, "orders", 40, WAIT).await?.len(),
+        40,
+        "a stopped connector resumes where it stopped"
     );
     wait_ready(&stack, "orders").await?;
+    stack
+        .eventually("totals over the Connector's life", WAIT, async || {
+            let n = status(&stack, "orders")?["totals"]["recordsIngested"].as_u64();
+            Ok((n >= Some(40)).then_some(()))
+        })
+        .await?;
     Ok(())
 }
 
@@ -478,9 +531,21 @@ async fn unreachable_source_is_reported_and_recovers() -> Result<()> {
         })
         .await?;
     assert!(
-        !ready["message"].as_str().unwrap_or_default().is_empty(),
-        "Ready=False carries a message: {ready}"
+        ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!(
+                "connection refused at {host}:{port}: is Postgres listening there?"
+            )),
+        "Ready=False names the endpoint and the likely cause: {ready}"
     );
+    let events = stack
+        .eventually("a SourceUnreachable event", WAIT, async || {
+            let e = stack.kubectl_ok(&["get", "events", "-o", "json"])?;
+            Ok(e.contains("SourceUnreachable").then_some(e))
+        })
+        .await?;
+    assert!(events.contains("is Postgres listening there?"), "{events}");
 
     let forward = tcp_forward(&host, port, format!("{}:{}", pg.host(), pg.port())).await?;
     assert_eq!(

@@ -16,7 +16,7 @@ use rdkafka::{
     producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer},
 };
 
-use super::{Acks, InFlight, Outcome, Sink, SinkFactory, Transactions};
+use super::{Acks, Failures, InFlight, Outcome, Sink, SinkFactory, Transactions};
 use crate::{
     config::{Secrets, SinkSettings, kafka_security},
     envelope::{Context, EVENT_ID_HEADER, Payload, Routed, route_at},
@@ -306,7 +306,11 @@ impl KafkaSink {
             let md = p
                 .client()
                 .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .map_err(|e| Error::SinkUnreachable(format!("metadata: {e}")))?;
+                .map_err(|e| {
+                    Error::SinkUnreachable(format!(
+                        "no broker answered at {bootstrap} within 10s ({e}): is Kafka listening there?"
+                    ))
+                })?;
             match md.topics().first() {
                 Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(format!(
                     "kafka {bootstrap} topic {topic}, {} partitions",
@@ -326,6 +330,7 @@ impl KafkaSink {
     pub async fn send(&self, batch: Batch, syncts_ms: i64) -> Result<InFlight> {
         let started = Instant::now();
         let mut outcome = Outcome::default();
+        let mut failures = Failures::default();
         let acks = Acks::new();
         let syncts = syncts_ms.to_string();
         // The producer copies each payload, so one envelope buffer serves the whole batch.
@@ -357,10 +362,11 @@ impl KafkaSink {
                         failed = b;
                         (&self.settings.topic, &failed)
                     }
-                    Routed::Failed(b) => {
+                    Routed::Failed { doc, code, message } => {
                         outcome.failed += 1;
-                        outcome.bytes_failed += b.len() as u64;
-                        failed = b;
+                        outcome.bytes_failed += doc.len() as u64;
+                        failures.add(code, message);
+                        failed = doc;
                         (&self.settings.failed_topic, &failed)
                     }
                 }
@@ -387,6 +393,7 @@ impl KafkaSink {
             position: batch.position,
             watermark: batch.watermark,
             outcome,
+            failures,
             started,
         })
     }

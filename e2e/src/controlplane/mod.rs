@@ -19,7 +19,7 @@
 //!
 //! Good enough for the operator, kubectl and the suite; not a conformant API server. Honestly:
 //!
-//! **API server** ([`server`], [`store`])
+//! **API server** ([`server`], [`store`], validation by `obsrv_crds::schema`)
 //! - No authentication or authorization: RBAC is not enforced (the Helm chart check compares the
 //!   operator's declared RBAC instead). Plain HTTP on 127.0.0.1.
 //! - Server-side apply is simplified: each *Apply* manager owns the leaf fields it sets; another
@@ -75,7 +75,6 @@ pub mod kubelet;
 pub mod patch;
 pub mod protobuf;
 pub mod registry;
-pub mod schema;
 pub mod server;
 pub mod store;
 pub mod table;

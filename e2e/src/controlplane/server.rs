@@ -16,11 +16,11 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::error::{ApiError, ApiResult};
 use super::registry::ResourceType;
-use super::schema::UnknownFields;
 use super::store::{
     Change, DeleteOptions, PatchType, Selectors, Store, Sub, WatchFrom, WriteOptions,
 };
 use super::table;
+use obsrv_crds::schema::UnknownFields;
 
 /// Shared state of the HTTP handlers.
 pub struct App {

@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 use super::error::{ApiError, ApiResult, Cause};
 use super::patch::{self, ApplyRequest};
 use super::registry::{Registry, ResKey, ResourceType, from_crd};
-use super::schema::{self, UnknownFields};
+use obsrv_crds::schema::{self, UnknownFields};
 
 /// `spec.nodeName` of pods the local kubelet runs.
 pub const NODE_NAME: &str = "obsrv-local";
@@ -736,8 +736,10 @@ impl Store {
     ) -> ApiResult<Value> {
         let mut obj = Self::present(&obj, rt);
         if let Some(schema) = &rt.schema {
-            obj = schema::validate(schema, &obj, old, opts.unknown_fields)
-                .map_err(|c| ApiError::invalid(&rt.kind, &rt.group, name, c))?;
+            obj = schema::validate(schema, &obj, old, opts.unknown_fields).map_err(|c| {
+                let causes = c.into_iter().map(Cause::from).collect();
+                ApiError::invalid(&rt.kind, &rt.group, name, causes)
+            })?;
         }
         if rt.kind == "CustomResourceDefinition" {
             let types = from_crd(&obj).map_err(|m| {

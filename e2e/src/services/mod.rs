@@ -46,6 +46,15 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// `port` on 127.0.0.1, when nothing listens there yet.
+pub fn port_is_free(port: u16, what: &str) -> Result<u16> {
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map(|_| port)
+        .with_context(|| {
+            format!("cannot start {what} on 127.0.0.1:{port}: the port is in use (pick another)")
+        })
+}
+
 /// A free TCP port on 127.0.0.1 (the OS picks it; the listener is closed before returning).
 pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a free loopback port")?;
@@ -351,7 +360,12 @@ impl TestCertificates {
 
 impl Postgres {
     pub async fn start() -> Result<Self> {
-        Self::start_with(None).await
+        Self::start_with(None, None).await
+    }
+
+    /// A local server on 127.0.0.1:`port` (fails, naming the port, when something listens there).
+    pub async fn start_on(port: u16) -> Result<Self> {
+        Self::start_with(None, Some(port)).await
     }
 
     /// A local server that accepts TCP connections over TLS only (`hostssl` in pg_hba.conf), with
@@ -359,15 +373,16 @@ impl Postgres {
     /// local, even with `POSTGRES_URL` set: the test needs to own the server's TLS set-up.
     pub async fn start_tls() -> Result<(Self, String)> {
         let certs = TestCertificates::generate()?;
-        let pg = Self::start_with(Some(&certs)).await?;
+        let pg = Self::start_with(Some(&certs), None).await?;
         Ok((pg, certs.ca_pem))
     }
 
-    async fn start_with(tls: Option<&TestCertificates>) -> Result<Self> {
+    async fn start_with(tls: Option<&TestCertificates>, port: Option<u16>) -> Result<Self> {
         let dirs = postgres_bin_dirs();
         let dirs: Vec<&str> = dirs.iter().map(String::as_str).collect();
         let psql = find_binary("psql", &dirs)?;
-        if let Some(url) = std::env::var("POSTGRES_URL").ok().filter(|_| tls.is_none()) {
+        let external = std::env::var("POSTGRES_URL").ok();
+        if let Some(url) = external.filter(|_| tls.is_none() && port.is_none()) {
             let admin = SqlEndpoint::parse(&url)?;
             let endpoint = SqlEndpoint {
                 database: unique_name("obsrv_test"),
@@ -416,7 +431,10 @@ impl Postgres {
         prepare(&mut init, user);
         run_to_end(&mut init, "initdb")?;
 
-        let port = free_port()?;
+        let port = match port {
+            Some(p) => port_is_free(p, "Postgres")?,
+            None => free_port()?,
+        };
         let mut cmd = Command::new(&postgres);
         cmd.arg("-D")
             .arg(&data)
@@ -791,9 +809,15 @@ impl Broker {
                 _dir: None,
             });
         }
+        Self::start_on(free_port()?).await
+    }
+
+    /// A local nisshi on 127.0.0.1:`port` (fails, naming the port, when something listens there);
+    /// also how a test brings a stopped broker back on the same address.
+    pub async fn start_on(port: u16) -> Result<Self> {
+        let port = port_is_free(port, "the broker")?;
         let nisshi = find_binary("nisshi", &[])?;
         let dir = tempfile::Builder::new().prefix("obsrv-broker-").tempdir()?;
-        let port = free_port()?;
         let listener = format!("tcp://127.0.0.1:{port}");
         let mut cmd = Command::new(nisshi);
         // Run in an empty directory: nisshi reads a `.env` from its working directory.

@@ -23,7 +23,7 @@ pub mod mysql;
 pub mod plan;
 pub mod postgres;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use obsrv_crds::{SqlSourceSpec, Tls, TlsMode, runtime::env};
 use sqlx::{AssertSqlSafe, MySqlPool, PgPool};
@@ -31,8 +31,44 @@ use sqlx::{AssertSqlSafe, MySqlPool, PgPool};
 use super::{Batch, Lag, OpenContext, Source, SourceFactory};
 use crate::{
     config::Secrets,
-    error::{Error, Result, from_sqlx},
+    error::{Error, Result, check_ca_pem, connect_error, from_sqlx},
 };
+
+/// How long a first connection may take before the source is reported unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One connection before the pool is built: a pool retries refused connections until its acquire
+/// timeout and then says only "pool timed out"; this says where and why, within seconds.
+pub(crate) async fn probe<O>(o: &O, what: &str, host: &str, port: u16) -> Result<()>
+where
+    O: sqlx::ConnectOptions,
+    O::Connection: Sized,
+{
+    match tokio::time::timeout(CONNECT_TIMEOUT, o.connect()).await {
+        Ok(Ok(c)) => {
+            // Closing politely is best effort: the pool opens its own connections.
+            let _ = sqlx::Connection::close(c).await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(connect_error(what, host, port, e)),
+        Err(_) => Err(Error::SourceUnreachable(format!(
+            "no answer from {host}:{port} within {}s: is {what} reachable there (host, port, firewall)?",
+            CONNECT_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// The CA bundle the spec's `tls.ca` names, when set, must be a PEM certificate: said here by the
+/// Secret's name and key rather than as a TLS failure later.
+pub fn check_tls_ca(secrets: &Secrets, tls: Option<&Tls>) -> Result<()> {
+    if let (Some(pem), Some(r)) = (
+        secrets.get(env::SOURCE_TLS_CA),
+        tls.and_then(|t| t.ca.as_ref()),
+    ) {
+        check_ca_pem(&format!("Secret {} key {}", r.secret_name, r.key), pem)?;
+    }
+    Ok(())
+}
 
 pub use keyset::{STREAM_ROWS, SqlPosition, TablePosition};
 pub use plan::{
@@ -193,6 +229,7 @@ impl SqlSource {
         position: Option<&serde_json::Value>,
     ) -> Result<SqlSource> {
         let endpoint = Endpoint::from(spec);
+        check_tls_ca(secrets, spec.tls.as_ref())?;
         let login = Login::from_secrets(secrets);
         let pool = match dialect {
             Dialect::Postgres => Pool::Pg(postgres::pool(&endpoint, &login, 2).await?),

@@ -40,10 +40,13 @@ pub fn connect_options(endpoint: &Endpoint<'_>, login: &Login) -> MySqlConnectOp
 
 /// A small pool on `endpoint` (`max` connections).
 pub async fn pool(endpoint: &Endpoint<'_>, login: &Login, max: u32) -> Result<MySqlPool> {
+    let o = connect_options(endpoint, login);
+    let port = endpoint.port_or(3306);
+    super::probe(&o, "MySQL/MariaDB", endpoint.host, port).await?;
     MySqlPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(15))
-        .connect_with(connect_options(endpoint, login))
+        .connect_with(o)
         .await
         .map_err(from_sqlx)
 }

@@ -40,10 +40,13 @@ pub fn connect_options(endpoint: &Endpoint<'_>, login: &Login) -> PgConnectOptio
 
 /// A small pool on `endpoint` (`max` connections).
 pub async fn pool(endpoint: &Endpoint<'_>, login: &Login, max: u32) -> Result<PgPool> {
+    let o = connect_options(endpoint, login);
+    let port = endpoint.port_or(5432);
+    super::probe(&o, "Postgres", endpoint.host, port).await?;
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(15))
-        .connect_with(connect_options(endpoint, login))
+        .connect_with(o)
         .await
         .map_err(from_sqlx)
 }

@@ -57,7 +57,7 @@ use crate::{
     runner::now_ms,
     source::{
         Batch, Lag, OpenContext, Record, Source, SourceCommitter, SourceFactory,
-        sql::{Endpoint, Login},
+        sql::{Endpoint, Login, check_tls_ca},
     },
 };
 
@@ -224,6 +224,7 @@ async fn open(flavor: Flavor, ctx: OpenContext) -> Result<BinlogSource> {
         database: &spec.database,
         tls: spec.tls.as_ref(),
     };
+    check_tls_ca(&ctx.secrets, spec.tls.as_ref())?;
     let login = Login::from_secrets(&ctx.secrets);
     let at = format!("{}:{}", spec.host, endpoint.port_or(3306));
     // `prefer`: TLS when the server has it, else plain text.

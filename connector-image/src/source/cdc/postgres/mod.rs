@@ -58,7 +58,7 @@ use crate::{
     runner::now_ms,
     source::{
         Batch, CleanupContext, Lag, OpenContext, Record, Source, SourceCommitter, SourceFactory,
-        sql::{Endpoint, Login},
+        sql::{Endpoint, Login, check_tls_ca},
     },
 };
 
@@ -169,6 +169,7 @@ async fn open(ctx: OpenContext) -> Result<PgCdcSource> {
                 Error::Config("the spec names another source kind than postgresCdc".into())
             })?;
     let endpoint = endpoint(spec);
+    check_tls_ca(&ctx.secrets, spec.tls.as_ref())?;
     let login = Login::from_secrets(&ctx.secrets);
     let pool = crate::source::sql::postgres::pool(&endpoint, &login, 3).await?;
     let at = format!("{}:{}", spec.host, endpoint.port_or(5432));

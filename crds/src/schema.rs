@@ -1,10 +1,31 @@
-//! Validation of custom resources against their CRD's `openAPIV3Schema`: defaults, unknown-field
-//! pruning (or rejection with `fieldValidation=Strict`), types, `required`, `enum`, bounds, and the
-//! `x-kubernetes-validations` CEL rules (evaluated by kube's client-side CEL engine, `kube-cel`).
+//! Validation of custom resources against their CRD's `openAPIV3Schema`, as an API server does it:
+//! defaults, unknown-field pruning (or rejection with `fieldValidation=Strict`), types, `required`,
+//! `enum`, bounds, and the `x-kubernetes-validations` CEL rules (evaluated by kube's client-side CEL
+//! engine, `kube-cel`). The local control plane validates every custom resource with it, and the
+//! runtime's `check`/`run` validate a Connector manifest with it before running anything, so both
+//! say what `kubectl apply` against a real cluster would.
 
 use serde_json::{Map, Value};
 
-use super::error::Cause;
+/// One reason an object was rejected (an API server's `Status.details.causes[]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cause {
+    /// `FieldValueInvalid`, `FieldValueRequired`, `FieldValueNotSupported`, `FieldValueTypeInvalid`, ...
+    pub reason: String,
+    /// Dotted path of the field as the API reports it, e.g. `spec.source` (empty for unknown fields,
+    /// whose path is in the message, like a real API server's strict decoding error).
+    pub field: String,
+    /// Dotted path of the offending field, always set (`spec.source.postgres.tables[0].cursor.tiebreaker`).
+    pub path: String,
+    pub message: String,
+}
+
+impl Cause {
+    /// Whether the field is not in the schema at all.
+    pub fn is_unknown_field(&self) -> bool {
+        self.field.is_empty() && self.message.starts_with("unknown field")
+    }
+}
 
 /// What to do with fields the schema does not know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,12 +73,14 @@ pub fn validate(
     }
     if let Err(errors) = kube::core::cel::Validator::new().validate(schema, &out, old) {
         for e in errors.into_vec() {
+            let field = e.field_path.trim_start_matches('.').to_string();
             causes.push(Cause {
                 reason: e
                     .reason
                     .clone()
                     .unwrap_or_else(|| "FieldValueInvalid".into()),
-                field: e.field_path.trim_start_matches('.').to_string(),
+                path: field.clone(),
+                field,
                 message: format!("Invalid value: \"object\": {}", e.message),
             });
         }
@@ -114,6 +137,7 @@ fn unknown_field(path: &str) -> Cause {
     Cause {
         reason: "FieldValueInvalid".into(),
         field: String::new(),
+        path: path.into(),
         message: format!("unknown field \"{path}\""),
     }
 }
@@ -134,6 +158,7 @@ fn required(schema: &Value, obj: &Map<String, Value>, path: &str, causes: &mut V
             };
             causes.push(Cause {
                 reason: "FieldValueRequired".into(),
+                path: field.clone(),
                 field,
                 message: "Required value".into(),
             });
@@ -145,6 +170,7 @@ fn invalid(path: &str, message: String) -> Cause {
     Cause {
         reason: "FieldValueInvalid".into(),
         field: path.to_string(),
+        path: path.to_string(),
         message,
     }
 }
@@ -169,6 +195,7 @@ fn check(
             causes.push(Cause {
                 reason: "FieldValueTypeInvalid".into(),
                 field: path.into(),
+                path: path.into(),
                 message: format!(
                     "Invalid value: \"{}\": {path} in body must be of type int-or-string",
                     type_name(v)
@@ -191,6 +218,7 @@ fn check(
         causes.push(Cause {
             reason: "FieldValueTypeInvalid".into(),
             field: path.into(),
+            path: path.into(),
             message: format!(
                 "Invalid value: \"{}\": {path} in body must be of type {}",
                 type_name(v),
@@ -206,6 +234,7 @@ fn check(
         causes.push(Cause {
             reason: "FieldValueNotSupported".into(),
             field: path.into(),
+            path: path.into(),
             message: format!(
                 "Unsupported value: {v}: supported values: {}",
                 list.join(", ")
@@ -248,6 +277,7 @@ fn check(
             causes.push(Cause {
                 reason: "FieldValueTooLong".into(),
                 field: path.into(),
+                path: path.into(),
                 message: format!("Too long: may not be more than {max} bytes"),
             });
         }
@@ -298,6 +328,7 @@ fn check(
                 causes.push(Cause {
                     reason: "FieldValueTooMany".into(),
                     field: path.into(),
+                    path: path.into(),
                     message: format!("Too many: {}: must have at most {max} items", items.len()),
                 });
             }
