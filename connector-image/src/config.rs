@@ -252,33 +252,7 @@ impl Secrets {
 mod tests {
     use super::*;
 
-    const MANIFEST: &str = r#"
-apiVersion: obsrv.io/v1alpha1
-kind: Connector
-metadata: {name: orders, namespace: shop}
-spec:
-  dataset: orders
-  source:
-    postgres:
-      host: localhost
-      database: shop
-      credentials: {secretName: pg-creds}
-      tables: [{name: public.orders, cursor: {column: updated_at, tieBreaker: id}}]
-"#;
-
-    #[test]
-    fn a_manifest_and_a_runtime_config_give_the_same_identity() {
-        let from_manifest = parse_config(MANIFEST).unwrap();
-        assert_eq!(from_manifest.instance_id(), "shop/orders");
-        let rc = serde_yaml::to_string(&from_manifest).unwrap();
-        assert_eq!(parse_config(&rc).unwrap(), from_manifest);
-    }
-
-    #[test]
-    fn a_manifest_without_name_is_refused() {
-        let e = parse_config(&MANIFEST.replace("name: orders, ", "")).unwrap_err();
-        assert!(e.to_string().contains("metadata.name"), "{e}");
-    }
+    use crate::manifest::tests::SECRET_AND_CONNECTOR as MANIFEST;
 
     #[test]
     fn sink_fields_fall_back_to_the_operator_defaults() {

@@ -269,10 +269,10 @@ fn secrets_in(docs: &[Value]) -> Result<FileSecrets> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const SECRET_AND_CONNECTOR: &str = r#"
+    pub(crate) const SECRET_AND_CONNECTOR: &str = r#"
 apiVersion: v1
 kind: Secret
 metadata: {name: pg-creds}
@@ -308,6 +308,12 @@ spec:
         );
         assert_eq!(m.secrets[&("pg-creds".into(), "username".into())], "app");
         assert_eq!(m.secrets[&("pg-creds".into(), "password".into())], "s3cret");
+    }
+
+    #[test]
+    fn a_connector_without_a_name_is_refused() {
+        let e = parse(&SECRET_AND_CONNECTOR.replace("name: orders, ", ""), None).unwrap_err();
+        assert!(e.to_string().contains("metadata.name"), "{e}");
     }
 
     #[test]

@@ -549,6 +549,9 @@ async fn park(shared: &Shared, stop: &mut watch::Receiver<bool>, e: Error) -> Re
 /// `state: Paused`: stay connected (ready when source and sink answer), read nothing, until
 /// resumed (true) or stopped (false). Lag is still measured from the committed position now and
 /// then: what a pause costs shows in status (a replication slot's retained WAL, rows piling up).
+// The same borrowed pieces as `run` and `open_source` hand around; a struct for one call would
+// only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn paused(
     registry: &Registry,
     config: &Arc<RuntimeConfig>,
@@ -695,7 +698,7 @@ async fn pipeline(
             biased;
             _ = stopped(&mut stop) => {
                 tracing::info!(in_flight = inflight.len(), "stopping: draining in-flight batches");
-                let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut inflight, &mut pending, shared)).await;
+                let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut inflight, &mut pending, shared, sink)).await;
                 commit(committer, committed, &mut pending).await?;
                 return match drained {
                     Ok(r) => r.map(|_| Finished::Stopped),
@@ -717,7 +720,7 @@ async fn pipeline(
             Some(Ok(Item::Batch(b))) => {
                 inflight.push_back(sink.send(b, now_ms()).await?);
                 while inflight.len() > MAX_IN_FLIGHT {
-                    ack_front(&mut inflight, &mut pending, shared).await?;
+                    ack_front(&mut inflight, &mut pending, shared, sink).await?;
                     backoff.reset();
                 }
                 if last_commit.elapsed() >= COMMIT_EVERY && pending.is_some() {
@@ -726,7 +729,7 @@ async fn pipeline(
                 }
             }
             Some(Ok(Item::CaughtUp)) => {
-                drain(&mut inflight, &mut pending, shared).await?;
+                drain(&mut inflight, &mut pending, shared, sink).await?;
                 commit(committer, committed, &mut pending).await?;
                 last_commit = Instant::now();
                 backoff.reset();
@@ -737,12 +740,12 @@ async fn pipeline(
             }
             Some(Err(e)) => {
                 // What was read before the error is still delivered and committed.
-                drain(&mut inflight, &mut pending, shared).await?;
+                drain(&mut inflight, &mut pending, shared, sink).await?;
                 commit(committer, committed, &mut pending).await?;
                 return Err(e);
             }
             None => {
-                drain(&mut inflight, &mut pending, shared).await?;
+                drain(&mut inflight, &mut pending, shared, sink).await?;
                 commit(committer, committed, &mut pending).await?;
                 return Ok(if once {
                     Finished::Done
@@ -830,15 +833,32 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// How often a wait for acknowledgements asks the sink why they do not come.
+pub const ACK_WATCH_EVERY: Duration = Duration::from_secs(5);
+
 async fn ack_front(
     inflight: &mut VecDeque<InFlight>,
     pending: &mut Option<(serde_json::Value, Option<String>)>,
     shared: &Shared,
+    sink: &dyn Sink,
 ) -> Result<()> {
     let Some(mut f) = inflight.pop_front() else {
         return Ok(());
     };
-    f.acked().await?;
+    loop {
+        tokio::select! {
+            r = f.acked() => {
+                r?;
+                break;
+            }
+            // Deliveries wait (a broker outage): say why, keep waiting; nothing is lost.
+            _ = tokio::time::sleep(ACK_WATCH_EVERY) => {
+                if let Some(why) = sink.stalled() {
+                    shared.error(&Error::SinkUnreachable(why));
+                }
+            }
+        }
+    }
     record_delivered(shared, &f);
     *pending = Some((f.position, f.watermark));
     Ok(())
@@ -848,9 +868,10 @@ async fn drain(
     inflight: &mut VecDeque<InFlight>,
     pending: &mut Option<(serde_json::Value, Option<String>)>,
     shared: &Shared,
+    sink: &dyn Sink,
 ) -> Result<()> {
     while !inflight.is_empty() {
-        ack_front(inflight, pending, shared).await?;
+        ack_front(inflight, pending, shared, sink).await?;
     }
     Ok(())
 }

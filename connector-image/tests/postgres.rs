@@ -7,46 +7,12 @@ use std::{collections::BTreeSet, time::Duration};
 use anyhow::Result;
 use common::{
     Harness, check_fails, check_passes_and_loads, consume_exactly, ids,
-    kill_9_mid_load_then_restart, total,
+    kill_9_mid_load_then_restart, pg_manifest as manifest, total,
 };
 use obsrv_e2e::services::{Broker, Postgres};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
-
-fn manifest(
-    pg: &Postgres,
-    table: &str,
-    cursor: &str,
-    tie_breaker: Option<&str>,
-    batch: usize,
-    extra: &str,
-) -> String {
-    let tb = tie_breaker
-        .map(|t| format!(", tieBreaker: {t}"))
-        .unwrap_or_default();
-    format!(
-        r#"apiVersion: obsrv.io/v1alpha1
-kind: Connector
-metadata: {{name: NAME, namespace: tests}}
-spec:
-  dataset: orders
-  source:
-    postgres:
-      host: {host}
-      port: {port}
-      database: {db}
-      credentials: {{secretName: pg-creds}}
-      tls: {{mode: disable}}
-      tables: [{{name: {table}, cursor: {{column: {cursor}{tb}}}}}]
-      pollInterval: 200ms
-      batchSize: {batch}
-{extra}"#,
-        host = pg.host(),
-        port = pg.port(),
-        db = pg.database(),
-    )
-}
 
 fn creds(pg: &Postgres) -> Vec<(&'static str, &'static str, String)> {
     vec![

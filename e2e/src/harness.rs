@@ -236,28 +236,50 @@ impl Stack {
     /// operator's Deployment brings it back by itself, so this only waits for that.
     pub fn start_operator(&mut self) -> Result<()> {
         let admin = format!("127.0.0.1:{}", free_port()?);
-        let (kubeconfig, bootstrap, bin_dir, dir) = (
-            self.kubeconfig.clone(),
-            self.broker.bootstrap().to_string(),
-            self.bin_dir.clone(),
-            self.dir.clone(),
-        );
-        let Cluster::Local {
-            operator,
-            runs,
-            admin: admin_addr,
-            ..
-        } = &mut self.cluster
-        else {
+        let Cluster::Local { runs, .. } = &mut self.cluster else {
             return Ok(());
         };
         *runs += 1;
-        *admin_addr = Some(admin.clone());
-        let log = std::fs::File::create(dir.join(format!("operator-{runs}.log")))?;
-        let child = Command::new(bin_dir.join("obsrv-operator"))
-            .env("KUBECONFIG", &kubeconfig)
+        let log = self.dir.join(format!("operator-{runs}.log"));
+        let child = self.spawn_operator(&admin, &log, &[], None)?;
+        if let Cluster::Local {
+            operator,
+            admin: admin_addr,
+            ..
+        } = &mut self.cluster
+        {
+            *admin_addr = Some(admin);
+            *operator = Some(child);
+        }
+        Ok(())
+    }
+
+    /// One more operator replica with leader election on (the Lease `obsrv-operator` in the
+    /// stack's namespace), as the chart runs two; `identity` is its pod name. Its log is
+    /// `operator-<identity>.log`.
+    pub fn start_operator_replica(&self, identity: &str) -> Result<Process> {
+        let admin = format!("127.0.0.1:{}", free_port()?);
+        let log = self.dir.join(format!("operator-{identity}.log"));
+        self.spawn_operator(
+            &admin,
+            &log,
+            &["--leader-election", "--lease-namespace", &self.namespace],
+            Some(identity),
+        )
+    }
+
+    fn spawn_operator(
+        &self,
+        admin: &str,
+        log: &Path,
+        extra: &[&str],
+        pod_name: Option<&str>,
+    ) -> Result<Process> {
+        let log = std::fs::File::create(log)?;
+        let mut cmd = Command::new(self.bin_dir.join("obsrv-operator"));
+        cmd.env("KUBECONFIG", &self.kubeconfig)
             .args(["--connector-image", &format!("{CONNECTOR_IMAGE}:dev")])
-            .args(["--sink-bootstrap-servers", &bootstrap])
+            .args(["--sink-bootstrap-servers", self.broker.bootstrap()])
             .args([
                 "--sink-topic",
                 INGEST_TOPIC,
@@ -269,17 +291,18 @@ impl Stack {
                 "--status-poll-interval",
                 "2s",
                 "--admin-addr",
-                &admin,
+                admin,
                 "--log-format",
                 "text",
             ])
+            .args(extra)
             .stdout(log.try_clone()?)
             .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting obsrv-operator")?;
-        *operator = Some(Process(child));
-        Ok(())
+            .stdin(Stdio::null());
+        if let Some(name) = pod_name {
+            cmd.env("POD_NAME", name);
+        }
+        Ok(Process(cmd.spawn().context("starting obsrv-operator")?))
     }
 
     /// `host:port` of the local operator's admin server (`/metrics`, `/healthz`, `/readyz`); None on
@@ -495,6 +518,30 @@ impl Stack {
             "timed out after {timeout:?} waiting for {what} (last error: {last}); {}",
             self.logs_hint()
         )
+    }
+}
+
+/// Distinct `event.id`s of the records in the ingest topic for `dataset`, once there are at least
+/// `expected` (or at `timeout`, with what arrived).
+pub async fn ingested_ids(
+    broker: &Broker,
+    dataset: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Result<std::collections::BTreeSet<i64>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ids: std::collections::BTreeSet<i64> = broker
+            .consume_all(INGEST_TOPIC, usize::MAX, Duration::from_secs(3))
+            .await?
+            .iter()
+            .filter_map(|r| r.json().ok())
+            .filter(|v| v["dataset"] == dataset)
+            .filter_map(|v| v["event"]["id"].as_i64())
+            .collect();
+        if ids.len() >= expected || Instant::now() > deadline {
+            return Ok(ids);
+        }
     }
 }
 

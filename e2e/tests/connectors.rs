@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use obsrv_e2e::harness::{INGEST_TOPIC, OWN_BUILD_IMAGE, Stack};
-use obsrv_e2e::services::{Broker, Postgres, free_port, unique_name};
+use obsrv_e2e::harness::{INGEST_TOPIC, OWN_BUILD_IMAGE, Stack, ingested_ids};
+use obsrv_e2e::services::{Postgres, free_port, proxy::Proxy, unique_name};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -80,30 +80,6 @@ async fn insert_orders(pg: &Postgres, from: u32, to: u32) -> Result<()> {
     ))
     .await?;
     Ok(())
-}
-
-/// Distinct `event.id`s of the records in the ingest topic for `dataset`.
-async fn ingested_ids(
-    broker: &Broker,
-    dataset: &str,
-    expected: usize,
-    timeout: Duration,
-) -> Result<BTreeSet<i64>> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let records = broker
-            .consume_all(INGEST_TOPIC, usize::MAX, Duration::from_secs(3))
-            .await?;
-        let ids: BTreeSet<i64> = records
-            .iter()
-            .filter_map(|r| r.json().ok())
-            .filter(|v| v["dataset"] == dataset)
-            .filter_map(|v| v["event"]["id"].as_i64())
-            .collect();
-        if ids.len() >= expected || std::time::Instant::now() > deadline {
-            return Ok(ids);
-        }
-    }
 }
 
 /// `kubectl patch connector <name> --type merge -p <patch>`.
@@ -558,6 +534,53 @@ async fn unreachable_source_is_reported_and_recovers() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_outage_mid_stream_is_reported_and_heals_by_itself() -> Result<()> {
+    let (pg, stack) = start_with_orders(30).await?;
+    // The connector reaches Postgres through a proxy: cutting it is the outage.
+    let proxy = Proxy::start(&format!("{}:{}", pg.host(), pg.port())).await?;
+    stack.apply(&pg_manifest(
+        "orders",
+        "127.0.0.1",
+        proxy.port(),
+        &pg,
+        json!({}),
+    ))?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
+        30
+    );
+    wait_ready(&stack, "orders").await?;
+
+    proxy.cut();
+    let outage = std::time::Instant::now();
+    insert_orders(&pg, 31, 60).await?;
+    let ready = stack
+        .eventually("Ready=False with the outage's reason", WAIT, async || {
+            let c = stack.condition("orders", "Ready")?;
+            Ok((c["status"] == "False" && c["reason"] == "SourceUnreachable").then_some(c))
+        })
+        .await?;
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("127.0.0.1:{}", proxy.port())),
+        "names the endpoint: {ready}"
+    );
+    // A 30 s outage, then the source is back on the same address.
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
+    proxy.restore().await?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 60, WAIT).await?,
+        (1..=60).collect(),
+        "rows written during the outage arrive, none lost"
+    );
+    wait_ready(&stack, "orders").await?;
+    assert_eq!(stack.condition("orders", "Stalled")?["status"], "False");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_connector_loses_nothing() -> Result<()> {
     const ROWS: i64 = 10_000;
     let (pg, stack) = start_with_orders(ROWS as u32).await?;
@@ -626,6 +649,62 @@ async fn operator_restart_creates_no_duplicates_and_status_converges() -> Result
             .len(),
         250
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_mid_reconcile_leaves_no_duplicates() -> Result<()> {
+    let (pg, mut stack) = start_with_orders(100).await?;
+    // Two replicas with leader election, as the chart runs them (not the stack's single one).
+    stack.kill_operator()?;
+    let mut replicas = vec![
+        ("operator-a", stack.start_operator_replica("operator-a")?),
+        ("operator-b", stack.start_operator_replica("operator-b")?),
+    ];
+    let leader = stack
+        .eventually("a leader", WAIT, async || {
+            let lease = stack.get_json(&["lease", "obsrv-operator"])?;
+            Ok(lease["spec"]["holderIdentity"].as_str().map(String::from))
+        })
+        .await?;
+    stack.apply(&pg_manifest("orders", pg.host(), pg.port(), &pg, json!({})))?;
+    // Mid-reconcile: the leader has started applying (the ConfigMap is there) when it dies.
+    stack
+        .eventually("the first object applied", WAIT, async || {
+            Ok(stack.get_json(&["configmap", "orders"]).ok())
+        })
+        .await?;
+    let i = replicas
+        .iter()
+        .position(|(name, _)| *name == leader)
+        .context("the leader is one of ours")?;
+    replicas.remove(i).1.kill9();
+    insert_orders(&pg, 101, 150).await?;
+
+    // The other replica takes the Lease over and finishes the job.
+    stack
+        .eventually("the other replica leads", WAIT, async || {
+            let lease = stack.get_json(&["lease", "obsrv-operator"])?;
+            Ok((lease["spec"]["holderIdentity"] != leader.as_str()).then_some(()))
+        })
+        .await?;
+    wait_ready(&stack, "orders").await?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 150, WAIT).await?,
+        (1..=150).collect()
+    );
+    for kind in ["deployments", "configmaps", "services", "pods"] {
+        let items = stack.get_json(&[kind, "-l", "app.kubernetes.io/instance=orders"])?["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(items.len(), 1, "exactly one of {kind} after the takeover");
+    }
+    stack
+        .eventually("totals 150 in status", WAIT, async || {
+            Ok((status(&stack, "orders")?["totals"]["recordsIngested"] == 150).then_some(()))
+        })
+        .await?;
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! the failed topic. Delivery is tracked per batch so the runner can commit positions in order.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -120,14 +120,43 @@ pub fn replica_transactional_id(instance: &str, replica: &str) -> String {
 }
 
 /// Routes librdkafka's delivery reports to the [`Acks`] of each record's batch.
-pub struct AckContext;
+/// Also keeps what librdkafka last reported about the cluster, so a broker outage (deliveries
+/// waiting, not failing) shows as a reason while the connector waits.
+#[derive(Default)]
+pub struct AckContext {
+    /// A transport error since the last delivery, when there is one.
+    problem: Mutex<Option<String>>,
+}
 
-impl ClientContext for AckContext {}
+impl AckContext {
+    /// Why deliveries are not progressing, as librdkafka last said.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl ClientContext for AckContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Logged once per change (librdkafka repeats these on every reconnect attempt).
+        let mut p = self.problem.lock().unwrap_or_else(|p| p.into_inner());
+        let now = format!("{error}: {reason}");
+        if p.as_deref() != Some(&now) {
+            tracing::debug!(error = %now, "sink cluster error");
+            *p = Some(now);
+        }
+    }
+}
 
 impl ProducerContext for AckContext {
     type DeliveryOpaque = Arc<Acks>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<Acks>) {
+        if result.is_ok() {
+            *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         acks.done(result.as_ref().err().map(|(e, _)| e.to_string()));
     }
 }
@@ -138,7 +167,7 @@ pub type SinkProducer = ThreadedProducer<AckContext>;
 /// Creates a producer for `config`.
 pub fn create_producer(config: &ClientConfig) -> Result<Arc<SinkProducer>> {
     config
-        .create_with_context(AckContext)
+        .create_with_context(AckContext::default())
         .map(Arc::new)
         .map_err(|e| Error::Config(format!("sink producer: {e}")))
 }
@@ -419,6 +448,15 @@ impl Sink for KafkaSink {
 
     fn check(&self) -> BoxFuture<'_, Result<String>> {
         KafkaSink::check(self).boxed()
+    }
+
+    fn stalled(&self) -> Option<String> {
+        self.producer.context().problem().map(|p| {
+            format!(
+                "deliveries wait: no broker of {} answers ({p}); nothing is lost, the records go out once it does",
+                self.settings.bootstrap_servers
+            )
+        })
     }
 
     fn positions(&self, key: &str, kind: &str) -> Option<StateStore> {

@@ -37,6 +37,12 @@ pub trait Sink: Send + Sync + 'static {
     /// Checks the destination answers and can take records; says what was checked.
     fn check(&self) -> BoxFuture<'_, Result<String>>;
 
+    /// Why deliveries are waiting, when the sink knows (a broker that does not answer): shown as
+    /// a reason while the connector waits for its acknowledgements.
+    fn stalled(&self) -> Option<String> {
+        None
+    }
+
     /// Where positions of sources that keep none of their own are stored (`key`: the connector
     /// instance, `kind`: its source kind), when this sink can keep them.
     fn positions(&self, _key: &str, _kind: &str) -> Option<StateStore> {

@@ -14,6 +14,8 @@
 //!
 //! A missing binary is an error naming the command that installs it — never a skip.
 
+pub mod proxy;
+
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
@@ -812,13 +814,19 @@ impl Broker {
         Self::start_on(free_port()?).await
     }
 
-    /// A local nisshi on 127.0.0.1:`port` (fails, naming the port, when something listens there);
-    /// also how a test brings a stopped broker back on the same address.
+    /// A local nisshi on 127.0.0.1:`port` (fails, naming the port, when something listens there).
     pub async fn start_on(port: u16) -> Result<Self> {
+        Self::start_advertising(port, &format!("127.0.0.1:{port}")).await
+    }
+
+    /// A local nisshi on 127.0.0.1:`port` that tells clients to reach it at `advertised` (a
+    /// [`proxy::Proxy`] in front of it, to cut the broker off and bring it back with its data).
+    pub async fn start_advertising(port: u16, advertised: &str) -> Result<Self> {
         let port = port_is_free(port, "the broker")?;
         let nisshi = find_binary("nisshi", &[])?;
         let dir = tempfile::Builder::new().prefix("obsrv-broker-").tempdir()?;
         let listener = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = format!("tcp://{advertised}");
         let mut cmd = Command::new(nisshi);
         // Run in an empty directory: nisshi reads a `.env` from its working directory.
         cmd.current_dir(dir.path())
@@ -827,7 +835,7 @@ impl Broker {
                 "--listener-url",
                 &listener,
                 "--advertised-listener-url",
-                &listener,
+                &advertised_url,
             ])
             .args(["--storage-engine", "memory://nisshi/"])
             .env_remove("LISTENER_URL")
@@ -841,7 +849,7 @@ impl Broker {
             .wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30))
             .await?;
         let broker = Broker {
-            bootstrap: format!("127.0.0.1:{port}"),
+            bootstrap: advertised.to_string(),
             server: Some(server),
             _dir: Some(dir),
         };

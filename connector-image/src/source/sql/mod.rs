@@ -192,6 +192,8 @@ pub fn mariadb() -> SourceFactory {
 /// A Postgres/MySQL/MariaDB source over one or more tables, read round-robin.
 pub struct SqlSource {
     dialect: Dialect,
+    /// `host:port`, named in every error of a running read.
+    endpoint: String,
     instance: String,
     pool: Pool,
     plans: Vec<TablePlan>,
@@ -243,7 +245,12 @@ impl SqlSource {
             });
         }
         let position = SqlPosition::from_value(position)?;
+        let port = endpoint.port_or(match dialect {
+            Dialect::Postgres => 5432,
+            Dialect::MySql => 3306,
+        });
         Ok(SqlSource {
+            endpoint: format!("{}:{port}", spec.host),
             dialect,
             instance: instance.to_string(),
             pool,
@@ -256,8 +263,25 @@ impl SqlSource {
     }
 }
 
-impl Source for SqlSource {
-    async fn next_batch(&mut self) -> Result<Option<Batch>> {
+impl SqlSource {
+    /// Errors of a running read name the endpoint: a dropped connection or a pool that cannot open
+    /// a new one says where, not just "pool timed out".
+    fn located(&self, e: Error) -> Error {
+        match e {
+            Error::SourceUnreachable(m) if m.contains("pool timed out") => {
+                Error::SourceUnreachable(format!(
+                    "no connection to {} could be opened: is the database reachable there?",
+                    self.endpoint
+                ))
+            }
+            Error::SourceUnreachable(m) if !m.contains(&self.endpoint) => {
+                Error::SourceUnreachable(format!("{}: {m}", self.endpoint))
+            }
+            e => e,
+        }
+    }
+
+    async fn read_next(&mut self) -> Result<Option<Batch>> {
         let n = self.plans.len();
         for k in 0..n {
             let i = (self.next_table + k) % n;
@@ -278,6 +302,13 @@ impl Source for SqlSource {
             }
         }
         Ok(None)
+    }
+}
+
+impl Source for SqlSource {
+    async fn next_batch(&mut self) -> Result<Option<Batch>> {
+        let res = self.read_next().await;
+        res.map_err(|e| self.located(e))
     }
 
     async fn lag(&mut self) -> Result<Option<Lag>> {
