@@ -350,6 +350,43 @@ async fn snapshot_and_kill_9_at_random_points_lose_nothing() -> Result<()> {
     Ok(())
 }
 
+/// A backlog of many more transactions than one batch (the connector was down while they
+/// committed) is delivered whole: a batch that fills up in the middle of a transaction does not
+/// stall the stream.
+#[tokio::test]
+async fn a_backlog_larger_than_a_batch_is_delivered_whole() -> Result<()> {
+    let (db, broker) = tokio::try_join!(MariaDb::start(), Broker::start())?;
+    db.sql("CREATE TABLE backlog (id int PRIMARY KEY, v int); INSERT INTO backlog VALUES (0, 0);")
+        .await?;
+    let h = harness(
+        &broker,
+        &db,
+        &manifest(&db, "backlog", "      batchSize: 50\n"),
+    )
+    .await?;
+    let mut conn = h.start()?;
+    wait_events(&broker, &h, &conn, "the snapshot row", |evs| {
+        of_table(evs, "backlog").len() == 1
+    })
+    .await?;
+    conn.kill9()?;
+    // Each statement its own transaction: 400 transactions, eight batches' worth.
+    let n = 400;
+    let inserts: String = (1..=n)
+        .map(|i| format!("INSERT INTO backlog VALUES ({i}, {i});"))
+        .collect();
+    db.sql(&inserts).await?;
+    conn = h.start()?;
+    let evs = wait_events(&broker, &h, &conn, "every insert of the backlog", |evs| {
+        apply(evs, "backlog").len() == n as usize + 1
+    })
+    .await?;
+    let rows = apply(&evs, "backlog");
+    assert_eq!(rows[&(n as i64)]["v"], n);
+    drop(conn);
+    Ok(())
+}
+
 /// `check` says what is wrong: a table without a primary key, a binary log not in ROW format.
 #[tokio::test]
 async fn preflight_names_what_to_change() -> Result<()> {
