@@ -252,17 +252,36 @@ async fn main_async(registry: Registry, cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            // Postgres/MySQL/MariaDB keyset reads, Kafka groups and S3 listing hold nothing on the
-            // source; positions stay in the state topic so a re-created connector can resume.
-            let kind = l
-                .config
-                .spec
-                .source
-                .resolve()
-                .map(|s| s.kind.name)
-                .unwrap_or_default();
-            say(format_args!("cleanup: nothing held on the {kind} source"));
+            cleanup_cmd(&registry, l).await
+        }
+    }
+}
+
+/// Releases what the source holds (a replication slot) through the kind's cleanup hook; kinds
+/// without one hold nothing (positions stay in the state topic so a re-created connector can
+/// resume).
+async fn cleanup_cmd(registry: &Registry, l: Loaded) -> ExitCode {
+    let res = match l.secrets() {
+        Ok(secrets) => {
+            let ctx = crate::source::CleanupContext {
+                config: Arc::new(l.config),
+                secrets: Arc::new(secrets),
+            };
+            match registry.for_config(&ctx.config) {
+                Ok(f) => f.cleanup(ctx.clone()).await,
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    match res {
+        Ok(done) => {
+            say(format_args!("cleanup: {done}"));
             ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say(format_args!("cleanup: {} - {e}", e.reason()));
+            ExitCode::FAILURE
         }
     }
 }

@@ -137,6 +137,32 @@ pub enum Payload {
     Json(String),
     /// Input that is not a JSON object, with why.
     Unparseable { raw: String, reason: String },
+    /// The text of a JSON object with a message key of its own: a change-data-capture event keyed
+    /// by its row's primary key, so the changes of one row stay in order on one partition. The
+    /// event id still travels in the `obsrv-event-id` header.
+    Keyed { json: String, key: String },
+}
+
+impl Payload {
+    /// Bytes of the payload's text, for batch limits.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Json(s) | Payload::Keyed { json: s, .. } => s.len(),
+            Payload::Unparseable { raw, .. } => raw.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The message key when it is not the event id.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Payload::Keyed { key, .. } => Some(key),
+            _ => None,
+        }
+    }
 }
 
 /// Checks that `raw` is a JSON object, for sources whose input is not rendered by us.
@@ -202,7 +228,7 @@ pub fn route_at(
     max_message_bytes: usize,
 ) -> Routed {
     match payload {
-        Payload::Json(event) => {
+        Payload::Json(event) | Payload::Keyed { json: event, .. } => {
             let env = ctx.envelope_at(event, syncts);
             if env.len() > max_message_bytes {
                 let mut cut = FAILED_EVENT_PREVIEW_BYTES.min(event.len());

@@ -113,22 +113,40 @@ pub async fn open_source(
 }
 
 enum Committer {
-    State(StateStore),
+    /// Positions in the state topic; a source may also want to hear of each commit once it is
+    /// written there (a Postgres slot confirms its flush LSN only after the sink and the state
+    /// topic have everything before it).
+    State(StateStore, Option<Box<dyn SourceCommitter>>),
     Source(Box<dyn SourceCommitter>),
 }
 
 impl Committer {
     async fn commit(&self, position: &serde_json::Value, watermark: Option<String>) -> Result<()> {
         match self {
-            Committer::State(s) => s.commit(position, watermark, now_ms()).await,
+            Committer::State(s, then) => {
+                s.commit(position, watermark, now_ms()).await?;
+                match then {
+                    Some(c) => c.commit(position),
+                    None => Ok(()),
+                }
+            }
             Committer::Source(c) => c.commit(position),
+        }
+    }
+
+    /// exactlyOnce, after the transaction with `position` committed: tells a state-topic source
+    /// that wants to hear of commits.
+    fn committed(&self, position: &serde_json::Value) -> Result<()> {
+        match self {
+            Committer::State(_, Some(c)) => c.commit(position),
+            _ => Ok(()),
         }
     }
 
     /// exactlyOnce: whether a batch reaching `position` may still be delivered.
     fn is_current(&self, position: &serde_json::Value) -> bool {
         match self {
-            Committer::State(_) => true,
+            Committer::State(..) => true,
             Committer::Source(c) => c.is_current(position),
         }
     }
@@ -142,7 +160,7 @@ impl Committer {
         acks: &Arc<Acks>,
     ) -> Result<bool> {
         match self {
-            Committer::State(s) => {
+            Committer::State(s, _) => {
                 s.enqueue(&f.position, f.watermark.clone(), now_ms(), acks)
                     .await?;
                 Ok(true)
@@ -398,6 +416,7 @@ pub async fn run(rt: Runtime) -> Result<Ended> {
                 &config,
                 &secrets,
                 &sink,
+                state.as_ref(),
                 &shared,
                 &mut halt,
                 &mut desired,
@@ -430,13 +449,16 @@ pub async fn run(rt: Runtime) -> Result<Ended> {
             };
             shared.set_max_parallelism(source.max_parallelism());
             shared.set_ready(true);
-            let committer = match source.committer() {
-                Some(c) => Committer::Source(c),
-                None => Committer::State(
-                    state
-                        .take()
-                        .expect("a state store for sources without their own"),
-                ),
+            // A source keeping its own positions commits them; one whose positions live in the
+            // state topic may still want to hear of each commit (after the state topic has it).
+            let committer = match (state.take(), source.committer()) {
+                (Some(st), then) => Committer::State(st, then),
+                (None, Some(c)) => Committer::Source(c),
+                (None, None) => {
+                    return Err(Error::Config(
+                        "the source keeps its own positions but offers no committer".into(),
+                    ));
+                }
             };
             let res = pipeline(
                 source,
@@ -451,7 +473,7 @@ pub async fn run(rt: Runtime) -> Result<Ended> {
                 &mut backoff,
             )
             .await;
-            if let Committer::State(s) = committer {
+            if let Committer::State(s, _) = committer {
                 state = Some(s);
             }
             res
@@ -525,12 +547,17 @@ async fn park(shared: &Shared, stop: &mut watch::Receiver<bool>, e: Error) -> Re
 }
 
 /// `state: Paused`: stay connected (ready when source and sink answer), read nothing, until
-/// resumed (true) or stopped (false).
+/// resumed (true) or stopped (false). Lag is still measured from the committed position now and
+/// then: what a pause costs shows in status (a replication slot's retained WAL, rows piling up).
+// The same borrowed pieces as `run` and `open_source` hand around; a struct for one call would
+// only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn paused(
     registry: &Registry,
     config: &Arc<RuntimeConfig>,
     secrets: &Arc<Secrets>,
     sink: &Arc<dyn Sink>,
+    state: Option<&StateStore>,
     shared: &Shared,
     stop: &mut watch::Receiver<bool>,
     desired: &mut watch::Receiver<DesiredState>,
@@ -540,31 +567,48 @@ async fn paused(
     loop {
         let check = async {
             sink.check().await?;
-            open_source(registry, config, secrets, sink, None)
-                .await
-                .map(|s| s.max_parallelism())
+            let committed = match state {
+                Some(st) => {
+                    st.ensure_topic().await?;
+                    st.load().await?.map(|r| r.position)
+                }
+                None => None,
+            };
+            open_source(registry, config, secrets, sink, committed).await
         };
-        let wait = match check.await {
-            Ok(p) => {
-                shared.set_max_parallelism(p);
+        let (wait, mut source) = match check.await {
+            Ok(source) => {
+                shared.set_max_parallelism(source.max_parallelism());
                 shared.healthy();
                 shared.set_state(RuntimeState::Paused);
                 tracing::info!("paused: connected, reading nothing");
-                None
+                (None, Some(source))
             }
             Err(e) => {
                 shared.error(&e);
-                Some(backoff.next_delay())
+                (Some(backoff.next_delay()), None)
             }
         };
+        let mut next_lag = tokio::time::Instant::now();
         loop {
             if resumed(desired) {
                 return true;
+            }
+            if let Some(s) = source.as_mut()
+                && tokio::time::Instant::now() >= next_lag
+            {
+                match s.lag().await {
+                    Ok(Some(l)) => shared.set_lag(l),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(error = %e, "lag not measured while paused"),
+                }
+                next_lag = tokio::time::Instant::now() + LAG_EVERY;
             }
             tokio::select! {
                 _ = stopped(stop) => return false,
                 _ = changed(desired) => {}
                 _ = tokio::time::sleep(wait.unwrap_or(Duration::MAX)), if wait.is_some() => break,
+                _ = tokio::time::sleep_until(next_lag), if source.is_some() => {}
             }
         }
     }
@@ -668,6 +712,7 @@ async fn pipeline(
                 let txn = txn.expect("checked by the guard");
                 // A retry reopens the source here, not at its start.
                 if let Some(position) = transaction(sink, txn, committer, b, shared).await? {
+                    committer.committed(&position)?;
                     *committed = Some(position);
                 }
                 backoff.reset();

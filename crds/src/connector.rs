@@ -47,6 +47,18 @@ pub const DURATION_RULE: &str = "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s
     ),
     printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag.records"),
     printcolumn(
+        name = "LagSeconds",
+        type_ = "number",
+        json_path = ".status.lag.seconds",
+        priority = 1
+    ),
+    printcolumn(
+        name = "LagBytes",
+        type_ = "integer",
+        json_path = ".status.lag.bytes",
+        priority = 1
+    ),
+    printcolumn(
         name = "Phase",
         type_ = "string",
         json_path = ".status.phase",

@@ -18,11 +18,11 @@ pub mod validate;
 
 pub use connector::*;
 pub use source::{
-    AzureAuth, AzureBlobSourceSpec, AzureCredentials, Category, CsvOptions, CursorSpec,
-    CustomSourceSpec, GcsCredentials, GcsSourceSpec, KafkaSourceSpec, KindSpec, ObjectCompression,
-    ObjectFormat, ObjectSelection, OffsetReset, Parallelism, ResolvedSource, S3Credentials,
-    S3SourceSpec, SOURCE_KINDS, SecretMount, SourceError, SourceKind, SourceSpec, SqlSourceSpec,
-    TableSpec, source_kind,
+    AzureAuth, AzureBlobSourceSpec, AzureCredentials, BinlogCdcSourceSpec, Category, CsvOptions,
+    CursorSpec, CustomSourceSpec, GcsCredentials, GcsSourceSpec, KafkaSourceSpec, KindSpec,
+    ObjectCompression, ObjectFormat, ObjectSelection, OffsetReset, Parallelism,
+    PostgresCdcSourceSpec, ResolvedSource, S3Credentials, S3SourceSpec, SOURCE_KINDS, SecretMount,
+    SnapshotMode, SourceError, SourceKind, SourceSpec, SqlSourceSpec, TableSpec, source_kind,
 };
 pub use status::{ConnectorStatus, Phase, RuntimeState, RuntimeStatus};
 

@@ -577,6 +577,18 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     let step = cleanup::step(live.as_ref().map(JobState::of), ctx.now(), timeout);
     match step {
         CleanupStep::Start => {
+            // The readers stop first: a connector still running holds what the Job releases (a
+            // replication slot) and would take it again right after.
+            let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+            deployments
+                .patch(
+                    &c.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"spec": {"replicas": 0}})),
+                )
+                .await
+                .map(|_| ())
+                .or_else(ignore_not_found)?;
             let job = builders::cleanup_job(
                 &Inputs {
                     connector: c,

@@ -367,7 +367,7 @@ impl KafkaSink {
         let mut failed;
         for rec in &batch.records {
             let ingest = match &rec.payload {
-                Payload::Json(event) => {
+                Payload::Json(event) | Payload::Keyed { json: event, .. } => {
                     self.ctx.envelope_into(&mut buf, event, &syncts);
                     buf.len() <= self.settings.max_message_bytes
                 }
@@ -407,7 +407,11 @@ impl KafkaSink {
             // The message timestamp is the envelope's syncts (librdkafka would read the clock
             // for every record otherwise).
             let record = BaseRecord::with_opaque_to(topic.as_str(), acks.clone())
-                .key(rec.id.as_bytes())
+                .key(match (&rec.payload, ingest) {
+                    // A failed-topic document is keyed by its event id like any other.
+                    (Payload::Keyed { key, .. }, true) => key.as_bytes(),
+                    _ => rec.id.as_bytes(),
+                })
                 .payload(bytes.as_slice())
                 .headers(headers)
                 .timestamp(syncts_ms);

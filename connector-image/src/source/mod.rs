@@ -6,6 +6,7 @@
 //! use the very same API (see [`Registry::builtin`]).
 
 pub mod azure_blob;
+pub mod cdc;
 pub mod gcs;
 pub mod kafka;
 pub mod marketplace;
@@ -217,6 +218,15 @@ impl OpenContext {
 }
 
 type OpenFn = dyn Fn(OpenContext) -> BoxFuture<'static, Result<BoxedSource>> + Send + Sync;
+type CleanupFn = dyn Fn(CleanupContext) -> BoxFuture<'static, Result<String>> + Send + Sync;
+
+/// What a kind's cleanup gets when its Connector is deleted (`obsrv-connector cleanup`, run by
+/// the operator as a short Job with the Connector's own config and Secrets).
+#[derive(Clone)]
+pub struct CleanupContext {
+    pub config: Arc<RuntimeConfig>,
+    pub secrets: Arc<Secrets>,
+}
 
 /// One source kind of the runtime: its name (a field of the CRD's `spec.source`) and how it opens.
 #[derive(Clone)]
@@ -225,6 +235,8 @@ pub struct SourceFactory {
     /// Positions live with the source (a Kafka consumer group) rather than in the state topic.
     pub keeps_own_positions: bool,
     open: Arc<OpenFn>,
+    /// Releases what the source holds on its side (a replication slot); `None`: nothing.
+    cleanup: Option<Arc<CleanupFn>>,
 }
 
 impl SourceFactory {
@@ -242,6 +254,26 @@ impl SourceFactory {
                 let fut = open(ctx);
                 async move { fut.await.map(|s| Box::new(s) as BoxedSource) }.boxed()
             }),
+            cleanup: None,
+        }
+    }
+
+    /// What deleting the Connector must release on the source side (`cleanup` returns what it
+    /// did, for the Job's log). The CRD kind says `needs_cleanup()` so the operator runs it.
+    pub fn with_cleanup<F, Fut>(mut self, cleanup: F) -> SourceFactory
+    where
+        F: Fn(CleanupContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String>> + Send + 'static,
+    {
+        self.cleanup = Some(Arc::new(move |ctx| cleanup(ctx).boxed()));
+        self
+    }
+
+    /// Runs the kind's cleanup; says what was done (or that nothing is held).
+    pub async fn cleanup(&self, ctx: CleanupContext) -> Result<String> {
+        match &self.cleanup {
+            Some(f) => f(ctx).await,
+            None => Ok(format!("nothing held on the {} source", self.kind)),
         }
     }
 
@@ -274,6 +306,9 @@ impl Registry {
             .with(azure_blob::factory())
             .with(gcs::factory())
             .with(marketplace::factory())
+            .with(cdc::postgres::factory())
+            .with(cdc::binlog::mysql())
+            .with(cdc::binlog::mariadb())
     }
 
     /// A custom connector: `open` runs `spec.source.custom`.

@@ -7,6 +7,7 @@
 //! Adding a kind: a module here with its spec type and descriptor, a field on [`SourceSpec`], one line
 //! in [`SOURCE_KINDS`] (see `docs/adding-a-source.md`).
 
+pub mod cdc;
 pub mod custom;
 pub mod kafka;
 pub mod object;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::SecretEnv;
 
+pub use cdc::{BinlogCdcSourceSpec, PostgresCdcSourceSpec, SnapshotMode};
 pub use custom::{CustomSourceSpec, SECRETS_DIR, SecretMount};
 pub use kafka::{KafkaSourceSpec, OffsetReset};
 pub use object::{
@@ -53,6 +55,16 @@ pub struct SourceSpec {
     /// Objects in a Google Cloud Storage bucket, read like `s3` objects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gcs: Option<GcsSourceSpec>,
+    /// Every change of Postgres tables as it commits (logical replication, `pgoutput`), after
+    /// an initial snapshot that resumes where it stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres_cdc: Option<PostgresCdcSourceSpec>,
+    /// Every change of MySQL tables as it commits (the binary log, GTID positions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql_cdc: Option<BinlogCdcSourceSpec>,
+    /// Every change of MariaDB tables as it commits (the binary log, MariaDB GTID positions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mariadb_cdc: Option<BinlogCdcSourceSpec>,
     /// Your own connector image (built on the obsrv-connector SDK, or any image that keeps the
     /// contract in docs/custom-connectors.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,6 +201,9 @@ pub static SOURCE_KINDS: &[&SourceKind] = &[
     &object::AZURE_BLOB,
     &object::GCS,
     &custom::CUSTOM,
+    &cdc::POSTGRES_CDC,
+    &cdc::MYSQL_CDC,
+    &cdc::MARIADB_CDC,
 ];
 
 /// The kind named `name`.
@@ -315,6 +330,9 @@ mod tests {
             "s3" | "gcs" => serde_json::json!({"bucket": "b", "format": "json"}),
             "azureBlob" => serde_json::json!({"account": "a", "container": "c", "format": "csv"}),
             "custom" => serde_json::json!({"image": "registry.example/mine:1"}),
+            "postgresCdc" | "mysqlCdc" | "mariadbCdc" => serde_json::json!({
+                "host": "h", "database": "d", "credentials": {"secretName": "s"},
+                "tables": ["public.t"]}),
             other => panic!("add an example spec for the new kind {other}"),
         }
     }

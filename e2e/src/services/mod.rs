@@ -476,12 +476,15 @@ impl Postgres {
                 "-c",
                 "synchronous_commit=off",
             ])
-            .args(["-c", "full_page_writes=off", "-c", "max_connections=200"]);
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
+            // Change data capture: a slot and a WAL sender per connector under test.
+            .args(["-c", "max_replication_slots=20", "-c", "max_wal_senders=20"]);
         if let Some(certs) = tls {
             let (crt, key) = certs.write_server_files(dir.path(), user)?;
             std::fs::write(
                 data.join("pg_hba.conf"),
-                "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+                "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n\
+                 hostssl replication all 127.0.0.1/32 scram-sha-256\n",
             )?;
             cmd.args(["-c", "ssl=on"])
                 .arg("-c")

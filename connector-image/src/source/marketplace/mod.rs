@@ -230,7 +230,7 @@ impl ProgramSource {
                                     ),
                                 },
                             };
-                            bytes += payload_len(&payload);
+                            bytes += payload.len();
                             self.since_state += 1;
                             let id = self.ids.id(&format!("{stream}/{}", self.since_state));
                             records.push(Record { id, payload });
@@ -288,13 +288,6 @@ impl ProgramSource {
                 reason,
             },
         }
-    }
-}
-
-fn payload_len(p: &Payload) -> usize {
-    match p {
-        Payload::Json(s) => s.len(),
-        Payload::Unparseable { raw, .. } => raw.len(),
     }
 }
 

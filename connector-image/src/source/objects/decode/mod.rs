@@ -258,10 +258,7 @@ struct Out<'a, F: FnMut(Event) -> bool> {
 
 impl<F: FnMut(Event) -> bool> Out<'_, F> {
     fn push(&mut self, at: u64, payload: Payload, resume: &Resume) -> std::io::Result<()> {
-        self.bytes += match &payload {
-            Payload::Json(s) => s.len(),
-            Payload::Unparseable { raw, .. } => raw.len(),
-        };
+        self.bytes += payload.len();
         self.items.push(Item { at, payload });
         if self.items.len() >= BATCH_RECORDS || self.bytes >= BATCH_BYTES {
             self.flush(resume.clone(), false);
