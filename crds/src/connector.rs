@@ -59,6 +59,12 @@ pub const DURATION_RULE: &str = "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s
         priority = 1
     ),
     printcolumn(
+        name = "Records",
+        type_ = "integer",
+        json_path = ".status.totals.recordsIngested",
+        priority = 1
+    ),
+    printcolumn(
         name = "Phase",
         type_ = "string",
         json_path = ".status.phase",

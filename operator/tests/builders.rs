@@ -267,3 +267,89 @@ fn cleanup_job_is_bounded() {
     assert_eq!(pod.containers[0].args.as_ref().expect("args")[0], "cleanup");
     assert_eq!(job.metadata.name.as_deref(), Some("orders-cleanup"));
 }
+
+#[test]
+fn a_marketplace_image_gets_the_runtime_from_an_init_container() {
+    let c = fixture(
+        include_str!("../../examples/airbyte-faker.yaml")
+            .split("---")
+            .nth(1)
+            .expect("the Connector"),
+    );
+    let d = build(&c, 1);
+    let pod = d
+        .deployment
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec");
+    let init = &pod.init_containers.as_ref().expect("an init container")[0];
+    assert_eq!(
+        init.image.as_deref(),
+        Some("ghcr.io/obsrv/obsrv-connector:test")
+    );
+    assert_eq!(
+        init.command.as_deref().expect("cp"),
+        [
+            "cp",
+            "/usr/local/bin/obsrv-connector",
+            "/obsrv/bin/obsrv-connector"
+        ]
+    );
+    let ctr = &pod.containers[0];
+    assert_eq!(ctr.image.as_deref(), Some("airbyte/source-faker:6.2.0"));
+    assert_eq!(
+        ctr.command.as_deref().expect("the runtime"),
+        ["/obsrv/bin/obsrv-connector"]
+    );
+    let mounts: Vec<(&str, &str)> = ctr
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert!(
+        mounts.contains(&("obsrv-runtime", "/obsrv/bin")),
+        "{mounts:?}"
+    );
+    assert!(
+        mounts.contains(&("obsrv-work", "/obsrv/work")),
+        "{mounts:?}"
+    );
+    // The Secret named in config by secretKeyRef is mounted, like those under `secrets`.
+    assert!(
+        mounts
+            .iter()
+            .any(|(_, p)| *p == "/var/run/secrets/obsrv/faker-settings"),
+        "{mounts:?}"
+    );
+    let memory: Vec<&str> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| v.empty_dir.as_ref().and_then(|e| e.medium.as_deref()) == Some("Memory"))
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(
+        memory,
+        ["obsrv-runtime", "obsrv-work"],
+        "config files with credentials stay in memory"
+    );
+    let env = ctr.env.as_deref().unwrap_or_default();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "OBSRV_WORK_DIR" && e.value.as_deref() == Some("/obsrv/work"))
+    );
+
+    // A native custom image and the built-in kinds get nothing injected.
+    let d = build(&fixture(POSTGRES), 1);
+    let pod = d
+        .deployment
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec");
+    assert!(pod.init_containers.is_none() && pod.containers[0].command.is_none());
+}
