@@ -15,9 +15,11 @@ pub mod status;
 
 pub use connector::*;
 pub use source::{
-    Category, CursorSpec, CustomSourceSpec, KafkaSourceSpec, KindSpec, ObjectFormat, OffsetReset,
-    Parallelism, ResolvedSource, S3Credentials, S3SourceSpec, SOURCE_KINDS, SecretMount,
-    SourceError, SourceKind, SourceSpec, SqlSourceSpec, TableSpec, source_kind,
+    Category, CursorSpec, CustomSourceSpec, KafkaSourceSpec, KindSpec, MessageFormat,
+    MqttSourceSpec, NatsDeliver, NatsMode, NatsSourceSpec, NonJson, ObjectFormat, OffsetReset,
+    Parallelism, RabbitmqBinding, RabbitmqSourceSpec, ResolvedSource, S3Credentials, S3SourceSpec,
+    SOURCE_KINDS, SecretMount, SourceError, SourceKind, SourceSpec, SqlSourceSpec, TableSpec,
+    source_kind,
 };
 pub use status::{ConnectorStatus, Phase, RuntimeState, RuntimeStatus};
 

@@ -9,7 +9,11 @@
 
 pub mod custom;
 pub mod kafka;
+pub mod messages;
+pub mod mqtt;
+pub mod nats;
 pub mod object;
+pub mod rabbitmq;
 pub mod sql;
 
 use kube::KubeSchema;
@@ -19,7 +23,11 @@ use crate::runtime::SecretEnv;
 
 pub use custom::{CustomSourceSpec, SECRETS_DIR, SecretMount};
 pub use kafka::{KafkaSourceSpec, OffsetReset};
+pub use messages::{MessageFormat, NonJson};
+pub use mqtt::MqttSourceSpec;
+pub use nats::{NatsDeliver, NatsMode, NatsSourceSpec};
 pub use object::{ObjectFormat, S3Credentials, S3SourceSpec};
+pub use rabbitmq::{RabbitmqBinding, RabbitmqSourceSpec};
 pub use sql::{CursorSpec, SqlSourceSpec, TableSpec};
 
 /// The source of a Connector. Exactly one field is set (a CEL rule built from [`SOURCE_KINDS`]
@@ -45,6 +53,15 @@ pub struct SourceSpec {
     /// key sorting before K is not read, so keys should sort by time (date-partitioned prefixes do).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3SourceSpec>,
+    /// A RabbitMQ queue (AMQP 0-9-1), shared by replicas as competing consumers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<RabbitmqSourceSpec>,
+    /// NATS: a JetStream durable pull consumer (at least once), or core subjects (at most once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsSourceSpec>,
+    /// MQTT 5 topics with QoS 1 in a persistent session; shared subscriptions to scale out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttSourceSpec>,
     /// Your own connector image (built on the obsrv-connector SDK, or any image that keeps the
     /// contract in docs/custom-connectors.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,6 +189,9 @@ pub static SOURCE_KINDS: &[&SourceKind] = &[
     &sql::MARIADB,
     &kafka::KAFKA,
     &object::S3,
+    &rabbitmq::RABBITMQ,
+    &nats::NATS,
+    &mqtt::MQTT,
     &custom::CUSTOM,
 ];
 
@@ -298,6 +318,9 @@ mod tests {
             "kafka" => serde_json::json!({"bootstrapServers": "b:9092", "topics": ["t"]}),
             "s3" => serde_json::json!({"bucket": "b", "format": "json"}),
             "custom" => serde_json::json!({"image": "registry.example/mine:1"}),
+            "rabbitmq" => serde_json::json!({"host": "h", "queue": "q"}),
+            "nats" => serde_json::json!({"servers": ["nats://h:4222"], "stream": "s"}),
+            "mqtt" => serde_json::json!({"host": "h", "topics": ["t/#"]}),
             other => panic!("add an example spec for the new kind {other}"),
         }
     }
