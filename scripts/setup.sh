@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, and nothing that is already there:
-#   Debian packages (PostgreSQL, MariaDB, build deps), the Kafka-protocol broker nisshi 0.6.0,
-#   the S3 server s3s-fs 0.14.1, and a Python venv (.venv) for the Helm chart checks.
+#   Debian packages (PostgreSQL, MariaDB, RabbitMQ, nats-server, Mosquitto, build deps), the
+#   Kafka-protocol broker nisshi 0.6.0, the S3 server s3s-fs 0.14.1, and a Python venv (.venv) for
+#   the Helm chart checks.
 # Safe to run again: every step checks first and says "ok" when there is nothing to do.
 set -euo pipefail
 
@@ -12,7 +13,7 @@ export PATH="$CARGO_BIN:$PATH"
 NISSHI_VERSION=0.6.0
 S3S_FS_VERSION=0.14.1
 APT_PACKAGES=(postgresql postgresql-client mariadb-server mariadb-client libssl-dev pkg-config
-  build-essential python3-venv)
+  build-essential python3-venv rabbitmq-server nats-server mosquitto)
 
 step_started=0
 step() { step_started=$(date +%s); printf '==> %s\n' "$*"; }
