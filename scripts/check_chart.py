@@ -18,6 +18,16 @@ What it checks (each line of output is one check; the last line is `N passed, M 
   defaults and watched namespaces reach the flags;
 - no rendered object holds a secret value (and the detector does catch helm/ci/bad-values-secret-env.yaml);
 - PrometheusRule expressions parse as PromQL and use only metrics the operator / runtime register;
+- helm/ci/alert-rules.yaml is the rendered PrometheusRule (`--write-rules` refreshes it); `promtool check
+  rules` accepts it and every value set's rules; `promtool test rules helm/ci/alert-tests.yaml` passes,
+  has a firing and a quiet case for every alert, and fails on a changed threshold, selector or `for:`;
+- the Grafana dashboard (dashboards/obsrv-connectors.json): datasource, namespace and connector
+  variables used by every query, every panel's queries evaluated by promtool on sample series
+  (helm/ci/dashboard-tests.yaml), queries that parse as PromQL, metrics the operator / runtime export
+  (or kube-state-metrics' and `up`, listed), labels those series carry (the runtime's own, the
+  PodMonitor's relabelings from pod labels the operator sets, the Prometheus Operator's target
+  labels); the optional dashboard ConfigMap holds the same JSON; docs/monitoring.md explains every
+  alert and panel;
 - examples/: one Connector per source kind, each valid against the CRD's schema (strict: unknown fields
   fail), each Secret it references present in the same file with the keys it names;
 - files/argocd-health.lua (run by real Lua 5.1, as Argo CD's gopher-lua) gives the expected health for
@@ -644,6 +654,509 @@ def check_monitoring(objects: list[dict[str, Any]], values: dict[str, Any]) -> s
 
 
 # ---------------------------------------------------------------------------------------------------
+# Monitoring: the alert rules under promtool, and the Grafana dashboard
+
+ALERT_RULES = CI / "alert-rules.yaml"
+ALERT_TESTS = CI / "alert-tests.yaml"
+DASHBOARD_TESTS = CI / "dashboard-tests.yaml"
+DASHBOARD = CHART / "dashboards" / "obsrv-connectors.json"
+MONITORING_DOC = ROOT / "docs" / "monitoring.md"
+# The value set helm/ci/alert-rules.yaml is rendered from: the chart's defaults, alerts on.
+RULES_VALUES: dict[str, Any] = {"monitoring": {"prometheusRule": {"enabled": True}}}
+RULES_HEADER = (
+    "# GENERATED from helm/obsrv-connectors/templates/prometheusrule.yaml (release obsrv-connectors in\n"
+    "# obsrv-system, default values): the PrometheusRule's spec, as Prometheus loads it. promtool checks\n"
+    "# it and helm/ci/alert-tests.yaml unit-tests it. Do not edit; refresh with\n"
+    "#   .venv/bin/python scripts/check_chart.py --write-rules\n"
+)
+# Series that come from outside the project: Prometheus' own `up`, and kube-state-metrics for
+# container restarts (docs/monitoring.md says it must run, with pod labels allowed).
+EXTERNAL_METRICS = {"up", "kube_pod_container_status_restarts_total", "kube_pod_labels"}
+# Labels the Prometheus Operator puts on every series of a PodMonitor's / ServiceMonitor's targets
+# (besides the monitor's own relabelings), and Prometheus' `instance`.
+SCRAPE_TARGET_LABELS = {"namespace", "pod", "container", "job", "endpoint", "service", "instance"}
+# Grafana's built-in interval variables, and the dashboard's own variables, as PromQL-safe stand-ins.
+GRAFANA_INTERVALS = ("$__rate_interval", "$__interval", "$__range")
+
+
+def rendered_rules_text() -> str:
+    objects, _, _ = render(RULES_VALUES)
+    rules = of_kind(objects, "PrometheusRule")
+    require(len(rules) == 1, f"expected one PrometheusRule with {RULES_VALUES}, rendered {len(rules)}")
+    return RULES_HEADER + yaml.safe_dump(rules[0]["spec"], sort_keys=False, width=100)
+
+
+def write_rules() -> int:
+    ALERT_RULES.write_text(rendered_rules_text(), encoding="utf-8")
+    print(f"wrote {ALERT_RULES.relative_to(ROOT)}")
+    return 0
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    require(
+        path is not None,
+        "promtool not found: run scripts/setup.sh (it installs Debian's prometheus package for promtool)",
+    )
+    return path  # type: ignore[return-value]
+
+
+def run_promtool(*args: str, cwd: Path = ROOT) -> str:
+    proc = subprocess.run([promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    out = (proc.stdout + proc.stderr).strip()
+    require(proc.returncode == 0, f"`promtool {' '.join(args)}` failed (exit {proc.returncode}):\n{out[-4000:]}")
+    return out
+
+
+def alert_names(rules_spec: dict[str, Any]) -> list[str]:
+    return [r["alert"] for g in rules_spec["groups"] for r in g["rules"] if "alert" in r]
+
+
+def check_alert_test_coverage() -> str:
+    """Every alert has a case where it fires and one where it must not."""
+    spec = load_yaml(ALERT_RULES)
+    tests = load_yaml(ALERT_TESTS)
+    require(
+        tests.get("rule_files") == [ALERT_RULES.name],
+        f"{ALERT_TESTS.name} must load rule_files: [{ALERT_RULES.name}], has {tests.get('rule_files')}",
+    )
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for t in tests.get("tests", []):
+        for case in t.get("alert_rule_test", []):
+            (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
+    alerts = alert_names(spec)
+    unknown = (fires | quiet) - set(alerts)
+    require(not unknown, f"{ALERT_TESTS.name} tests alerts the rules do not define: {sorted(unknown)}")
+    missing = [f"{a} (fires)" for a in alerts if a not in fires] + [
+        f"{a} (stays quiet)" for a in alerts if a not in quiet
+    ]
+    require(not missing, f"{ALERT_TESTS.name} lacks cases: {', '.join(missing)}")
+    return f"{len(alerts)} alerts, each fired and held quiet"
+
+
+def grafana_to_promql(expr: str) -> str:
+    """A dashboard query as plain PromQL: Grafana's interval variables become 5m, the dashboard's
+    own variables `__var_<name>__` (so matchers on them can be found)."""
+    for v in GRAFANA_INTERVALS:
+        expr = expr.replace(v, "5m")
+    return re.sub(r"\$\{?([A-Za-z_]\w*)(?::\w+)?\}?", r"__var_\1__", expr)
+
+
+class Selectors:
+    """What a PromQL expression reads: its vector selectors (metric name, matchers) and the labels it
+    groups or matches by."""
+
+    def __init__(self) -> None:
+        self.selectors: list[tuple[str, list[tuple[str, str, str]]]] = []
+        self.grouping: set[str] = set()
+
+    def visit(self, node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            matchers = [(m.name, str(m.op).rsplit(".", 1)[-1], m.value) for m in node.matchers.matchers]
+            self.selectors.append((node.name or "", matchers))
+        elif isinstance(node, promql_parser.MatrixSelector):
+            self.visit(node.vector_selector)
+        elif isinstance(node, promql_parser.AggregateExpr):
+            if node.modifier is not None:
+                self.grouping.update(node.modifier.labels)
+            self.visit(node.expr)
+            if node.param is not None:
+                self.visit(node.param)
+        elif isinstance(node, promql_parser.BinaryExpr):
+            mod = node.modifier
+            if mod is not None and mod.matching is not None:
+                self.grouping.update(mod.matching.labels)
+            self.visit(node.lhs)
+            self.visit(node.rhs)
+        elif isinstance(node, promql_parser.Call):
+            for a in node.args:
+                self.visit(a)
+        elif isinstance(node, (promql_parser.ParenExpr, promql_parser.UnaryExpr, promql_parser.SubqueryExpr)):
+            self.visit(node.expr)
+
+
+def read_promql(expr: str, where: str) -> Selectors:
+    try:
+        ast = promql_parser.parse(expr)
+    except ValueError as exc:
+        raise CheckFailed(f"{where}: not valid PromQL ({exc}): {expr}") from None
+    s = Selectors()
+    s.visit(ast)
+    return s
+
+
+def dashboard_queries(dash: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target and query variable (`label_values(<selector>, label)`
+    contributes its selector)."""
+    out: list[tuple[str, str]] = []
+    for p in dash_panels(dash):
+        for t in p.get("targets", []):
+            out.append((f"panel '{p.get('title')}' {t.get('refId')}", grafana_to_promql(t.get("expr", ""))))
+    for v in dash["templating"]["list"]:
+        if v.get("type") != "query":
+            continue
+        q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+        m = re.fullmatch(r"\s*label_values\((.+),\s*(\w+)\)\s*", q)
+        require(m is not None, f"variable {v['name']}: expected label_values(<selector>, <label>), got {q!r}")
+        out.append((f"variable {v['name']}", grafana_to_promql(m.group(1))))
+        out.append((f"variable {v['name']} label", f"sum by ({m.group(2)}) ({grafana_to_promql(m.group(1))})"))
+    return out
+
+
+def dash_panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
+    panels = []
+    for p in dash.get("panels", []):
+        panels.append(p)
+        panels.extend(p.get("panels", []))  # a collapsed row holds its panels
+    return panels
+
+
+def declared_label_names() -> set[str]:
+    """Label names the operator and the runtime put on their own series (EncodeLabelSet fields)."""
+    out: set[str] = set()
+    for path in METRIC_SOURCES:
+        src = path.read_text(encoding="utf-8")
+        for body in re.findall(r"EncodeLabelSet\)\]\s*pub struct \w+ \{(.*?)\}", src, re.S):
+            out |= set(re.findall(r"pub (\w+): String", body))
+    return out
+
+
+def all_exported_metrics() -> set[str]:
+    """exported_metrics() and the gauges the operator's admin server appends by hand."""
+    admin = (ROOT / "operator" / "src" / "admin.rs").read_text(encoding="utf-8")
+    return exported_metrics() | set(re.findall(r"# TYPE (obsrv_[a-z_]+) gauge", admin))
+
+
+def pod_monitor_target_labels(objects: list[dict[str, Any]]) -> set[str]:
+    """Labels the chart's PodMonitor relabels onto connector series, after checking that it selects
+    the connector pods by labels they carry, scrapes their named port, and relabels from pod labels
+    the operator really sets (crds/src/labels.rs, operator/src/builders.rs)."""
+    pms = of_kind(objects, "PodMonitor")
+    require(len(pms) == 1, f"expected one PodMonitor, rendered {len(pms)}")
+    consts = dict(
+        re.findall(r'pub const (\w+): &str = "([^"]+)";', (ROOT / "crds" / "src" / "labels.rs").read_text())
+    )
+    pod_labels = {
+        "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", consts[k]): consts[k]
+        for k in ("NAME", "INSTANCE", "CONNECTOR", "DATASET", "SOURCE")
+    }
+    selector = pms[0]["spec"]["selector"]["matchLabels"]
+    want = {consts["NAME"]: consts["APP_NAME"], consts["MANAGED_BY"]: consts["MANAGER"]}
+    require(selector == want, f"PodMonitor selects {selector}, connector pods carry {want}")
+    builders = (ROOT / "operator" / "src" / "builders.rs").read_text(encoding="utf-8")
+    found = re.search(r'pub const HTTP_PORT_NAME: &str = "([^"]+)";', builders)
+    require(found is not None, "operator/src/builders.rs: no HTTP_PORT_NAME")
+    port = found.group(1) if found else ""
+    targets: set[str] = set()
+    for ep in pms[0]["spec"]["podMetricsEndpoints"]:
+        require(ep.get("port") == port, f"PodMonitor scrapes port {ep.get('port')}, connector pods name theirs {port}")
+        for r in ep.get("relabelings", []):
+            for src in r.get("sourceLabels", []):
+                require(
+                    src in pod_labels,
+                    f"PodMonitor relabels from {src}, which is no pod label the operator sets "
+                    f"(crds/src/labels.rs: {', '.join(sorted(pod_labels.values()))})",
+                )
+            targets.add(r["targetLabel"])
+    return targets
+
+
+def check_series_use(queries: list[tuple[str, str]], pod_monitor_labels: set[str]) -> str:
+    """Every metric a query reads is exported (by the operator, the runtime or an explicitly listed
+    outside source), and every label it matches or groups on exists on those series."""
+    exported = all_exported_metrics()
+    own_labels = declared_label_names()
+    connector_labels = own_labels | pod_monitor_labels | SCRAPE_TARGET_LABELS
+    operator_labels = own_labels | SCRAPE_TARGET_LABELS
+    problems: list[str] = []
+    used: set[str] = set()
+    for where, expr in queries:
+        s = read_promql(expr, where)
+        names = {n for n, _ in s.selectors}
+        buckets = {"le"} if any(n.endswith("_bucket") for n in names) else set()
+        for name, matchers in s.selectors:
+            require(name != "", f"{where}: a selector without a metric name: {expr}")
+            used.add(name)
+            if name not in exported and name not in EXTERNAL_METRICS:
+                problems.append(f"{where}: {name} is exported by neither operator/src nor connector-image/src")
+            if name.startswith("obsrv_connector_") or name == "up":
+                allowed = connector_labels
+            elif name.startswith("obsrv_operator_"):
+                allowed = operator_labels
+            else:
+                continue  # kube-state-metrics: its own labels
+            if name.endswith("_bucket"):
+                allowed = allowed | {"le"}  # a histogram bucket's upper bound
+            bad = [m[0] for m in matchers if m[0] not in allowed and m[0] != "__name__"]
+            if bad:
+                problems.append(f"{where}: {name} has no label(s) {bad}")
+        if names and all(n.startswith("obsrv_connector_") for n in names):
+            bad = sorted(s.grouping - connector_labels - buckets)
+            if bad:
+                problems.append(f"{where}: groups by {bad}, which connector series do not carry")
+        elif names and all(n.startswith("obsrv_operator_") for n in names):
+            bad = sorted(s.grouping - operator_labels - buckets)
+            if bad:
+                problems.append(f"{where}: groups by {bad}, which operator series do not carry")
+    require(not problems, "\n".join(problems))
+    return f"{len(used)} metrics: {', '.join(sorted(used))}"
+
+
+def load_dashboard() -> dict[str, Any]:
+    require(DASHBOARD.exists(), f"{DASHBOARD.relative_to(ROOT)} missing")
+    try:
+        return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckFailed(f"{DASHBOARD.relative_to(ROOT)} is not JSON: {exc}") from None
+
+
+def check_dashboard(dash: dict[str, Any]) -> str:
+    """What Grafana needs to import it anywhere: a datasource variable every query uses, the
+    namespace and connector variables applied to every connector query, unique ids, a layout."""
+    for key in ("uid", "title", "schemaVersion", "panels", "templating"):
+        require(key in dash, f"dashboard has no {key}")
+    require(dash["schemaVersion"] >= 36, f"schemaVersion {dash['schemaVersion']} predates datasource uids")
+    require(dash.get("id") is None, "dashboard id must be null (Grafana assigns it on import)")
+    require("__inputs" not in dash, "the dashboard uses a datasource variable, not import-time __inputs")
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    ds = variables.get("datasource")
+    require(
+        ds is not None and ds.get("type") == "datasource" and ds.get("query") == "prometheus",
+        "no datasource variable of type prometheus named 'datasource'",
+    )
+    for name in ("namespace", "connector"):
+        v = variables.get(name)
+        require(v is not None and v.get("type") == "query", f"no query variable '{name}'")
+        require(v.get("datasource", {}).get("uid") == "${datasource}", f"variable {name} ignores $datasource")
+        require(v.get("includeAll") and v.get("allValue") == ".*", f"variable {name}: All must mean .*")
+    ids: list[int] = []
+    titles: list[str] = []
+    for p in dash_panels(dash):
+        ids.append(p.get("id"))
+        gp = p.get("gridPos", {})
+        require(all(k in gp for k in "hwxy"), f"panel '{p.get('title')}' has no full gridPos")
+        require(gp["x"] + gp["w"] <= 24, f"panel '{p.get('title')}' is wider than the grid")
+        if p.get("type") == "row":
+            continue
+        titles.append(p["title"])
+        require(bool(p.get("description")), f"panel '{p['title']}' has no description")
+        require(p.get("datasource", {}).get("uid") == "${datasource}", f"panel '{p['title']}' ignores $datasource")
+        refs = [t.get("refId") for t in p.get("targets", [])]
+        require(refs and len(refs) == len(set(refs)), f"panel '{p['title']}': targets without unique refIds")
+        for t in p["targets"]:
+            require(t.get("datasource", {}).get("uid") == "${datasource}", f"panel '{p['title']}' target ignores $datasource")
+            expr = grafana_to_promql(t.get("expr", ""))
+            s = read_promql(expr, f"panel '{p['title']}' {t.get('refId')}")
+            for name, matchers in s.selectors:
+                scoped = name.startswith("obsrv_connector_") or name in ("up", "kube_pod_labels")
+                want = [("namespace", "Re", "__var_namespace__")]
+                if scoped:
+                    want.append(
+                        ("label_obsrv_io_connector" if name == "kube_pod_labels" else "connector", "Re", "__var_connector__")
+                    )
+                if scoped or name.startswith("kube_"):
+                    missing = [w for w in want if w not in matchers]
+                    require(
+                        not missing,
+                        f"panel '{p['title']}': {name} is not filtered by "
+                        + ", ".join(f'{w[0]}=~"${w[2][6:-2]}"' for w in missing),
+                    )
+    require(len(ids) == len(set(ids)), f"panel ids repeat: {sorted(ids)}")
+    require(len(titles) == len(set(titles)), "panel titles repeat")
+    return f"{len(titles)} panels, variables {', '.join(variables)}"
+
+
+def check_dashboard_configmap(objects: list[dict[str, Any]], values: dict[str, Any]) -> str:
+    d = values["monitoring"]["grafanaDashboard"]
+    cms = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    require(bool(cms) == d["enabled"], f"dashboard ConfigMap rendered: {bool(cms)}, values: {d['enabled']}")
+    if not cms:
+        return "no dashboard ConfigMap"
+    cm = cms[0]
+    md = cm["metadata"]
+    require(md["labels"].get("grafana_dashboard") == "1", "dashboard ConfigMap lacks grafana_dashboard: \"1\"")
+    require(
+        md["namespace"] == (d["namespace"] or RELEASE_NAMESPACE),
+        f"dashboard ConfigMap in {md['namespace']}, values say {d['namespace'] or RELEASE_NAMESPACE}",
+    )
+    for k, v in d["annotations"].items():
+        require(md.get("annotations", {}).get(k) == v, f"annotation {k} missing on the dashboard ConfigMap")
+    data = cm.get("data", {})
+    require(list(data) == [DASHBOARD.name], f"dashboard ConfigMap keys {list(data)}")
+    require(
+        json.loads(data[DASHBOARD.name]) == load_dashboard(),
+        f"the ConfigMap's JSON differs from {DASHBOARD.relative_to(ROOT)}",
+    )
+    return f"ConfigMap {md['namespace']}/{md['name']}"
+
+
+def panel_query(dash: dict[str, Any], reference: str) -> tuple[str, str]:
+    """(panel title, PromQL) for `panel: <title>[; ref=X][; namespace=v][; connector=v]`: the panel's
+    query as Grafana sends it, with $__rate_interval as 5m and the variables as given (default .*,
+    Grafana's "All")."""
+    m = re.fullmatch(r"panel: ([^;]+)((?:;\s*\w+=[^;]*)*)", reference.strip())
+    require(m is not None, f"{DASHBOARD_TESTS.name}: expr {reference!r} is not 'panel: <title>[; k=v]...'")
+    assert m is not None
+    title = m.group(1).strip()
+    opts = dict(kv.split("=", 1) for kv in re.findall(r";\s*(\w+=[^;]*)", m.group(2)))
+    ref = opts.pop("ref", "A").strip()
+    panel = next((p for p in dash_panels(dash) if p.get("title") == title), None)
+    require(panel is not None, f"{DASHBOARD_TESTS.name}: no panel titled {title!r}")
+    assert panel is not None
+    target = next((t for t in panel["targets"] if t.get("refId") == ref), None)
+    require(target is not None, f"{DASHBOARD_TESTS.name}: panel {title!r} has no target {ref}")
+    assert target is not None
+    expr = target["expr"]
+    for v in GRAFANA_INTERVALS:
+        expr = expr.replace(v, "5m")
+    for name in ("namespace", "connector"):
+        value = opts.pop(name, ".*").strip()
+        expr = expr.replace("${" + name + "}", value).replace("$" + name, value)
+    require(not opts, f"{DASHBOARD_TESTS.name}: unknown option(s) {sorted(opts)} in {reference!r}")
+    left = re.findall(r"\$\{?[A-Za-z_]\w*", expr)
+    require(not left, f"panel {title!r} {ref}: variables {left} have no stand-in for promtool")
+    return title, expr
+
+
+def test_dashboard_queries(dash: dict[str, Any]) -> str:
+    """promtool test rules on helm/ci/dashboard-tests.yaml with the panels' real queries in place."""
+    tests = load_yaml(DASHBOARD_TESTS)
+    covered: set[str] = set()
+    cases = 0
+    for t in tests.get("tests", []):
+        for case in t.get("promql_expr_test", []):
+            title, case["expr"] = panel_query(dash, case["expr"])
+            covered.add(title)
+            cases += 1
+    panels = [p["title"] for p in dash_panels(dash) if p.get("type") != "row"]
+    missing = [p for p in panels if p not in covered]
+    require(not missing, f"{DASHBOARD_TESTS.name} has no case for panel(s): {missing}")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / DASHBOARD_TESTS.name).write_text(yaml.safe_dump(tests, sort_keys=False), encoding="utf-8")
+        out = run_promtool("test", "rules", DASHBOARD_TESTS.name, cwd=Path(tmp))
+    require("SUCCESS" in out, f"promtool test rules did not report SUCCESS:\n{out}")
+    return f"{cases} queries of {len(panels)} panels"
+
+
+def check_monitoring_doc(rules_spec: dict[str, Any], dash: dict[str, Any]) -> str:
+    require(MONITORING_DOC.exists(), "docs/monitoring.md missing")
+    doc = MONITORING_DOC.read_text(encoding="utf-8")
+    panels = [p["title"] for p in dash_panels(dash) if p.get("type") != "row"]
+    missing = [a for a in alert_names(rules_spec) if a not in doc] + [p for p in panels if p not in doc]
+    require(not missing, f"docs/monitoring.md does not explain: {missing}")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    require("docs/monitoring.md" in readme, "README.md does not link docs/monitoring.md")
+    return f"{len(alert_names(rules_spec))} alerts and {len(panels)} panels explained"
+
+
+def main_monitoring(run: Runner, rendered: dict[str, tuple[list[dict[str, Any]], str, dict[str, Any]]]) -> None:
+    """The monitoring checks of main()."""
+
+    def rules_fresh() -> str:
+        want = rendered_rules_text()
+        have = ALERT_RULES.read_text(encoding="utf-8") if ALERT_RULES.exists() else ""
+        require(
+            have == want,
+            f"{ALERT_RULES.relative_to(ROOT)} is not the rendered PrometheusRule: "
+            ".venv/bin/python scripts/check_chart.py --write-rules",
+        )
+        return f"{len(alert_names(load_yaml(ALERT_RULES)))} alerts"
+
+    run.check("helm/ci/alert-rules.yaml is the chart's rendered PrometheusRule", rules_fresh)
+
+    def check_rules() -> str:
+        checked = [ALERT_RULES.relative_to(ROOT).as_posix()]
+        run_promtool("check", "rules", checked[0])
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, (objects, _, _) in rendered.items():
+                for pr in of_kind(objects, "PrometheusRule"):
+                    path = Path(tmp) / f"{name}.yaml"
+                    path.write_text(yaml.safe_dump(pr["spec"]), encoding="utf-8")
+                    run_promtool("check", "rules", str(path))
+                    checked.append(f"[{name}]")
+        return ", ".join(checked)
+
+    run.check("promtool check rules (alert-rules.yaml and every value set's PrometheusRule)", check_rules)
+
+    def test_rules() -> str:
+        out = run_promtool("test", "rules", ALERT_TESTS.name, cwd=CI)
+        require("SUCCESS" in out, f"promtool test rules did not report SUCCESS:\n{out}")
+        return check_alert_test_coverage()
+
+    run.check("promtool test rules helm/ci/alert-tests.yaml", test_rules)
+
+    def tests_can_fail() -> str:
+        caught = []
+        for label, old, new in [
+            ("a lag threshold raised tenfold", "> 10000)", "> 100000)"),
+            ("failed records counted as ingested", 'outcome="failed"', 'outcome="ingested"'),
+            ("a shorter for: on ObsrvConnectorNotReady", "for: 10m", "for: 1m"),
+        ]:
+            with tempfile.TemporaryDirectory() as tmp:
+                text = ALERT_RULES.read_text(encoding="utf-8")
+                require(old in text, f"self-test: {old!r} not in {ALERT_RULES.name}")
+                (Path(tmp) / ALERT_RULES.name).write_text(text.replace(old, new, 1), encoding="utf-8")
+                shutil.copy(ALERT_TESTS, Path(tmp) / ALERT_TESTS.name)
+                try:
+                    run_promtool("test", "rules", ALERT_TESTS.name, cwd=Path(tmp))
+                except CheckFailed:
+                    caught.append(label)
+                    continue
+                raise CheckFailed(f"helm/ci/alert-tests.yaml still passes with {label}")
+        return "; ".join(caught)
+
+    run.check("alert tests catch a changed threshold, selector and for:", tests_can_fail)
+
+    dash: dict[str, Any] = {}
+
+    def dashboard_ok() -> str:
+        dash.update(load_dashboard())
+        return check_dashboard(dash)
+
+    run.check(f"Grafana dashboard {DASHBOARD.relative_to(ROOT)}", dashboard_ok)
+
+    def dashboard_tests() -> str:
+        require(bool(dash), "the dashboard did not load")
+        return test_dashboard_queries(dash)
+
+    run.check("promtool test rules helm/ci/dashboard-tests.yaml (every panel's queries)", dashboard_tests)
+
+    def series_used() -> str:
+        objects = next(
+            (o for o, _, m in rendered.values() if m["monitoring"]["podMonitor"]["enabled"]), None
+        )
+        require(objects is not None, "no value set renders the PodMonitor")
+        queries = dashboard_queries(dash) if dash else []
+        spec = load_yaml(ALERT_RULES)
+        queries += [(f"alert {r['alert']}", r["expr"]) for g in spec["groups"] for r in g["rules"]]
+        return check_series_use(queries, pod_monitor_target_labels(objects))
+
+    run.check("dashboard and alerts read only exported series, by labels those series carry", series_used)
+
+    def labels_check_can_fail() -> None:
+        objects = next(o for o, _, m in rendered.values() if m["monitoring"]["podMonitor"]["enabled"])
+        labels = pod_monitor_target_labels(objects)
+        for label, expr in [
+            ("an unknown metric", "rate(obsrv_connector_record_total[5m])"),
+            ("a label no series has", 'obsrv_connector_lag_records{tenant="a"}'),
+            ("grouping by a label no series has", "sum by (dataset_id) (obsrv_connector_lag_records)"),
+        ]:
+            try:
+                check_series_use([("self-test", expr)], labels)
+            except CheckFailed:
+                continue
+            raise CheckFailed(f"the series check accepted {label}")
+
+    run.check("series check catches an unknown metric and unknown labels", labels_check_can_fail)
+
+    def doc_ok() -> str:
+        return check_monitoring_doc(load_yaml(ALERT_RULES), dash or load_dashboard())
+
+    run.check("docs/monitoring.md explains every alert and panel; README links it", doc_ok)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Examples
 
 
@@ -689,6 +1202,25 @@ def lua_to_py(value: Any) -> Any:
             return [d[i] for i in range(1, len(d) + 1)]
         return d
     return value
+
+
+def kstatus(obj: dict[str, Any]) -> str:
+    """The status kstatus (sigs.k8s.io/cli-utils/pkg/kstatus) computes for a custom resource:
+    Terminating while deleted; InProgress while its status is of an older generation or a
+    Reconciling condition is True; Failed when a Stalled condition is True; Current otherwise."""
+    meta = obj.get("metadata", {})
+    status = obj.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return "Terminating"
+    observed = status.get("observedGeneration")
+    if observed is not None and observed != meta.get("generation"):
+        return "InProgress"
+    conditions = {c["type"]: c for c in status.get("conditions", [])}
+    if conditions.get("Reconciling", {}).get("status") == "True":
+        return "InProgress"
+    if conditions.get("Stalled", {}).get("status") == "True":
+        return "Failed"
+    return "Current"
 
 
 def argocd_run(script: str, obj: dict[str, Any]) -> Any:
@@ -780,6 +1312,10 @@ def main() -> int:
             f"[{name}] monitoring objects and alert expressions",
             lambda o=objects, m=merged: check_monitoring(o, m),
         )
+        run.check(
+            f"[{name}] Grafana dashboard ConfigMap follows values",
+            lambda o=objects, m=merged: check_dashboard_configmap(o, m),
+        )
 
         def no_secrets(objects: list[dict[str, Any]] = objects) -> None:
             found = secret_findings(objects)
@@ -796,6 +1332,8 @@ def main() -> int:
                 require(ns in notes, f"NOTES.txt does not name watched namespace {ns}")
 
         run.check(f"[{name}] NOTES.txt tells what to do next", notes_ok)
+
+    main_monitoring(run, rendered)
 
     declared: list[dict[str, Any]] = []
 
@@ -962,13 +1500,18 @@ def main() -> int:
             hs = argocd_health(script, fx["object"])
             require(hs.get("status") == fx["expect"], f"expected {fx['expect']}, Lua returned {hs}")
             require(bool(hs.get("message")), f"no message: {hs}")
+            ks = kstatus(fx["object"])
+            require(ks == fx["kstatus"], f"expected kstatus {fx['kstatus']}, got {ks}")
             return hs["message"]
 
-        run.check(f"argocd health: {fx['name']} -> {fx['expect']}", health)
+        run.check(f"argocd health / kstatus: {fx['name']} -> {fx['expect']} / {fx['kstatus']}", health)
 
     def all_statuses() -> None:
         missing = {"Healthy", "Progressing", "Degraded", "Suspended"} - expected_statuses
         require(not missing, f"no Argo CD fixture for {sorted(missing)}")
+        verdicts = {f["kstatus"] for f in fixtures}
+        missing = {"Current", "InProgress", "Failed"} - verdicts
+        require(not missing, f"no kstatus fixture for {sorted(missing)}")
 
     run.check("argocd health fixtures cover Healthy, Progressing, Degraded, Suspended", all_statuses)
 
@@ -1046,4 +1589,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-rules"]:
+        os.chdir(ROOT)
+        sys.exit(write_rules())
+    require(not sys.argv[1:], f"usage: {sys.argv[0]} [--write-rules]")
     sys.exit(main())

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, and nothing that is already there:
 #   Debian packages (PostgreSQL, MariaDB, RabbitMQ, nats-server, Mosquitto, build deps), the
-#   Kafka-protocol broker nisshi 0.6.0, the S3 server s3s-fs 0.14.1, and a Python venv (.venv) for
-#   the Helm chart checks.
+#   Kafka-protocol broker nisshi 0.6.0, the S3 server s3s-fs 0.14.1, promtool (Debian's prometheus
+#   package) for the alert rule checks, and a Python venv (.venv) for the Helm chart checks.
 # Safe to run again: every step checks first and says "ok" when there is nothing to do.
 set -euo pipefail
 
@@ -49,6 +49,38 @@ else
   run "apt-get install" "run: apt-get install -y ${missing[*]}" \
     sudo_if_needed env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y --no-install-recommends "${missing[@]}"
   done_step "installed ${missing[*]}"
+fi
+
+# promtool checks and unit-tests the chart's alert rules (scripts/check_chart.py). It ships in
+# Debian's prometheus package, whose Prometheus server is not wanted here: a policy-rc.d answering
+# 101 ("action forbidden") keeps both invoke-rc.d and deb-systemd-invoke from starting it.
+step "promtool (Debian package prometheus; its server is not started)"
+if command -v promtool >/dev/null 2>&1; then
+  done_step "ok, $(command -v promtool)"
+else
+  run "apt-get update" "check that the Debian mirror is reachable, then run scripts/setup.sh again" \
+    sudo_if_needed apt-get update
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    sudo_if_needed sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+    own_policy=1
+  fi
+  install_rc=0
+  log=$(mktemp)
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+    apt-get install -y --no-install-recommends prometheus >"$log" 2>&1 || install_rc=$?
+  [ "$own_policy" -eq 0 ] || sudo_if_needed rm -f "$policy"
+  if [ "$install_rc" -ne 0 ]; then
+    tail -n 40 "$log" >&2
+    rm -f "$log"
+    fail "apt-get install prometheus" "apt-get install -y --no-install-recommends prometheus" \
+      "run that command, then scripts/setup.sh again"
+  fi
+  command -v promtool >/dev/null 2>&1 || fail "promtool missing after installing prometheus" \
+    "command -v promtool" "dpkg -L prometheus | grep bin/promtool"
+  rm -f "$log"
+  done_step "installed $(promtool --version 2>&1 | head -n 1)"
 fi
 
 cargo_install() { # cargo_install <crate> <version> <binary> <args...>

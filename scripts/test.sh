@@ -27,6 +27,10 @@ check() { # check "<name>" cmd...  (a named check that passes or fails as a whol
 check "cargo fmt --check" cargo fmt --all -- --check
 check "cargo clippy (all targets, -D warnings)" cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The e2e tests run every binary of the workspace (operator, connector, the example connector);
+# nextest builds only the binaries of packages that have integration tests.
+check "cargo build --workspace --bins" cargo build --workspace --bins --locked
+
 printf '==> cargo nextest run --workspace\n'
 log=$(mktemp)
 profile=default; [ -n "${CI:-}" ] && profile=ci

@@ -5,44 +5,18 @@
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use obsrv_crds::{
-    Compression, Connector, Delivery, KafkaSinkSpec, Sasl, SaslMechanism, Tls, TlsMode,
+    Compression, Delivery, KafkaSinkSpec, Sasl, SaslMechanism, Tls, TlsMode,
     runtime::{RuntimeConfig, SecretEnv, secret_env},
 };
 
+use crate::manifest::FileSecrets;
+
 use crate::error::{Error, Result};
 
-/// Parses a config file: a `RuntimeConfig` (what the operator writes in the ConfigMap) or a
-/// `Connector` manifest (anything with a `kind`), so a manifest runs locally as it would in a cluster.
+/// Parses a config file: a Connector manifest (with or without its Secrets) or the operator's
+/// rendered `RuntimeConfig`. See [`crate::manifest`].
 pub fn parse_config(text: &str) -> Result<RuntimeConfig> {
-    let value: serde_yaml::Value = serde_yaml::from_str(text)
-        .map_err(|e| Error::Config(format!("config is not YAML: {e}")))?;
-    if value.get("kind").is_some() {
-        let c: Connector = serde_yaml::from_value(value)
-            .map_err(|e| Error::Config(format!("not a valid Connector manifest: {e}")))?;
-        let name = c
-            .metadata
-            .name
-            .clone()
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| Error::Config("the Connector manifest has no metadata.name".into()))?;
-        Ok(RuntimeConfig {
-            namespace: c
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            name,
-            uid: c.metadata.uid.clone(),
-            spec: c.spec,
-        })
-    } else {
-        let rc: RuntimeConfig = serde_yaml::from_value(value)
-            .map_err(|e| Error::Config(format!("not a valid runtime config: {e}")))?;
-        if rc.spec.dataset.is_empty() {
-            return Err(Error::Config("spec.dataset must not be empty".into()));
-        }
-        Ok(rc)
-    }
+    crate::manifest::parse(text, None).map(|m| m.config)
 }
 
 /// Parses a Go-style duration (`30s`, `1m30s`, `500ms`, `1.5h`) the way the operator validates it.
@@ -167,11 +141,16 @@ pub fn kafka_security(
     out
 }
 
-/// Secret values by env var name, read once at start, and the directory of Secret files.
+/// Secret values by env var name, read at start; the Secrets of the config file and the directory
+/// of Secret files (`<dir>/<secretName>/<key>`: in a pod, the Secrets the operator mounts), for
+/// Secrets read by name (custom sources). Files read are remembered, so a rotation is noticed
+/// ([`Secrets::rotated`]).
 #[derive(Clone, Default)]
 pub struct Secrets {
     values: BTreeMap<&'static str, String>,
+    in_file: FileSecrets,
     dir: Option<PathBuf>,
+    read: std::sync::Arc<std::sync::Mutex<BTreeMap<PathBuf, String>>>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -181,53 +160,59 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
+/// Reads a Secret file, without the trailing newline editors add.
+fn read_secret_file(path: &std::path::Path) -> std::io::Result<String> {
+    let v = std::fs::read_to_string(path)?;
+    Ok(v.strip_suffix('\n').map(str::to_string).unwrap_or(v))
+}
+
 impl Secrets {
-    /// Reads every Secret value the spec needs: the env var first, then `<dir>/<secret>/<key>`.
-    pub fn load(spec: &obsrv_crds::ConnectorSpec, dir: Option<&PathBuf>) -> Result<Secrets> {
-        Self::load_with(&secret_env(spec), dir, |k| std::env::var(k).ok())
+    /// Reads every Secret value the spec needs: the env var first, then a Secret of the config
+    /// file, then `<dir>/<secret>/<key>`.
+    pub fn load(
+        spec: &obsrv_crds::ConnectorSpec,
+        dir: Option<&PathBuf>,
+        in_file: FileSecrets,
+    ) -> Result<Secrets> {
+        Self::load_with(&secret_env(spec), dir, in_file, |k| std::env::var(k).ok())
     }
 
     fn load_with(
         wanted: &[SecretEnv],
         dir: Option<&PathBuf>,
+        in_file: FileSecrets,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Secrets> {
+        let secrets = Secrets {
+            values: BTreeMap::new(),
+            in_file,
+            dir: dir.cloned(),
+            read: Default::default(),
+        };
         let mut values = BTreeMap::new();
         for s in wanted {
-            let value = match env(s.env) {
+            let from_file = secrets.in_file.get(&(s.secret_name.clone(), s.key.clone()));
+            let value = match env(s.env).or_else(|| from_file.cloned()) {
                 Some(v) => v,
-                None => match dir {
-                    Some(d) => {
-                        let path = d.join(&s.secret_name).join(&s.key);
-                        let v = std::fs::read_to_string(&path).map_err(|e| {
-                            Error::Config(format!(
-                                "{} (Secret {} key {}) not set and {} unreadable: {e}",
-                                s.env,
-                                s.secret_name,
-                                s.key,
-                                path.display()
-                            ))
-                        })?;
-                        v.strip_suffix('\n').map(str::to_string).unwrap_or(v)
-                    }
-                    None => {
-                        return Err(Error::Config(format!(
-                            "{} (Secret {} key {}) is not set; set it or pass --secrets-dir",
-                            s.env, s.secret_name, s.key
-                        )));
-                    }
-                },
+                None if secrets.dir.is_some() => secrets.file(&s.secret_name, &s.key)?,
+                None => {
+                    return Err(Error::Config(format!(
+                        "Secret {} key {} is needed ({}): put the Secret in the config file, set {}, or pass --secrets-dir",
+                        s.secret_name, s.key, s.env, s.env
+                    )));
+                }
             };
             values.insert(s.env, value);
         }
-        Ok(Secrets {
-            values,
-            dir: dir.cloned(),
-        })
+        Ok(Secrets { values, ..secrets })
     }
 
-    /// `<dir>/<secret>/<key>` of the Secrets directory (a custom source's mounted Secrets).
+    /// A Secret value by name: from the config file, else `<dir>/<secret>/<key>` of the Secrets
+    /// directory (a custom source's mounted Secrets).
     pub fn file(&self, secret: &str, key: &str) -> Result<String> {
+        if let Some(v) = self.in_file.get(&(secret.to_string(), key.to_string())) {
+            return Ok(v.clone());
+        }
         let dir = self.dir.as_ref().ok_or_else(|| {
             Error::Config(format!(
                 "Secret {secret} key {key} asked for, but no Secrets directory is set (--secrets-dir or {})",
@@ -235,13 +220,27 @@ impl Secrets {
             ))
         })?;
         let path = dir.join(secret).join(key);
-        let v = std::fs::read_to_string(&path).map_err(|e| {
-            Error::Config(format!(
-                "Secret {secret} key {key}: {} unreadable: {e}",
+        let v = read_secret_file(&path).map_err(|e| {
+            // In a pod the Secret's volume is optional: until the Secret (or the key) exists the
+            // file is missing, and the retry picks it up once it does.
+            Error::NotFound(format!(
+                "Secret {secret} key {key}: {e} ({}): create the Secret with that key in the Connector's namespace",
                 path.display()
             ))
         })?;
-        Ok(v.strip_suffix('\n').map(str::to_string).unwrap_or(v))
+        self.read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path, v.clone());
+        Ok(v)
+    }
+
+    /// Whether a Secret file read so far changed since (a rotation): then the connector reconnects
+    /// with the new values instead of waiting for a restart.
+    pub fn rotated(&self) -> bool {
+        let read = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        read.iter()
+            .any(|(path, old)| read_secret_file(path).ok().as_ref() != Some(old))
     }
 
     pub fn get(&self, env: &str) -> Option<&str> {
@@ -253,33 +252,7 @@ impl Secrets {
 mod tests {
     use super::*;
 
-    const MANIFEST: &str = r#"
-apiVersion: obsrv.io/v1alpha1
-kind: Connector
-metadata: {name: orders, namespace: shop}
-spec:
-  dataset: orders
-  source:
-    postgres:
-      host: localhost
-      database: shop
-      credentials: {secretName: pg-creds}
-      tables: [{name: public.orders, cursor: {column: updated_at, tieBreaker: id}}]
-"#;
-
-    #[test]
-    fn a_manifest_and_a_runtime_config_give_the_same_identity() {
-        let from_manifest = parse_config(MANIFEST).unwrap();
-        assert_eq!(from_manifest.instance_id(), "shop/orders");
-        let rc = serde_yaml::to_string(&from_manifest).unwrap();
-        assert_eq!(parse_config(&rc).unwrap(), from_manifest);
-    }
-
-    #[test]
-    fn a_manifest_without_name_is_refused() {
-        let e = parse_config(&MANIFEST.replace("name: orders, ", "")).unwrap_err();
-        assert!(e.to_string().contains("metadata.name"), "{e}");
-    }
+    use crate::manifest::tests::SECRET_AND_CONNECTOR as MANIFEST;
 
     #[test]
     fn sink_fields_fall_back_to_the_operator_defaults() {
@@ -334,14 +307,20 @@ spec:
         std::fs::create_dir_all(dir.path().join("pg-creds")).unwrap();
         std::fs::write(dir.path().join("pg-creds/password"), "s3cret\n").unwrap();
         let d = dir.path().to_path_buf();
-        let s = Secrets::load_with(&wanted, Some(&d), |k| {
+        let s = Secrets::load_with(&wanted, Some(&d), FileSecrets::new(), |k| {
             (k == "OBSRV_SOURCE_USERNAME").then(|| "app".to_string())
         })
         .unwrap();
         assert_eq!(s.get("OBSRV_SOURCE_USERNAME"), Some("app"));
         assert_eq!(s.get("OBSRV_SOURCE_PASSWORD"), Some("s3cret"));
         assert!(!format!("{s:?}").contains("s3cret"));
-        let e = Secrets::load_with(&wanted, None, |_| None).unwrap_err();
+        let in_file = FileSecrets::from([
+            (("pg-creds".into(), "username".into()), "app".into()),
+            (("pg-creds".into(), "password".into()), "from-file".into()),
+        ]);
+        let s = Secrets::load_with(&wanted, None, in_file, |_| None).unwrap();
+        assert_eq!(s.get("OBSRV_SOURCE_PASSWORD"), Some("from-file"));
+        let e = Secrets::load_with(&wanted, None, FileSecrets::new(), |_| None).unwrap_err();
         assert!(
             e.to_string().contains("OBSRV_SOURCE_USERNAME") && e.to_string().contains("pg-creds"),
             "{e}"

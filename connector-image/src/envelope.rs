@@ -149,7 +149,12 @@ pub fn validate(raw: &[u8]) -> Payload {
 #[derive(Debug, PartialEq)]
 pub enum Routed {
     Ingest(Vec<u8>),
-    Failed(Vec<u8>),
+    /// The failed-topic document, with its error code and message (for logs and counts).
+    Failed {
+        doc: Vec<u8>,
+        code: &'static str,
+        message: String,
+    },
 }
 
 /// Decides the topic and bytes for one record.
@@ -185,11 +190,15 @@ pub fn route_at(
                     max_message_bytes,
                     cut
                 );
-                Routed::Failed(ctx.failed(
-                    serde_json::Value::String(event[..cut].to_string()),
-                    CE_TOO_LARGE,
-                    &msg,
-                ))
+                Routed::Failed {
+                    doc: ctx.failed(
+                        serde_json::Value::String(event[..cut].to_string()),
+                        CE_TOO_LARGE,
+                        &msg,
+                    ),
+                    code: CE_TOO_LARGE,
+                    message: msg,
+                }
             } else {
                 Routed::Ingest(env)
             }
@@ -201,11 +210,15 @@ pub fn route_at(
             while !raw.is_char_boundary(cut) {
                 cut -= 1;
             }
-            Routed::Failed(ctx.failed(
-                serde_json::Value::String(raw[..cut].to_string()),
-                CE_UNPARSEABLE,
-                reason,
-            ))
+            Routed::Failed {
+                doc: ctx.failed(
+                    serde_json::Value::String(raw[..cut].to_string()),
+                    CE_UNPARSEABLE,
+                    reason,
+                ),
+                code: CE_UNPARSEABLE,
+                message: reason.clone(),
+            }
         }
     }
 }
@@ -255,7 +268,7 @@ mod tests {
         );
         assert_eq!(v["obsrv_meta"]["syncts"], 7);
         // Oversize: the failed topic, like any event.
-        assert!(matches!(route(&c, &p, 7, 40), Routed::Failed(_)));
+        assert!(matches!(route(&c, &p, 7, 40), Routed::Failed { .. }));
     }
 
     #[test]
@@ -287,7 +300,7 @@ mod tests {
     #[test]
     fn unparseable_input_is_routed_to_failed_with_ce_1000() {
         let p = validate(b"{not json");
-        let Routed::Failed(doc) = route(&ctx(), &p, 1, 1 << 20) else {
+        let Routed::Failed { doc, .. } = route(&ctx(), &p, 1, 1 << 20) else {
             panic!("expected failed")
         };
         let v: Value = serde_json::from_slice(&doc).unwrap();
@@ -304,7 +317,7 @@ mod tests {
     #[test]
     fn oversize_records_go_to_failed_with_ce_1001_and_stay_small() {
         let big = format!("{{\"blob\":\"{}\"}}", "é".repeat(3000));
-        let Routed::Failed(doc) = route(&ctx(), &Payload::Json(big.clone()), 1, 2048) else {
+        let Routed::Failed { doc, .. } = route(&ctx(), &Payload::Json(big.clone()), 1, 2048) else {
             panic!("expected failed")
         };
         let v: Value = serde_json::from_slice(&doc).unwrap();

@@ -24,6 +24,12 @@ pub enum Error {
     /// Saved state could not be read or written.
     #[error("state: {0}")]
     State(String),
+    /// What the spec names does not exist at the source (a bucket, a database).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// TLS cannot be set up as configured (a CA that is not PEM, a certificate the server refuses).
+    #[error("TLS: {0}")]
+    TlsConfig(String),
 }
 
 impl Error {
@@ -36,17 +42,58 @@ impl Error {
             Error::Schema(_) => reason::SCHEMA_ERROR,
             Error::SinkUnreachable(_) => reason::SINK_UNREACHABLE,
             Error::State(_) => reason::STATE_ERROR,
+            Error::NotFound(_) => reason::NOT_FOUND,
+            Error::TlsConfig(_) => reason::TLS_CONFIG,
         }
     }
 
     /// Whether waiting and retrying can fix it. Configuration errors need a new spec; everything
     /// else (networks, credentials being rotated, a table being created) may heal on its own.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Error::Config(_))
+        !matches!(self, Error::Config(_) | Error::TlsConfig(_))
     }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A failed connection to `what` (`Postgres`, `MySQL`, ...) at `host:port`, said in one line with
+/// the likely cause: refused, unresolvable, silent, or refused by TLS or the credentials.
+pub fn connect_error(what: &str, host: &str, port: u16, e: sqlx::Error) -> Error {
+    let at = format!("{host}:{port}");
+    if let sqlx::Error::Io(io) = &e {
+        use std::io::ErrorKind::*;
+        return Error::SourceUnreachable(match io.kind() {
+            ConnectionRefused => format!("connection refused at {at}: is {what} listening there?"),
+            TimedOut => format!("no answer from {at}: check the host, port and firewall"),
+            _ if io.to_string().contains("failed to lookup address")
+                || io.to_string().contains("Name or service not known") =>
+            {
+                format!("cannot resolve {host}: check the host name")
+            }
+            _ => format!("connecting to {at}: {io}"),
+        });
+    }
+    if let sqlx::Error::Tls(t) = &e {
+        return Error::TlsConfig(format!(
+            "TLS with {at} failed: {t} (check tls.mode and the CA of the Secret)"
+        ));
+    }
+    match from_sqlx(e) {
+        Error::SourceUnreachable(m) => Error::SourceUnreachable(format!("{at}: {m}")),
+        other => other,
+    }
+}
+
+/// Checks that a CA bundle is PEM before a client is built with it (`name`: where it comes from,
+/// e.g. `Secret pg-ca key ca.crt`).
+pub fn check_ca_pem(name: &str, pem: &str) -> Result<()> {
+    if pem.contains("-----BEGIN CERTIFICATE-----") && pem.contains("-----END CERTIFICATE-----") {
+        return Ok(());
+    }
+    Err(Error::TlsConfig(format!(
+        "{name} is not a PEM certificate (it must hold -----BEGIN CERTIFICATE----- ... -----END CERTIFICATE-----)"
+    )))
+}
 
 /// Classifies a sqlx error into the runtime's reasons.
 pub fn from_sqlx(e: sqlx::Error) -> Error {
@@ -65,8 +112,8 @@ pub fn from_sqlx(e: sqlx::Error) -> Error {
                         Error::Schema(db.message().to_string())
                     }
                 }
-                // Postgres invalid_catalog_name (database does not exist).
-                "3D000" => Error::Schema(db.message().to_string()),
+                // Postgres invalid_catalog_name, MySQL unknown database (1049 -> 42000 above).
+                "3D000" => Error::NotFound(db.message().to_string()),
                 _ => Error::SourceUnreachable(db.message().to_string()),
             }
         }

@@ -6,16 +6,14 @@
 //! retries, schedules, metrics, `/status` and signals come from the runtime, exactly as for the
 //! built-in kinds (which use the same API). See `examples/custom-connector`.
 
-pub mod bench;
-pub mod bench_kafka;
 pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod http;
+pub mod manifest;
 pub mod metrics;
 pub mod runner;
-pub mod schedule;
 pub mod sink;
 pub mod source;
 pub mod state;

@@ -6,8 +6,5 @@ use std::process::ExitCode;
 use obsrv_connector::source::Registry;
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("bench") {
-        return obsrv_connector::bench::main(std::env::args().skip(1));
-    }
     obsrv_connector::cli::main(Registry::builtin())
 }

@@ -82,7 +82,7 @@ impl Metrics {
         );
         registry.register(
             "last_success_timestamp_seconds",
-            "When a batch was last acknowledged (unix seconds)",
+            "When source and sink last worked: a batch acknowledged, or a clean read with nothing new (unix seconds)",
             m.last_success.clone(),
         );
         Metrics { registry, ..m }

@@ -12,7 +12,12 @@ use std::{
 };
 
 use k8s_openapi::jiff::Timestamp;
-use obsrv_crds::{DesiredState, Parallelism, RuntimeState, runtime::RuntimeConfig, status::Totals};
+use obsrv_crds::{
+    DesiredState, Parallelism, RuntimeState,
+    runtime::RuntimeConfig,
+    schedule::{Cron, Plan},
+    status::Totals,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
@@ -20,7 +25,6 @@ use crate::{
     envelope::Context,
     error::{Error, Result},
     http::Shared,
-    schedule::{Cron, Plan},
     sink::{
         Acks, InFlight, Sink, Transactions,
         kafka::{replica_transactional_id, transactional_id},
@@ -198,11 +202,115 @@ pub struct Runtime {
     pub secrets: Secrets,
     pub shared: Arc<Shared>,
     pub stop: watch::Receiver<bool>,
+    /// Running or Paused, as it changes (the operator's state file; the spec's state locally).
+    pub desired: watch::Receiver<DesiredState>,
 }
 
-/// Runs the connector until `stop`. Never gives up on retryable errors; configuration errors are
+/// How a run ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// SIGTERM: everything in flight delivered and committed.
+    Stopped,
+    /// A Secret file changed: run again with the new values (same process, no restart).
+    SecretsRotated,
+}
+
+/// How often mounted Secret files are compared with what was read.
+pub const SECRETS_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// Turns true once a Secret file the run read has changed.
+fn rotation_signal(secrets: Arc<Secrets>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(SECRETS_CHECK_EVERY) => {}
+            }
+            let s = secrets.clone();
+            if tokio::task::spawn_blocking(move || s.rotated())
+                .await
+                .unwrap_or(false)
+            {
+                tracing::info!("a Secret changed: reconnecting with the new values");
+                let _ = tx.send(true);
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Resolves when `rx` changes; never when its sender is gone (the value then stays as it is).
+async fn changed<T>(rx: &mut watch::Receiver<T>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// True once the run must stop reading: SIGTERM, the Connector paused (or stopped), or a Secret
+/// rotated.
+fn halt_signal(
+    mut stop: watch::Receiver<bool>,
+    mut desired: watch::Receiver<DesiredState>,
+    mut rotated: watch::Receiver<bool>,
+) -> watch::Receiver<bool> {
+    let halted = |stop: &watch::Receiver<bool>,
+                  d: &watch::Receiver<DesiredState>,
+                  r: &watch::Receiver<bool>| {
+        *stop.borrow() || *d.borrow() != DesiredState::Running || *r.borrow()
+    };
+    let (tx, rx) = watch::channel(halted(&stop, &desired, &rotated));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = changed(&mut stop) => {}
+                _ = changed(&mut desired) => {}
+                _ = changed(&mut rotated) => {}
+                _ = tx.closed() => return,
+            }
+            let _ = tx.send(halted(&stop, &desired, &rotated));
+        }
+    });
+    rx
+}
+
+/// Follows the state file the operator writes beside the config (`runtime::STATE_FILE`), read
+/// every 2 s; without one, the spec's state, fixed.
+pub fn desired_state(
+    state_file: Option<std::path::PathBuf>,
+    spec_state: DesiredState,
+) -> watch::Receiver<DesiredState> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| DesiredState::parse(&s))
+    };
+    let Some(path) = state_file.filter(|p| read(p).is_some()) else {
+        let (tx, rx) = watch::channel(spec_state);
+        // Kept for the life of the process: the state never changes.
+        std::mem::forget(tx);
+        return rx;
+    };
+    let (tx, rx) = watch::channel(read(&path).unwrap_or(spec_state));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if let Some(d) = read(&path) {
+                tx.send_if_modified(|cur| std::mem::replace(cur, d) != d);
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Runs the connector until `stop` (or until a Secret it read rotates: the caller then runs it
+/// again with the new values). Never gives up on retryable errors; configuration errors are
 /// reported on `/status` and the process waits for SIGTERM (a new config rolls the pod).
-pub async fn run(rt: Runtime) -> Result<()> {
+pub async fn run(rt: Runtime) -> Result<Ended> {
     let Runtime {
         registry,
         config,
@@ -210,6 +318,7 @@ pub async fn run(rt: Runtime) -> Result<()> {
         secrets,
         shared,
         mut stop,
+        mut desired,
     } = rt;
     let (kind, parallelism) = match config.spec.source.resolve() {
         Ok(s) => (s.kind, s.parallelism()),
@@ -243,19 +352,20 @@ pub async fn run(rt: Runtime) -> Result<()> {
     };
     let config = Arc::new(config);
     let secrets = Arc::new(secrets);
+    let mut rotated = rotation_signal(secrets.clone());
     let poll = match poll_interval(&config) {
         Ok(p) => p,
         Err(e) => return park(&shared, &mut stop, e).await,
     };
     let plan = match Plan::from_spec(config.spec.schedule.as_ref()) {
         Ok(p) => p,
-        Err(e) => return park(&shared, &mut stop, e).await,
+        Err(e) => return park(&shared, &mut stop, Error::Config(e.to_string())).await,
     };
     let once = plan.is_batch();
     if let Plan::Cron(cron) = plan {
         // The first run waits for the schedule too.
         if !wait_for_next_run(&cron, &shared, &mut stop).await {
-            return Ok(());
+            return Ok(Ended::Stopped);
         }
     }
     let state = match factory.keeps_own_positions {
@@ -272,19 +382,42 @@ pub async fn run(rt: Runtime) -> Result<()> {
         },
     };
 
-    if config.spec.state == DesiredState::Paused {
-        return paused(&registry, &config, &secrets, &sink, &shared, &mut stop).await;
-    }
-
     let mut backoff = Backoff::default();
     let mut committed: Option<serde_json::Value> = None;
     let mut loaded = state.is_none();
     let mut txn_ready = false;
     let mut state = state;
+    let mut ended = Ended::Stopped;
     loop {
         if *stop.borrow() {
             break;
         }
+        if *rotated.borrow() {
+            ended = Ended::SecretsRotated;
+            break;
+        }
+        if *desired.borrow() != DesiredState::Running {
+            // Paused: connected, reading nothing; resumes where it stopped (the position kept).
+            // A stop or a rotation ends the pause (the loop's top tells which).
+            let (_fixed, running) = watch::channel(DesiredState::Running);
+            let mut halt = halt_signal(stop.clone(), running, rotated.clone());
+            if paused(
+                &registry,
+                &config,
+                &secrets,
+                &sink,
+                &shared,
+                &mut halt,
+                &mut desired,
+            )
+            .await
+            {
+                tracing::info!("resumed");
+                shared.set_state(RuntimeState::Running);
+            }
+            continue;
+        }
+        let halt = halt_signal(stop.clone(), desired.clone(), rotated.clone());
         let attempt = async {
             if let Some(t) = txn.filter(|_| !txn_ready) {
                 t.init().await?;
@@ -297,8 +430,12 @@ pub async fn run(rt: Runtime) -> Result<()> {
                 loaded = true;
                 tracing::info!(resumed = committed.is_some(), "state loaded");
             }
-            let source =
-                open_source(&registry, &config, &secrets, &sink, committed.clone()).await?;
+            // SIGTERM (or a pause) while connecting ends the run at once: nothing is read yet.
+            let mut stop_connect = halt.clone();
+            let source = tokio::select! {
+                s = open_source(&registry, &config, &secrets, &sink, committed.clone()) => s?,
+                _ = stopped(&mut stop_connect) => return Ok(Finished::Stopped),
+            };
             shared.set_max_parallelism(source.max_parallelism());
             shared.set_ready(true);
             let committer = match source.committer() {
@@ -316,7 +453,7 @@ pub async fn run(rt: Runtime) -> Result<()> {
                 &committer,
                 &mut committed,
                 &shared,
-                stop.clone(),
+                halt.clone(),
                 poll,
                 once,
                 &mut backoff,
@@ -328,6 +465,8 @@ pub async fn run(rt: Runtime) -> Result<()> {
             res
         };
         match attempt.await {
+            // Paused or rotated: the loop's top takes it from there.
+            Ok(Finished::Stopped) if !*stop.borrow() => continue,
             Ok(Finished::Stopped) => break,
             Ok(Finished::Done) => match plan {
                 Plan::Cron(cron) => {
@@ -352,14 +491,17 @@ pub async fn run(rt: Runtime) -> Result<()> {
                 let d = backoff.next_delay();
                 tokio::select! {
                     _ = stopped(&mut stop) => break,
+                    _ = changed(&mut rotated) => {}
                     _ = tokio::time::sleep(d) => {}
                 }
             }
         }
     }
-    shared.set_state(RuntimeState::Stopping);
+    if ended == Ended::Stopped {
+        shared.set_state(RuntimeState::Stopping);
+    }
     let _ = sink.flush(Duration::from_secs(5)).await;
-    Ok(())
+    Ok(ended)
 }
 
 /// Idles until the next scheduled run; false when stopped first.
@@ -383,14 +525,15 @@ async fn wait_for_next_run(cron: &Cron, shared: &Shared, stop: &mut watch::Recei
 }
 
 /// A configuration error: report it and wait for SIGTERM instead of crash-looping.
-async fn park(shared: &Shared, stop: &mut watch::Receiver<bool>, e: Error) -> Result<()> {
+async fn park(shared: &Shared, stop: &mut watch::Receiver<bool>, e: Error) -> Result<Ended> {
     shared.error(&e);
     shared.set_ready(false);
     stopped(stop).await;
     Err(e)
 }
 
-/// `spec.state: Paused`: stay connected (ready when source and sink answer), read nothing.
+/// `state: Paused`: stay connected (ready when source and sink answer), read nothing, until
+/// resumed (true) or stopped (false).
 async fn paused(
     registry: &Registry,
     config: &Arc<RuntimeConfig>,
@@ -398,8 +541,10 @@ async fn paused(
     sink: &Arc<dyn Sink>,
     shared: &Shared,
     stop: &mut watch::Receiver<bool>,
-) -> Result<()> {
+    desired: &mut watch::Receiver<DesiredState>,
+) -> bool {
     let mut backoff = Backoff::default();
+    let resumed = |d: &watch::Receiver<DesiredState>| *d.borrow() == DesiredState::Running;
     loop {
         let check = async {
             sink.check().await?;
@@ -407,20 +552,27 @@ async fn paused(
                 .await
                 .map(|s| s.max_parallelism())
         };
-        match check.await {
+        let wait = match check.await {
             Ok(p) => {
                 shared.set_max_parallelism(p);
-                shared.set_ready(true);
+                shared.healthy();
                 shared.set_state(RuntimeState::Paused);
-                stopped(stop).await;
-                return Ok(());
+                tracing::info!("paused: connected, reading nothing");
+                None
             }
             Err(e) => {
                 shared.error(&e);
-                tokio::select! {
-                    _ = stopped(stop) => return Ok(()),
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
-                }
+                Some(backoff.next_delay())
+            }
+        };
+        loop {
+            if resumed(desired) {
+                return true;
+            }
+            tokio::select! {
+                _ = stopped(stop) => return false,
+                _ = changed(desired) => {}
+                _ = tokio::time::sleep(wait.unwrap_or(Duration::MAX)), if wait.is_some() => break,
             }
         }
     }
@@ -512,7 +664,7 @@ async fn pipeline(
             biased;
             _ = stopped(&mut stop) => {
                 tracing::info!(in_flight = inflight.len(), "stopping: draining in-flight batches");
-                let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut inflight, &mut pending, shared)).await;
+                let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut inflight, &mut pending, shared, sink)).await;
                 commit(committer, committed, &mut pending).await?;
                 return match drained {
                     Ok(r) => r.map(|_| Finished::Stopped),
@@ -533,7 +685,7 @@ async fn pipeline(
             Some(Ok(Item::Batch(b))) => {
                 inflight.push_back(sink.send(b, now_ms()).await?);
                 while inflight.len() > MAX_IN_FLIGHT {
-                    ack_front(&mut inflight, &mut pending, shared).await?;
+                    ack_front(&mut inflight, &mut pending, shared, sink).await?;
                     backoff.reset();
                 }
                 let due = committer.commits_each_batch() || last_commit.elapsed() >= COMMIT_EVERY;
@@ -543,25 +695,23 @@ async fn pipeline(
                 }
             }
             Some(Ok(Item::CaughtUp)) => {
-                drain(&mut inflight, &mut pending, shared).await?;
+                drain(&mut inflight, &mut pending, shared, sink).await?;
                 commit(committer, committed, &mut pending).await?;
                 last_commit = Instant::now();
                 backoff.reset();
-                if shared.status().state != RuntimeState::Degraded {
-                    shared.set_state(RuntimeState::Running);
-                }
+                shared.healthy();
                 if once {
                     return Ok(Finished::Done);
                 }
             }
             Some(Err(e)) => {
                 // What was read before the error is still delivered and committed.
-                drain(&mut inflight, &mut pending, shared).await?;
+                drain(&mut inflight, &mut pending, shared, sink).await?;
                 commit(committer, committed, &mut pending).await?;
                 return Err(e);
             }
             None => {
-                drain(&mut inflight, &mut pending, shared).await?;
+                drain(&mut inflight, &mut pending, shared, sink).await?;
                 commit(committer, committed, &mut pending).await?;
                 return Ok(if once {
                     Finished::Done
@@ -638,6 +788,7 @@ fn record_delivered(shared: &Shared, f: &InFlight) {
         },
         f.watermark.clone(),
     );
+    shared.failures(&f.failures);
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -648,15 +799,32 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// How often a wait for acknowledgements asks the sink why they do not come.
+pub const ACK_WATCH_EVERY: Duration = Duration::from_secs(5);
+
 async fn ack_front(
     inflight: &mut VecDeque<InFlight>,
     pending: &mut Option<(serde_json::Value, Option<String>)>,
     shared: &Shared,
+    sink: &dyn Sink,
 ) -> Result<()> {
     let Some(mut f) = inflight.pop_front() else {
         return Ok(());
     };
-    f.acked().await?;
+    loop {
+        tokio::select! {
+            r = f.acked() => {
+                r?;
+                break;
+            }
+            // Deliveries wait (a broker outage): say why, keep waiting; nothing is lost.
+            _ = tokio::time::sleep(ACK_WATCH_EVERY) => {
+                if let Some(why) = sink.stalled() {
+                    shared.error(&Error::SinkUnreachable(why));
+                }
+            }
+        }
+    }
     record_delivered(shared, &f);
     *pending = Some((f.position, f.watermark));
     Ok(())
@@ -666,9 +834,10 @@ async fn drain(
     inflight: &mut VecDeque<InFlight>,
     pending: &mut Option<(serde_json::Value, Option<String>)>,
     shared: &Shared,
+    sink: &dyn Sink,
 ) -> Result<()> {
     while !inflight.is_empty() {
-        ack_front(inflight, pending, shared).await?;
+        ack_front(inflight, pending, shared, sink).await?;
     }
     Ok(())
 }

@@ -232,3 +232,102 @@ async fn kill_9_mid_relay_then_restart_loses_nothing() -> Result<()> {
     kill_9_mid_load_then_restart(&broker, &h, n, 3_000).await?;
     Ok(())
 }
+
+/// Replicas share the consumer group's partitions, so each reports the lag of its own partitions
+/// only: the operator's sum over replicas then counts every partition once (it used to count the
+/// whole group's lag once per replica).
+#[tokio::test]
+async fn a_replica_reports_the_lag_of_its_own_partitions_only() -> Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    use obsrv_connector::source::{Source, kafka::KafkaSource};
+
+    let broker = Broker::start().await?;
+    let topic = unique_name("shared");
+    broker.create_topic(&topic, 2).await?;
+    let producer: FutureProducer = broker.client_config().create()?;
+    for p in 0..2 {
+        for i in 0..10 {
+            let value = format!("{{\"p\":{p},\"i\":{i}}}");
+            producer
+                .send(
+                    FutureRecord::<(), _>::to(&topic)
+                        .partition(p)
+                        .payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| anyhow!("produce: {e}"))?;
+        }
+    }
+    let group = unique_name("group");
+
+    // Another replica of the group: it holds partitions and never commits.
+    let other: BaseConsumer = broker
+        .client_config()
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .create()?;
+    other.subscribe(&[&topic])?;
+    let other = Arc::new(other);
+    let done = Arc::new(AtomicBool::new(false));
+    let poller = std::thread::spawn({
+        let (other, done) = (other.clone(), done.clone());
+        move || {
+            while !done.load(Ordering::SeqCst) {
+                let _ = other.poll(Duration::from_millis(100));
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + T;
+    while other.assignment()?.count() < 2 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the other member got no partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // This replica joins: the group splits the two partitions between them.
+    let rc = obsrv_connector::config::parse_config(
+        &manifest(&broker, &topic).replace("NAME", "lag").replace(
+            "offsetReset: earliest",
+            &format!("offsetReset: earliest\n      consumerGroup: {group}"),
+        ),
+    )?;
+    let spec = rc.spec.source.kafka.clone().context("a kafka source")?;
+    let mut source = KafkaSource::connect(&spec, &Default::default(), &rc, 100)?;
+    let committer = source.committer().context("the group commits")?;
+    let mut read = 0;
+    while read < 10 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "read {read} of its 10 records"
+        );
+        if let Some(b) = source.next_batch().await? {
+            read += b.records.len();
+            committer.commit(&b.position)?;
+        }
+    }
+    // Committed (async): its own partitions drain to 0; the other member's partition keeps 10.
+    let lag = loop {
+        let lag = source.lag().await?.context("lag once assigned")?;
+        if lag.records == 0 || std::time::Instant::now() > deadline {
+            break lag;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(read, 10, "one partition's records");
+    assert_eq!(
+        lag.records, 0,
+        "only this replica's partition counts: {lag:?}"
+    );
+    done.store(true, Ordering::SeqCst);
+    let _ = poller.join();
+    Ok(())
+}

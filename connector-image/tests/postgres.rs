@@ -7,46 +7,12 @@ use std::{collections::BTreeSet, time::Duration};
 use anyhow::Result;
 use common::{
     Harness, check_fails, check_passes_and_loads, consume_exactly, ids,
-    kill_9_mid_load_then_restart, total,
+    kill_9_mid_load_then_restart, pg_manifest as manifest, total,
 };
 use obsrv_e2e::services::{Broker, Postgres};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
-
-fn manifest(
-    pg: &Postgres,
-    table: &str,
-    cursor: &str,
-    tie_breaker: Option<&str>,
-    batch: usize,
-    extra: &str,
-) -> String {
-    let tb = tie_breaker
-        .map(|t| format!(", tieBreaker: {t}"))
-        .unwrap_or_default();
-    format!(
-        r#"apiVersion: obsrv.io/v1alpha1
-kind: Connector
-metadata: {{name: NAME, namespace: tests}}
-spec:
-  dataset: orders
-  source:
-    postgres:
-      host: {host}
-      port: {port}
-      database: {db}
-      credentials: {{secretName: pg-creds}}
-      tls: {{mode: disable}}
-      tables: [{{name: {table}, cursor: {{column: {cursor}{tb}}}}}]
-      pollInterval: 200ms
-      batchSize: {batch}
-{extra}"#,
-        host = pg.host(),
-        port = pg.port(),
-        db = pg.database(),
-    )
-}
 
 fn creds(pg: &Postgres) -> Vec<(&'static str, &'static str, String)> {
     vec![
@@ -523,7 +489,11 @@ async fn lag_is_estimated_for_large_tables_and_exact_near_the_end() -> Result<()
     std::fs::create_dir(dir.path().join("pg-creds"))?;
     std::fs::write(dir.path().join("pg-creds/username"), pg.user())?;
     std::fs::write(dir.path().join("pg-creds/password"), pg.password())?;
-    let secrets = Secrets::load(&rc.spec, Some(&dir.path().to_path_buf()))?;
+    let secrets = Secrets::load(
+        &rc.spec,
+        Some(&dir.path().to_path_buf()),
+        Default::default(),
+    )?;
     let spec = rc.spec.source.postgres.as_ref().expect("a postgres source");
     let open = |pos: Option<serde_json::Value>| {
         let (secrets, instance) = (secrets.clone(), rc.instance_id());

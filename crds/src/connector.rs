@@ -101,6 +101,27 @@ pub enum DesiredState {
     Stopped,
 }
 
+impl DesiredState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredState::Running => "Running",
+            DesiredState::Paused => "Paused",
+            DesiredState::Stopped => "Stopped",
+        }
+    }
+
+    /// Parses `Running`, `Paused` or `Stopped` (surrounding whitespace ignored).
+    pub fn parse(s: &str) -> Option<DesiredState> {
+        [
+            DesiredState::Running,
+            DesiredState::Paused,
+            DesiredState::Stopped,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s.trim())
+    }
+}
+
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
 )]
@@ -216,6 +237,9 @@ pub enum Compression {
 }
 
 impl Compression {
+    /// Every value, as written in specs and flags.
+    pub const NAMES: [&'static str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Compression::None => "none",
@@ -224,6 +248,18 @@ impl Compression {
             Compression::Lz4 => "lz4",
             Compression::Zstd => "zstd",
         }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Compression, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            format!(
+                "unknown compression {s:?}: one of {}",
+                Compression::NAMES.join(", ")
+            )
+        })
     }
 }
 

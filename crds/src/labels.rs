@@ -18,3 +18,7 @@ pub const MANAGER: &str = "obsrv-operator";
 pub const CONFIG_CHECKSUM: &str = "obsrv.io/config-checksum";
 /// The finalizer the operator adds to every Connector.
 pub const FINALIZER: &str = "obsrv.io/cleanup";
+
+/// Connector annotation: a new value retries a Connector whose restart budget ran out
+/// (`kubectl annotate connector <name> obsrv.io/retry=$(date +%s) --overwrite`).
+pub const RETRY: &str = "obsrv.io/retry";

@@ -10,8 +10,11 @@ pub mod connector;
 pub mod duration;
 pub mod labels;
 pub mod runtime;
+pub mod schedule;
+pub mod schema;
 pub mod source;
 pub mod status;
+pub mod validate;
 
 pub use connector::*;
 pub use source::{
@@ -52,6 +55,18 @@ pub fn crd()
         }
     }
     crd
+}
+
+/// The Connector's `openAPIV3Schema` (of the one served version), as JSON.
+pub fn connector_schema() -> serde_json::Value {
+    let crd = crd();
+    crd.spec
+        .versions
+        .first()
+        .and_then(|v| v.schema.as_ref())
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .and_then(|s| serde_json::to_value(s).ok())
+        .unwrap_or_default()
 }
 
 /// The CRD as YAML, exactly as committed in `crds/connector.yaml`.

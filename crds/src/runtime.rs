@@ -7,6 +7,11 @@ use crate::connector::{ConnectorSpec, CredentialsRef, SecretKeyRef, Tls};
 
 /// Key of the runtime config in the connector's ConfigMap, and file name under [`CONFIG_DIR`].
 pub const CONFIG_FILE: &str = "connector.yaml";
+/// Key of the desired state (`Running`, `Paused`, `Stopped`) in the connector's ConfigMap, and file
+/// name under [`CONFIG_DIR`]. Kept out of [`CONFIG_FILE`] so pausing and resuming change a file the
+/// running pods watch instead of rolling them (the pod template carries the checksum of
+/// [`CONFIG_FILE`] only, whose `spec.state` is always `Running`).
+pub const STATE_FILE: &str = "state";
 /// Where the ConfigMap is mounted in connector pods.
 pub const CONFIG_DIR: &str = "/etc/obsrv-connector";
 /// The connector's HTTP port: `/healthz`, `/readyz`, `/metrics`, `/status`.

@@ -88,8 +88,16 @@ pub struct ConnectorStatus {
     pub selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<LagStatus>,
+    /// Records and bytes over the Connector's life: every pod's, including pods that restarted or
+    /// are gone (counted at each poll of the pods; a pod that crashes loses at most its last poll
+    /// interval from these numbers, and those records are read again and counted then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totals: Option<Totals>,
+    /// How `totals` add up: what retired pods (gone, or restarted) contributed, and each current
+    /// pod's last report. Kept in status so totals never go backwards, not even across an
+    /// operator restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals_ledger: Option<TotalsLedger>,
     /// Human-readable source position (cursor value, offsets summary, last object).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark: Option<String>,
@@ -100,6 +108,10 @@ pub struct ConnectorStatus {
     pub last_error: Option<LastError>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarts: Option<Restarts>,
+    /// Set when the connector restarted too often: replicas stay at 0 until a spec change or a new
+    /// `obsrv.io/retry` annotation value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_budget: Option<RestartBudget>,
     /// When the autoscaler last changed replicas (for stabilisation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<Time>,
@@ -148,6 +160,33 @@ impl std::ops::Add for Totals {
     }
 }
 
+/// Totals of retired pods, and of each current pod by the process start it reported.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TotalsLedger {
+    #[serde(default)]
+    pub retired: Totals,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<PodTotals>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTotals {
+    pub pod: String,
+    /// When the pod's connector process started (a restart starts a new count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    pub totals: Totals,
+}
+
+impl TotalsLedger {
+    /// The Connector's totals: retired pods' plus current pods'.
+    pub fn sum(&self) -> Totals {
+        self.pods.iter().fold(self.retired, |t, p| t + p.totals)
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LastError {
@@ -161,9 +200,29 @@ pub struct LastError {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Restarts {
+    /// Container restarts of the current pods.
     pub count: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart_time: Option<Time>,
+    /// How the last restarted container ended (`exit code 2 (Error)`, `OOMKilled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+}
+
+/// The restart budget ran out: the Connector runs no replicas until its spec changes or the
+/// `obsrv.io/retry` annotation gets a new value.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartBudget {
+    /// The generation whose pods used up the budget.
+    pub generation: i64,
+    /// The `obsrv.io/retry` annotation's value at the time (a new value retries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<String>,
+    /// What happened, for the Stalled condition.
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exhausted_at: Option<Time>,
 }
 
 /// What the runtime is doing, as reported on `/status`.
@@ -192,6 +251,12 @@ pub mod reason {
     pub const SCHEMA_ERROR: &str = "SchemaError";
     pub const CONFIG_ERROR: &str = "ConfigError";
     pub const STATE_ERROR: &str = "StateError";
+    pub const NOT_FOUND: &str = "NotFound";
+    pub const TLS_CONFIG: &str = "TlsConfig";
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The JSON body of a connector pod's `GET /status`.
@@ -225,6 +290,10 @@ pub struct RuntimeStatus {
     pub last_success_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
+    /// Failed attempts in a row (reset by the next success): the operator says `Stalled` past a
+    /// few, so GitOps tools see an outage as a failure rather than as healthy.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_attempts: u32,
     /// Checksum of the config the pod runs, to tell old pods from new during a roll.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_checksum: Option<String>,

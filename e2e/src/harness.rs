@@ -55,9 +55,20 @@ pub fn binaries_dir() -> Result<PathBuf> {
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Process(Child);
 
+impl From<Child> for Process {
+    fn from(child: Child) -> Process {
+        Process(child)
+    }
+}
+
 impl Process {
     pub fn pid(&self) -> u32 {
         self.0.id()
+    }
+
+    /// Its exit status once it has exited (`None` while it runs).
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.0.try_wait()
     }
 
     /// `kill -9`, and reap it.
@@ -69,6 +80,9 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
         // SAFETY: our own child, not yet reaped, so the pid cannot have been reused.
         unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -98,6 +112,8 @@ enum Cluster {
         cp: Box<ControlPlane>,
         operator: Option<Process>,
         runs: u32,
+        /// Where the running operator serves `/metrics`, `/healthz` and `/readyz`.
+        admin: Option<String>,
     },
     /// A real cluster (`E2E_KUBECONFIG`) where the operator was installed with the Helm chart.
     Remote { operator_namespace: String },
@@ -181,6 +197,7 @@ impl Stack {
                 cp: Box::new(cp),
                 operator: None,
                 runs: 0,
+                admin: None,
             },
             broker,
             kubeconfig,
@@ -233,21 +250,50 @@ impl Stack {
     /// operator's Deployment brings it back by itself, so this only waits for that.
     pub fn start_operator(&mut self) -> Result<()> {
         let admin = format!("127.0.0.1:{}", free_port()?);
-        let (kubeconfig, bootstrap, bin_dir, dir) = (
-            self.kubeconfig.clone(),
-            self.broker.bootstrap().to_string(),
-            self.bin_dir.clone(),
-            self.dir.clone(),
-        );
-        let Cluster::Local { operator, runs, .. } = &mut self.cluster else {
+        let Cluster::Local { runs, .. } = &mut self.cluster else {
             return Ok(());
         };
         *runs += 1;
-        let log = std::fs::File::create(dir.join(format!("operator-{runs}.log")))?;
-        let child = Command::new(bin_dir.join("obsrv-operator"))
-            .env("KUBECONFIG", &kubeconfig)
+        let log = self.dir.join(format!("operator-{runs}.log"));
+        let child = self.spawn_operator(&admin, &log, &[], None)?;
+        if let Cluster::Local {
+            operator,
+            admin: admin_addr,
+            ..
+        } = &mut self.cluster
+        {
+            *admin_addr = Some(admin);
+            *operator = Some(child);
+        }
+        Ok(())
+    }
+
+    /// One more operator replica with leader election on (the Lease `obsrv-operator` in the
+    /// stack's namespace), as the chart runs two; `identity` is its pod name. Its log is
+    /// `operator-<identity>.log`.
+    pub fn start_operator_replica(&self, identity: &str) -> Result<Process> {
+        let admin = format!("127.0.0.1:{}", free_port()?);
+        let log = self.dir.join(format!("operator-{identity}.log"));
+        self.spawn_operator(
+            &admin,
+            &log,
+            &["--leader-election", "--lease-namespace", &self.namespace],
+            Some(identity),
+        )
+    }
+
+    fn spawn_operator(
+        &self,
+        admin: &str,
+        log: &Path,
+        extra: &[&str],
+        pod_name: Option<&str>,
+    ) -> Result<Process> {
+        let log = std::fs::File::create(log)?;
+        let mut cmd = Command::new(self.bin_dir.join("obsrv-operator"));
+        cmd.env("KUBECONFIG", &self.kubeconfig)
             .args(["--connector-image", &format!("{CONNECTOR_IMAGE}:dev")])
-            .args(["--sink-bootstrap-servers", &bootstrap])
+            .args(["--sink-bootstrap-servers", self.broker.bootstrap()])
             .args([
                 "--sink-topic",
                 INGEST_TOPIC,
@@ -259,17 +305,27 @@ impl Stack {
                 "--status-poll-interval",
                 "2s",
                 "--admin-addr",
-                &admin,
+                admin,
                 "--log-format",
                 "text",
             ])
+            .args(extra)
             .stdout(log.try_clone()?)
             .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting obsrv-operator")?;
-        *operator = Some(Process(child));
-        Ok(())
+            .stdin(Stdio::null());
+        if let Some(name) = pod_name {
+            cmd.env("POD_NAME", name);
+        }
+        Ok(Process(cmd.spawn().context("starting obsrv-operator")?))
+    }
+
+    /// `host:port` of the local operator's admin server (`/metrics`, `/healthz`, `/readyz`); None on
+    /// a real cluster, where the chart's `<fullname>-metrics` Service exposes it.
+    pub fn operator_admin(&self) -> Option<&str> {
+        match &self.cluster {
+            Cluster::Local { admin, .. } => admin.as_deref(),
+            Cluster::Remote { .. } => None,
+        }
     }
 
     /// `kill -9` of the operator (a forced delete of its pods on a real cluster).
@@ -348,6 +404,18 @@ impl Stack {
                 self.namespace
             ),
         }
+    }
+
+    /// Everything the connector pods logged so far (local control plane: one file per pod, with
+    /// every restart of its container).
+    pub fn pod_logs(&self) -> Result<String> {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.dir.join("cluster/logs"))?.flatten() {
+            if entry.path().is_file() {
+                out.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        Ok(out)
     }
 
     /// Path of the current operator's log (local control plane).
@@ -464,6 +532,30 @@ impl Stack {
             "timed out after {timeout:?} waiting for {what} (last error: {last}); {}",
             self.logs_hint()
         )
+    }
+}
+
+/// Distinct `event.id`s of the records in the ingest topic for `dataset`, once there are at least
+/// `expected` (or at `timeout`, with what arrived).
+pub async fn ingested_ids(
+    broker: &Broker,
+    dataset: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Result<std::collections::BTreeSet<i64>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ids: std::collections::BTreeSet<i64> = broker
+            .consume_all(INGEST_TOPIC, usize::MAX, Duration::from_secs(3))
+            .await?
+            .iter()
+            .filter_map(|r| r.json().ok())
+            .filter(|v| v["dataset"] == dataset)
+            .filter_map(|v| v["event"]["id"].as_i64())
+            .collect();
+        if ids.len() >= expected || Instant::now() > deadline {
+            return Ok(ids);
+        }
     }
 }
 

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use obsrv_e2e::harness::{INGEST_TOPIC, OWN_BUILD_IMAGE, Stack};
-use obsrv_e2e::services::{Broker, Postgres, free_port, unique_name};
+use obsrv_e2e::harness::{INGEST_TOPIC, OWN_BUILD_IMAGE, Stack, ingested_ids};
+use obsrv_e2e::services::{Postgres, free_port, proxy::Proxy, unique_name};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -80,30 +80,6 @@ async fn insert_orders(pg: &Postgres, from: u32, to: u32) -> Result<()> {
     ))
     .await?;
     Ok(())
-}
-
-/// Distinct `event.id`s of the records in the ingest topic for `dataset`.
-async fn ingested_ids(
-    broker: &Broker,
-    dataset: &str,
-    expected: usize,
-    timeout: Duration,
-) -> Result<BTreeSet<i64>> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let records = broker
-            .consume_all(INGEST_TOPIC, usize::MAX, Duration::from_secs(3))
-            .await?;
-        let ids: BTreeSet<i64> = records
-            .iter()
-            .filter_map(|r| r.json().ok())
-            .filter(|v| v["dataset"] == dataset)
-            .filter_map(|v| v["event"]["id"].as_i64())
-            .collect();
-        if ids.len() >= expected || std::time::Instant::now() > deadline {
-            return Ok(ids);
-        }
-    }
 }
 
 /// `kubectl patch connector <name> --type merge -p <patch>`.
@@ -226,7 +202,7 @@ async fn spec_image_runs_a_builtin_kind_in_an_image_of_your_own() -> Result<()> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spec_edit_and_secret_rotation_roll_the_pods() -> Result<()> {
+async fn a_spec_edit_rolls_the_pods_and_a_secret_rotation_reaches_them_without_one() -> Result<()> {
     let (pg, stack) = start_with_orders(50).await?;
     // The connector reads as a read-only role whose password we rotate.
     pg.psql(
@@ -256,26 +232,47 @@ async fn spec_edit_and_secret_rotation_roll_the_pods() -> Result<()> {
         })
         .await?;
 
-    // Rotate the password in Postgres and in the Secret: the pods roll and read with the new one.
+    // Rotate the password in Postgres (the old one stops working for new sessions) and in the
+    // Secret: the running pod reconnects with the new one, no roll.
     pg.psql("ALTER ROLE reader PASSWORD 'rotated-password'")
         .await?;
     stack.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: orders-creds}\nstringData: {username: reader, password: rotated-password}\n")?;
     stack
-        .eventually("a new pod after the Secret rotation", WAIT, async || {
-            let now: BTreeSet<String> = stack.ready_pods("orders")?.into_iter().collect();
-            Ok((!now.is_empty() && now.is_disjoint(&after_edit)).then_some(()))
-        })
+        .eventually(
+            "the pod reconnected with the rotated Secret",
+            WAIT,
+            async || {
+                let logs = stack.pod_logs()?;
+                Ok(logs
+                    .contains("a Secret changed: reconnecting")
+                    .then_some(()))
+            },
+        )
         .await?;
     insert_orders(&pg, 51, 60).await?;
     assert_eq!(
         ingested_ids(&stack.broker, "orders", 60, WAIT).await?.len(),
         60
     );
+    let now: BTreeSet<String> = stack.ready_pods("orders")?.into_iter().collect();
+    assert_eq!(now, after_edit, "a rotation does not roll the pods");
+    wait_ready(&stack, "orders").await?;
+
+    // No secret value anywhere a user or a log collector looks.
     let cm = stack.get_json(&["configmap", "orders"])?;
-    assert!(
-        !cm.to_string().contains("rotated-password"),
-        "no secret value in the ConfigMap"
-    );
+    let seen = [
+        cm.to_string(),
+        stack.get_json(&["connector", "orders"])?.to_string(),
+        stack.get_json(&["deployment", "orders"])?.to_string(),
+        stack.kubectl_ok(&["get", "events", "-o", "json"])?,
+        stack.pod_logs()?,
+        std::fs::read_to_string(stack.operator_log())?,
+    ];
+    for value in ["first-password", "rotated-password", pg.password()] {
+        for text in &seen {
+            assert!(!text.contains(value), "a secret value leaked: {value}");
+        }
+    }
     Ok(())
 }
 
@@ -287,6 +284,15 @@ async fn pause_stop_and_resume() -> Result<()> {
         ingested_ids(&stack.broker, "orders", 20, WAIT).await?.len(),
         20
     );
+    wait_ready(&stack, "orders").await?;
+    let pods = |stack: &Stack| -> Result<Vec<String>> {
+        Ok(stack
+            .pods("orders")?
+            .iter()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(String::from))
+            .collect())
+    };
+    let before = pods(&stack)?;
 
     patch_spec(&stack, "orders", r#"{"spec":{"state":"Paused"}}"#)?;
     stack
@@ -307,6 +313,18 @@ async fn pause_stop_and_resume() -> Result<()> {
         !stack.ready_pods("orders")?.is_empty(),
         "a paused connector keeps its pods"
     );
+    assert_eq!(pods(&stack)?, before, "pausing does not roll the pods");
+
+    // Resume: the same pods read on from where they stopped.
+    patch_spec(&stack, "orders", r#"{"spec":{"state":"Running"}}"#)?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
+        30,
+        "rows written while paused arrive"
+    );
+    assert_eq!(pods(&stack)?, before, "resuming does not roll the pods");
+    let events = stack.kubectl_ok(&["get", "events"])?;
+    assert!(!events.contains("rolling pods"), "{events}");
 
     patch_spec(&stack, "orders", r#"{"spec":{"state":"Stopped"}}"#)?;
     stack
@@ -317,14 +335,25 @@ async fn pause_stop_and_resume() -> Result<()> {
         .await?;
     let deployment = stack.get_json(&["deployment", "orders"])?;
     assert_eq!(deployment["spec"]["replicas"], 0);
+    assert!(
+        status(&stack, "orders")?["totals"]["recordsIngested"].as_u64() >= Some(30),
+        "totals survive scaling to zero"
+    );
 
     patch_spec(&stack, "orders", r#"{"spec":{"state":"Running"}}"#)?;
+    insert_orders(&pg, 31, 40).await?;
     assert_eq!(
-        ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
-        30,
-        "rows written while paused arrive"
+        ingested_ids(&stack.broker, "orders", 40, WAIT).await?.len(),
+        40,
+        "a stopped connector resumes where it stopped"
     );
     wait_ready(&stack, "orders").await?;
+    stack
+        .eventually("totals over the Connector's life", WAIT, async || {
+            let n = status(&stack, "orders")?["totals"]["recordsIngested"].as_u64();
+            Ok((n >= Some(40)).then_some(()))
+        })
+        .await?;
     Ok(())
 }
 
@@ -478,9 +507,21 @@ async fn unreachable_source_is_reported_and_recovers() -> Result<()> {
         })
         .await?;
     assert!(
-        !ready["message"].as_str().unwrap_or_default().is_empty(),
-        "Ready=False carries a message: {ready}"
+        ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!(
+                "connection refused at {host}:{port}: is Postgres listening there?"
+            )),
+        "Ready=False names the endpoint and the likely cause: {ready}"
     );
+    let events = stack
+        .eventually("a SourceUnreachable event", WAIT, async || {
+            let e = stack.kubectl_ok(&["get", "events", "-o", "json"])?;
+            Ok(e.contains("SourceUnreachable").then_some(e))
+        })
+        .await?;
+    assert!(events.contains("is Postgres listening there?"), "{events}");
 
     let forward = tcp_forward(&host, port, format!("{}:{}", pg.host(), pg.port())).await?;
     assert_eq!(
@@ -489,6 +530,53 @@ async fn unreachable_source_is_reported_and_recovers() -> Result<()> {
     );
     wait_ready(&stack, "orders").await?;
     forward.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_outage_mid_stream_is_reported_and_heals_by_itself() -> Result<()> {
+    let (pg, stack) = start_with_orders(30).await?;
+    // The connector reaches Postgres through a proxy: cutting it is the outage.
+    let proxy = Proxy::start(&format!("{}:{}", pg.host(), pg.port())).await?;
+    stack.apply(&pg_manifest(
+        "orders",
+        "127.0.0.1",
+        proxy.port(),
+        &pg,
+        json!({}),
+    ))?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 30, WAIT).await?.len(),
+        30
+    );
+    wait_ready(&stack, "orders").await?;
+
+    proxy.cut();
+    let outage = std::time::Instant::now();
+    insert_orders(&pg, 31, 60).await?;
+    let ready = stack
+        .eventually("Ready=False with the outage's reason", WAIT, async || {
+            let c = stack.condition("orders", "Ready")?;
+            Ok((c["status"] == "False" && c["reason"] == "SourceUnreachable").then_some(c))
+        })
+        .await?;
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("127.0.0.1:{}", proxy.port())),
+        "names the endpoint: {ready}"
+    );
+    // A 30 s outage, then the source is back on the same address.
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
+    proxy.restore().await?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 60, WAIT).await?,
+        (1..=60).collect(),
+        "rows written during the outage arrive, none lost"
+    );
+    wait_ready(&stack, "orders").await?;
+    assert_eq!(stack.condition("orders", "Stalled")?["status"], "False");
     Ok(())
 }
 
@@ -561,6 +649,62 @@ async fn operator_restart_creates_no_duplicates_and_status_converges() -> Result
             .len(),
         250
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_mid_reconcile_leaves_no_duplicates() -> Result<()> {
+    let (pg, mut stack) = start_with_orders(100).await?;
+    // Two replicas with leader election, as the chart runs them (not the stack's single one).
+    stack.kill_operator()?;
+    let mut replicas = vec![
+        ("operator-a", stack.start_operator_replica("operator-a")?),
+        ("operator-b", stack.start_operator_replica("operator-b")?),
+    ];
+    let leader = stack
+        .eventually("a leader", WAIT, async || {
+            let lease = stack.get_json(&["lease", "obsrv-operator"])?;
+            Ok(lease["spec"]["holderIdentity"].as_str().map(String::from))
+        })
+        .await?;
+    stack.apply(&pg_manifest("orders", pg.host(), pg.port(), &pg, json!({})))?;
+    // Mid-reconcile: the leader has started applying (the ConfigMap is there) when it dies.
+    stack
+        .eventually("the first object applied", WAIT, async || {
+            Ok(stack.get_json(&["configmap", "orders"]).ok())
+        })
+        .await?;
+    let i = replicas
+        .iter()
+        .position(|(name, _)| *name == leader)
+        .context("the leader is one of ours")?;
+    replicas.remove(i).1.kill9();
+    insert_orders(&pg, 101, 150).await?;
+
+    // The other replica takes the Lease over and finishes the job.
+    stack
+        .eventually("the other replica leads", WAIT, async || {
+            let lease = stack.get_json(&["lease", "obsrv-operator"])?;
+            Ok((lease["spec"]["holderIdentity"] != leader.as_str()).then_some(()))
+        })
+        .await?;
+    wait_ready(&stack, "orders").await?;
+    assert_eq!(
+        ingested_ids(&stack.broker, "orders", 150, WAIT).await?,
+        (1..=150).collect()
+    );
+    for kind in ["deployments", "configmaps", "services", "pods"] {
+        let items = stack.get_json(&[kind, "-l", "app.kubernetes.io/instance=orders"])?["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(items.len(), 1, "exactly one of {kind} after the takeover");
+    }
+    stack
+        .eventually("totals 150 in status", WAIT, async || {
+            Ok((status(&stack, "orders")?["totals"]["recordsIngested"] == 150).then_some(()))
+        })
+        .await?;
     Ok(())
 }
 

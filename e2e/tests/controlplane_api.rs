@@ -433,6 +433,74 @@ async fn invalid_custom_resources_get_422_with_the_rule_message() {
 }
 
 #[tokio::test]
+async fn an_object_stored_before_its_rules_still_takes_status_and_finalizer_updates() {
+    let cp = api_server().await;
+    let client = cp.client().await.expect("client");
+    install_connector_crd(&client).await;
+    let api = connectors(&client);
+    // Stored around validation, as an object from before a rule existed would be.
+    let mut old = connector("old", "orders");
+    old["spec"]["state"] = json!("Sleeping");
+    old["metadata"]["finalizers"] = json!(["obsrv.io/cleanup"]);
+    let rt = cp
+        .store()
+        .resource("obsrv.io", "connectors")
+        .expect("connectors served");
+    cp.store().put(&rt, "default", old);
+
+    // The status subresource validates .status only; unchanged invalid fields are ratcheted.
+    api.patch_status(
+        "old",
+        &PatchParams::apply("operator").force(),
+        &Patch::Apply(
+            json!({"apiVersion": "obsrv.io/v1alpha1", "kind": "Connector",
+                             "status": {"phase": "Failed"}}),
+        ),
+    )
+    .await
+    .expect("status of an object with an invalid spec");
+    let err = api
+        .patch_status(
+            "old",
+            &PatchParams::apply("operator").force(),
+            &Patch::Apply(
+                json!({"apiVersion": "obsrv.io/v1alpha1", "kind": "Connector",
+                                 "status": {"phase": "Sleepy"}}),
+            ),
+        )
+        .await
+        .expect_err("the status is still checked");
+    assert_eq!(api_code(&err), Some(422), "{err}");
+
+    // Changing the invalid field to another invalid value is refused; fixing it is not.
+    let err = api
+        .patch(
+            "old",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"state": "Dozing"}})),
+        )
+        .await
+        .expect_err("a changed field is validated");
+    assert!(err.to_string().contains("spec.state"), "{err}");
+
+    // Releasing the finalizer of the unchanged invalid object deletes it.
+    api.delete("old", &DeleteParams::default())
+        .await
+        .expect("delete");
+    api.patch(
+        "old",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("finalizer released despite the invalid spec");
+    assert_eq!(
+        api_code(&api.get("old").await.expect_err("gone")),
+        Some(404)
+    );
+}
+
+#[tokio::test]
 async fn finalizers_hold_deletion_until_removed() {
     let cp = api_server().await;
     let client = cp.client().await.expect("client");
@@ -462,6 +530,11 @@ async fn finalizers_hold_deletion_until_removed() {
         .await
         .expect("still there while the finalizer is set");
     assert!(held.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        held.metadata.generation,
+        Some(2),
+        "marking for deletion is a new generation (controllers filtering on it see it)"
+    );
     let err = api
         .patch(
             "orders",

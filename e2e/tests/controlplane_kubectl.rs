@@ -213,6 +213,29 @@ async fn invalid_connectors_are_rejected_with_the_cel_message() {
     let err = reject(&cp, &unknown);
     assert!(err.contains("unknown field \"spec.replicas\""), "{err}");
 
+    // A misspelt nested field: rejected under kubectl's default (Strict), pruned when the user
+    // turns validation off, as a real API server does.
+    let mut typo = connector("lenient", "ds");
+    typo["spec"]["source"]["postgres"]["tables"][0]["cursor"]["tiebreaker"] = "id".into();
+    let err = reject(&cp, &typo);
+    assert!(
+        err.contains("unknown field \"spec.source.postgres.tables[0].cursor.tiebreaker\""),
+        "{err}"
+    );
+    let out = kubectl(
+        &cp,
+        &["apply", "--validate=false", "-f", "-"],
+        Some(&typo.to_string()),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stored = kubectl(&cp, &["get", "connector", "lenient", "-o", "json"], None);
+    let stored: serde_json::Value = serde_json::from_slice(&stored.stdout).expect("json");
+    assert_eq!(
+        stored["spec"]["source"]["postgres"]["tables"][0]["cursor"],
+        serde_json::json!({"column": "updated_at", "tieBreaker": "id"}),
+        "the unknown field is pruned"
+    );
+
     let out = kubectl(
         &cp,
         &["apply", "-f", "-"],

@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use obsrv_e2e::harness::{EXAMPLE_CUSTOM_IMAGE, INGEST_TOPIC, Stack};
+use obsrv_e2e::harness::{EXAMPLE_CUSTOM_IMAGE, Stack, ingested_ids};
 use obsrv_e2e::services::Broker;
 use serde_json::{Value, json};
 
@@ -96,22 +96,8 @@ fn manifest(name: &str, url: &str, page: u64) -> String {
     )
 }
 
-/// Distinct `event.id`s in the ingest topic for `dataset`, once at least `expected` or at the timeout.
 async fn ingested(broker: &Broker, dataset: &str, expected: usize) -> Result<BTreeSet<i64>> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        let ids: BTreeSet<i64> = broker
-            .consume_all(INGEST_TOPIC, usize::MAX, Duration::from_secs(3))
-            .await?
-            .iter()
-            .filter_map(|r| r.json().ok())
-            .filter(|v| v["dataset"] == dataset)
-            .filter_map(|v| v["event"]["id"].as_i64())
-            .collect();
-        if ids.len() >= expected || std::time::Instant::now() > deadline {
-            return Ok(ids);
-        }
-    }
+    ingested_ids(broker, dataset, expected, Duration::from_secs(300)).await
 }
 
 fn status(stack: &Stack, name: &str) -> Result<Value> {

@@ -1,6 +1,6 @@
 //! Cold start: N Connectors reconciled from scratch (finalizer, apply, status) against the
-//! in-memory API, 32 at a time as the controller runs them. Prints wall time, reconciles per
-//! second and the process's peak resident memory. Usage: `cargo bench -p obsrv-operator -- [N]`.
+//! in-memory API (the local control plane's API server in-process), 32 at a time as the controller
+//! runs them. Prints wall time, reconciles per second and the process's peak resident memory. Usage: `cargo bench -p obsrv-operator -- [N]`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -9,16 +9,18 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    EnvVar, HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use obsrv_crds::runtime::{self, RuntimeConfig};
-use obsrv_crds::{Connector, KafkaSinkSpec, Parallelism, Scaling, SinkSpec, SourceKind, labels};
+use obsrv_crds::{
+    Connector, DesiredState, KafkaSinkSpec, Parallelism, Scaling, SinkSpec, SourceKind, labels,
+};
 use sha2::{Digest, Sha256};
 
 /// Name of the container running the connector.
@@ -36,8 +38,6 @@ pub struct Inputs<'a> {
     pub source_kind: &'static SourceKind,
     /// How many replicas can read the source at once (decides the rollout strategy).
     pub parallelism: Parallelism,
-    /// `resourceVersion` of every Secret the spec references, by name.
-    pub secret_versions: &'a BTreeMap<String, String>,
     pub replicas: i32,
 }
 
@@ -134,6 +134,8 @@ fn meta(c: &Connector, kind: &SourceKind) -> ObjectMeta {
 pub fn runtime_config(c: &Connector, sink_defaults: &KafkaSinkSpec) -> RuntimeConfig {
     let mut spec = c.spec.clone();
     spec.scaling = Scaling::default();
+    // The state travels in its own file (runtime::STATE_FILE): pausing must not roll the pods.
+    spec.state = DesiredState::Running;
     let own = spec
         .sink
         .as_ref()
@@ -156,27 +158,29 @@ pub fn config_yaml(c: &Connector, sink_defaults: &KafkaSinkSpec) -> String {
     serde_yaml::to_string(&runtime_config(c, sink_defaults)).unwrap_or_default()
 }
 
-/// sha256 over the config file and the referenced Secrets' versions: an edit or a rotation changes it.
-pub fn checksum(config_yaml: &str, secret_versions: &BTreeMap<String, String>) -> String {
-    let mut h = Sha256::new();
-    h.update(config_yaml.as_bytes());
-    for (name, version) in secret_versions {
-        h.update(b"\0secret\0");
-        h.update(name.as_bytes());
-        h.update(b"\0");
-        h.update(version.as_bytes());
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+/// sha256 of the config file: an edit rolls the pods (a Secret rotation does not need to: the
+/// pods follow their mounted Secret files).
+pub fn checksum(config_yaml: &str) -> String {
+    Sha256::digest(config_yaml.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Builds every owned object.
 pub fn build(i: &Inputs<'_>) -> Desired {
     let c = i.connector;
     let yaml = config_yaml(c, i.sink_defaults);
-    let sum = checksum(&yaml, i.secret_versions);
+    let sum = checksum(&yaml);
     let config_map = ConfigMap {
         metadata: meta(c, i.source_kind),
-        data: Some(BTreeMap::from([(runtime::CONFIG_FILE.to_string(), yaml)])),
+        data: Some(BTreeMap::from([
+            (runtime::CONFIG_FILE.to_string(), yaml),
+            (
+                runtime::STATE_FILE.to_string(),
+                c.spec.state.as_str().to_string(),
+            ),
+        ])),
         ..ConfigMap::default()
     };
     let mut desired = Desired {
@@ -208,30 +212,64 @@ pub fn build(i: &Inputs<'_>) -> Desired {
     desired
 }
 
-/// `secretKeyRef` env for every Secret value the spec needs, then the template's own env.
+/// The template's own env, and where the mounted Secrets are (never a credential value: those
+/// are files of the pod's Secret volumes, see [`secret_volumes`]).
 pub fn env(c: &Connector) -> Vec<EnvVar> {
-    let mut out: Vec<EnvVar> = runtime::secret_env(&c.spec)
-        .into_iter()
-        .map(|s| EnvVar {
-            name: s.env.to_string(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: s.secret_name,
-                    key: s.key,
-                    optional: Some(false),
-                }),
-                ..EnvVarSource::default()
-            }),
-        })
-        .collect();
+    let mut out = Vec::new();
+    if !secret_volumes(c).is_empty() {
+        out.push(EnvVar {
+            name: runtime::SECRETS_DIR_ENV.into(),
+            value: Some(obsrv_crds::source::SECRETS_DIR.into()),
+            value_from: None,
+        });
+    }
     for e in c.spec.template.iter().flat_map(|t| t.env.iter()) {
-        // Never let a template override a credential variable with a literal value.
+        // The template may not move the Secrets directory away from the mounts.
         if !out.iter().any(|o| o.name == e.name) {
             out.push(e.clone());
         }
     }
     out
+}
+
+/// One Secret the pod mounts: at `<SECRETS_DIR>/<secret>`, only `keys` (all keys when `None`:
+/// a custom source reads whatever it needs). Optional, so a missing Secret does not keep the pod
+/// from starting: the connector says which Secret and key it lacks (reason NotFound) and picks
+/// them up once they exist. Files, unlike env, follow a rotation: the connector notices and
+/// reconnects with the new values, so the operator never reads a Secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretVolume {
+    pub volume: String,
+    pub secret: String,
+    pub keys: Option<Vec<String>>,
+}
+
+/// The Secret volumes of a Connector's pods.
+pub fn secret_volumes(c: &Connector) -> Vec<SecretVolume> {
+    let mut by_secret: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
+    for s in runtime::secret_env(&c.spec) {
+        if let Some(keys) = by_secret
+            .entry(s.secret_name)
+            .or_insert_with(|| Some(Vec::new()))
+            && !keys.contains(&s.key)
+        {
+            keys.push(s.key);
+        }
+    }
+    if let Ok(source) = c.spec.source.resolve() {
+        for name in source.spec.mounted_secrets() {
+            by_secret.insert(name, None);
+        }
+    }
+    by_secret
+        .into_iter()
+        .enumerate()
+        .map(|(i, (secret, keys))| SecretVolume {
+            volume: format!("secret-{i}"),
+            secret,
+            keys,
+        })
+        .collect()
 }
 
 fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
@@ -263,19 +301,6 @@ pub fn image_of(c: &Connector, shared: &str) -> String {
         .unwrap_or_else(|| shared.to_string())
 }
 
-/// Volume names of Secrets mounted for a custom source, with the Secret each holds.
-fn secret_volumes(c: &Connector) -> Vec<(String, String)> {
-    c.spec
-        .source
-        .resolve()
-        .map(|s| s.spec.mounted_secrets())
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .map(|(i, name)| (format!("secret-{i}"), name))
-        .collect()
-}
-
 /// The connector container (shared by the Deployment and the cleanup Job).
 fn container(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> Container {
     let t = c.spec.template.as_ref();
@@ -292,23 +317,15 @@ fn container(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> Con
             ..VolumeMount::default()
         },
     ];
-    let secrets = secret_volumes(c);
-    for (volume, secret) in &secrets {
+    for v in secret_volumes(c) {
         mounts.push(VolumeMount {
-            name: volume.clone(),
-            mount_path: format!("{}/{secret}", obsrv_crds::source::SECRETS_DIR),
+            name: v.volume,
+            mount_path: format!("{}/{}", obsrv_crds::source::SECRETS_DIR, v.secret),
             read_only: Some(true),
             ..VolumeMount::default()
         });
     }
-    let mut env = env(c);
-    if !secrets.is_empty() {
-        env.push(EnvVar {
-            name: runtime::SECRETS_DIR_ENV.into(),
-            value: Some(obsrv_crds::source::SECRETS_DIR.into()),
-            value_from: None,
-        });
-    }
+    let env = env(c);
     Container {
         name: CONTAINER.into(),
         image: Some(image_of(c, image)),
@@ -358,11 +375,21 @@ fn pod_spec(c: &Connector, image: &str, args: Vec<String>, probes: bool) -> PodS
             ..Volume::default()
         },
     ];
-    for (volume, secret) in secret_volumes(c) {
+    for v in secret_volumes(c) {
         volumes.push(Volume {
-            name: volume,
+            name: v.volume,
             secret: Some(SecretVolumeSource {
-                secret_name: Some(secret),
+                secret_name: Some(v.secret),
+                items: v.keys.map(|keys| {
+                    keys.into_iter()
+                        .map(|k| KeyToPath {
+                            path: k.clone(),
+                            key: k,
+                            mode: None,
+                        })
+                        .collect()
+                }),
+                optional: Some(true),
                 ..SecretVolumeSource::default()
             }),
             ..Volume::default()

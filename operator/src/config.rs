@@ -26,47 +26,60 @@ pub struct Cli {
 #[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// Run the controller (the default).
+    #[command(
+        after_help = "Example:\n  obsrv-operator run --sink-bootstrap-servers kafka.obsrv.svc:9092 --namespaces shop,web"
+    )]
     Run,
     /// Print every API verb and resource the operator uses, as JSON policy rules.
+    #[command(after_help = "Example:\n  obsrv-operator print-rbac | jq '.[].resources'")]
     PrintRbac,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
+    /// One JSON object per line (for log collectors).
     #[default]
     Json,
+    /// Human-readable lines.
     Text,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
-    /// Connector image used unless a Connector overrides it.
+    /// Connector image every Connector runs unless it sets spec.image or is a custom source.
     #[arg(long, env = "OBSRV_CONNECTOR_IMAGE", default_value = DEFAULT_IMAGE)]
     pub connector_image: String,
-    /// Default Kafka bootstrap servers of the sink.
+    /// Kafka bootstrap servers of Obsrv's ingest cluster, for Connectors that set no
+    /// spec.sink.kafka.bootstrapServers (without it, such Connectors report NoSinkBootstrap).
     #[arg(long, env = "OBSRV_SINK_BOOTSTRAP_SERVERS")]
     pub sink_bootstrap_servers: Option<String>,
+    /// Ingest topic, unless a Connector sets spec.sink.kafka.topic.
     #[arg(long, env = "OBSRV_SINK_TOPIC", default_value = "ingest")]
     pub sink_topic: String,
+    /// Topic of records that cannot be ingested, unless a Connector sets one.
     #[arg(
         long,
         env = "OBSRV_SINK_FAILED_TOPIC",
         default_value = "connectors.failed"
     )]
     pub sink_failed_topic: String,
+    /// Compacted topic of source positions, unless a Connector sets one.
     #[arg(
         long,
         env = "OBSRV_SINK_STATE_TOPIC",
         default_value = "connectors.state"
     )]
     pub sink_state_topic: String,
+    /// Largest record the sink takes (bytes); larger ones go to the failed topic.
     #[arg(
         long,
         env = "OBSRV_SINK_MAX_MESSAGE_BYTES",
-        default_value_t = 1_048_576
+        default_value_t = 1_048_576,
+        value_parser = clap::value_parser!(i32).range(1024..)
     )]
     pub sink_max_message_bytes: i32,
-    #[arg(long, env = "OBSRV_SINK_COMPRESSION", default_value = "zstd", value_parser = parse_compression)]
+    /// Compression of records written to the sink.
+    #[arg(long, env = "OBSRV_SINK_COMPRESSION", default_value = "zstd", value_parser = clap::builder::TypedValueParser::try_map(clap::builder::PossibleValuesParser::new(Compression::NAMES), |s| s.parse::<Compression>()))]
     pub sink_compression: Compression,
     /// Namespaces to watch, comma-separated; all when empty.
     #[arg(
@@ -79,15 +92,20 @@ pub struct Config {
     /// How often connector pods' /status is polled (Go-style duration).
     #[arg(long, env = "OBSRV_STATUS_POLL_INTERVAL", default_value = "15s", value_parser = parse_duration_arg)]
     pub status_poll_interval: Duration,
-    /// Admin server: /metrics, /healthz, /readyz.
+    /// Address of the admin server (/metrics, /healthz, /readyz).
     #[arg(long, env = "OBSRV_ADMIN_ADDR", default_value = "0.0.0.0:8081")]
     pub admin_addr: SocketAddr,
+    /// Elect a leader on a coordination.k8s.io Lease, so several operator replicas can run (only
+    /// the leader writes).
     #[arg(long, env = "OBSRV_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub leader_election: bool,
+    /// Name of the leader-election Lease.
     #[arg(long, env = "OBSRV_LEASE_NAME", default_value = "obsrv-operator")]
     pub lease_name: String,
+    /// Namespace of the leader-election Lease (default: the pod's namespace, POD_NAMESPACE).
     #[arg(long, env = "OBSRV_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
+    /// Log format on stderr.
     #[arg(long, env = "OBSRV_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
     /// Longest a cleanup Job may run before the finalizer gives up and reports it.
@@ -136,11 +154,6 @@ impl Config {
     }
 }
 
-fn parse_compression(s: &str) -> Result<Compression, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|_| format!("unknown compression {s:?}: use none, gzip, snappy, lz4 or zstd"))
-}
-
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     crate::validate::parse_duration(s).map_err(|e| e.to_string())
 }
@@ -148,6 +161,28 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_flag_says_what_it_does_and_every_command_shows_an_example() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for a in cli.get_arguments() {
+            assert!(
+                a.get_help().is_some(),
+                "--{} has no description",
+                a.get_id()
+            );
+        }
+        for sub in cli.get_subcommands() {
+            assert!(
+                sub.get_after_help()
+                    .is_some_and(|h| h.to_string().starts_with("Example:")),
+                "{} has no example",
+                sub.get_name()
+            );
+        }
+    }
 
     #[test]
     fn flags_parse_as_the_chart_sets_them() {

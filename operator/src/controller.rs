@@ -1,17 +1,18 @@
-//! Wiring: watch Connectors (spec and finalizer changes only), their owned objects and the Secrets
-//! they reference, and run the reconciler until shutdown.
+//! Wiring: watch Connectors (spec, finalizer and annotation changes only) and their owned objects,
+//! and run the reconciler until shutdown. Secrets are not watched (nor read): pods mount them and
+//! follow their rotations themselves.
 
 use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use kube::api::{Api, PartialObjectMeta};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::Client;
+use kube::api::Api;
 use kube::core::DeserializeGuard;
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector;
 use kube::runtime::utils::Predicate;
 use kube::runtime::{Controller, WatchStreamExt, controller, predicates, watcher};
-use kube::{Client, ResourceExt};
 use obsrv_crds::{Connector, labels};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -65,18 +66,14 @@ async fn run_scope(ctx: Arc<Context>, ns: Option<String>, mut shutdown: watch::R
     .reflect(writer)
     .applied_objects()
     .predicate_filter(
-        predicates::generation.combine(predicates::finalizers),
+        predicates::generation
+            .combine(predicates::finalizers)
+            // A new obsrv.io/retry value retries a Connector whose restart budget ran out.
+            .combine(predicates::annotations),
         Default::default(),
     );
     let owned =
         watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
-    let store = reader.clone();
-    // Secrets are watched as metadata only: values never enter the operator's memory.
-    let secrets = watcher(
-        api::<PartialObjectMeta<Secret>>(&client, ns),
-        watcher::Config::default(),
-    )
-    .touched_objects();
     let stop = async move {
         while !*shutdown.borrow() {
             if shutdown.changed().await.is_err() {
@@ -88,21 +85,6 @@ async fn run_scope(ctx: Arc<Context>, ns: Option<String>, mut shutdown: watch::R
         .owns(api::<Deployment>(&client, ns), owned.clone())
         .owns(api::<ConfigMap>(&client, ns), owned.clone())
         .owns(api::<Service>(&client, ns), owned)
-        .watches_stream(secrets, move |secret| {
-            let secret_ns = secret.namespace();
-            let name = secret.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|c| c.namespace() == secret_ns)
-                .filter(|c| {
-                    c.0.as_ref().is_ok_and(|c| {
-                        obsrv_crds::runtime::referenced_secrets(&c.spec).contains(&name)
-                    })
-                })
-                .map(|c| ObjectRef::from_obj(&*c))
-                .collect::<Vec<_>>()
-        })
         // Bounded parallel reconciles: each polls its pods, so this also bounds outbound load.
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
         .graceful_shutdown_on(stop)

@@ -5,6 +5,7 @@
 //! [`status`] (pure) → write when changed. [`scaling`] and [`cleanup`] decide, also purely.
 
 pub mod admin;
+pub mod budget;
 pub mod builders;
 pub mod cleanup;
 pub mod config;
@@ -19,5 +20,6 @@ pub mod run;
 pub mod scaling;
 pub mod status;
 pub mod telemetry;
+pub mod totals;
 pub mod unreadable;
 pub mod validate;

@@ -6,7 +6,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::PrintRbac) => {
-            println!("{}", obsrv_operator::rbac::policy_rules_json());
+            // A closed stdout (`| head`) just ends the listing.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stdout(),
+                "{}",
+                obsrv_operator::rbac::policy_rules_json()
+            );
             Ok(())
         }
         Some(Command::Run) | None => {

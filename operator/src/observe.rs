@@ -62,6 +62,28 @@ pub fn targets(pods: &[Pod], port: u16) -> Vec<Target> {
     out
 }
 
+/// The pods whose template carries `checksum` (the current config).
+pub fn of_template(pods: &[Pod], checksum: &str) -> Vec<Pod> {
+    pods.iter()
+        .filter(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(obsrv_crds::labels::CONFIG_CHECKSUM))
+                .is_some_and(|c| c == checksum)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Names of the pods that exist (any phase, not being deleted).
+pub fn live_pods(pods: &[Pod]) -> Vec<String> {
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.metadata.name.clone())
+        .collect()
+}
+
 /// Container restarts over the Connector's pods (current pods only: a replaced pod's count is gone
 /// with it), and the latest time a container last terminated.
 pub fn restarts(pods: &[Pod]) -> Option<Restarts> {
@@ -76,18 +98,16 @@ pub fn restarts(pods: &[Pod]) -> Option<Restarts> {
     let count = statuses.iter().map(|s| i64::from(s.restart_count)).sum();
     let last = statuses
         .iter()
-        .filter_map(|s| {
-            s.last_state
-                .as_ref()?
-                .terminated
-                .as_ref()?
-                .finished_at
-                .clone()
-        })
-        .max();
+        .filter_map(|s| s.last_state.as_ref()?.terminated.as_ref())
+        .max_by_key(|t| t.finished_at.clone());
     Some(Restarts {
         count,
-        last_restart_time: last,
+        last_restart_time: last.and_then(|t| t.finished_at.clone()),
+        last_exit: last.map(|t| match (&t.reason, &t.message) {
+            (Some(r), Some(m)) => format!("exit code {} ({r}: {m})", t.exit_code),
+            (Some(r), None) => format!("exit code {} ({r})", t.exit_code),
+            _ => format!("exit code {}", t.exit_code),
+        }),
     })
 }
 
@@ -169,6 +189,15 @@ pub struct Observed {
     /// Ready pods whose image serves no `/status` (counted as reading: their readiness says so;
     /// their lag is unknown).
     pub no_status: i32,
+    /// Every pod's counts, for the totals ledger.
+    pub reports: Vec<crate::totals::PodReport>,
+    /// Every pod of the Connector that exists (answering or not).
+    pub live_pods: Vec<String>,
+    /// The most failed attempts in a row a pod reports.
+    pub failed_attempts: u32,
+    /// Restarts of the pods running the current config only (a roll's old pods do not count
+    /// against the new config's restart budget).
+    pub current_restarts: Option<Restarts>,
     pub restarts: Option<Restarts>,
 }
 
@@ -176,9 +205,9 @@ pub struct Observed {
 fn severity(reason: &str) -> u8 {
     use obsrv_crds::status::reason as r;
     match reason {
-        r::AUTH_FAILED | r::CONFIG_ERROR => 5,
+        r::AUTH_FAILED | r::CONFIG_ERROR | r::TLS_CONFIG => 5,
         r::SOURCE_UNREACHABLE | r::SINK_UNREACHABLE => 4,
-        r::SCHEMA_ERROR | r::STATE_ERROR => 3,
+        r::SCHEMA_ERROR | r::STATE_ERROR | r::NOT_FOUND => 3,
         POD_UNREACHABLE => 2,
         _ => 1,
     }
@@ -211,6 +240,12 @@ pub fn aggregate(reports: &[Report]) -> Observed {
             }
             Ok(s) => {
                 o.answered += 1;
+                o.failed_attempts = o.failed_attempts.max(s.failed_attempts);
+                o.reports.push(crate::totals::PodReport {
+                    pod: r.pod.clone(),
+                    started_at: s.started_at.clone(),
+                    totals: s.totals,
+                });
                 match s.state {
                     RuntimeState::Running | RuntimeState::Idle => o.reading += 1,
                     RuntimeState::Paused => o.paused += 1,

@@ -56,13 +56,8 @@ pub const RULES: &[Rule] = &[
         resources: &["pods"],
         verbs: &["list"],
     },
-    // Referenced Secrets: only their resourceVersion goes into the config checksum; watched so a
-    // rotation rolls the Deployment. Values are never read into the operator's output.
-    Rule {
-        api_group: "",
-        resources: &["secrets"],
-        verbs: &["get", "list", "watch"],
-    },
+    // No Secrets: connector pods mount the Secrets their Connector references and follow
+    // rotations themselves, so the operator needs no access to any Secret.
     // kube::runtime::events::Recorder creates events and patches repeated ones into a series.
     Rule {
         api_group: "events.k8s.io",

@@ -1,14 +1,13 @@
 //! The reconcile pipeline for one Connector: validate → build → apply → observe → status.
 //! Decisions live in pure modules; this file is the thin I/O edge around them.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
@@ -226,26 +225,8 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         Err(e) => return blocked(c, ctx, invalid(&e), None).await,
     };
 
-    // 2. Dereference: the Secrets' versions (metadata only: values never enter the operator).
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut versions = BTreeMap::new();
-    for s in obsrv_crds::runtime::referenced_secrets(&c.spec) {
-        match secrets.get_metadata_opt(&s).await? {
-            Some(m) => {
-                versions.insert(s, m.metadata.resource_version.unwrap_or_default());
-            }
-            None => {
-                let b = Blocked {
-                    reason: "SecretNotFound".into(),
-                    message: format!(
-                        "Secret {s} referenced by the spec does not exist in namespace {ns}."
-                    ),
-                    invalid_spec: false,
-                };
-                return blocked(c, ctx, b, Some(poll)).await;
-            }
-        }
-    }
+    // 2. Nothing to dereference: Secrets reach the pods as optional volumes, the pods say which
+    //    one they lack and follow rotations themselves, so the operator reads no Secret at all.
 
     // 3. Refuse objects of our names that we do not own.
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -272,11 +253,17 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         return blocked(c, ctx, b, Some(poll)).await;
     }
 
-    // 4. Decide replicas (pure).
+    // 4. Decide replicas (pure). A spent restart budget runs none until a change or a retry.
     let now = ctx.now();
+    let generation = c.metadata.generation.unwrap_or_default();
+    let retry = c.annotations().get(labels::RETRY).cloned();
+    let spent = prev
+        .and_then(|s| s.restart_budget.as_ref())
+        .filter(|b| b.generation == generation && b.retry == retry);
     let has_status = prev.is_some_and(|s| s.phase.is_some());
     let decision = scaling::decide(&ScaleInput {
         state: c.spec.state,
+        halted: spent.is_some(),
         scaling: &c.spec.scaling,
         current: if has_status {
             prev.map(|s| s.replicas)
@@ -302,7 +289,6 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         sink_defaults: &ctx.sink_defaults,
         source_kind: valid.source_kind,
         parallelism: valid.parallelism,
-        secret_versions: &versions,
         replicas: decision.replicas,
     });
     // Skip the applies when the live Deployment carries the hash of exactly these objects: no
@@ -360,6 +346,11 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
             observe::poll(&ctx.http, targets, ctx.poll_concurrency, ctx.poll_timeout).await;
         observe::Observed {
             restarts: observe::restarts(&list.items),
+            current_restarts: observe::restarts(&observe::of_template(
+                &list.items,
+                &desired.checksum,
+            )),
+            live_pods: observe::live_pods(&list.items),
             ..observe::aggregate(&reports)
         }
     } else {
@@ -367,8 +358,17 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     };
 
     // 7. Status (pure) and write when changed.
+    let budget = crate::budget::account(
+        spent,
+        generation,
+        retry.as_deref(),
+        observed.current_restarts.as_ref(),
+        &name,
+        now,
+    );
     let next = status::compute(&StatusInput {
         previous: prev,
+        restart_budget: budget,
         generation: c.metadata.generation,
         now,
         state: c.spec.state,
@@ -411,8 +411,10 @@ async fn blocked(
 ) -> Result<Action, Error> {
     // Counted with the failures so an invalid spec or a conflict shows up by reason in metrics.
     ctx.metrics.failed(&b.reason);
+    let previous = ctx.previous_status(c);
     let next = status::compute(&StatusInput {
-        previous: ctx.previous_status(c).as_ref(),
+        restart_budget: previous.as_ref().and_then(|s| s.restart_budget.clone()),
+        previous: previous.as_ref(),
         generation: c.metadata.generation,
         now: ctx.now(),
         state: c.spec.state,
@@ -575,7 +577,6 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     let step = cleanup::step(live.as_ref().map(JobState::of), ctx.now(), timeout);
     match step {
         CleanupStep::Start => {
-            let versions = BTreeMap::new();
             let job = builders::cleanup_job(
                 &Inputs {
                     connector: c,
@@ -583,7 +584,6 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
                     sink_defaults: &ctx.sink_defaults,
                     source_kind: kind,
                     parallelism: source.parallelism(),
-                    secret_versions: &versions,
                     replicas: 0,
                 },
                 i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),

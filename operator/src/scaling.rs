@@ -24,6 +24,8 @@ pub mod reason {
 #[derive(Debug, Clone)]
 pub struct ScaleInput<'a> {
     pub state: DesiredState,
+    /// The restart budget ran out: no replicas until a spec change or a retry.
+    pub halted: bool,
     pub scaling: &'a Scaling,
     /// Replicas decided last time (status.replicas), if any.
     pub current: Option<i32>,
@@ -48,7 +50,7 @@ pub struct ScaleDecision {
 /// count (no autoscaling while nothing is read). Autoscaling scales up at once and down only after
 /// the lag stayed low for `scale_down_delay`.
 pub fn decide(i: &ScaleInput<'_>) -> ScaleDecision {
-    if i.state == DesiredState::Stopped {
+    if i.state == DesiredState::Stopped || i.halted {
         return ScaleDecision {
             replicas: 0,
             limit: None,
@@ -137,6 +139,7 @@ mod tests {
     fn input<'a>(scaling: &'a Scaling, current: Option<i32>, lag: Option<i64>) -> ScaleInput<'a> {
         ScaleInput {
             state: DesiredState::Running,
+            halted: false,
             scaling,
             current,
             lag_records: lag,

@@ -10,6 +10,13 @@ use obsrv_crds::{DesiredState, SourceKind};
 use crate::observe::Observed;
 use crate::scaling::ScaleDecision;
 
+/// How long an unchanged lag keeps its `observedAt` before it is written again.
+pub const LAG_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Failed attempts in a row (reported by a pod) after which the Connector is `Stalled`: an outage
+/// is then a failure to kstatus (Flux, cli-utils), not a healthy Connector that is not ready.
+pub const STALL_AFTER_ATTEMPTS: u32 = 5;
+
 /// Something that stops the operator from running the spec (the running Deployment is left as it is).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocked {
@@ -85,6 +92,8 @@ pub enum Outcome<'a> {
 #[derive(Debug, Clone)]
 pub struct StatusInput<'a> {
     pub previous: Option<&'a ConnectorStatus>,
+    /// The restart budget after this observation (`Some` while exhausted).
+    pub restart_budget: Option<obsrv_crds::status::RestartBudget>,
     pub generation: Option<i64>,
     pub now: Timestamp,
     pub state: DesiredState,
@@ -215,12 +224,16 @@ fn applied(
             bytes: observed.lag_bytes,
             observed_at: None,
         });
-        // Keep observedAt while the numbers hold, so an unchanged lag does not cause a write.
+        // Keep observedAt while the numbers hold, so an unchanged lag does not cause a write on
+        // every poll; refresh it once it is LAG_REFRESH old, so it never looks stale.
         s.lag = match (lag, s.lag.take()) {
             (Some(new), Some(old))
                 if old.records == new.records
                     && old.seconds == new.seconds
-                    && old.bytes == new.bytes =>
+                    && old.bytes == new.bytes
+                    && old.observed_at.as_ref().is_some_and(|t| {
+                        i.now.duration_since(t.0).unsigned_abs() < LAG_REFRESH
+                    }) =>
             {
                 Some(old)
             }
@@ -230,9 +243,18 @@ fn applied(
             }),
             (None, old) => old,
         };
-        s.totals = observed.totals.or(s.totals);
         s.watermark = observed.watermark.clone().or(s.watermark.take());
         s.max_parallelism = observed.max_parallelism.or(s.max_parallelism);
+    }
+    // Totals over the Connector's life: pods that restarted or went away keep their share.
+    let ledger = crate::totals::account(
+        s.totals_ledger.as_ref(),
+        &observed.reports,
+        &observed.live_pods,
+    );
+    if s.totals.is_some() || !ledger.pods.is_empty() || ledger.retired != Default::default() {
+        s.totals = Some(ledger.sum());
+        s.totals_ledger = Some(ledger);
     }
     if observed.restarts.is_some() {
         s.restarts = observed.restarts.clone();
@@ -254,9 +276,17 @@ fn applied(
         }
     }
 
+    s.restart_budget = i.restart_budget.clone();
     let complete = rollout.complete(want);
     let healthy = observed.failing == 0;
+    let exhausted = i.restart_budget.as_ref().map(|b| b.message.clone());
     let (ready, ready_reason, ready_msg, phase) = match i.state {
+        DesiredState::Running | DesiredState::Paused if exhausted.is_some() => (
+            false,
+            crate::budget::EXHAUSTED,
+            exhausted.clone().unwrap_or_default(),
+            Phase::Failed,
+        ),
         DesiredState::Stopped if rollout.total == 0 => (
             true,
             "Stopped",
@@ -327,7 +357,7 @@ fn applied(
     };
     s.phase = Some(phase);
     let stuck = rollout.stuck.is_some() && !complete;
-    let reconciling = !complete && healthy && !stuck;
+    let reconciling = !complete && healthy && !stuck && exhausted.is_none();
     let limited = match &decision.limit {
         Some(l) => cond(
             i,
@@ -361,13 +391,28 @@ fn applied(
                 "The Deployment matches the spec.".into()
             },
         ),
-        if stuck {
+        if let Some(m) = exhausted.filter(|_| i.state != DesiredState::Stopped) {
+            cond(i, condition::STALLED, true, crate::budget::EXHAUSTED, m)
+        } else if stuck {
             cond(
                 i,
                 condition::STALLED,
                 true,
                 "RolloutStuck",
                 ready_msg_for_stalled(rollout),
+            )
+        } else if !healthy && observed.failed_attempts >= STALL_AFTER_ATTEMPTS {
+            let e = observed.worst_error.as_ref();
+            cond(
+                i,
+                condition::STALLED,
+                true,
+                e.map_or("Degraded", |e| e.reason.as_str()),
+                format!(
+                    "{} attempts in a row failed; the connector keeps retrying with backoff and this clears by itself once it succeeds: {}",
+                    observed.failed_attempts,
+                    e.map_or("a replica reports an error", |e| e.message.as_str())
+                ),
             )
         } else {
             cond(
@@ -464,6 +509,7 @@ mod tests {
     ) -> StatusInput<'a> {
         StatusInput {
             previous: prev,
+            restart_budget: None,
             generation: Some(4),
             now: at(now),
             state: DesiredState::Running,

@@ -1,7 +1,5 @@
 //! Pure builder tests: Connector manifests (fixtures) in, owned objects out.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use obsrv_crds::runtime::RuntimeConfig;
 use obsrv_crds::{Connector, DesiredState, KafkaSinkSpec, labels};
@@ -20,7 +18,7 @@ fn defaults() -> KafkaSinkSpec {
     cfg.sink_defaults()
 }
 
-fn build(c: &Connector, versions: &BTreeMap<String, String>, replicas: i32) -> Desired {
+fn build(c: &Connector, replicas: i32) -> Desired {
     let source = c.spec.source.resolve().expect("one source");
     builders::build(&Inputs {
         connector: c,
@@ -28,16 +26,8 @@ fn build(c: &Connector, versions: &BTreeMap<String, String>, replicas: i32) -> D
         sink_defaults: &defaults(),
         source_kind: source.kind,
         parallelism: source.parallelism(),
-        secret_versions: versions,
         replicas,
     })
-}
-
-fn versions(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 const POSTGRES: &str = include_str!("fixtures/postgres.yaml");
@@ -47,7 +37,7 @@ const S3: &str = include_str!("fixtures/s3-two-replicas.yaml");
 #[test]
 fn config_map_holds_runtime_config_with_merged_sink_and_no_secret() {
     let c = fixture(POSTGRES);
-    let d = build(&c, &versions(&[("pg-ca", "7"), ("pg-creds", "3")]), 1);
+    let d = build(&c, 1);
     let yaml = &d.config_map.data.as_ref().expect("data")["connector.yaml"];
     let rc: RuntimeConfig = serde_yaml::from_str(yaml).expect("runtime config parses");
     assert_eq!(rc.namespace, "shop");
@@ -82,9 +72,9 @@ fn config_map_holds_runtime_config_with_merged_sink_and_no_secret() {
 }
 
 #[test]
-fn deployment_pod_template_is_locked_down_and_uses_secret_refs() {
+fn deployment_pod_template_is_locked_down_and_mounts_only_the_referenced_secret_keys() {
     let c = fixture(POSTGRES);
-    let d = build(&c, &versions(&[("pg-ca", "7"), ("pg-creds", "3")]), 1);
+    let d = build(&c, 1);
     let dep = d.deployment;
     let spec = dep.spec.as_ref().expect("spec");
     assert_eq!(spec.replicas, Some(1));
@@ -123,30 +113,47 @@ fn deployment_pod_template_is_locked_down_and_uses_secret_refs() {
     assert_eq!(path(&ctr.liveness_probe).as_deref(), Some("/healthz"));
     assert_eq!(path(&ctr.readiness_probe).as_deref(), Some("/readyz"));
     let env = ctr.env.as_ref().expect("env");
-    let secret_ref = |name: &str| {
-        env.iter()
-            .find(|e| e.name == name)
-            .and_then(|e| e.value_from.as_ref())
-            .and_then(|v| v.secret_key_ref.as_ref())
-            .map(|r| (r.name.clone(), r.key.clone()))
-    };
-    assert_eq!(
-        secret_ref("OBSRV_SOURCE_USERNAME"),
-        Some(("pg-creds".into(), "username".into()))
-    );
-    assert_eq!(
-        secret_ref("OBSRV_SOURCE_PASSWORD"),
-        Some(("pg-creds".into(), "password".into()))
-    );
-    assert_eq!(
-        secret_ref("OBSRV_SOURCE_TLS_CA"),
-        Some(("pg-ca".into(), "ca.crt".into()))
-    );
     assert!(
         env.iter()
-            .all(|e| e.value.as_deref() != Some("must-not-override")),
-        "a literal never replaces a secretKeyRef"
+            .all(|e| e.value_from.is_none() || e.name == "RUST_LOG"),
+        "no credential travels as env: {env:?}"
     );
+    assert!(
+        env.iter().any(|e| e.name == "OBSRV_SECRETS_DIR"
+            && e.value.as_deref() == Some("/var/run/secrets/obsrv")),
+        "a template cannot move the Secrets directory: {env:?}"
+    );
+    // Each referenced Secret is mounted (optional: the pod says which one it lacks), with only
+    // the keys the spec references.
+    let volumes = pod.volumes.as_ref().expect("volumes");
+    let projected = |secret: &str| {
+        volumes
+            .iter()
+            .filter_map(|v| v.secret.as_ref())
+            .find(|s| s.secret_name.as_deref() == Some(secret))
+            .map(|s| {
+                let keys: Vec<String> = s.items.iter().flatten().map(|i| i.key.clone()).collect();
+                (keys, s.optional)
+            })
+    };
+    assert_eq!(
+        projected("pg-creds"),
+        Some((vec!["username".into(), "password".into()], Some(true)))
+    );
+    assert_eq!(
+        projected("pg-ca"),
+        Some((vec!["ca.crt".into()], Some(true)))
+    );
+    let mounts = ctr.volume_mounts.as_ref().expect("mounts");
+    for secret in ["pg-creds", "pg-ca"] {
+        assert!(
+            mounts.iter().any(
+                |m| m.mount_path == format!("/var/run/secrets/obsrv/{secret}")
+                    && m.read_only == Some(true)
+            ),
+            "{secret} mounted: {mounts:?}"
+        );
+    }
     assert!(
         env.iter()
             .any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("info"))
@@ -166,54 +173,44 @@ fn deployment_pod_template_is_locked_down_and_uses_secret_refs() {
 }
 
 #[test]
-fn checksum_rolls_on_spec_edit_and_secret_rotation_only() {
+fn checksum_rolls_on_spec_edit_only_not_on_scale_or_pause() {
     let c = fixture(POSTGRES);
-    let v1 = versions(&[("pg-ca", "7"), ("pg-creds", "3")]);
-    let base = build(&c, &v1, 1).checksum;
-    assert_eq!(
-        build(&c, &v1, 1).checksum,
-        base,
-        "same inputs, same checksum"
-    );
-    assert_eq!(
-        build(&c, &v1, 3).checksum,
-        base,
-        "scaling does not roll pods"
-    );
+    let base = build(&c, 1).checksum;
+    assert_eq!(build(&c, 1).checksum, base, "same inputs, same checksum");
+    assert_eq!(build(&c, 3).checksum, base, "scaling does not roll pods");
     let mut scaled = c.clone();
     scaled.spec.scaling.replicas = Some(5);
     assert_eq!(
-        build(&scaled, &v1, 5).checksum,
+        build(&scaled, 5).checksum,
         base,
         "kubectl scale (spec.scaling) does not roll pods"
-    );
-    let rotated = versions(&[("pg-ca", "7"), ("pg-creds", "4")]);
-    assert_ne!(
-        build(&c, &rotated, 1).checksum,
-        base,
-        "a Secret rotation rolls"
     );
     let mut edited = c.clone();
     if let Some(pg) = edited.spec.source.postgres.as_mut() {
         pg.batch_size = 500;
     }
-    assert_ne!(build(&edited, &v1, 1).checksum, base, "a spec edit rolls");
+    assert_ne!(build(&edited, 1).checksum, base, "a spec edit rolls");
     let mut paused = c.clone();
     paused.spec.state = DesiredState::Paused;
-    let d = build(&paused, &v1, 1);
-    assert_ne!(
+    let d = build(&paused, 1);
+    assert_eq!(
         d.checksum, base,
-        "pausing reaches the pods through their config"
+        "pausing does not roll pods: it reaches them through their state file"
     );
-    let rc: RuntimeConfig =
-        serde_yaml::from_str(&d.config_map.data.expect("data")["connector.yaml"]).expect("parses");
-    assert_eq!(rc.spec.state, DesiredState::Paused);
+    let data = d.config_map.data.expect("data");
+    assert_eq!(data["state"], "Paused");
+    let rc: RuntimeConfig = serde_yaml::from_str(&data["connector.yaml"]).expect("parses");
+    assert_eq!(
+        rc.spec.state,
+        DesiredState::Running,
+        "the checksummed config never changes with the state"
+    );
 }
 
 #[test]
 fn template_overrides_apply() {
     let c = fixture(KAFKA);
-    let d = build(&c, &BTreeMap::new(), 2);
+    let d = build(&c, 2);
     let pod = d.deployment.spec.expect("spec").template.spec.expect("pod");
     assert_eq!(
         pod.containers[0].image.as_deref(),
@@ -227,7 +224,7 @@ fn template_overrides_apply() {
 #[test]
 fn pdb_for_more_than_one_replica() {
     let c = fixture(S3);
-    let d = build(&c, &versions(&[("s3-creds", "1")]), 2);
+    let d = build(&c, 2);
     let pdb = d.pdb.expect("pdb");
     let spec = pdb.spec.expect("spec");
     assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
@@ -238,27 +235,20 @@ fn pdb_for_more_than_one_replica() {
             .expect("labels")[labels::INSTANCE],
         "files"
     );
-    let env = d
-        .deployment
-        .spec
-        .expect("spec")
-        .template
-        .spec
-        .expect("pod")
-        .containers[0]
-        .env
-        .clone()
-        .expect("env");
-    assert!(
-        env.iter()
-            .any(|e| e.name == "OBSRV_SOURCE_SECRET_ACCESS_KEY")
-    );
+    let pod = d.deployment.spec.expect("spec").template.spec.expect("pod");
+    let s3_keys: Vec<String> = pod
+        .volumes
+        .expect("volumes")
+        .iter()
+        .filter_map(|v| v.secret.as_ref())
+        .flat_map(|s| s.items.iter().flatten().map(|i| i.key.clone()))
+        .collect();
+    assert_eq!(s3_keys, ["accessKeyId", "secretAccessKey"]);
 }
 
 #[test]
 fn cleanup_job_is_bounded() {
     let c = fixture(POSTGRES);
-    let v = BTreeMap::new();
     let job = builders::cleanup_job(
         &Inputs {
             connector: &c,
@@ -266,7 +256,6 @@ fn cleanup_job_is_bounded() {
             sink_defaults: &defaults(),
             source_kind: &obsrv_crds::source::sql::POSTGRES,
             parallelism: obsrv_crds::Parallelism::Single,
-            secret_versions: &v,
             replicas: 0,
         },
         300,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use obsrv_operator::leader;
-use support::FakeApi;
+use support::InProcessApi;
 
 async fn eventually(what: &str, f: impl Fn() -> bool) {
     for _ in 0..300 {
@@ -22,7 +22,8 @@ async fn eventually(what: &str, f: impl Fn() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_and_handover_on_shutdown() {
-    let api = FakeApi::new();
+    let api = InProcessApi::new();
+    api.namespace("ops");
     let a = Arc::new(AtomicBool::new(false));
     let b = Arc::new(AtomicBool::new(false));
     let (stop_a, rx_a) = tokio::sync::watch::channel(false);

@@ -161,32 +161,53 @@ async fn spec_change_rolls_pods() {
 }
 
 #[tokio::test]
-async fn secret_rotation_rolls_pods() {
+async fn a_secret_rotation_needs_no_roll_and_the_operator_reads_no_secret() {
     let mut h = postgres().await;
     running_connector(&mut h, "orders", 0).await;
     let before = h.checksum("orders");
-    h.reconcile_ok("orders").await;
-    assert_eq!(h.checksum("orders"), before, "no rotation, no roll");
     h.rotate_secret("pg-creds", "password", "rotated-pw");
     h.reconcile_ok("orders").await;
-    assert_ne!(h.checksum("orders"), before, "rotation rolls");
+    assert_eq!(
+        h.checksum("orders"),
+        before,
+        "pods follow their mounted Secret files: no roll"
+    );
     let dep = h.deployment("orders").to_string();
-    assert!(!dep.contains("rotated-pw"));
+    assert!(!dep.contains("rotated-pw") && !dep.contains("s3cr3t-pw"));
+    let secret_calls: Vec<_> = h
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.resource.starts_with("secrets"))
+        .collect();
+    assert!(secret_calls.is_empty(), "{secret_calls:?}");
 }
 
 #[tokio::test]
-async fn missing_secret_is_reported_without_applying() {
-    let h = Harness::new("shop").await;
+async fn a_missing_secret_is_reported_by_the_pod_that_lacks_it() {
+    let mut h = Harness::new("shop").await;
     h.apply_yaml(POSTGRES);
+    create(&h, "orders").await;
+    // Applied anyway: the Secret volume is optional, so the pod starts and says what it lacks.
+    assert!(h.object(DEPLOYMENTS, "orders").is_some());
+    let ip = h.pod(running(0)).await;
+    h.set_pod(&ip, |s| {
+        s.state = RuntimeState::Degraded;
+        s.ready = false;
+        s.last_error = Some(LastError {
+            reason: reason::NOT_FOUND.into(),
+            message: "not found: Secret pg-creds key password: No such file or directory (/var/run/secrets/obsrv/pg-creds/password): create the Secret with that key in the Connector's namespace".into(),
+            time: None,
+        });
+    });
+    h.roll_out_with("orders", std::slice::from_ref(&ip), false);
     h.reconcile_ok("orders").await;
-    h.reconcile_ok("orders").await;
-    assert!(h.object(DEPLOYMENTS, "orders").is_none());
     let (status, reason, message) = h.condition("orders", condition::READY);
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("False", "SecretNotFound")
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "NotFound"));
+    assert!(
+        message.contains("Secret pg-creds key password"),
+        "{message}"
     );
-    assert!(message.contains("pg-c"), "{message}");
 }
 
 #[tokio::test]
@@ -203,16 +224,17 @@ async fn pause_stop_resume() {
     h.reconcile_ok("events").await;
     assert_eq!(h.status("events").phase, Some(Phase::Running));
 
-    // Paused: pods stay, their config says Paused.
+    // Paused: pods stay (not even rolled), their state file says Paused.
+    let checksum = h.checksum("events");
     h.edit_spec("events", |s| s["state"] = json!("Paused"));
     h.reconcile_ok("events").await;
     assert_eq!(h.replicas("events"), 2, "paused keeps pods");
     let cm = h.object(CONFIGMAPS, "events").expect("configmap");
-    assert!(
-        cm["data"]["connector.yaml"]
-            .as_str()
-            .expect("config")
-            .contains("state: Paused")
+    assert_eq!(cm["data"]["state"], "Paused");
+    assert_eq!(
+        h.checksum("events"),
+        checksum,
+        "pausing does not roll the pods"
     );
     for ip in [&a, &b] {
         h.set_pod(ip, |s| s.state = RuntimeState::Paused);
@@ -700,4 +722,211 @@ async fn a_stale_cache_does_not_cause_a_second_identical_status_write() {
         "same status, not written twice"
     );
     assert_eq!(h.metrics.status_writes.get(), 1);
+}
+
+#[tokio::test]
+async fn an_outage_past_the_retry_budget_is_stalled_and_clears_by_itself() {
+    let mut h = postgres().await;
+    let ip = running_connector(&mut h, "orders", 0).await;
+    let outage = |attempts: u32| {
+        move |s: &mut obsrv_crds::RuntimeStatus| {
+            s.state = RuntimeState::Degraded;
+            s.ready = false;
+            s.failed_attempts = attempts;
+            s.last_error = Some(LastError {
+                reason: reason::SOURCE_UNREACHABLE.into(),
+                message: "connection refused at pg:5432: is Postgres listening there?".into(),
+                time: None,
+            });
+        }
+    };
+    // A first failure: not ready, but kstatus would still call it Current (not stalled yet).
+    h.set_pod(&ip, outage(1));
+    h.reconcile_ok("orders").await;
+    assert_eq!(
+        h.condition("orders", condition::READY).1,
+        "SourceUnreachable"
+    );
+    assert_eq!(h.condition("orders", condition::STALLED).0, "False");
+
+    // Past the budget: Stalled with the reason (kstatus: Failed), not Reconciling.
+    h.set_pod(&ip, outage(5));
+    h.reconcile_ok("orders").await;
+    let (stalled, why, msg) = h.condition("orders", condition::STALLED);
+    assert_eq!(
+        (stalled.as_str(), why.as_str()),
+        ("True", "SourceUnreachable")
+    );
+    assert!(
+        msg.contains("5 attempts") && msg.contains("pg:5432"),
+        "{msg}"
+    );
+    assert_eq!(h.condition("orders", condition::RECONCILING).0, "False");
+
+    // The source is back: everything clears without anyone touching the Connector.
+    h.set_pod(&ip, |s| {
+        s.state = RuntimeState::Running;
+        s.ready = true;
+        s.failed_attempts = 0;
+        s.last_error = None;
+    });
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.condition("orders", condition::STALLED).0, "False");
+    assert_eq!(h.condition("orders", condition::READY).0, "True");
+    assert!(h.status("orders").last_error.is_none());
+}
+
+#[tokio::test]
+async fn totals_never_go_backwards_across_restarts_and_scale_to_zero() {
+    let mut h = Harness::new("lake").await;
+    h.apply_yaml(KAFKA_TWO);
+    create(&h, "events").await;
+    let started = |s: i64| {
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(s).expect("valid"),
+        ))
+    };
+    let counted = |n: u64| Totals {
+        records_ingested: n,
+        records_failed: 0,
+        bytes_ingested: n * 100,
+    };
+    let a = h.pod(running(0)).await;
+    let b = h.pod(running(0)).await;
+    h.set_pod(&a, |s| {
+        s.started_at = started(1);
+        s.totals = counted(100);
+    });
+    h.set_pod(&b, |s| {
+        s.started_at = started(1);
+        s.totals = counted(50);
+    });
+    h.roll_out("events", &[a.clone(), b.clone()]);
+    h.reconcile_ok("events").await;
+    let ingested = |h: &Harness| h.status("events").totals.expect("totals").records_ingested;
+    assert_eq!(ingested(&h), 150);
+
+    // Pod a's container restarts: its new process counts from zero; nothing is lost.
+    h.set_pod(&a, |s| {
+        s.started_at = started(2);
+        s.totals = counted(10);
+    });
+    h.reconcile_ok("events").await;
+    assert_eq!(ingested(&h), 160);
+
+    // Scaled to zero, then up again: the totals hold, and new pods add to them.
+    h.edit_spec("events", |s| s["scaling"]["replicas"] = json!(0));
+    h.reconcile_ok("events").await;
+    h.roll_out("events", &[]);
+    h.reconcile_ok("events").await;
+    assert_eq!(
+        ingested(&h),
+        160,
+        "was 0 before: the demo's scale to 0 and back"
+    );
+    h.edit_spec("events", |s| s["scaling"]["replicas"] = json!(1));
+    h.reconcile_ok("events").await;
+    let c = h.pod(running(0)).await;
+    h.set_pod(&c, |s| {
+        s.started_at = started(3);
+        s.totals = counted(5);
+    });
+    h.roll_out("events", std::slice::from_ref(&c));
+    h.reconcile_ok("events").await;
+    assert_eq!(ingested(&h), 165);
+}
+
+#[tokio::test]
+async fn replicas_lag_is_summed_once_and_drives_the_autoscaler() {
+    let mut h = Harness::new("web").await;
+    h.apply_yaml(KAFKA);
+    h.edit_spec("clicks", |s| {
+        s["scaling"]["autoscale"]["minReplicas"] = json!(2);
+    });
+    create(&h, "clicks").await;
+    assert_eq!(h.replicas("clicks"), 2);
+    // Each replica reports the lag of its own partitions (2 of 4 each): 1,500 + 1,500.
+    let a = h.pod(running(1_500)).await;
+    let b = h.pod(running(1_500)).await;
+    for ip in [&a, &b] {
+        h.set_pod(ip, |s| s.max_parallelism = Some(4));
+    }
+    h.roll_out("clicks", &[a, b]);
+    h.reconcile_ok("clicks").await;
+    assert_eq!(h.status("clicks").lag.expect("lag").records, 3_000);
+    h.reconcile_ok("clicks").await;
+    assert_eq!(
+        h.replicas("clicks"),
+        3,
+        "3,000 records at 1,000 per replica: 3 (not 6 from counting the group twice)"
+    );
+}
+
+#[tokio::test]
+async fn lag_observed_at_is_refreshed_once_a_minute_while_pods_report() {
+    let mut h = postgres().await;
+    running_connector(&mut h, "orders", 7).await;
+    let seen = |h: &Harness| {
+        h.status("orders")
+            .lag
+            .and_then(|l| l.observed_at)
+            .expect("observedAt")
+    };
+    let first = seen(&h);
+    h.advance(30);
+    h.reconcile_ok("orders").await;
+    assert_eq!(seen(&h), first, "unchanged lag, no write within a minute");
+    h.advance(31);
+    h.reconcile_ok("orders").await;
+    assert!(seen(&h).0 > first.0, "refreshed after a minute");
+}
+
+#[tokio::test]
+async fn a_connector_that_keeps_restarting_stops_until_a_change_or_a_retry() {
+    let mut h = postgres().await;
+    running_connector(&mut h, "orders", 0).await;
+    let checksum = h.checksum("orders");
+    let crash = |h: &Harness, restarts: i64| {
+        h.api.edit(PODS.0, PODS.1, "shop", "orders-pod-0", |p| {
+            p["metadata"]["annotations"] = json!({"obsrv.io/config-checksum": checksum});
+            p["status"]["containerStatuses"] = json!([{
+                "name": "connector", "ready": false, "restartCount": restarts, "image": "img", "imageID": "img@sha",
+                "lastState": {"terminated": {"exitCode": 2, "reason": "Error", "finishedAt": "2026-01-01T00:05:00Z"}}
+            }]);
+        });
+    };
+    crash(&h, 4);
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.replicas("orders"), 1, "within the budget");
+
+    crash(&h, 5);
+    h.reconcile_ok("orders").await;
+    let s = h.status("orders");
+    assert_eq!(s.phase, Some(Phase::Failed));
+    let (stalled, why, msg) = h.condition("orders", condition::STALLED);
+    assert_eq!(
+        (stalled.as_str(), why.as_str()),
+        ("True", "RestartBudgetExhausted")
+    );
+    assert!(
+        msg.contains("restarted 5 times") && msg.contains("exit code 2 (Error)"),
+        "{msg}"
+    );
+    assert!(msg.contains("obsrv.io/retry"), "says how to retry: {msg}");
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.replicas("orders"), 0, "no more restarts");
+    h.roll_out("orders", &[]);
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.replicas("orders"), 0, "stays down without pods to count");
+    assert_eq!(h.status("orders").phase, Some(Phase::Failed));
+
+    // The documented retry: a new annotation value runs it again.
+    h.api
+        .edit(CONNECTORS.0, CONNECTORS.1, "shop", "orders", |c| {
+            c["metadata"]["annotations"] = json!({"obsrv.io/retry": "1"});
+        });
+    h.reconcile_ok("orders").await;
+    h.reconcile_ok("orders").await;
+    assert_eq!(h.replicas("orders"), 1);
+    assert!(h.status("orders").restart_budget.is_none());
 }

@@ -2,7 +2,7 @@
 //! the failed topic. Delivery is tracked per batch so the runner can commit positions in order.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -16,7 +16,7 @@ use rdkafka::{
     producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer},
 };
 
-use super::{Acks, InFlight, Outcome, Sink, SinkFactory, Transactions};
+use super::{Acks, Failures, InFlight, Outcome, Sink, SinkFactory, Transactions};
 use crate::{
     config::{Secrets, SinkSettings, kafka_security},
     envelope::{Context, EVENT_ID_HEADER, Payload, Routed, route_at},
@@ -120,14 +120,43 @@ pub fn replica_transactional_id(instance: &str, replica: &str) -> String {
 }
 
 /// Routes librdkafka's delivery reports to the [`Acks`] of each record's batch.
-pub struct AckContext;
+/// Also keeps what librdkafka last reported about the cluster, so a broker outage (deliveries
+/// waiting, not failing) shows as a reason while the connector waits.
+#[derive(Default)]
+pub struct AckContext {
+    /// A transport error since the last delivery, when there is one.
+    problem: Mutex<Option<String>>,
+}
 
-impl ClientContext for AckContext {}
+impl AckContext {
+    /// Why deliveries are not progressing, as librdkafka last said.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl ClientContext for AckContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Logged once per change (librdkafka repeats these on every reconnect attempt).
+        let mut p = self.problem.lock().unwrap_or_else(|p| p.into_inner());
+        let now = format!("{error}: {reason}");
+        if p.as_deref() != Some(&now) {
+            tracing::debug!(error = %now, "sink cluster error");
+            *p = Some(now);
+        }
+    }
+}
 
 impl ProducerContext for AckContext {
     type DeliveryOpaque = Arc<Acks>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<Acks>) {
+        if result.is_ok() {
+            *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         acks.done(result.as_ref().err().map(|(e, _)| e.to_string()));
     }
 }
@@ -138,7 +167,7 @@ pub type SinkProducer = ThreadedProducer<AckContext>;
 /// Creates a producer for `config`.
 pub fn create_producer(config: &ClientConfig) -> Result<Arc<SinkProducer>> {
     config
-        .create_with_context(AckContext)
+        .create_with_context(AckContext::default())
         .map(Arc::new)
         .map_err(|e| Error::Config(format!("sink producer: {e}")))
 }
@@ -306,7 +335,11 @@ impl KafkaSink {
             let md = p
                 .client()
                 .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .map_err(|e| Error::SinkUnreachable(format!("metadata: {e}")))?;
+                .map_err(|e| {
+                    Error::SinkUnreachable(format!(
+                        "no broker answered at {bootstrap} within 10s ({e}): is Kafka listening there?"
+                    ))
+                })?;
             match md.topics().first() {
                 Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(format!(
                     "kafka {bootstrap} topic {topic}, {} partitions",
@@ -326,6 +359,7 @@ impl KafkaSink {
     pub async fn send(&self, batch: Batch, syncts_ms: i64) -> Result<InFlight> {
         let started = Instant::now();
         let mut outcome = Outcome::default();
+        let mut failures = Failures::default();
         let acks = Acks::new();
         let syncts = syncts_ms.to_string();
         // The producer copies each payload, so one envelope buffer serves the whole batch.
@@ -362,10 +396,11 @@ impl KafkaSink {
                         failed = b;
                         (&self.settings.topic, &failed)
                     }
-                    Routed::Failed(b) => {
+                    Routed::Failed { doc, code, message } => {
                         outcome.failed += 1;
-                        outcome.bytes_failed += b.len() as u64;
-                        failed = b;
+                        outcome.bytes_failed += doc.len() as u64;
+                        failures.add(code, message);
+                        failed = doc;
                         (&self.settings.failed_topic, &failed)
                     }
                 }
@@ -388,6 +423,7 @@ impl KafkaSink {
             position: batch.position,
             watermark: batch.watermark,
             outcome,
+            failures,
             started,
         })
     }
@@ -413,6 +449,15 @@ impl Sink for KafkaSink {
 
     fn check(&self) -> BoxFuture<'_, Result<String>> {
         KafkaSink::check(self).boxed()
+    }
+
+    fn stalled(&self) -> Option<String> {
+        self.producer.context().problem().map(|p| {
+            format!(
+                "deliveries wait: no broker of {} answers ({p}); nothing is lost, the records go out once it does",
+                self.settings.bootstrap_servers
+            )
+        })
     }
 
     fn positions(&self, key: &str, kind: &str) -> Option<StateStore> {

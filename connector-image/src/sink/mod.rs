@@ -7,6 +7,7 @@
 pub mod kafka;
 
 use std::{
+    collections::BTreeMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -35,6 +36,12 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Checks the destination answers and can take records; says what was checked.
     fn check(&self) -> BoxFuture<'_, Result<String>>;
+
+    /// Why deliveries are waiting, when the sink knows (a broker that does not answer): shown as
+    /// a reason while the connector waits for its acknowledgements.
+    fn stalled(&self) -> Option<String> {
+        None
+    }
 
     /// Where positions of sources that keep none of their own are stored (`key`: the connector
     /// instance, `kind`: its source kind), when this sink can keep them.
@@ -141,12 +148,23 @@ impl Acks {
     }
 }
 
+/// Records of a batch sent to the failed topic, by error code: how many, and the first message.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Failures(pub BTreeMap<&'static str, (u64, String)>);
+
+impl Failures {
+    pub fn add(&mut self, code: &'static str, message: String) {
+        self.0.entry(code).or_insert((0, message)).0 += 1;
+    }
+}
+
 /// A batch handed to the sink, not yet acknowledged.
 pub struct InFlight {
     pub acks: Arc<Acks>,
     pub position: serde_json::Value,
     pub watermark: Option<String>,
     pub outcome: Outcome,
+    pub failures: Failures,
     pub started: Instant,
 }
 

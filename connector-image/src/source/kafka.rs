@@ -226,7 +226,12 @@ impl KafkaSource {
         for t in &spec.topics {
             let md = consumer
                 .fetch_metadata(Some(t), Duration::from_secs(10))
-                .map_err(|e| Error::SourceUnreachable(format!("metadata of {t}: {e}")))?;
+                .map_err(|e| {
+                    Error::SourceUnreachable(format!(
+                        "no broker answered at {} within 10s ({e}): is Kafka listening there?",
+                        spec.bootstrap_servers
+                    ))
+                })?;
             let n = md
                 .topics()
                 .first()
@@ -333,22 +338,21 @@ impl Source for KafkaSource {
         )
     }
 
+    /// Lag of the partitions assigned to this replica only: replicas share the group's partitions,
+    /// so the operator's sum over replicas counts each partition once. `None` before the first
+    /// assignment (nothing to say yet, rather than a false 0).
     async fn lag(&mut self) -> Result<Option<Lag>> {
         let c = self.consumer.clone();
-        let topics = self.topics.clone();
         tokio::task::spawn_blocking(move || -> Result<Option<Lag>> {
             let t = Duration::from_secs(5);
-            let mut tpl = TopicPartitionList::new();
-            for topic in &topics {
-                let md = c
-                    .fetch_metadata(Some(topic), t)
-                    .map_err(|e| Error::SourceUnreachable(e.to_string()))?;
-                for p in md.topics().iter().flat_map(|m| m.partitions()) {
-                    tpl.add_partition(topic, p.id());
-                }
+            let assigned = c
+                .assignment()
+                .map_err(|e| Error::SourceUnreachable(format!("assignment: {e}")))?;
+            if assigned.count() == 0 {
+                return Ok(None);
             }
             let committed = c
-                .committed_offsets(tpl, t)
+                .committed_offsets(assigned, t)
                 .map_err(|e| Error::SourceUnreachable(e.to_string()))?;
             let mut marks = Vec::new();
             for e in committed.elements() {

@@ -22,13 +22,46 @@ use super::{Batch, Lag, OpenContext, Record, Source, SourceFactory};
 use crate::{
     config::Secrets,
     envelope::{Payload, event_id},
-    error::{Error, Result, from_sqlx},
+    error::{Error, Result, check_ca_pem, connect_error, from_sqlx},
 };
+
+/// How long a first connection may take before the source is reported unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One connection before the pool is built: a pool retries refused connections until its acquire
+/// timeout and then says only "pool timed out"; this says where and why, within seconds.
+async fn probe<O>(o: &O, what: &str, host: &str, port: u16) -> Result<()>
+where
+    O: sqlx::ConnectOptions,
+    O::Connection: Sized,
+{
+    match tokio::time::timeout(CONNECT_TIMEOUT, o.connect()).await {
+        Ok(Ok(c)) => {
+            // Closing politely is best effort: the pool opens its own connections.
+            let _ = sqlx::Connection::close(c).await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(connect_error(what, host, port, e)),
+        Err(_) => Err(Error::SourceUnreachable(format!(
+            "no answer from {host}:{port} within {}s: is {what} reachable there (host, port, firewall)?",
+            CONNECT_TIMEOUT.as_secs()
+        ))),
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
     Postgres,
     MySql,
+}
+
+impl Dialect {
+    fn default_port(self) -> u16 {
+        match self {
+            Dialect::Postgres => 5432,
+            Dialect::MySql => 3306,
+        }
+    }
 }
 
 /// One column as the catalog describes it.
@@ -960,6 +993,8 @@ pub fn mariadb() -> SourceFactory {
 /// A Postgres/MySQL/MariaDB source over one or more tables, read round-robin.
 pub struct SqlSource {
     dialect: Dialect,
+    /// `host:port`, named in every error of a running read.
+    endpoint: String,
     instance: String,
     pool: Pool,
     plans: Vec<TablePlan>,
@@ -1002,12 +1037,19 @@ impl SqlSource {
             .get(env::SOURCE_TLS_CA)
             .map(|s| s.as_bytes().to_vec());
         let mode = spec.tls.as_ref().map(|t| t.mode).unwrap_or(TlsMode::Prefer);
+        if let (Some(pem), Some(r)) = (
+            secrets.get(env::SOURCE_TLS_CA),
+            spec.tls.as_ref().and_then(|t| t.ca.as_ref()),
+        ) {
+            check_ca_pem(&format!("Secret {} key {}", r.secret_name, r.key), pem)?;
+        }
+        let port = spec.port.map_or(dialect.default_port(), |p| p as u16);
         let timeout = Duration::from_secs(15);
         let pool = match dialect {
             Dialect::Postgres => {
                 let mut o = PgConnectOptions::new()
                     .host(&spec.host)
-                    .port(spec.port.unwrap_or(5432) as u16)
+                    .port(port)
                     .username(user)
                     .password(pass)
                     .database(&spec.database)
@@ -1022,6 +1064,7 @@ impl SqlSource {
                 if let Some(ca) = ca {
                     o = o.ssl_root_cert_from_pem(ca);
                 }
+                probe(&o, "Postgres", &spec.host, port).await?;
                 Pool::Pg(
                     PgPoolOptions::new()
                         .max_connections(2)
@@ -1034,7 +1077,7 @@ impl SqlSource {
             _ => {
                 let mut o = MySqlConnectOptions::new()
                     .host(&spec.host)
-                    .port(spec.port.unwrap_or(3306) as u16)
+                    .port(port)
                     .username(user)
                     .password(pass)
                     .database(&spec.database)
@@ -1049,6 +1092,7 @@ impl SqlSource {
                 if let Some(ca) = ca {
                     o = o.ssl_ca_from_pem(ca);
                 }
+                probe(&o, "MySQL/MariaDB", &spec.host, port).await?;
                 Pool::My(
                     MySqlPoolOptions::new()
                         .max_connections(2)
@@ -1065,6 +1109,7 @@ impl SqlSource {
         }
         let position = SqlPosition::from_value(position)?;
         Ok(SqlSource {
+            endpoint: format!("{}:{port}", spec.host),
             dialect,
             instance: instance.to_string(),
             pool,
@@ -1333,8 +1378,25 @@ async fn resolve_table(pool: &Pool, t: &TableSpec, database: &str) -> Result<Tab
     }
 }
 
-impl Source for SqlSource {
-    async fn next_batch(&mut self) -> Result<Option<Batch>> {
+impl SqlSource {
+    /// Errors of a running read name the endpoint: a dropped connection or a pool that cannot open
+    /// a new one says where, not just "pool timed out".
+    fn located(&self, e: Error) -> Error {
+        match e {
+            Error::SourceUnreachable(m) if m.contains("pool timed out") => {
+                Error::SourceUnreachable(format!(
+                    "no connection to {} could be opened: is the database reachable there?",
+                    self.endpoint
+                ))
+            }
+            Error::SourceUnreachable(m) if !m.contains(&self.endpoint) => {
+                Error::SourceUnreachable(format!("{}: {m}", self.endpoint))
+            }
+            e => e,
+        }
+    }
+
+    async fn read_next(&mut self) -> Result<Option<Batch>> {
         let n = self.plans.len();
         for k in 0..n {
             let i = (self.next_table + k) % n;
@@ -1355,6 +1417,13 @@ impl Source for SqlSource {
             }
         }
         Ok(None)
+    }
+}
+
+impl Source for SqlSource {
+    async fn next_batch(&mut self) -> Result<Option<Batch>> {
+        let res = self.read_next().await;
+        res.map_err(|e| self.located(e))
     }
 
     async fn lag(&mut self) -> Result<Option<Lag>> {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use obsrv_e2e::services::{Broker, ConsumedRecord, free_port, unique_name};
+use obsrv_e2e::services::{Broker, ConsumedRecord, Postgres, free_port, unique_name};
 use serde_json::Value;
 
 /// Topics and files of one connector under test.
@@ -116,6 +116,42 @@ impl Harness {
             self.state.clone(),
         ]
     }
+}
+
+/// A Postgres Connector reading `table` by `cursor` (and `tie_breaker`), `NAME` left for the
+/// harness to fill in; `extra` is appended to the spec (e.g. `  delivery: exactlyOnce`).
+pub fn pg_manifest(
+    pg: &Postgres,
+    table: &str,
+    cursor: &str,
+    tie_breaker: Option<&str>,
+    batch: usize,
+    extra: &str,
+) -> String {
+    let tb = tie_breaker
+        .map(|t| format!(", tieBreaker: {t}"))
+        .unwrap_or_default();
+    format!(
+        r#"apiVersion: obsrv.io/v1alpha1
+kind: Connector
+metadata: {{name: NAME, namespace: tests}}
+spec:
+  dataset: orders
+  source:
+    postgres:
+      host: {host}
+      port: {port}
+      database: {db}
+      credentials: {{secretName: pg-creds}}
+      tls: {{mode: disable}}
+      tables: [{{name: {table}, cursor: {{column: {cursor}{tb}}}}}]
+      pollInterval: 200ms
+      batchSize: {batch}
+{extra}"#,
+        host = pg.host(),
+        port = pg.port(),
+        db = pg.database(),
+    )
 }
 
 /// A running connector process; SIGKILLed if still running when dropped.

@@ -1,14 +1,17 @@
 //! The local demo (`scripts/demo.sh`): a local control plane, a Kafka-protocol broker and a Postgres
 //! with a sample table, the real operator binary, and `examples/postgres.yaml` applied with kubectl.
 //! Shows rows arriving in the ingest topic and `kubectl get connectors`, then waits for Ctrl-C.
+//!
+//! `--services-only` starts just Postgres (with the sample table) and the broker on fixed local
+//! ports, for the README's "Run one connector without a cluster" with `examples/local/`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use obsrv_e2e::harness::{INGEST_TOPIC, Stack};
-use obsrv_e2e::services::Postgres;
+use obsrv_e2e::harness::{FAILED_TOPIC, INGEST_TOPIC, STATE_TOPIC, Stack};
+use obsrv_e2e::services::{Broker, Postgres};
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
@@ -26,6 +29,16 @@ struct Args {
     /// Stop after showing the data instead of waiting for Ctrl-C.
     #[arg(long)]
     no_wait: bool,
+    /// Start only Postgres (with the sample table) and the broker, on the ports below, for running
+    /// one connector locally with examples/local/ (no control plane, no operator).
+    #[arg(long)]
+    services_only: bool,
+    /// Postgres port of --services-only (examples/local/postgres.yaml expects 15432).
+    #[arg(long, default_value_t = 15432)]
+    pg_port: u16,
+    /// Broker port of --services-only (the README's commands use 19092).
+    #[arg(long, default_value_t = 19092)]
+    broker_port: u16,
 }
 
 fn say(msg: &str) {
@@ -69,9 +82,69 @@ fn demo_manifest(example: &str, pg: &Postgres) -> Result<String> {
     Ok(out)
 }
 
+/// The sample table `public.orders` with `rows` rows (ten share each `updated_at`).
+async fn sample_table(pg: &Postgres, rows: u32) -> Result<()> {
+    pg.psql(&format!(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, amount numeric(12,2) NOT NULL,
+                              status text NOT NULL, updated_at timestamptz NOT NULL);
+         INSERT INTO orders SELECT g, 'customer-' || (g % 97), round((g * 7.31)::numeric % 500, 2),
+                'placed', timestamptz '2026-11-01 00:00:00+00' + (g / 10) * interval '1 minute'
+         FROM generate_series(1, {rows}) g;"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// `--services-only`: Postgres and the broker for `obsrv-connector run -f examples/local/...`.
+async fn services_only(args: &Args) -> Result<()> {
+    say(&format!(
+        "starting Postgres on 127.0.0.1:{} and the broker (nisshi) on 127.0.0.1:{}",
+        args.pg_port, args.broker_port
+    ));
+    let (pg, broker) = tokio::try_join!(
+        Postgres::start_on(args.pg_port),
+        Broker::start_on(args.broker_port)
+    )?;
+    sample_table(&pg, args.rows).await?;
+    for topic in [INGEST_TOPIC, FAILED_TOPIC, STATE_TOPIC] {
+        broker.create_topic(topic, 1).await?;
+    }
+    println!(
+        "    Postgres 127.0.0.1:{} database {} (user {}, table public.orders, {} rows)",
+        pg.port(),
+        pg.database(),
+        pg.user(),
+        args.rows
+    );
+    println!(
+        "    broker {} (topics {INGEST_TOPIC}, {FAILED_TOPIC}, {STATE_TOPIC})",
+        broker.bootstrap()
+    );
+    println!();
+    println!("Run one connector against them (in another shell, from the repository root):");
+    println!(
+        "  target/debug/obsrv-connector check -f examples/local/postgres.yaml --sink-bootstrap-servers {}",
+        broker.bootstrap()
+    );
+    println!(
+        "  target/debug/obsrv-connector run -f examples/local/postgres.yaml --sink-bootstrap-servers {} --log-format text",
+        broker.bootstrap()
+    );
+    if args.no_wait {
+        return Ok(());
+    }
+    println!("Press Ctrl-C to stop Postgres and the broker.");
+    tokio::signal::ctrl_c().await?;
+    println!("Stopping...");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.services_only {
+        return services_only(&args).await;
+    }
     let bin_dir = std::fs::canonicalize(&args.bin_dir).with_context(|| {
         format!(
             "{} (run `cargo build -p obsrv-operator -p obsrv-connector`)",
@@ -86,15 +159,7 @@ async fn main() -> Result<()> {
         Postgres::start(),
         Stack::start_with(Some(args.dir.clone()), bin_dir)
     )?;
-    pg.psql(&format!(
-        "CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, amount numeric(12,2) NOT NULL,
-                              status text NOT NULL, updated_at timestamptz NOT NULL);
-         INSERT INTO orders SELECT g, 'customer-' || (g % 97), round((g * 7.31)::numeric % 500, 2),
-                'placed', timestamptz '2026-11-01 00:00:00+00' + (g / 10) * interval '1 minute'
-         FROM generate_series(1, {}) g;",
-        args.rows
-    ))
-    .await?;
+    sample_table(&pg, args.rows).await?;
     println!(
         "    Postgres {}:{} (table public.orders, {} rows)",
         pg.host(),

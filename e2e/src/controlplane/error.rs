@@ -14,6 +14,16 @@ pub struct Cause {
     pub message: String,
 }
 
+impl From<obsrv_crds::schema::Cause> for Cause {
+    fn from(c: obsrv_crds::schema::Cause) -> Cause {
+        Cause {
+            reason: c.reason,
+            field: c.field,
+            message: c.message,
+        }
+    }
+}
+
 /// An API error. Each variant maps to the HTTP code and `Status.reason` a real API server answers with,
 /// so clients (kubectl, kube-rs) react to it the same way.
 #[derive(Debug, thiserror::Error)]

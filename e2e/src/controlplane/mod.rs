@@ -2,6 +2,10 @@
 //! kube-rs talk to it through an ordinary kubeconfig) and a local "kubelet" that runs Deployment and
 //! Job pods whose image is the connector image as real processes on loopback addresses (127.x.y.N, a /24 per process).
 //!
+//! The same API server also runs in-process, without a socket ([`InProcessApi`]): the operator's
+//! reconcile tests and its cold-start bench use it as their in-memory API, with every call recorded
+//! ([`CallLog`]) to check against the operator's RBAC.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), obsrv_e2e::controlplane::ControlPlaneError> {
 //! use obsrv_e2e::controlplane::{ControlPlane, ControlPlaneOptions, KubeletOptions, ImageBinary};
@@ -19,7 +23,7 @@
 //!
 //! Good enough for the operator, kubectl and the suite; not a conformant API server. Honestly:
 //!
-//! **API server** ([`server`], [`store`])
+//! **API server** ([`server`], [`store`], validation by `obsrv_crds::schema`)
 //! - No authentication or authorization: RBAC is not enforced (the Helm chart check compares the
 //!   operator's declared RBAC instead). Plain HTTP on 127.0.0.1.
 //! - Server-side apply is simplified: each *Apply* manager owns the leaf fields it sets; another
@@ -39,7 +43,10 @@
 //! - Validation: custom resources get schema defaults, pruning (or rejection with
 //!   `fieldValidation=Strict`), `type`, `nullable`, `required`, `enum`, min/max, lengths, item
 //!   counts and CEL rules (kube-cel); `pattern`, `format`, `multipleOf`, list uniqueness are not
-//!   checked. Built-in kinds only get metadata checks and a few defaults.
+//!   checked. Writes to `/status` are checked against the schema of `.status` only. Updates ratchet
+//!   per path: an error at a path whose value did not change is not reported (Kubernetes ratchets
+//!   per schema node and exempts a few keywords). Built-in kinds only get metadata checks and a few
+//!   defaults.
 //! - Deletion: `Foreground` is treated as `Background`; `Orphan` strips owner references. The
 //!   garbage collector runs after deletions and every 2 s and ignores `blockOwnerDeletion`.
 //!   Deleting a CRD drops its objects at once (their finalizers are not waited for).
@@ -69,13 +76,14 @@
 //! - Jobs: one pod at a time until one succeeds, `backoffLimit`; no deadlines, TTL or
 //!   parallelism.
 
+pub mod calls;
 pub mod error;
 pub mod events;
+pub mod inprocess;
 pub mod kubelet;
 pub mod patch;
 pub mod protobuf;
 pub mod registry;
-pub mod schema;
 pub mod server;
 pub mod store;
 pub mod table;
@@ -88,6 +96,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use calls::{Call, CallLog};
+pub use inprocess::InProcessApi;
 pub use kubelet::{ImageBinary, KubeletOptions};
 pub use store::Store;
 
@@ -194,6 +204,7 @@ impl ControlPlane {
             store: store.clone(),
             address: addr.to_string(),
             logs: dir.join("logs"),
+            calls: None,
         });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();

@@ -53,6 +53,8 @@ pub struct ResourceType {
     pub columns: Vec<Column>,
     /// `openAPIV3Schema` of a custom resource; `None` for built-in kinds (not validated beyond metadata).
     pub schema: Option<Value>,
+    /// The schema's CEL rules, compiled once.
+    pub rules: Option<Arc<obsrv_crds::schema::Rules>>,
     /// Name of the CRD that registered this type.
     pub crd: Option<String>,
 }
@@ -267,6 +269,7 @@ fn builtin(
         generation: status && !["Pod", "Namespace", "Service"].contains(&kind),
         columns,
         schema: None,
+        rules: None,
         crd: None,
     }
 }
@@ -539,6 +542,9 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, String> {
             scale,
             generation: true,
             columns,
+            rules: v
+                .pointer("/schema/openAPIV3Schema")
+                .map(|s| Arc::new(obsrv_crds::schema::Rules::new(s))),
             schema: v.pointer("/schema/openAPIV3Schema").cloned(),
             crd: Some(name.to_string()),
         });

@@ -14,13 +14,14 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
+use super::calls::{self, Call, CallLog};
 use super::error::{ApiError, ApiResult};
 use super::registry::ResourceType;
-use super::schema::UnknownFields;
 use super::store::{
     Change, DeleteOptions, PatchType, Selectors, Store, Sub, WatchFrom, WriteOptions,
 };
 use super::table;
+use obsrv_crds::schema::UnknownFields;
 
 /// Shared state of the HTTP handlers.
 pub struct App {
@@ -29,6 +30,8 @@ pub struct App {
     pub address: String,
     /// Directory of pod logs (`<namespace>_<name>.log`), served at `pods/<name>/log`.
     pub logs: std::path::PathBuf,
+    /// Records every resource request when set (tests check them against RBAC).
+    pub calls: Option<Arc<CallLog>>,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -137,6 +140,18 @@ async fn route(
         _ => return Err(ApiError::not_found("paths", path)),
     };
     let target = parse_target(&app.store, group, version, rest)?;
+    if let Some(log) = &app.calls {
+        let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+        log.record(Call {
+            verb: calls::verb(method, target.name.is_some(), watch).into(),
+            group: target.rt.group.clone(),
+            resource: match &target.sub {
+                Some(sub) => format!("{}/{sub}", target.rt.plural),
+                None => target.rt.plural.clone(),
+            },
+            name: target.name.clone(),
+        });
+    }
     serve(app, method, target, query, headers, body).await
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 use super::error::{ApiError, ApiResult, Cause};
 use super::patch::{self, ApplyRequest};
 use super::registry::{Registry, ResKey, ResourceType, from_crd};
-use super::schema::{self, UnknownFields};
+use obsrv_crds::schema::{self, UnknownFields};
 
 /// `spec.nodeName` of pods the local kubelet runs.
 pub const NODE_NAME: &str = "obsrv-local";
@@ -241,6 +241,8 @@ pub struct Store {
     /// When set, pods bound to the local kubelet are deleted gracefully (the kubelet stops the process,
     /// then removes the pod).
     graceful_pods: bool,
+    /// Set when an object is removed: the garbage collector has work.
+    removed: std::sync::atomic::AtomicBool,
 }
 
 pub fn now() -> String {
@@ -425,6 +427,7 @@ impl Store {
             }),
             changes,
             graceful_pods,
+            removed: Default::default(),
         })
     }
 
@@ -439,6 +442,20 @@ impl Store {
 
     pub fn resolve(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
         self.lock().registry.get(group, version, plural)
+    }
+
+    /// The served resource `plural` of `group` (`""` for the core group), at its one version.
+    pub fn resource(&self, group: &str, plural: &str) -> Option<Arc<ResourceType>> {
+        self.lock().registry.by_key(&ResKey {
+            group: group.into(),
+            plural: plural.into(),
+        })
+    }
+
+    /// Whether an object was removed since the last call: garbage collection has work.
+    pub fn take_removed(&self) -> bool {
+        self.removed
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     pub fn resource_version(&self) -> u64 {
@@ -715,7 +732,7 @@ impl Store {
         {
             m.remove("status");
         }
-        let mut obj = self.validate(&st, &rt, &name, obj, None, opts)?;
+        let mut obj = self.validate(&st, &rt, &name, obj, None, Sub::Main, opts)?;
         defaults_on_create(&rt, &mut obj);
         if opts.dry_run {
             return Ok(Self::present(&obj, &rt));
@@ -724,7 +741,9 @@ impl Store {
         Ok(Self::present(&obj, &rt))
     }
 
-    /// Validation and admission-time side checks shared by create and update.
+    /// Validation and admission-time side checks shared by create and update. A write to the status
+    /// subresource is validated against the schema of `.status` only, as the API server does.
+    #[allow(clippy::too_many_arguments)]
     fn validate(
         &self,
         st: &State,
@@ -732,12 +751,20 @@ impl Store {
         name: &str,
         obj: Value,
         old: Option<&Value>,
+        sub: Sub,
         opts: &WriteOptions,
     ) -> ApiResult<Value> {
         let mut obj = Self::present(&obj, rt);
         if let Some(schema) = &rt.schema {
-            obj = schema::validate(schema, &obj, old, opts.unknown_fields)
-                .map_err(|c| ApiError::invalid(&rt.kind, &rt.group, name, c))?;
+            let status_only = sub == Sub::Status;
+            obj = match &rt.rules {
+                Some(rules) => rules.validate(schema, &obj, old, opts.unknown_fields, status_only),
+                None => schema::validate(schema, &obj, old, opts.unknown_fields),
+            }
+            .map_err(|c| {
+                let causes = c.into_iter().map(Cause::from).collect();
+                ApiError::invalid(&rt.kind, &rt.group, name, causes)
+            })?;
         }
         if rt.kind == "CustomResourceDefinition" {
             let types = from_crd(&obj).map_err(|m| {
@@ -942,6 +969,47 @@ impl Store {
             "spec": {"replicas": spec_replicas},
             "status": {"replicas": get_dotted(obj, &paths.status_replicas).and_then(Value::as_i64).unwrap_or(0), "selector": selector},
         }))
+    }
+
+    /// Writes `obj` as stored data, around validation, admission and subresource rules: what a test
+    /// does to play another actor (a kubelet reporting pod status, a controller updating a
+    /// Deployment's status, an object written before its schema changed). A new object gets a uid,
+    /// a creation time and generation 1; an update keeps the stored identity and bumps the
+    /// generation when anything but metadata and status changed. Watchers see the change.
+    pub fn put(&self, rt: &ResourceType, ns: &str, mut obj: Value) -> Value {
+        let ns = if rt.namespaced { ns } else { "" };
+        let name = meta_str(&obj, "name").unwrap_or_default().to_string();
+        let mut st = self.lock();
+        let current = Self::current(&st, rt, ns, &name).ok();
+        let changed_spec = current
+            .as_ref()
+            .is_none_or(|c| spec_part(c) != spec_part(&obj));
+        let m = meta_mut(&mut obj);
+        if rt.namespaced {
+            m.insert("namespace".into(), json!(ns));
+        }
+        match &current {
+            Some(c) => {
+                for f in ["uid", "creationTimestamp", "generation"] {
+                    match c.pointer(&format!("/metadata/{f}")) {
+                        Some(v) => m.insert(f.into(), v.clone()),
+                        None => m.remove(f),
+                    };
+                }
+                if rt.generation && changed_spec {
+                    let g = m.get("generation").and_then(Value::as_i64).unwrap_or(1);
+                    m.insert("generation".into(), json!(g + 1));
+                }
+            }
+            None => {
+                m.insert("uid".into(), json!(new_uid()));
+                m.insert("creationTimestamp".into(), json!(now()));
+                if rt.generation {
+                    m.insert("generation".into(), json!(1));
+                }
+            }
+        }
+        self.store(&mut st, rt, ns, &name, obj, current)
     }
 
     /// PUT of the object (or its status / scale).
@@ -1185,7 +1253,7 @@ impl Store {
                 ));
             }
         }
-        let mut new = self.validate(st, &rt, name, new, Some(&current), opts)?;
+        let mut new = self.validate(st, &rt, name, new, Some(&current), sub, opts)?;
         if rt.generation && spec_part(&new) != spec_part(&current) {
             let g = current
                 .pointer("/metadata/generation")
@@ -1222,6 +1290,8 @@ impl Store {
             .objects
             .get_mut(&rt.key())
             .and_then(|m| m.remove(&(ns.to_string(), name.to_string())));
+        self.removed
+            .store(true, std::sync::atomic::Ordering::Release);
         let mut obj = last.or(removed.clone()).unwrap_or(Value::Null);
         st.rv += 1;
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(st.rv.to_string()));
@@ -1300,6 +1370,11 @@ impl Store {
             let mut new = current.clone();
             let m = meta_mut(&mut new);
             m.insert("deletionTimestamp".into(), json!(now()));
+            // Like the API server (rest.BeforeDelete): marking for deletion is a new generation, so
+            // controllers filtering on generation see it.
+            if let Some(g) = m.get("generation").and_then(Value::as_i64) {
+                m.insert("generation".into(), json!(g + 1));
+            }
             let grace = if graceful_pod {
                 opts.grace_period_seconds
                     .or_else(|| {
@@ -1416,8 +1491,13 @@ fn conflict(rt: &ResourceType, name: &str) -> ApiError {
 }
 
 fn parse_apply(body: &[u8]) -> ApiResult<Value> {
-    let v: Value = serde_yaml::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("error decoding YAML: {e}")))?;
+    // Clients (kube-rs, client-go) send apply patches as JSON, which is YAML too but parses
+    // several times faster as JSON.
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => serde_yaml::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("error decoding YAML: {e}")))?,
+    };
     if !v.is_object() {
         return Err(ApiError::BadRequest(
             "an apply patch must be an object".into(),

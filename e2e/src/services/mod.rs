@@ -15,6 +15,8 @@
 //!
 //! A missing binary is an error naming the command that installs it — never a skip.
 
+pub mod proxy;
+
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
@@ -50,6 +52,15 @@ pub fn unique_name(prefix: &str) -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// `port` on 127.0.0.1, when nothing listens there yet.
+pub fn port_is_free(port: u16, what: &str) -> Result<u16> {
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map(|_| port)
+        .with_context(|| {
+            format!("cannot start {what} on 127.0.0.1:{port}: the port is in use (pick another)")
+        })
 }
 
 /// A free TCP port on 127.0.0.1 (the OS picks it; the listener is closed before returning).
@@ -239,7 +250,8 @@ pub struct SqlEndpoint {
 }
 
 impl SqlEndpoint {
-    fn parse(url: &str) -> Result<Self> {
+    /// `scheme://user:password@host:port/database` (the port is required).
+    pub fn parse(url: &str) -> Result<Self> {
         let u = url::Url::parse(url).with_context(|| format!("parsing database URL {url:?}"))?;
         Ok(SqlEndpoint {
             host: u.host_str().unwrap_or("127.0.0.1").to_string(),
@@ -252,7 +264,8 @@ impl SqlEndpoint {
         })
     }
 
-    fn url(&self, scheme: &str) -> String {
+    /// `scheme://user:password@host:port/database`.
+    pub fn url(&self, scheme: &str) -> String {
         format!(
             "{scheme}://{}:{}@{}:{}/{}",
             self.user, self.password, self.host, self.port, self.database
@@ -357,7 +370,12 @@ impl TestCertificates {
 
 impl Postgres {
     pub async fn start() -> Result<Self> {
-        Self::start_with(None).await
+        Self::start_with(None, None).await
+    }
+
+    /// A local server on 127.0.0.1:`port` (fails, naming the port, when something listens there).
+    pub async fn start_on(port: u16) -> Result<Self> {
+        Self::start_with(None, Some(port)).await
     }
 
     /// A local server that accepts TCP connections over TLS only (`hostssl` in pg_hba.conf), with
@@ -365,15 +383,16 @@ impl Postgres {
     /// local, even with `POSTGRES_URL` set: the test needs to own the server's TLS set-up.
     pub async fn start_tls() -> Result<(Self, String)> {
         let certs = TestCertificates::generate()?;
-        let pg = Self::start_with(Some(&certs)).await?;
+        let pg = Self::start_with(Some(&certs), None).await?;
         Ok((pg, certs.ca_pem))
     }
 
-    async fn start_with(tls: Option<&TestCertificates>) -> Result<Self> {
+    async fn start_with(tls: Option<&TestCertificates>, port: Option<u16>) -> Result<Self> {
         let dirs = postgres_bin_dirs();
         let dirs: Vec<&str> = dirs.iter().map(String::as_str).collect();
         let psql = find_binary("psql", &dirs)?;
-        if let Some(url) = std::env::var("POSTGRES_URL").ok().filter(|_| tls.is_none()) {
+        let external = std::env::var("POSTGRES_URL").ok();
+        if let Some(url) = external.filter(|_| tls.is_none() && port.is_none()) {
             let admin = SqlEndpoint::parse(&url)?;
             let endpoint = SqlEndpoint {
                 database: unique_name("obsrv_test"),
@@ -422,7 +441,10 @@ impl Postgres {
         prepare(&mut init, user);
         run_to_end(&mut init, "initdb")?;
 
-        let port = free_port()?;
+        let port = match port {
+            Some(p) => port_is_free(p, "Postgres")?,
+            None => free_port()?,
+        };
         let mut cmd = Command::new(&postgres);
         cmd.arg("-D")
             .arg(&data)
@@ -794,10 +816,22 @@ impl Broker {
                 _dir: None,
             });
         }
+        Self::start_on(free_port()?).await
+    }
+
+    /// A local nisshi on 127.0.0.1:`port` (fails, naming the port, when something listens there).
+    pub async fn start_on(port: u16) -> Result<Self> {
+        Self::start_advertising(port, &format!("127.0.0.1:{port}")).await
+    }
+
+    /// A local nisshi on 127.0.0.1:`port` that tells clients to reach it at `advertised` (a
+    /// [`proxy::Proxy`] in front of it, to cut the broker off and bring it back with its data).
+    pub async fn start_advertising(port: u16, advertised: &str) -> Result<Self> {
+        let port = port_is_free(port, "the broker")?;
         let nisshi = find_binary("nisshi", &[])?;
         let dir = tempfile::Builder::new().prefix("obsrv-broker-").tempdir()?;
-        let port = free_port()?;
         let listener = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = format!("tcp://{advertised}");
         let mut cmd = Command::new(nisshi);
         // Run in an empty directory: nisshi reads a `.env` from its working directory.
         cmd.current_dir(dir.path())
@@ -806,7 +840,7 @@ impl Broker {
                 "--listener-url",
                 &listener,
                 "--advertised-listener-url",
-                &listener,
+                &advertised_url,
             ])
             .args(["--storage-engine", "memory://nisshi/"])
             .env_remove("LISTENER_URL")
@@ -820,7 +854,7 @@ impl Broker {
             .wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30))
             .await?;
         let broker = Broker {
-            bootstrap: format!("127.0.0.1:{port}"),
+            bootstrap: advertised.to_string(),
             server: Some(server),
             _dir: Some(dir),
         };

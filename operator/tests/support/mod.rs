@@ -1,9 +1,9 @@
-//! Test harness: the in-memory API, a reconcile context pointed at it, and local HTTP servers
-//! standing in for connector pods' `GET /status`.
+//! Test harness: the local control plane's API server in-process (the Connector CRD installed, the
+//! test's namespace created), a reconcile context pointed at it, and local HTTP servers standing in
+//! for connector pods' `GET /status`. The test plays the other actors (the Deployment controller,
+//! the kubelet, users) by writing objects directly.
 
 #![allow(dead_code)]
-
-pub mod fake_api;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use k8s_openapi::jiff::Timestamp;
+use kube::CustomResourceExt as _;
 use kube::runtime::controller::Action;
 use obsrv_crds::Connector;
 use obsrv_crds::status::{ConnectorStatus, RuntimeStatus};
@@ -21,7 +22,7 @@ use obsrv_operator::metrics::Metrics;
 use obsrv_operator::reconcile::{self, Context};
 use serde_json::{Value, json};
 
-pub use fake_api::FakeApi;
+pub use obsrv_e2e::controlplane::InProcessApi;
 
 pub const CONNECTORS: (&str, &str) = ("obsrv.io", "connectors");
 pub const DEPLOYMENTS: (&str, &str) = ("apps", "deployments");
@@ -46,7 +47,7 @@ impl Drop for PodServer {
 }
 
 pub struct Harness {
-    pub api: Arc<FakeApi>,
+    pub api: InProcessApi,
     pub ctx: Arc<Context>,
     pub metrics: Arc<Metrics>,
     pub ns: String,
@@ -73,7 +74,14 @@ impl Harness {
     }
 
     pub async fn with_poll_interval(ns: &str, poll: Duration) -> Harness {
-        let api = FakeApi::new();
+        let api = InProcessApi::new();
+        api.create(
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            "",
+            serde_json::to_value(Connector::crd()).expect("CRD serializes"),
+        );
+        api.namespace(ns);
         let client = api.client();
         let mut config = Config::defaults();
         config.sink_bootstrap_servers = Some("kafka.obsrv:9092".into());
@@ -111,7 +119,8 @@ impl Harness {
     }
 
     pub fn apply_yaml(&self, yaml: &str) -> Value {
-        let v: Value = serde_yaml::from_str(yaml).expect("fixture YAML");
+        let mut v: Value = serde_yaml::from_str(yaml).expect("fixture YAML");
+        v["metadata"]["namespace"] = json!(self.ns);
         self.api.create(CONNECTORS.0, CONNECTORS.1, &self.ns, v)
     }
 
@@ -218,7 +227,8 @@ impl Harness {
     }
 
     /// Plays the Deployment controller and kubelet: the Deployment reports every replica ready and
-    /// up to date, and one Pod per entry of `pods` exists (ready, with that IP).
+    /// up to date, and one Pod per entry of `pods` exists (ready, with that IP), written as stored
+    /// data (a kubelet's status, not a client's create).
     pub fn roll_out(&self, name: &str, pod_ips: &[String]) {
         self.roll_out_with(name, pod_ips, true);
     }
@@ -242,7 +252,7 @@ impl Harness {
         }
         let labels = self.deployment(name)["spec"]["template"]["metadata"]["labels"].clone();
         for (i, ip) in pod_ips.iter().enumerate() {
-            self.api.create(
+            self.api.put(
                 PODS.0,
                 PODS.1,
                 &self.ns,

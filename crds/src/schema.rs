@@ -1,10 +1,37 @@
-//! Validation of custom resources against their CRD's `openAPIV3Schema`: defaults, unknown-field
-//! pruning (or rejection with `fieldValidation=Strict`), types, `required`, `enum`, bounds, and the
-//! `x-kubernetes-validations` CEL rules (evaluated by kube's client-side CEL engine, `kube-cel`).
+//! Validation of custom resources against their CRD's `openAPIV3Schema`, as an API server does it:
+//! defaults, unknown-field pruning (or rejection with `fieldValidation=Strict`), types, `required`,
+//! `enum`, bounds, and the `x-kubernetes-validations` CEL rules (evaluated by kube's client-side CEL
+//! engine, `kube-cel`). The local control plane validates every custom resource with it, and the
+//! runtime's `check`/`run` validate a Connector manifest with it before running anything, so both
+//! say what `kubectl apply` against a real cluster would.
 
+use kube::core::cel::{CompiledSchema, Validator, compile_schema};
 use serde_json::{Map, Value};
 
-use super::error::Cause;
+/// One reason an object was rejected (an API server's `Status.details.causes[]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cause {
+    /// `FieldValueInvalid`, `FieldValueRequired`, `FieldValueNotSupported`, `FieldValueTypeInvalid`, ...
+    pub reason: String,
+    /// Dotted path of the field as the API reports it, e.g. `spec.source` (empty for unknown fields,
+    /// whose path is in the message, like a real API server's strict decoding error).
+    pub field: String,
+    /// Dotted path of the offending field, always set (`spec.source.postgres.tables[0].cursor.tiebreaker`).
+    pub path: String,
+    pub message: String,
+}
+
+impl Cause {
+    /// Whether the field is not in the schema at all.
+    pub fn is_unknown_field(&self) -> bool {
+        self.field.is_empty() && self.message.starts_with("unknown field")
+    }
+}
+
+thread_local! {
+    /// The CEL environment with Kubernetes' functions, built once per thread.
+    static VALIDATOR: Validator = Validator::new();
+}
 
 /// What to do with fields the schema does not know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,10 +42,60 @@ pub enum UnknownFields {
     Reject,
 }
 
+/// A CRD's schema with its CEL rules compiled once (compiling them is most of a validation's cost),
+/// for the whole object and for `.status` alone (what a write to the status subresource is checked
+/// against, as the API server does).
+#[derive(Debug)]
+pub struct Rules {
+    main: CompiledSchema,
+    status_schema: Value,
+    status: CompiledSchema,
+}
+
+impl Rules {
+    pub fn new(schema: &Value) -> Rules {
+        let status_schema = status_part(schema);
+        Rules {
+            main: compile_schema(schema),
+            status: compile_schema(&status_schema),
+            status_schema,
+        }
+    }
+
+    /// [`validate`] of `object` against `schema` (the one these rules were compiled from), or
+    /// against its `.status` alone.
+    pub fn validate(
+        &self,
+        schema: &Value,
+        object: &Value,
+        old: Option<&Value>,
+        unknown: UnknownFields,
+        status_only: bool,
+    ) -> Result<Value, Vec<Cause>> {
+        if status_only {
+            validate_with(&self.status_schema, &self.status, object, old, unknown)
+        } else {
+            validate_with(schema, &self.main, object, old, unknown)
+        }
+    }
+}
+
 /// Applies defaults and prunes unknown fields, then checks the object. `old` is the stored object on
-/// updates (CEL transition rules such as `self == oldSelf` only run then).
+/// updates: CEL transition rules such as `self == oldSelf` only run then, and errors at a path whose
+/// value is the same as in `old` are not reported (Kubernetes' validation ratcheting, so an object
+/// stored before a rule existed can still have its status or finalizers updated).
 pub fn validate(
     schema: &Value,
+    object: &Value,
+    old: Option<&Value>,
+    unknown: UnknownFields,
+) -> Result<Value, Vec<Cause>> {
+    validate_with(schema, &compile_schema(schema), object, old, unknown)
+}
+
+fn validate_with(
+    schema: &Value,
+    rules: &CompiledSchema,
     object: &Value,
     old: Option<&Value>,
     unknown: UnknownFields,
@@ -47,17 +124,20 @@ pub fn validate(
         }
         required(schema, root, "", &mut causes);
     }
+    ratchet(&mut causes, &out, old);
     if !causes.is_empty() {
         return Err(causes);
     }
-    if let Err(errors) = kube::core::cel::Validator::new().validate(schema, &out, old) {
+    if let Err(errors) = VALIDATOR.with(|v| v.validate_compiled(rules, &out, old)) {
         for e in errors.into_vec() {
+            let field = e.field_path.trim_start_matches('.').to_string();
             causes.push(Cause {
                 reason: e
                     .reason
                     .clone()
                     .unwrap_or_else(|| "FieldValueInvalid".into()),
-                field: e.field_path.trim_start_matches('.').to_string(),
+                path: field.clone(),
+                field,
                 message: format!("Invalid value: \"object\": {}", e.message),
             });
         }
@@ -69,12 +149,36 @@ pub fn validate(
                     .replacen("\"object\"", &format!("\"{}\"", type_name(v)), 1);
             }
         }
+        ratchet(&mut causes, &out, old);
     }
     if causes.is_empty() {
         Ok(out)
     } else {
         Err(causes)
     }
+}
+
+/// Drops the errors at paths whose value did not change from `old`.
+fn ratchet(causes: &mut Vec<Cause>, new: &Value, old: Option<&Value>) {
+    if let Some(old) = old {
+        causes.retain(|c| c.field.is_empty() || lookup(new, &c.field) != lookup(old, &c.field));
+    }
+}
+
+/// The schema a write to the status subresource is checked against: `.status` only, every other
+/// field kept as it is.
+fn status_part(schema: &Value) -> Value {
+    let status = schema
+        .pointer("/properties/status")
+        .cloned()
+        .unwrap_or_else(
+            || serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        );
+    serde_json::json!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+        "properties": {"status": status},
+    })
 }
 
 fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
@@ -114,6 +218,7 @@ fn unknown_field(path: &str) -> Cause {
     Cause {
         reason: "FieldValueInvalid".into(),
         field: String::new(),
+        path: path.into(),
         message: format!("unknown field \"{path}\""),
     }
 }
@@ -134,6 +239,7 @@ fn required(schema: &Value, obj: &Map<String, Value>, path: &str, causes: &mut V
             };
             causes.push(Cause {
                 reason: "FieldValueRequired".into(),
+                path: field.clone(),
                 field,
                 message: "Required value".into(),
             });
@@ -145,6 +251,7 @@ fn invalid(path: &str, message: String) -> Cause {
     Cause {
         reason: "FieldValueInvalid".into(),
         field: path.to_string(),
+        path: path.to_string(),
         message,
     }
 }
@@ -169,6 +276,7 @@ fn check(
             causes.push(Cause {
                 reason: "FieldValueTypeInvalid".into(),
                 field: path.into(),
+                path: path.into(),
                 message: format!(
                     "Invalid value: \"{}\": {path} in body must be of type int-or-string",
                     type_name(v)
@@ -191,6 +299,7 @@ fn check(
         causes.push(Cause {
             reason: "FieldValueTypeInvalid".into(),
             field: path.into(),
+            path: path.into(),
             message: format!(
                 "Invalid value: \"{}\": {path} in body must be of type {}",
                 type_name(v),
@@ -206,6 +315,7 @@ fn check(
         causes.push(Cause {
             reason: "FieldValueNotSupported".into(),
             field: path.into(),
+            path: path.into(),
             message: format!(
                 "Unsupported value: {v}: supported values: {}",
                 list.join(", ")
@@ -248,6 +358,7 @@ fn check(
             causes.push(Cause {
                 reason: "FieldValueTooLong".into(),
                 field: path.into(),
+                path: path.into(),
                 message: format!("Too long: may not be more than {max} bytes"),
             });
         }
@@ -298,6 +409,7 @@ fn check(
                 causes.push(Cause {
                     reason: "FieldValueTooMany".into(),
                     field: path.into(),
+                    path: path.into(),
                     message: format!("Too many: {}: must have at most {max} items", items.len()),
                 });
             }

@@ -3,7 +3,12 @@
 
 use k8s_openapi::jiff::{Timestamp, ToSpan, tz::TimeZone};
 
-use crate::error::{Error, Result};
+/// A schedule that cannot run, with what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ScheduleError(pub String);
+
+type Result<T> = std::result::Result<T, ScheduleError>;
 
 /// One cron field: the allowed values as a bit set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -11,7 +16,7 @@ struct Field(u64);
 
 impl Field {
     fn parse(s: &str, min: u32, max: u32, name: &str) -> Result<Field> {
-        let bad = || Error::Config(format!("schedule.cron: bad {name} field `{s}`"));
+        let bad = || ScheduleError(format!("schedule.cron: bad {name} field `{s}`"));
         let mut bits = 0u64;
         for part in s.split(',') {
             let (range, step) = match part.split_once('/') {
@@ -68,7 +73,7 @@ impl Cron {
     pub fn parse(expr: &str) -> Result<Cron> {
         let f: Vec<&str> = expr.split_whitespace().collect();
         if f.len() != 5 {
-            return Err(Error::Config(format!(
+            return Err(ScheduleError(format!(
                 "schedule.cron `{expr}` must have 5 fields (minute hour day month weekday)"
             )));
         }
@@ -129,7 +134,7 @@ pub enum Plan {
 }
 
 impl Plan {
-    pub fn from_spec(s: Option<&obsrv_crds::Schedule>) -> Result<Plan> {
+    pub fn from_spec(s: Option<&crate::Schedule>) -> Result<Plan> {
         match s {
             None => Ok(Plan::Continuous),
             Some(s) => match (&s.cron, s.once) {
@@ -189,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_expressions_are_config_errors() {
+    fn bad_expressions_are_refused() {
         for bad in [
             "* * * *",
             "60 * * * *",
@@ -198,10 +203,10 @@ mod tests {
             "5-1 * * * *",
             "* * 0 * *",
         ] {
-            assert!(matches!(Cron::parse(bad), Err(Error::Config(_))), "{bad}");
+            assert!(matches!(Cron::parse(bad), Err(ScheduleError(_))), "{bad}");
         }
         assert_eq!(
-            Plan::from_spec(Some(&obsrv_crds::Schedule {
+            Plan::from_spec(Some(&crate::Schedule {
                 cron: None,
                 once: Some(true)
             }))

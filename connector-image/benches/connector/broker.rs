@@ -1,0 +1,165 @@
+//! The broker side of every bench: the connector's sink settings, topics, and raw produce and
+//! consume (the bounds), all with the runtime's own librdkafka configuration so that a bound and
+//! the connector produce alike.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow};
+use obsrv_connector::{
+    config::{Secrets, SinkSettings},
+    sink::{
+        Acks,
+        kafka::{SinkProducer, client_config, create_producer, enqueue, producer_config},
+    },
+};
+use obsrv_crds::{Compression, Delivery};
+use rdkafka::{
+    ClientConfig,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{Consumer, StreamConsumer},
+};
+
+/// The sink every bench's connector writes to (topics set by the caller): the runtime's defaults
+/// (zstd, linger 20 ms, 1 MiB records, atLeastOnce).
+pub fn sink_settings(bootstrap: &str) -> SinkSettings {
+    SinkSettings {
+        bootstrap_servers: bootstrap.to_string(),
+        topic: String::new(),
+        failed_topic: String::new(),
+        state_topic: String::new(),
+        max_message_bytes: 1_048_576,
+        compression: Compression::Zstd,
+        linger_ms: 20,
+        batch_bytes: None,
+        tls: None,
+        sasl: None,
+        delivery: Delivery::AtLeastOnce,
+    }
+}
+
+/// Creates `(name, partitions)` topics on the sink's broker.
+pub async fn create_topics(sink: &SinkSettings, topics: &[(&str, i32)]) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config(sink, &Secrets::default())
+        .create()
+        .context("admin client")?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .collect();
+    for r in admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .context("create topics")?
+    {
+        r.map_err(|(t, e)| anyhow!("create topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A producer with the connector's own settings for `sink`.
+pub fn sink_producer(sink: &SinkSettings) -> Result<Arc<SinkProducer>> {
+    Ok(create_producer(&producer_config(
+        sink,
+        &Secrets::default(),
+        "obsrv-bench",
+    ))?)
+}
+
+/// Produces one record to `topic` and waits for it: the idempotent producer's start (producer
+/// id, connections) is not throughput.
+pub async fn warm_up(producer: &SinkProducer, topic: &str) -> Result<()> {
+    let acks = Acks::new();
+    enqueue(producer, topic, None, Some(b"{}"), None, &acks).await?;
+    acks.wait().await?;
+    Ok(())
+}
+
+/// A producer for filling input topics fast: large batches, no compression.
+pub fn fill_producer(sink: &SinkSettings) -> Result<Arc<SinkProducer>> {
+    let mut config = client_config(sink, &Secrets::default());
+    config
+        .set("client.id", "obsrv-bench-fill")
+        .set("linger.ms", "50")
+        .set("batch.num.messages", "100000")
+        .set("batch.size", "4000000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("compression.type", "none");
+    Ok(create_producer(&config)?)
+}
+
+/// Produces each payload to `topic`, keyed by its index, and waits until all are acknowledged.
+pub async fn produce_numbered<P: AsRef<[u8]>>(
+    producer: &SinkProducer,
+    topic: &str,
+    payloads: impl IntoIterator<Item = P>,
+) -> Result<()> {
+    let acks = Acks::new();
+    for (i, p) in payloads.into_iter().enumerate() {
+        let key = i.to_string();
+        enqueue(
+            producer,
+            topic,
+            Some(key.as_bytes()),
+            Some(p.as_ref()),
+            None,
+            &acks,
+        )
+        .await
+        .with_context(|| format!("produce to {topic}"))?;
+    }
+    acks.wait()
+        .await
+        .with_context(|| format!("produce to {topic}"))?;
+    Ok(())
+}
+
+/// A consumer in `group` (from the earliest offset, no commits), subscribed to `topic` when one
+/// is given.
+pub fn consumer(bootstrap: &str, group: &str, topic: Option<&str>) -> Result<StreamConsumer> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .create()
+        .context("consumer")?;
+    if let Some(t) = topic {
+        c.subscribe(&[t]).context("subscribe")?;
+    }
+    Ok(c)
+}
+
+/// Sum of the high watermarks of `topic`'s partitions.
+pub fn end_offsets(c: &StreamConsumer, topic: &str) -> Result<i64> {
+    let t = Duration::from_secs(5);
+    let md = c
+        .fetch_metadata(Some(topic), t)
+        .with_context(|| format!("metadata of {topic}"))?;
+    let mut sum = 0;
+    for p in md.topics().iter().flat_map(|m| m.partitions()) {
+        sum += c
+            .fetch_watermarks(topic, p.id(), t)
+            .with_context(|| format!("end offsets of {topic}"))?
+            .1;
+    }
+    Ok(sum)
+}
+
+/// Consumes `topic` from the beginning with a fresh `group` until `expected` records arrived or
+/// nothing came for 10 s; returns how many arrived (records are counted, not kept).
+pub async fn count(bootstrap: &str, group: &str, topic: &str, expected: usize) -> Result<usize> {
+    let c = consumer(bootstrap, group, Some(topic))?;
+    let mut n = 0;
+    while n < expected {
+        match tokio::time::timeout(Duration::from_secs(10), c.recv()).await {
+            Err(_) => break,
+            Ok(m) => {
+                m.with_context(|| format!("count {topic}"))?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}

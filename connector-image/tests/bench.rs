@@ -1,0 +1,122 @@
+//! The connector bench (`benches/connector`, a `harness = false` target, where cargo runs no
+//! `#[test]`) as a test: its figures' arithmetic, and every source's bench run end to end
+//! on a few thousand rows against real services, so a bench that stopped working fails here
+//! rather than in the hands of the next person measuring. A source added to `SOURCES` is covered
+//! without a change here.
+
+#[allow(dead_code)]
+#[path = "../benches/connector/main.rs"]
+mod bench;
+
+use bench::{
+    connector::Usage,
+    kafka::{self, ON_PAR, event},
+    postgres,
+};
+use clap::Parser as _;
+
+#[tokio::test]
+async fn every_source_bench_runs_end_to_end() {
+    for source in bench::SOURCES {
+        let args = bench::Args::parse_from(["bench", "--source", source.name, "--rows", "3000"]);
+        let report = bench::run(args)
+            .await
+            .unwrap_or_else(|e| panic!("--source {}: {e:#}", source.name));
+        assert!(
+            report.starts_with("rows: 3000 "),
+            "--source {}:\n{report}",
+            source.name
+        );
+        assert!(
+            report.contains("connector peak RSS: "),
+            "--source {}:\n{report}",
+            source.name
+        );
+    }
+}
+
+#[test]
+fn events_are_distinct_json_objects_of_realistic_size() {
+    for i in [0u64, 1, 2, 999, 123_456, 4_999_999, u32::MAX as u64] {
+        let e = event(i);
+        let v: serde_json::Value = serde_json::from_str(&e).expect("valid JSON");
+        assert_eq!(v["id"], i, "{e}");
+        assert!(v.is_object());
+        assert!((120..=180).contains(&e.len()), "{} bytes: {e}", e.len());
+    }
+    assert_ne!(event(1), event(2));
+}
+
+#[test]
+fn ratio_and_verdict() {
+    let f = kafka::Figures {
+        rows: 1000,
+        input_bytes: 150_000,
+        fill_secs: 0.5,
+        pipe_secs: 1.0,
+        pipe_first_secs: 0.5,
+        connector_secs: 2.0,
+        connector_first_secs: 1.0,
+        connector: Usage {
+            peak_rss_kib: 40 * 1024,
+            cpu_secs: 1.0,
+        },
+        ingest_end_offsets: 1000,
+        ingest_counted: 1000,
+    };
+    assert_eq!(f.ratio(), 0.5);
+    assert_eq!(f.steady_ratio(), 0.5);
+    assert!(
+        f.report()
+            .contains("ratio to the pipe: 0.50 start-up included, 0.50 after")
+    );
+    assert!(f.report().contains("NOT met"));
+    // 1000 rows in the 0.5s after the pipe's first record.
+    assert!(
+        f.report()
+            .contains("2000 rows/s after its first record at 0.50s")
+    );
+    let g = kafka::Figures {
+        connector_secs: 1.1,
+        ..f
+    };
+    assert!(g.on_par(), "{}", g.report());
+    assert!(!g.report().contains("NOT met"));
+    // Start-up hides a slow steady state: 0.91 overall, 0.5 after the first record.
+    let h = kafka::Figures {
+        pipe_secs: 5.5,
+        pipe_first_secs: 5.0,
+        connector_secs: 6.0,
+        connector_first_secs: 5.0,
+        ..g
+    };
+    assert!(h.ratio() > ON_PAR);
+    assert!(!h.on_par());
+    assert!(h.report().contains("NOT met"));
+}
+
+#[test]
+fn ratio_is_to_the_slower_bound() {
+    let f = postgres::Figures {
+        rows: 1000,
+        json_bytes: 200_000,
+        copy_secs: 1.0,
+        produce_secs: 2.0,
+        connector_secs: 2.5,
+        connector: Usage {
+            peak_rss_kib: 48 * 1024,
+            cpu_secs: 1.5,
+        },
+    };
+    assert_eq!(f.ratio(), 0.8);
+    let r = f.report();
+    assert!(r.contains("ratio to the slower bound: 0.80"), "{r}");
+    assert!(
+        r.contains(" 500 rows/s (2.00s)\nobsrv-connector Postgres -> broker: "),
+        "{r}"
+    );
+    assert!(
+        r.contains("connector peak RSS: 48.0 MiB (target < 64 MiB), CPU 1.50s"),
+        "{r}"
+    );
+}
