@@ -6,7 +6,7 @@
 //! One replica (no `shareGroup`): one session named by `clientId`, which outlives pod replacements.
 //! With `shareGroup`, every replica subscribes to `$share/<group>/<filter>` in a session of its
 //! own, named `<clientId>-<pod name>`: a restarted container resumes it, a pod that is gone for
-//! good leaves it to expire (see docs/sources/streams.md).
+//! good leaves it to expire (see docs/streams.md).
 //!
 //! Record id: MQTT has no message id or sequence a subscriber can rely on (packet ids are reused),
 //! so the id is a digest of the topic, payload and the publisher's properties (content type,
