@@ -125,9 +125,11 @@ impl Source {
                 "      host: 127.0.0.1\n      port: {port}\n      queue: {}\n",
                 self.dest
             ),
-            // A short ackWait: a killed replica's messages come back within seconds.
+            // A short ackWait: a killed replica's messages come back within seconds. Not shorter:
+            // on a loaded machine a full window can wait seconds for the sink, and a redelivery
+            // then would reorder the stream.
             Kind::Nats => format!(
-                "      servers: [nats://127.0.0.1:{port}]\n      stream: {}\n      subject: {}\n      ackWait: 3s\n",
+                "      servers: [nats://127.0.0.1:{port}]\n      stream: {}\n      subject: {}\n      ackWait: 10s\n",
                 self.stream, self.dest
             ),
             Kind::Mqtt => format!(
