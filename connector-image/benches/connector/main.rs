@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo bench -p obsrv-connector --bench connector -- --source postgres --rows 1000000
 //! cargo bench -p obsrv-connector --bench connector -- --source kafka --rows 500000
+//! cargo bench -p obsrv-connector --bench connector -- --source rabbitmq --rows 200000  # also nats, mqtt
 //! ```
 //!
 //! Each source's bench measures the fastest known way to move the same records (its bound) and
@@ -20,6 +21,7 @@ pub mod broker;
 pub mod connector;
 pub mod kafka;
 pub mod postgres;
+pub mod streams;
 
 use std::process::ExitCode;
 
@@ -30,7 +32,13 @@ use obsrv_connector::config::SinkSettings;
 use obsrv_e2e::services::Broker;
 
 /// Every benchmarked source, by its `--source` name.
-pub static SOURCES: &[SourceBench] = &[postgres::BENCH, kafka::BENCH];
+pub static SOURCES: &[SourceBench] = &[
+    postgres::BENCH,
+    kafka::BENCH,
+    streams::RABBITMQ,
+    streams::NATS,
+    streams::MQTT,
+];
 
 /// One source's bench.
 pub struct SourceBench {

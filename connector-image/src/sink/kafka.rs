@@ -371,6 +371,11 @@ impl KafkaSink {
                     self.ctx.envelope_into(&mut buf, event, &syncts);
                     buf.len() <= self.settings.max_message_bytes
                 }
+                Payload::JsonWithMeta { event, meta } => {
+                    self.ctx
+                        .envelope_with_meta_into(&mut buf, event, meta, &syncts);
+                    buf.len() <= self.settings.max_message_bytes
+                }
                 Payload::Unparseable { .. } => false,
             };
             let (topic, bytes) = if ingest {

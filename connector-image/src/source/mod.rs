@@ -5,14 +5,20 @@
 //! function, registers them in a [`Registry`], and calls [`crate::cli::main`]. The built-in kinds
 //! use the very same API (see [`Registry::builtin`]).
 
+pub mod acks;
 pub mod azure_blob;
 pub mod cdc;
 pub mod gcs;
 pub mod kafka;
 pub mod marketplace;
+pub mod message;
+pub mod mqtt;
+pub mod nats;
 pub mod objects;
+pub mod rabbitmq;
 pub mod s3;
 pub mod sql;
+pub mod tls;
 
 use std::{future::Future, sync::Arc};
 
@@ -108,8 +114,14 @@ pub trait Source: Send + 'static {
         None
     }
 
+    /// Whether the source can tell its lag at all. `false` (MQTT, core NATS: nothing says how
+    /// much is waiting) keeps the lag unknown in `/status` instead of 0 when caught up.
+    fn lag_known(&self) -> bool {
+        true
+    }
+
     /// Where positions are kept: `None` = the state topic; otherwise the source commits them itself
-    /// (Kafka consumer groups).
+    /// (Kafka consumer groups, broker acknowledgements).
     fn committer(&self) -> Option<Box<dyn SourceCommitter>> {
         None
     }
@@ -124,6 +136,13 @@ pub trait Source: Send + 'static {
 pub trait SourceCommitter: Send + Sync {
     /// atLeastOnce: commits `position` once everything before it is acknowledged.
     fn commit(&self, position: &serde_json::Value) -> Result<()>;
+
+    /// Commit each batch as soon as it and those before it are acknowledged, rather than about
+    /// once a second: a broker that stops delivering while a window of messages is unacknowledged
+    /// (AMQP prefetch, JetStream and MQTT in-flight limits) would otherwise stall the source.
+    fn commits_each_batch(&self) -> bool {
+        false
+    }
 
     /// exactlyOnce: whether the batch reaching `position` may still be delivered. A Kafka batch read
     /// before a rebalance may not: the consumer re-reads its records from the committed offsets.
@@ -153,6 +172,7 @@ pub trait DynSource: Send {
     fn max_parallelism(&self) -> Option<i32>;
     fn lag(&mut self) -> BoxFuture<'_, Result<Option<Lag>>>;
     fn lag_task(&self) -> Option<BoxFuture<'static, Result<Option<Lag>>>>;
+    fn lag_known(&self) -> bool;
     fn committer(&self) -> Option<Box<dyn SourceCommitter>>;
     fn describe(&self) -> String;
 }
@@ -169,6 +189,9 @@ impl<S: Source> DynSource for S {
     }
     fn lag_task(&self) -> Option<BoxFuture<'static, Result<Option<Lag>>>> {
         Source::lag_task(self)
+    }
+    fn lag_known(&self) -> bool {
+        Source::lag_known(self)
     }
     fn committer(&self) -> Option<Box<dyn SourceCommitter>> {
         Source::committer(self)
@@ -309,6 +332,9 @@ impl Registry {
             .with(cdc::postgres::factory())
             .with(cdc::binlog::mysql())
             .with(cdc::binlog::mariadb())
+            .with(rabbitmq::factory())
+            .with(nats::factory())
+            .with(mqtt::factory())
     }
 
     /// A custom connector: `open` runs `spec.source.custom`.

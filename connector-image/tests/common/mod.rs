@@ -57,6 +57,11 @@ impl Harness {
 
     /// Starts `obsrv-connector run` on its own loopback port.
     pub fn start(&self) -> Result<Connector> {
+        self.start_with_env(&[])
+    }
+
+    /// [`Harness::start`] with extra environment (e.g. `HOSTNAME`, a replica's pod name).
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Result<Connector> {
         let port = free_port()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -68,6 +73,7 @@ impl Harness {
             .env("OBSRV_LISTEN", format!("127.0.0.1:{port}"))
             .env("OBSRV_LOG_FORMAT", "text")
             .env("RUST_LOG", "info,obsrv_connector=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -282,6 +288,14 @@ pub fn total(status: &Value, field: &str) -> u64 {
     status["totals"][field].as_u64().unwrap_or(0)
 }
 
+/// How the kill -9 scenario tells that the restarted connector has caught up.
+pub enum CaughtUp {
+    /// `/status` says `lagRecords` 0.
+    LagZero,
+    /// Every id is in the ingest topic (sources whose lag is unknown: MQTT).
+    AllIds,
+}
+
 /// The kill -9 scenario every source shares: starts the connector, SIGKILLs it once `kill_after`
 /// records are ingested (before all `n`), restarts it until caught up, and checks that all `n`
 /// event ids reached the ingest topic (nothing lost). Returns every record read, duplicates of
@@ -292,7 +306,20 @@ pub async fn kill_9_mid_load_then_restart(
     n: usize,
     kill_after: u64,
 ) -> Result<Vec<ConsumedRecord>> {
-    let conn = h.start()?;
+    kill_9_mid_load_then_restart_until(broker, h, n, kill_after, CaughtUp::LagZero, &[]).await
+}
+
+/// [`kill_9_mid_load_then_restart`] with a choice of how to tell the restart caught up, and
+/// environment for both processes (the same `HOSTNAME`: the restarted container of one pod).
+pub async fn kill_9_mid_load_then_restart_until(
+    broker: &Broker,
+    h: &Harness,
+    n: usize,
+    kill_after: u64,
+    caught_up: CaughtUp,
+    env: &[(&str, &str)],
+) -> Result<Vec<ConsumedRecord>> {
+    let conn = h.start_with_env(env)?;
     let s = conn
         .wait_status("part of the load", Duration::from_secs(60), |s| {
             total(s, "recordsIngested") >= kill_after
@@ -303,11 +330,25 @@ pub async fn kill_9_mid_load_then_restart(
         total(&s, "recordsIngested") < n as u64,
         "killed in the middle of the load: {s}"
     );
-    let conn = h.start()?;
-    conn.wait_status("caught up after restart", Duration::from_secs(120), |s| {
-        s["lagRecords"] == 0 && total(s, "recordsIngested") > 0
-    })
-    .await?;
+    let conn = h.start_with_env(env)?;
+    match caught_up {
+        CaughtUp::LagZero => {
+            conn.wait_status("caught up after restart", Duration::from_secs(120), |s| {
+                s["lagRecords"] == 0 && total(s, "recordsIngested") > 0
+            })
+            .await?;
+        }
+        CaughtUp::AllIds => {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while ids(&broker
+                .consume_all(&h.ingest, 2 * n, Duration::from_secs(3))
+                .await?)?
+            .len()
+                < n
+                && Instant::now() < deadline
+            {}
+        }
+    }
     let recs = broker
         .consume_all(&h.ingest, 2 * n, Duration::from_secs(10))
         .await?;

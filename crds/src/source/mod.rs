@@ -10,7 +10,11 @@
 pub mod cdc;
 pub mod custom;
 pub mod kafka;
+pub mod messages;
+pub mod mqtt;
+pub mod nats;
 pub mod object;
+pub mod rabbitmq;
 pub mod sql;
 
 use kube::KubeSchema;
@@ -21,10 +25,14 @@ use crate::runtime::SecretEnv;
 pub use cdc::{BinlogCdcSourceSpec, PostgresCdcSourceSpec, SnapshotMode};
 pub use custom::{CustomSourceSpec, SECRETS_DIR, SecretMount};
 pub use kafka::{KafkaSourceSpec, OffsetReset};
+pub use messages::{MessageFormat, NonJson};
+pub use mqtt::MqttSourceSpec;
+pub use nats::{NatsDeliver, NatsMode, NatsSourceSpec};
 pub use object::{
     AzureAuth, AzureBlobSourceSpec, AzureCredentials, CsvOptions, GcsCredentials, GcsSourceSpec,
     ObjectCompression, ObjectFormat, ObjectSelection, S3Credentials, S3SourceSpec,
 };
+pub use rabbitmq::{RabbitmqBinding, RabbitmqSourceSpec};
 pub use sql::{CursorSpec, SqlSourceSpec, TableSpec};
 
 /// The source of a Connector. Exactly one field is set (a CEL rule built from [`SOURCE_KINDS`]
@@ -65,6 +73,15 @@ pub struct SourceSpec {
     /// Every change of MariaDB tables as it commits (the binary log, MariaDB GTID positions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mariadb_cdc: Option<BinlogCdcSourceSpec>,
+    /// A RabbitMQ queue (AMQP 0-9-1), shared by replicas as competing consumers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<RabbitmqSourceSpec>,
+    /// NATS: a JetStream durable pull consumer (at least once), or core subjects (at most once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsSourceSpec>,
+    /// MQTT 5 topics with QoS 1 in a persistent session; shared subscriptions to scale out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttSourceSpec>,
     /// Your own connector image (built on the obsrv-connector SDK, or any image that keeps the
     /// contract in docs/custom-connectors.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -200,6 +217,9 @@ pub static SOURCE_KINDS: &[&SourceKind] = &[
     &object::S3,
     &object::AZURE_BLOB,
     &object::GCS,
+    &rabbitmq::RABBITMQ,
+    &nats::NATS,
+    &mqtt::MQTT,
     &custom::CUSTOM,
     &cdc::POSTGRES_CDC,
     &cdc::MYSQL_CDC,
@@ -333,6 +353,9 @@ mod tests {
             "postgresCdc" | "mysqlCdc" | "mariadbCdc" => serde_json::json!({
                 "host": "h", "database": "d", "credentials": {"secretName": "s"},
                 "tables": ["public.t"]}),
+            "rabbitmq" => serde_json::json!({"host": "h", "queue": "q"}),
+            "nats" => serde_json::json!({"servers": ["nats://h:4222"], "stream": "s"}),
+            "mqtt" => serde_json::json!({"host": "h", "topics": ["t/#"]}),
             other => panic!("add an example spec for the new kind {other}"),
         }
     }

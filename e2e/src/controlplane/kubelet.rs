@@ -9,7 +9,7 @@
 //!   process on its own loopback address 127.x.y.N, with the container's env (values, `secretKeyRef`,
 //!   `configMapKeyRef`, `fieldRef`, `envFrom`), ConfigMap/Secret/emptyDir volumes materialised to
 //!   directories (mount paths in args and env values are rewritten to them; a directory above
-//!   mounts becomes a local directory linking to them), `OBSRV_LISTEN=<ip>:<port>`,
+//!   mounts becomes a local directory linking to them), `HOSTNAME=<pod name>`, `OBSRV_LISTEN=<ip>:<port>`,
 //!   readiness from the readiness probe's HTTP GET, restarts with back-off, SIGTERM then SIGKILL after
 //!   the grace period when the pod is deleted.
 
@@ -1254,6 +1254,13 @@ impl ProcessContext {
             env.retain(|(ek, _)| *ek != k);
             env.push((k, v));
         };
+        // A container's host name is its pod's name, as the kubelet sets it (the container's own
+        // env may override it). Sources keyed by replica (an MQTT session) rely on it.
+        if let Some(pod) =
+            super::store::get_dotted(&self.pod, "metadata.name").and_then(Value::as_str)
+        {
+            set(&mut env, "HOSTNAME".into(), pod.to_string());
+        }
         for from in self
             .container
             .get("envFrom")

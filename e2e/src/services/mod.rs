@@ -1,4 +1,5 @@
-//! Real services on demand for tests: Postgres, MariaDB, a Kafka-protocol broker and an S3 API.
+//! Real services on demand for tests: Postgres, MariaDB, a Kafka-protocol broker and an S3 API here;
+//! RabbitMQ, NATS (JetStream) and Mosquitto (MQTT) in their own modules.
 //!
 //! Each `start()` brings up a throwaway, isolated instance on free loopback ports (fresh data
 //! directory in a temp dir) and tears it down when the handle is dropped: the process is stopped and
@@ -26,6 +27,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod mqtt;
+pub mod nats;
+pub mod rabbitmq;
+
 use anyhow::{Context as _, Result, anyhow, bail};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -37,8 +42,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tempfile::TempDir;
 
 /// The command that installs every service binary the tests need.
-pub const SETUP_HINT: &str = "run `scripts/setup.sh` (it installs PostgreSQL and MariaDB from apt, \
-     nisshi@0.6.0 and s3s-fs@0.14.1 with cargo install, and the chart-check venv)";
+pub const SETUP_HINT: &str = "run `scripts/setup.sh` (it installs PostgreSQL, MariaDB, RabbitMQ, \
+     nats-server and Mosquitto from apt, nisshi@0.6.0 and s3s-fs@0.14.1 with cargo install, and the \
+     chart-check venv)";
 
 /// A name unique within this machine's running tests: `<prefix>_<pid>_<n>`.
 pub fn unique_name(prefix: &str) -> String {

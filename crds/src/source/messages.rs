@@ -1,0 +1,38 @@
+//! What the message-broker kinds (`rabbitmq`, `nats`, `mqtt`) share: how a message becomes an event.
+
+use serde::{Deserialize, Serialize};
+
+/// What happens to a message whose payload is not a JSON object.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum NonJson {
+    /// To the failed topic (error code CE_1000), like any unparseable input.
+    #[default]
+    FailedTopic,
+    /// Ingested as the event `{"data_base64": "<the payload, base64>"}` (the CloudEvents name for
+    /// binary data in JSON).
+    Base64,
+}
+
+/// How broker messages become events (the same fields for every broker kind).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageFormat {
+    /// Payloads that are not a JSON object: `failedTopic` (default) or `base64`.
+    #[serde(default)]
+    pub non_json: NonJson,
+    /// Copy the message's headers and properties (routing key, subject or topic, ...) into the
+    /// envelope as `obsrv_meta.source.message`; the event itself is unchanged.
+    #[serde(default)]
+    pub metadata: bool,
+}
+
+impl MessageFormat {
+    pub fn is_default(&self) -> bool {
+        *self == MessageFormat::default()
+    }
+}
