@@ -47,11 +47,23 @@ enum Command {
         after_help = "Example:\n  obsrv-connector check -f examples/local/postgres.yaml --sink-bootstrap-servers localhost:9092"
     )]
     Check(Common),
-    /// Release what the source holds (a replication slot); run by the operator when a Connector is deleted.
+    /// Release what the source holds (a replication slot); with --delete-state also delete the
+    /// connector's positions. Run by the operator when a Connector is deleted.
     #[command(
-        after_help = "Example:\n  obsrv-connector cleanup -f examples/local/postgres.yaml --sink-bootstrap-servers localhost:9092"
+        after_help = "Example:\n  obsrv-connector cleanup -f examples/local/postgres.yaml --sink-bootstrap-servers localhost:9092 --delete-state"
     )]
-    Cleanup(Common),
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Args)]
+struct CleanupArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Also delete the connector's positions (`deletionPolicy: Delete`): every record of it in the
+    /// state topic and the consumer group its Kafka source read with, so a connector of the same
+    /// name starts from the beginning. Without it they are kept.
+    #[arg(long)]
+    delete_state: bool,
 }
 
 #[derive(Args)]
@@ -225,7 +237,8 @@ pub fn main(registry: Registry) -> ExitCode {
 async fn main_async(registry: Registry, cli: Cli) -> ExitCode {
     let c = match &cli.command {
         Command::Run(r) => &r.common,
-        Command::Check(c) | Command::Cleanup(c) => c,
+        Command::Check(c) => c,
+        Command::Cleanup(c) => &c.common,
     };
     init_logs(&c.log_format);
     let loaded = load(c);
@@ -244,7 +257,7 @@ async fn main_async(registry: Registry, cli: Cli) -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Cleanup(_) => {
+        Command::Cleanup(c) => {
             let l = match loaded {
                 Ok(l) => l,
                 Err(e) => {
@@ -252,38 +265,100 @@ async fn main_async(registry: Registry, cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            cleanup_cmd(&registry, l).await
+            cleanup_cmd(&registry, l, c.delete_state).await
         }
     }
 }
 
 /// Releases what the source holds (a replication slot) through the kind's cleanup hook; kinds
-/// without one hold nothing (positions stay in the state topic so a re-created connector can
-/// resume).
-async fn cleanup_cmd(registry: &Registry, l: Loaded) -> ExitCode {
-    let res = match l.secrets() {
-        Ok(secrets) => {
-            let ctx = crate::source::CleanupContext {
-                config: Arc::new(l.config),
-                secrets: Arc::new(secrets),
-            };
-            match registry.for_config(&ctx.config) {
-                Ok(f) => f.cleanup(ctx.clone()).await,
-                Err(e) => Err(e),
-            }
-        }
-        Err(e) => Err(e),
-    };
-    match res {
-        Ok(done) => {
-            say(format_args!("cleanup: {done}"));
-            ExitCode::SUCCESS
-        }
+/// without one hold nothing. Without `delete_state` positions stay (state topic, consumer group)
+/// so a re-created connector resumes; with it (`deletionPolicy: Delete`) they are deleted too.
+/// Each step prints one line (`cleanup:`, `group:`, `state:`) saying what it removed; every step
+/// runs even when an earlier one failed, and any failure makes the exit status non-zero (the
+/// Job retries, and every step is idempotent).
+async fn cleanup_cmd(registry: &Registry, l: Loaded, delete_state: bool) -> ExitCode {
+    let secrets = match l.secrets() {
+        Ok(s) => s,
         Err(e) => {
             say(format_args!("cleanup: {} - {e}", e.reason()));
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
+        }
+    };
+    let factory = match registry.for_config(&l.config) {
+        Ok(f) => f,
+        Err(e) => {
+            say(format_args!("cleanup: {} - {e}", e.reason()));
+            return ExitCode::FAILURE;
+        }
+    };
+    let kind = factory.kind;
+    let ctx = crate::source::CleanupContext {
+        config: Arc::new(l.config),
+        secrets: Arc::new(secrets),
+    };
+    let mut ok = true;
+    match factory.cleanup(ctx.clone()).await {
+        Ok(done) => say(format_args!("cleanup: {done}")),
+        Err(e) => {
+            ok = false;
+            say(format_args!("cleanup: {} - {e}", e.reason()));
         }
     }
+    if !delete_state {
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    match factory.delete_positions(ctx.clone()).await {
+        None => {}
+        Some(Ok(done)) => say(format_args!("group: {done}")),
+        Some(Err(e)) => {
+            ok = false;
+            say(format_args!("group: {} - {e}", e.reason()));
+        }
+    }
+    match delete_state_records(&l.sink, &ctx.secrets, &ctx.config, kind).await {
+        Ok(done) => say(format_args!("state: {done}")),
+        Err(e) => {
+            ok = false;
+            say(format_args!("state: {} - {e}", e.reason()));
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Tombstones every record of the connector in the state topic; says how many, under which keys.
+async fn delete_state_records(
+    sink: &SinkSettings,
+    secrets: &crate::config::Secrets,
+    config: &RuntimeConfig,
+    kind: &str,
+) -> Result<String, Error> {
+    let instance = config.instance_id();
+    let ctx = Context::new(&config.spec.dataset, &instance, kind);
+    let sink = crate::sink::open(sink.clone(), secrets, ctx, None)?;
+    let Some(store) = sink.positions(&instance, kind) else {
+        return Ok("the sink keeps no positions: nothing to delete".into());
+    };
+    let keys = store.delete_all(&instance).await?;
+    if keys.is_empty() {
+        return Ok(format!(
+            "no records of {instance} in topic {}: nothing to delete",
+            store.topic()
+        ));
+    }
+    Ok(format!(
+        "deleted {} record(s) of {instance} from topic {} (keys: {})",
+        keys.len(),
+        store.topic(),
+        keys.join(", ")
+    ))
 }
 
 async fn run_cmd(registry: Registry, listen: SocketAddr, l: Loaded) -> ExitCode {

@@ -207,6 +207,48 @@ impl StateStore {
         .await
     }
 
+    /// Removes every position of connector `instance` (`deletionPolicy: Delete`): reads the
+    /// topic to its end and writes a tombstone for each of the connector's keys ([`key_of`]) whose
+    /// last value is a record, then waits for the broker's acknowledgement. Returns those keys;
+    /// an absent topic or a connector that never committed gives none.
+    pub async fn delete_all(&self, instance: &str) -> Result<Vec<String>> {
+        let cfg = self.reader_config();
+        let topic = self.topic.clone();
+        let inst = instance.to_string();
+        let keys = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+            let c: BaseConsumer = cfg
+                .create()
+                .map_err(|e| Error::SinkUnreachable(format!("state consumer: {e}")))?;
+            let res = read_latest(&c, &topic, |k| key_of(&inst, k));
+            destroy_in_background(c);
+            Ok(res?
+                .into_iter()
+                .filter_map(|(k, v)| v.is_some().then_some(k))
+                .collect())
+        })
+        .await
+        .map_err(|e| Error::State(e.to_string()))??;
+        if keys.is_empty() {
+            return Ok(keys);
+        }
+        let acks = Acks::new();
+        for k in &keys {
+            enqueue(
+                &self.producer,
+                &self.topic,
+                Some(k.as_bytes()),
+                None,
+                None,
+                &acks,
+            )
+            .await?;
+        }
+        acks.wait()
+            .await
+            .map_err(|e| Error::SinkUnreachable(format!("state tombstones: {e}")))?;
+        Ok(keys)
+    }
+
     /// Removes the saved position (a tombstone), for a fresh start.
     pub async fn clear(&self) -> Result<()> {
         let acks = Acks::new();
@@ -221,6 +263,14 @@ impl StateStore {
         .await?;
         acks.wait().await
     }
+}
+
+/// Whether a state-topic key belongs to connector `instance`: its own key, or one under it
+/// (`<instance>#...`, e.g. a file source's shards). Kubernetes names hold no `#`, so the keys of
+/// `ns/orders` never match those of `ns/orders-2`.
+pub fn key_of(instance: &str, key: &str) -> bool {
+    key.strip_prefix(instance)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('#'))
 }
 
 /// Creates `topic` with `partitions` (compacted or not) on the cluster of `client` when it does not
@@ -338,6 +388,16 @@ fn read_latest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connectors_keys_are_its_own_and_its_shards_only() {
+        assert!(key_of("ns/orders", "ns/orders"));
+        assert!(key_of("ns/orders", "ns/orders#shard-3-of-16"));
+        assert!(!key_of("ns/orders", "ns/orders-2"));
+        assert!(!key_of("ns/orders", "ns/orders-2#shard-3-of-16"));
+        assert!(!key_of("ns/orders", "other/orders"));
+        assert!(!key_of("ns/orders", "ns/order"));
+    }
 
     #[test]
     fn state_records_round_trip_and_refuse_another_kind() {

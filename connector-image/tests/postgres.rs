@@ -299,6 +299,74 @@ async fn auth_failure_is_reported_and_check_explains() -> Result<()> {
     Ok(())
 }
 
+/// `deletionPolicy`: `cleanup` alone (Retain) keeps the position, so a restart resumes and reads
+/// nothing again; `cleanup --delete-state` (Delete) tombstones it, so a restart reads every row
+/// again from the start.
+#[tokio::test]
+async fn cleanup_delete_state_starts_over_and_retain_resumes() -> Result<()> {
+    let (pg, broker) = tokio::try_join!(Postgres::start(), Broker::start())?;
+    pg.psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 30)")
+        .await?;
+    let h = harness(
+        &broker,
+        &manifest(&pg, "t", "id", None, 10, ""),
+        &creds(&pg),
+    )
+    .await?;
+    let caught_up =
+        |n: u64| move |s: &Value| total(s, "recordsIngested") == n && s["lagRecords"] == 0;
+    let conn = h.start()?;
+    conn.wait_status("30 ingested and caught up", T, caught_up(30))
+        .await?;
+    assert!(conn.terminate().await?.success());
+
+    // Retain: the kind's hook only; the position stays.
+    let (code, out) = h.command("cleanup")?;
+    assert!(code.success(), "{out}");
+    assert!(out.contains("cleanup: nothing held"), "{out}");
+    assert!(!out.contains("state:"), "Retain touches no state: {out}");
+    let conn = h.start()?;
+    conn.wait_status("resumed and caught up", T, caught_up(0))
+        .await?;
+    assert_eq!(
+        consume_exactly(&broker, &h.ingest, 30, T).await?.len(),
+        30,
+        "nothing read again: {}",
+        conn.log_tail()
+    );
+    assert!(conn.terminate().await?.success());
+
+    // Delete: the connector's state record is tombstoned (and says so, by key and topic).
+    let (code, out) = h.command_with("cleanup", &["--delete-state"])?;
+    assert!(code.success(), "{out}");
+    let instance = format!("tests/{}", h.name);
+    assert!(
+        out.contains(&format!(
+            "state: deleted 1 record(s) of {instance} from topic {}",
+            h.state
+        )),
+        "{out}"
+    );
+    assert!(
+        !out.contains("group:"),
+        "a table source has no group: {out}"
+    );
+    assert!(!out.contains(pg.password()), "no secret in the output");
+    let (code, again) = h.command_with("cleanup", &["--delete-state"])?;
+    assert!(
+        code.success() && again.contains("nothing to delete"),
+        "{again}"
+    );
+
+    let conn = h.start()?;
+    conn.wait_status("read again from the start", T, caught_up(30))
+        .await?;
+    let recs = consume_exactly(&broker, &h.ingest, 60, T).await?;
+    assert_eq!(recs.len(), 60, "every row once more: {}", conn.log_tail());
+    assert_eq!(ids(&recs)?.len(), 30, "the same rows, the same event ids");
+    Ok(())
+}
+
 /// `state: Paused` connects but reads nothing; `schedule: {once: true}` loads everything then idles.
 #[tokio::test]
 async fn paused_reads_nothing_and_once_idles_after_the_load() -> Result<()> {

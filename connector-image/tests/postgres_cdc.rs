@@ -324,6 +324,21 @@ async fn changes_in_order_with_before_after_keys_and_schema_changes() -> Result<
         "0",
         "slot and publication dropped"
     );
+    assert!(!out.contains("state:"), "Retain keeps the position: {out}");
+    // deletionPolicy Delete: the slot (gone already: a retried Job) and the state record.
+    let (code, out) = h.command_with("cleanup", &["--delete-state"])?;
+    assert!(code.success(), "{out}");
+    assert!(
+        out.contains(&format!("replication slot {slot} did not exist")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "state: deleted 1 record(s) of tests/{} from topic {}",
+            h.name, h.state
+        )),
+        "{out}"
+    );
     Ok(())
 }
 

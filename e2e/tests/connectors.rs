@@ -708,11 +708,27 @@ async fn the_leader_killed_mid_reconcile_leaves_no_duplicates() -> Result<()> {
     Ok(())
 }
 
+/// Deletion with `deletionPolicy: Delete`: owned objects and processes go, and so does the
+/// connector's position (a cleanup Job tombstones it), so the same Connector applied again reads
+/// every row again from the start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_cleans_up_objects_and_processes() -> Result<()> {
     let (pg, stack) = start_with_orders(10).await?;
-    stack.apply(&pg_manifest("orders", pg.host(), pg.port(), &pg, json!({})))?;
+    let manifest = pg_manifest(
+        "orders",
+        pg.host(),
+        pg.port(),
+        &pg,
+        json!({"deletionPolicy": "Delete"}),
+    );
+    stack.apply(&manifest)?;
     wait_ready(&stack, "orders").await?;
+    stack
+        .eventually("10 ingested and caught up", WAIT, async || {
+            let s = status(&stack, "orders")?;
+            Ok((s["totals"]["recordsIngested"] == 10 && s["lag"]["records"] == 0).then_some(()))
+        })
+        .await?;
     let c = stack.get_json(&["connector", "orders"])?;
     assert!(
         c["metadata"]["finalizers"]
@@ -746,6 +762,15 @@ async fn delete_cleans_up_objects_and_processes() -> Result<()> {
             },
         )
         .await?;
+
+    // The position went with it: applied again, the Connector starts over.
+    stack.apply(&manifest)?;
+    let again = stack.broker.consume_all(INGEST_TOPIC, 20, WAIT).await?;
+    assert_eq!(
+        again.len(),
+        20,
+        "every row read again after deletionPolicy Delete"
+    );
     Ok(())
 }
 

@@ -19,7 +19,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use obsrv_crds::runtime::{self, RuntimeConfig};
 use obsrv_crds::{
-    Connector, DesiredState, KafkaSinkSpec, Parallelism, Scaling, SinkSpec, SourceKind, labels,
+    Connector, DeletionPolicy, DesiredState, KafkaSinkSpec, Parallelism, Scaling, SinkSpec,
+    SourceKind, labels,
 };
 use sha2::{Digest, Sha256};
 
@@ -136,6 +137,9 @@ pub fn runtime_config(c: &Connector, sink_defaults: &KafkaSinkSpec) -> RuntimeCo
     spec.scaling = Scaling::default();
     // The state travels in its own file (runtime::STATE_FILE): pausing must not roll the pods.
     spec.state = DesiredState::Running;
+    // Only the cleanup Job acts on it, told by a flag from the Connector being deleted (always
+    // the latest policy): changing it must not roll the pods.
+    spec.deletion_policy = DeletionPolicy::Retain;
     let own = spec
         .sink
         .as_ref()
@@ -585,16 +589,14 @@ pub fn cleanup_job_name(c: &Connector) -> String {
     format!("{}-cleanup", c.name_any())
 }
 
-/// The Job running `obsrv-connector cleanup` for a Connector being deleted. It is bounded by
+/// The Job running `obsrv-connector cleanup` for a Connector being deleted (with
+/// `--delete-state` when the plan deletes its positions). It is bounded by
 /// `activeDeadlineSeconds` and never retried endlessly.
-pub fn cleanup_job(i: &Inputs<'_>, timeout_seconds: i64) -> Job {
+pub fn cleanup_job(i: &Inputs<'_>, timeout_seconds: i64, plan: crate::cleanup::Plan) -> Job {
     let c = i.connector;
-    let mut spec = pod_spec(
-        c,
-        i.image,
-        vec!["cleanup".into(), "--file".into(), config_path()],
-        false,
-    );
+    let mut args = vec!["cleanup".into(), "--file".into(), config_path()];
+    args.extend(plan.flags());
+    let mut spec = pod_spec(c, i.image, args, false);
     spec.restart_policy = Some("Never".into());
     let mut metadata = meta(c, i.source_kind);
     metadata.name = Some(cleanup_job_name(c));

@@ -565,8 +565,12 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     };
     let kind = source.kind;
-    if !source.spec.needs_cleanup() {
-        info!(source = kind.name, "no source-side cleanup needed");
+    let plan = cleanup::Plan::of(source.spec.needs_cleanup(), c.spec.deletion_policy);
+    if !plan.needs_job() {
+        info!(
+            source = kind.name,
+            "no cleanup needed: nothing held on the source, positions retained (deletionPolicy Retain)"
+        );
         return Ok(Action::await_change());
     }
     let ns = c.namespace().unwrap_or_else(|| "default".into());
@@ -574,7 +578,7 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     let job_name = builders::cleanup_job_name(c);
     let live = jobs.get_opt(&job_name).await?;
     let timeout = ctx.config.cleanup_timeout;
-    let step = cleanup::step(live.as_ref().map(JobState::of), ctx.now(), timeout);
+    let step = cleanup::step(live.as_ref().map(JobState::of), ctx.now(), timeout, plan);
     match step {
         CleanupStep::Start => {
             // The readers stop first: a connector still running holds what the Job releases (a
@@ -589,6 +593,21 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
                 .await
                 .map(|_| ())
                 .or_else(ignore_not_found)?;
+            // A pod still draining would commit a position right after the Job deleted it (or
+            // take the slot again): the Job waits for the readers to be gone, within a bound.
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            let readers = pods
+                .list(&ListParams::default().labels(&builders::selector_string(c)))
+                .await?
+                .items
+                .iter()
+                .filter(|p| !p.owner_references().iter().any(|o| o.kind == "Job"))
+                .count();
+            let deleted_at = c.meta().deletion_timestamp.as_ref().map(|t| t.0);
+            if cleanup::wait_for_readers(readers, deleted_at, ctx.now()) {
+                info!(readers, "cleanup waits for the connector's pods to stop");
+                return Err(Error::CleanupRunning(job_name));
+            }
             let job = builders::cleanup_job(
                 &Inputs {
                     connector: c,
@@ -599,15 +618,18 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
                     replicas: 0,
                 },
                 i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+                plan,
             );
             jobs.patch(&job_name, &Context::apply_params(), &Patch::Apply(&job))
                 .await?;
+            let what = plan.describe();
+            info!(job = %job_name, deletion_policy = c.spec.deletion_policy.as_str(), "cleanup Job started: {what}");
             ctx.event(
                 c,
                 EventType::Normal,
                 "CleanupStarted",
                 "Cleanup",
-                format!("Started Job {job_name} to release source-side state."),
+                format!("Started Job {job_name} to {what}."),
             )
             .await;
             Err(Error::CleanupRunning(job_name))
@@ -624,6 +646,7 @@ async fn cleanup(c: &Connector, ctx: &Context) -> Result<Action, Error> {
             } else {
                 "CleanupFailed"
             };
+            info!(job = %job_name, succeeded, "{message}");
             ctx.event(c, type_, reason, "Cleanup", message).await;
             jobs.delete(&job_name, &DeleteParams::background())
                 .await

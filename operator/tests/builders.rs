@@ -2,8 +2,9 @@
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use obsrv_crds::runtime::RuntimeConfig;
-use obsrv_crds::{Connector, DesiredState, KafkaSinkSpec, labels};
+use obsrv_crds::{Connector, DeletionPolicy, DesiredState, KafkaSinkSpec, labels};
 use obsrv_operator::builders::{self, Desired, Inputs};
+use obsrv_operator::cleanup::Plan;
 use obsrv_operator::config::Config;
 
 fn fixture(yaml: &str) -> Connector {
@@ -259,13 +260,66 @@ fn cleanup_job_is_bounded() {
             replicas: 0,
         },
         300,
+        Plan::of(true, DeletionPolicy::Retain),
     );
     let spec = job.spec.expect("spec");
     assert_eq!(spec.active_deadline_seconds, Some(300));
     let pod = spec.template.spec.expect("pod");
     assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
-    assert_eq!(pod.containers[0].args.as_ref().expect("args")[0], "cleanup");
+    let args = pod.containers[0].args.clone().expect("args");
+    assert_eq!(args[0], "cleanup");
+    assert!(
+        !args.contains(&"--delete-state".to_string()),
+        "Retain keeps the positions: {args:?}"
+    );
     assert_eq!(job.metadata.name.as_deref(), Some("orders-cleanup"));
+}
+
+/// `deletionPolicy: Delete` on a kind that holds nothing on the source (a table): the finalizer
+/// runs a Job, and the Job deletes the positions; Retain on the same kind runs none.
+#[test]
+fn deletion_policy_delete_runs_a_cleanup_job_that_deletes_the_state() {
+    let mut c = fixture(POSTGRES);
+    let source = c.spec.source.resolve().expect("one source");
+    assert!(!source.spec.needs_cleanup(), "a table source holds nothing");
+    assert_eq!(
+        c.spec.deletion_policy,
+        DeletionPolicy::Retain,
+        "the default"
+    );
+    assert!(!Plan::of(false, c.spec.deletion_policy).needs_job());
+
+    let before = build(&c, 1).checksum;
+    c.spec.deletion_policy = DeletionPolicy::Delete;
+    assert_eq!(
+        build(&c, 1).checksum,
+        before,
+        "changing the policy does not roll the pods"
+    );
+    let plan = Plan::of(false, c.spec.deletion_policy);
+    assert!(plan.needs_job());
+    let job = builders::cleanup_job(
+        &Inputs {
+            connector: &c,
+            image: "img",
+            sink_defaults: &defaults(),
+            source_kind: &obsrv_crds::source::sql::POSTGRES,
+            parallelism: obsrv_crds::Parallelism::Single,
+            replicas: 0,
+        },
+        300,
+        plan,
+    );
+    let pod = job.spec.expect("spec").template.spec.expect("pod");
+    assert_eq!(
+        pod.containers[0].args.as_deref().expect("args"),
+        [
+            "cleanup",
+            "--file",
+            "/etc/obsrv-connector/connector.yaml",
+            "--delete-state"
+        ]
+    );
 }
 
 #[test]

@@ -508,6 +508,60 @@ async fn deletion_runs_finalizer_and_releases_the_connector() {
     );
 }
 
+/// `deletionPolicy: Delete` on a table source: the finalizer stops the pods, runs a cleanup Job
+/// with `--delete-state`, keeps the Connector while it runs and lets it go once it succeeded.
+#[tokio::test]
+async fn deletion_policy_delete_runs_a_job_that_deletes_the_state() {
+    let mut h = postgres().await;
+    running_connector(&mut h, "orders", 0).await;
+    h.edit_spec("orders", |s| s["deletionPolicy"] = json!("Delete"));
+    h.api.delete(CONNECTORS.0, CONNECTORS.1, "shop", "orders");
+    // Deleted now on the operator's (test) clock.
+    let now = (h.ctx.clock)().to_string();
+    h.api
+        .edit(CONNECTORS.0, CONNECTORS.1, "shop", "orders", |c| {
+            c["metadata"]["deletionTimestamp"] = json!(now);
+        });
+    let err = h.reconcile("orders").await.expect_err("waits for the pods");
+    assert!(err.to_string().contains("orders-cleanup"), "{err}");
+    assert_eq!(h.replicas("orders"), 0, "readers stop first");
+    assert!(
+        h.object(JOBS, "orders-cleanup").is_none(),
+        "no Job while a pod could still commit a position"
+    );
+    // The kubelet's part: the pods go.
+    for p in h.api.list(PODS.0, PODS.1, "shop") {
+        let name = p["metadata"]["name"]
+            .as_str()
+            .expect("pod name")
+            .to_string();
+        h.api.delete(PODS.0, PODS.1, "shop", &name);
+    }
+    let err = h.reconcile("orders").await.expect_err("waits for the Job");
+    assert!(err.to_string().contains("orders-cleanup"), "{err}");
+    assert!(h.connector("orders").is_some(), "kept while the Job runs");
+    let job = h.object(JOBS, "orders-cleanup").expect("a cleanup Job");
+    let args = &job["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(
+        args,
+        &json!([
+            "cleanup",
+            "--file",
+            "/etc/obsrv-connector/connector.yaml",
+            "--delete-state"
+        ])
+    );
+    assert!(h.event_reasons().contains(&"CleanupStarted".to_string()));
+
+    h.api.edit(JOBS.0, JOBS.1, "shop", "orders-cleanup", |j| {
+        j["status"] = json!({"succeeded": 1});
+    });
+    h.reconcile_ok("orders").await;
+    assert!(h.connector("orders").is_none(), "finalizer released");
+    assert!(h.event_reasons().contains(&"CleanupSucceeded".to_string()));
+    assert!(h.object(JOBS, "orders-cleanup").is_none(), "Job deleted");
+}
+
 #[tokio::test]
 async fn invalid_spec_reports_config_invalid_and_keeps_the_deployment() {
     let mut h = postgres().await;

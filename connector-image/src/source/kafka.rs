@@ -32,7 +32,116 @@ pub const BATCH_RECORDS: usize = 10_000;
 
 /// The `kafka` kind. Offsets live in the consumer group, not in the state topic.
 pub fn factory() -> SourceFactory {
-    SourceFactory::new(obsrv_crds::source::kafka::KAFKA.name, open).keeping_own_positions()
+    SourceFactory::new(obsrv_crds::source::kafka::KAFKA.name, open)
+        .keeping_own_positions()
+        .with_positions_cleanup(delete_group)
+}
+
+/// How long `delete_group` waits for the group's members to leave: the Connector's pods are
+/// stopped before the cleanup Job runs, and a member killed without leaving is dropped after the
+/// session timeout (10 s).
+const GROUP_EMPTY_WAIT: Duration = Duration::from_secs(60);
+
+/// `deletionPolicy: Delete`: deletes the consumer group the connector read with (and with it
+/// the group's committed offsets) on the source cluster. A group that does not exist (nothing
+/// was ever committed) is not an error.
+async fn delete_group(ctx: super::CleanupContext) -> Result<String> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::types::RDKafkaErrorCode;
+    let spec = ctx
+        .config
+        .spec
+        .source
+        .kafka
+        .as_ref()
+        .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+    let group = group_of(spec, &ctx.config);
+    let admin: AdminClient<_> = cluster_config(spec, &ctx.secrets, &ctx.config)
+        .create()
+        .map_err(|e| Error::Config(format!("source admin client: {e}")))?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let deadline = Instant::now() + GROUP_EMPTY_WAIT;
+    loop {
+        let res = admin
+            .delete_groups(&[group.as_str()], &opts)
+            .await
+            .map_err(|e| {
+                Error::SourceUnreachable(format!(
+                    "delete consumer group {group} on {}: {e}",
+                    spec.bootstrap_servers
+                ))
+            })?;
+        match res.into_iter().next() {
+            Some(Ok(_)) => {
+                return Ok(format!(
+                    "deleted consumer group {group} and its committed offsets on {}",
+                    spec.bootstrap_servers
+                ));
+            }
+            Some(Err((_, RDKafkaErrorCode::GroupIdNotFound))) => {
+                return Ok(format!(
+                    "consumer group {group} not found on {}: no offsets to delete",
+                    spec.bootstrap_servers
+                ));
+            }
+            Some(Err((_, RDKafkaErrorCode::NonEmptyGroup))) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Some(Err((_, e))) => {
+                let hint = match e {
+                    RDKafkaErrorCode::NonEmptyGroup => {
+                        " (members still consume with it: stop them and run cleanup again)"
+                    }
+                    RDKafkaErrorCode::GroupAuthorizationFailed => {
+                        " (the connector's user needs the DELETE operation on the group)"
+                    }
+                    RDKafkaErrorCode::UnsupportedVersion | RDKafkaErrorCode::InvalidRequest => {
+                        " (the broker does not support DeleteGroups)"
+                    }
+                    _ => "",
+                };
+                return Err(Error::State(format!(
+                    "consumer group {group} not deleted on {}: {e}{hint}",
+                    spec.bootstrap_servers
+                )));
+            }
+            None => {
+                return Err(Error::State(format!(
+                    "consumer group {group}: the broker returned no result for DeleteGroups"
+                )));
+            }
+        }
+    }
+}
+
+/// The consumer group of a Kafka source: the spec's, or [`default_group`].
+pub fn group_of(spec: &KafkaSourceSpec, rc: &RuntimeConfig) -> String {
+    spec.consumer_group
+        .clone()
+        .unwrap_or_else(|| default_group(rc))
+}
+
+/// librdkafka settings reaching the source cluster: servers, client id and security.
+fn cluster_config(spec: &KafkaSourceSpec, secrets: &Secrets, rc: &RuntimeConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &spec.bootstrap_servers)
+        .set("client.id", format!("obsrv-connector/{}", rc.instance_id()));
+    let creds = match (
+        secrets.get(env::SOURCE_USERNAME),
+        secrets.get(env::SOURCE_PASSWORD),
+    ) {
+        (Some(u), Some(p)) => Some((u, p)),
+        _ => None,
+    };
+    for (k, v) in kafka_security(
+        spec.tls.as_ref(),
+        spec.sasl.as_ref(),
+        secrets.get(env::SOURCE_TLS_CA),
+        creds,
+    ) {
+        c.set(k, v);
+    }
+    c
 }
 
 async fn open(ctx: OpenContext) -> Result<KafkaSource> {
@@ -171,14 +280,8 @@ impl KafkaSource {
         rc: &RuntimeConfig,
         batch_size: usize,
     ) -> Result<KafkaSource> {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &spec.bootstrap_servers)
-            .set(
-                "group.id",
-                spec.consumer_group
-                    .clone()
-                    .unwrap_or_else(|| default_group(rc)),
-            )
+        let mut c = cluster_config(spec, secrets, rc);
+        c.set("group.id", group_of(spec, rc))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set(
@@ -188,7 +291,6 @@ impl KafkaSource {
                     OffsetReset::Latest => "latest",
                 },
             )
-            .set("client.id", format!("obsrv-connector/{}", rc.instance_id()))
             // A replaced pod's partitions move on within seconds, not the 45s default.
             .set("session.timeout.ms", "10000")
             // Records of aborted transactions upstream are never relayed (librdkafka's default,
@@ -203,21 +305,6 @@ impl KafkaSource {
             .set("queued.max.messages.kbytes", "16384")
             .set("fetch.max.bytes", (4 << 20).to_string())
             .set("max.partition.fetch.bytes", (1 << 20).to_string());
-        let creds = match (
-            secrets.get(env::SOURCE_USERNAME),
-            secrets.get(env::SOURCE_PASSWORD),
-        ) {
-            (Some(u), Some(p)) => Some((u, p)),
-            _ => None,
-        };
-        for (k, v) in kafka_security(
-            spec.tls.as_ref(),
-            spec.sasl.as_ref(),
-            secrets.get(env::SOURCE_TLS_CA),
-            creds,
-        ) {
-            c.set(k, v);
-        }
         let rebalances = Rebalances::default();
         let consumer: GroupConsumer = c
             .create_with_context(rebalances.clone())

@@ -260,6 +260,9 @@ pub struct SourceFactory {
     open: Arc<OpenFn>,
     /// Releases what the source holds on its side (a replication slot); `None`: nothing.
     cleanup: Option<Arc<CleanupFn>>,
+    /// Deletes the positions the source keeps itself (a Kafka consumer group's offsets), for
+    /// `deletionPolicy: Delete`; `None`: it keeps none outside the state topic.
+    delete_positions: Option<Arc<CleanupFn>>,
 }
 
 impl SourceFactory {
@@ -278,6 +281,7 @@ impl SourceFactory {
                 async move { fut.await.map(|s| Box::new(s) as BoxedSource) }.boxed()
             }),
             cleanup: None,
+            delete_positions: None,
         }
     }
 
@@ -297,6 +301,27 @@ impl SourceFactory {
         match &self.cleanup {
             Some(f) => f(ctx).await,
             None => Ok(format!("nothing held on the {} source", self.kind)),
+        }
+    }
+
+    /// How to delete the positions the source keeps on its own side (a consumer group) when the
+    /// Connector is deleted with `deletionPolicy: Delete` (`obsrv-connector cleanup
+    /// --delete-state`); returns what it removed, for the Job's log. Positions in the state topic
+    /// need no hook: the runtime tombstones them for every kind.
+    pub fn with_positions_cleanup<F, Fut>(mut self, delete: F) -> SourceFactory
+    where
+        F: Fn(CleanupContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String>> + Send + 'static,
+    {
+        self.delete_positions = Some(Arc::new(move |ctx| delete(ctx).boxed()));
+        self
+    }
+
+    /// Deletes the positions the source keeps itself; `None` when it keeps none there.
+    pub async fn delete_positions(&self, ctx: CleanupContext) -> Option<Result<String>> {
+        match &self.delete_positions {
+            Some(f) => Some(f(ctx).await),
+            None => None,
         }
     }
 

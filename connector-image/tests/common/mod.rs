@@ -88,9 +88,15 @@ impl Harness {
 
     /// Runs `obsrv-connector <cmd>` to its end: exit status and stdout.
     pub fn command(&self, cmd: &str) -> Result<(ExitStatus, String)> {
+        self.command_with(cmd, &[])
+    }
+
+    /// [`Harness::command`] with extra arguments (e.g. `cleanup --delete-state`).
+    pub fn command_with(&self, cmd: &str, extra: &[&str]) -> Result<(ExitStatus, String)> {
         let out = Command::new(env!("CARGO_BIN_EXE_obsrv-connector"))
             .arg(cmd)
             .args(self.args())
+            .args(extra)
             .env("OBSRV_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .output()?;

@@ -32,6 +32,7 @@ pub const PDBS: (&str, &str) = ("policy", "poddisruptionbudgets");
 pub const SECRETS: (&str, &str) = ("", "secrets");
 pub const PODS: (&str, &str) = ("", "pods");
 pub const EVENTS: (&str, &str) = ("events.k8s.io", "events");
+pub const JOBS: (&str, &str) = ("batch", "jobs");
 
 /// One fake connector pod: a real HTTP server on its own loopback address.
 pub struct PodServer {
