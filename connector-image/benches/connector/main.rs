@@ -2,8 +2,10 @@
 //!
 //! ```sh
 //! cargo bench -p obsrv-connector --bench connector -- --source postgres --rows 1000000
+//! cargo bench -p obsrv-connector --bench connector -- --source postgres-cdc --rows 1000000
 //! cargo bench -p obsrv-connector --bench connector -- --source kafka --rows 500000
 //! cargo bench -p obsrv-connector --bench connector -- --source rabbitmq --rows 200000  # also nats, mqtt
+//! cargo bench -p obsrv-connector --bench connector -- --source airbyte --rows 100000
 //! ```
 //!
 //! Each source's bench measures the fastest known way to move the same records (its bound) and
@@ -20,7 +22,9 @@
 pub mod broker;
 pub mod connector;
 pub mod kafka;
+pub mod marketplace;
 pub mod postgres;
+pub mod postgres_cdc;
 pub mod streams;
 
 use std::process::ExitCode;
@@ -34,10 +38,12 @@ use obsrv_e2e::services::Broker;
 /// Every benchmarked source, by its `--source` name.
 pub static SOURCES: &[SourceBench] = &[
     postgres::BENCH,
+    postgres_cdc::BENCH,
     kafka::BENCH,
     streams::RABBITMQ,
     streams::NATS,
     streams::MQTT,
+    marketplace::BENCH,
 ];
 
 /// One source's bench.
