@@ -1158,12 +1158,16 @@ impl Source for BinlogSource {
         let mut records = Vec::new();
         let mut moved = false;
         let deadline = tokio::time::Instant::now() + IDLE_WAIT;
+        let mut fill_until = None;
         loop {
             let stream = self.stream.as_mut().expect("connected above");
             let next = if !records.is_empty() || moved {
-                match stream.next().now_or_never() {
-                    Some(n) => n,
-                    None => break,
+                // Something to hand over: fill the batch for a moment, then send it.
+                let until = *fill_until
+                    .get_or_insert_with(|| tokio::time::Instant::now() + super::BATCH_FILL);
+                match tokio::time::timeout_at(until, stream.next()).await {
+                    Ok(n) => n,
+                    Err(_) => break,
                 }
             } else {
                 tokio::select! {

@@ -890,6 +890,7 @@ impl Source for PgCdcSource {
         let mut records: Vec<Record> = Vec::new();
         let mut moved = false;
         let mut deadline = tokio::time::Instant::now() + IDLE_WAIT;
+        let mut fill_until = None;
         loop {
             self.forward_applied();
             self.heartbeat().await?;
@@ -899,10 +900,12 @@ impl Source for PgCdcSource {
             let waiting_chunk = self.chunk.is_some();
             let stream = self.stream.as_mut().expect("connected above");
             let next = if !records.is_empty() || (moved && !waiting_chunk) {
-                // Something to hand over: take only what is already here.
-                match stream.client.recv().now_or_never() {
-                    Some(r) => Some(r),
-                    None => break,
+                // Something to hand over: fill the batch for a moment, then send it.
+                let until = *fill_until
+                    .get_or_insert_with(|| tokio::time::Instant::now() + super::BATCH_FILL);
+                match tokio::time::timeout_at(until, stream.client.recv()).await {
+                    Ok(r) => Some(r),
+                    Err(_) => break,
                 }
             } else {
                 tokio::select! {
