@@ -57,7 +57,7 @@ async fn wait_ids(
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let got: BTreeSet<i64> = broker
-            .consume_all(topic, usize::MAX, Duration::from_secs(2))
+            .consume_to_end(topic, Duration::from_secs(30))
             .await?
             .iter()
             .filter_map(|r| r.json().ok())
@@ -264,7 +264,7 @@ spec:
     let count = || async {
         anyhow::Ok(
             broker
-                .consume_all(&h.ingest, usize::MAX, Duration::from_secs(2))
+                .consume_to_end(&h.ingest, Duration::from_secs(30))
                 .await?
                 .len(),
         )

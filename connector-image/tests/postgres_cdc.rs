@@ -113,7 +113,7 @@ async fn wait_events(
     let deadline = Instant::now() + T;
     loop {
         let recs = broker
-            .consume_all(&h.ingest, usize::MAX, Duration::from_millis(500))
+            .consume_to_end(&h.ingest, Duration::from_secs(30))
             .await?;
         let evs = events(&recs)?;
         if pred(&evs) {
@@ -268,7 +268,7 @@ async fn changes_in_order_with_before_after_keys_and_schema_changes() -> Result<
 
     // The Kafka key is the primary key; the event id travels in its header.
     let recs = broker
-        .consume_all(&h.ingest, usize::MAX, Duration::from_secs(1))
+        .consume_to_end(&h.ingest, Duration::from_secs(30))
         .await?;
     let keyed: Vec<(&str, Value)> = recs
         .iter()
@@ -397,7 +397,7 @@ async fn snapshot_with_concurrent_writes_and_a_kill_9_loses_nothing() -> Result<
     let deadline = Instant::now() + T;
     loop {
         let states = broker
-            .consume_all(&h.state, usize::MAX, Duration::from_millis(300))
+            .consume_to_end(&h.state, Duration::from_secs(30))
             .await?;
         let progressed = states.iter().any(|r| {
             r.json().is_ok_and(|v| {
@@ -419,7 +419,7 @@ async fn snapshot_with_concurrent_writes_and_a_kill_9_loses_nothing() -> Result<
     );
     let reads_before_kill = events(
         &broker
-            .consume_all(&h.ingest, usize::MAX, Duration::from_secs(1))
+            .consume_to_end(&h.ingest, Duration::from_secs(30))
             .await?,
     )?
     .iter()
@@ -433,7 +433,7 @@ async fn snapshot_with_concurrent_writes_and_a_kill_9_loses_nothing() -> Result<
     let deadline = Instant::now() + T;
     loop {
         let recs = broker
-            .consume_all(&h.ingest, usize::MAX, Duration::from_millis(500))
+            .consume_to_end(&h.ingest, Duration::from_secs(30))
             .await?;
         let evs = events(&recs)?;
         let got = apply(&evs, "big");
@@ -534,7 +534,7 @@ async fn kill_9_at_random_points_ten_times_loses_no_change() -> Result<()> {
     let deadline = Instant::now() + T;
     loop {
         let recs = broker
-            .consume_all(&h.ingest, usize::MAX, Duration::from_millis(500))
+            .consume_to_end(&h.ingest, Duration::from_secs(30))
             .await?;
         let got: BTreeSet<i64> = events(&recs)?
             .iter()

@@ -206,7 +206,7 @@ async fn all_ids(
     let deadline = Instant::now() + timeout;
     loop {
         let recs = broker
-            .consume_all(&h.ingest, usize::MAX, Duration::from_secs(2))
+            .consume_to_end(&h.ingest, Duration::from_secs(30))
             .await?;
         if ids(&recs)?.len() >= n || Instant::now() > deadline {
             return Ok(recs);

@@ -48,13 +48,7 @@ const GROUP_EMPTY_WAIT: Duration = Duration::from_secs(60);
 async fn delete_group(ctx: super::CleanupContext) -> Result<String> {
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::types::RDKafkaErrorCode;
-    let spec = ctx
-        .config
-        .spec
-        .source
-        .kafka
-        .as_ref()
-        .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+    let spec = kafka_spec(&ctx.config)?;
     let group = group_of(spec, &ctx.config);
     let admin: AdminClient<_> = cluster_config(spec, &ctx.secrets, &ctx.config)
         .create()
@@ -115,6 +109,15 @@ async fn delete_group(ctx: super::CleanupContext) -> Result<String> {
 }
 
 /// The consumer group of a Kafka source: the spec's, or [`default_group`].
+/// The config's `source.kafka`.
+fn kafka_spec(rc: &RuntimeConfig) -> Result<&KafkaSourceSpec> {
+    rc.spec
+        .source
+        .kafka
+        .as_ref()
+        .ok_or_else(|| Error::Config("the spec names another source kind".into()))
+}
+
 pub fn group_of(spec: &KafkaSourceSpec, rc: &RuntimeConfig) -> String {
     spec.consumer_group
         .clone()
@@ -145,13 +148,7 @@ fn cluster_config(spec: &KafkaSourceSpec, secrets: &Secrets, rc: &RuntimeConfig)
 }
 
 async fn open(ctx: OpenContext) -> Result<KafkaSource> {
-    let spec = ctx
-        .config
-        .spec
-        .source
-        .kafka
-        .as_ref()
-        .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+    let spec = kafka_spec(&ctx.config)?;
     let source = KafkaSource::connect(spec, &ctx.secrets, &ctx.config, BATCH_RECORDS)?;
     if ctx.delivery() == Delivery::ExactlyOnce {
         let sink = ctx.sink.transactions().ok_or_else(|| {

@@ -972,6 +972,20 @@ impl Broker {
             .await?
     }
 
+    /// Reads `topic` from the beginning up to the end it has now (every partition read to its
+    /// end), however slowly the broker serves it; fails after `timeout`. For tests that
+    /// poll a topic until it holds what they expect.
+    pub async fn consume_to_end(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Vec<ConsumedRecord>> {
+        let topic = topic.to_string();
+        let config = self.client_config();
+        tokio::task::spawn_blocking(move || consume_to_end_blocking(config, &topic, timeout))
+            .await?
+    }
+
     /// Partitions of a topic, from the broker's metadata.
     pub fn partition_count(&self, topic: &str) -> Result<usize> {
         let consumer: BaseConsumer = self.client_config().create()?;
@@ -985,18 +999,83 @@ impl Broker {
 }
 
 fn consume_blocking(
-    mut config: ClientConfig,
+    config: ClientConfig,
     topic: &str,
     expected: usize,
     timeout: Duration,
 ) -> Result<Vec<ConsumedRecord>> {
+    let deadline = Instant::now() + timeout;
+    let Some((consumer, _)) = reader_from_beginning(config, topic, deadline)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    while out.len() < expected && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => out.push(ConsumedRecord::of(&m)),
+            Some(Err(e)) => tracing::debug!("consume error (retrying): {e}"),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Every record of `topic`, from the beginning until every partition reports its end (librdkafka's
+/// partition EOF: a fetch found nothing past the partition's high watermark), however slowly the
+/// broker serves it. Fails after `timeout`.
+fn consume_to_end_blocking(
+    mut config: ClientConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<ConsumedRecord>> {
+    let deadline = Instant::now() + timeout;
+    config.set("enable.partition.eof", "true");
+    let Some((consumer, partitions)) = reader_from_beginning(config, topic, deadline)? else {
+        return Ok(Vec::new());
+    };
+    let mut at_end = vec![false; partitions];
+    let mut out = Vec::new();
+    while at_end.iter().any(|e| !e) {
+        if Instant::now() > deadline {
+            bail!(
+                "read {} records of {topic} in {timeout:?}, not yet to its end",
+                out.len()
+            );
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let r = ConsumedRecord::of(&m);
+                if let Some(e) = at_end.get_mut(r.partition as usize) {
+                    *e = false;
+                }
+                out.push(r);
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                if let Some(e) = at_end.get_mut(p as usize) {
+                    *e = true;
+                }
+            }
+            Some(Err(e)) => tracing::debug!("consume error (retrying): {e}"),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// A consumer of every partition of `topic` from the beginning, and the partition count; `None`
+/// when the topic has no partitions by `deadline`.
+fn reader_from_beginning(
+    mut config: ClientConfig,
+    topic: &str,
+    deadline: Instant,
+) -> Result<Option<(BaseConsumer, usize)>> {
+    if config.get("enable.partition.eof").is_none() {
+        config.set("enable.partition.eof", "false");
+    }
     let consumer: BaseConsumer = config
         .set("group.id", unique_name("obsrv-test-reader"))
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
         .create()
         .context("creating a Kafka consumer")?;
-    let deadline = Instant::now() + timeout;
     let partitions = loop {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
         let n = md
@@ -1008,7 +1087,7 @@ fn consume_blocking(
             break n;
         }
         if Instant::now() > deadline {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -1017,28 +1096,26 @@ fn consume_blocking(
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
-    let mut out = Vec::new();
-    while out.len() < expected && Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push(ConsumedRecord {
-                key: m.key().map(<[u8]>::to_vec),
-                value: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                partition: m.partition(),
-                offset: m.offset(),
-            }),
-            Some(Err(e)) => tracing::debug!("consume error (retrying): {e}"),
-            None => {}
+    Ok(Some((consumer, partitions)))
+}
+
+impl ConsumedRecord {
+    fn of(m: &rdkafka::message::BorrowedMessage<'_>) -> ConsumedRecord {
+        ConsumedRecord {
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            partition: m.partition(),
+            offset: m.offset(),
         }
     }
-    Ok(out)
 }
 
 /// An S3 API: a local `s3s-fs` (temp dir, fixed keys, signatures verified) or `S3_ENDPOINT`.
