@@ -22,14 +22,21 @@ pub fn enabled(tls: Option<&Tls>) -> bool {
 
 /// The client configuration for `tls` (None: plain TCP). `ca` is the PEM bundle from the Secret.
 pub fn client_config(tls: Option<&Tls>, ca: Option<&str>) -> Result<Option<ClientConfig>> {
-    let Some(t) = tls.filter(|_| enabled(tls)) else {
-        return Ok(None);
-    };
+    match tls.filter(|_| enabled(tls)) {
+        Some(t) => config_for(t.mode, ca.map(str::as_bytes)).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The client configuration of an encrypted connection in `mode` (libpq's meaning: `verify-full`
+/// checks the chain and the host name, `prefer`/`require` encrypt without checking). Shared by
+/// the broker sources and the Postgres CDC TLS bridge.
+pub fn config_for(mode: TlsMode, ca: Option<&[u8]>) -> Result<ClientConfig> {
     let provider = Arc::new(ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Config(format!("tls: {e}")))?;
-    let config = if t.mode == TlsMode::VerifyFull {
+    Ok(if mode == TlsMode::VerifyFull {
         builder
             .with_root_certificates(roots(ca)?)
             .with_no_client_auth()
@@ -38,16 +45,16 @@ pub fn client_config(tls: Option<&Tls>, ca: Option<&str>) -> Result<Option<Clien
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
             .with_no_client_auth()
-    };
-    Ok(Some(config))
+    })
 }
 
-/// The CA bundle from the Secret, or the system's roots when the spec names none.
-fn roots(ca: Option<&str>) -> Result<RootCertStore> {
+/// The CA bundle from the Secret; without one the system's roots, or Mozilla's (webpki-roots)
+/// where the image has none.
+fn roots(ca: Option<&[u8]>) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     match ca {
         Some(pem) => {
-            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            for cert in CertificateDer::pem_slice_iter(pem) {
                 let cert =
                     cert.map_err(|e| Error::Config(format!("tls.ca is not a PEM bundle: {e}")))?;
                 roots
@@ -64,9 +71,7 @@ fn roots(ca: Option<&str>) -> Result<RootCertStore> {
             let found = rustls_native_certs::load_native_certs();
             roots.add_parsable_certificates(found.certs);
             if roots.is_empty() {
-                return Err(Error::Config(
-                    "tls verify-full without tls.ca, and the system has no CA certificates".into(),
-                ));
+                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
             }
         }
     }

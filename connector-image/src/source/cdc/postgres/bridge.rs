@@ -4,8 +4,9 @@
 //! process; each connection there is carried to the server over TCP after Postgres's
 //! `SSLRequest` and a rustls (ring) handshake with the spec's TLS mode: `prefer` falls back to
 //! plain text when the server has no TLS, `require` encrypts without verifying, `verify-full`
-//! verifies the chain (the Secret's CA, else the web PKI roots) and the host name — the same
-//! meaning as for the SQL connections. Authentication (SCRAM) still runs end to end.
+//! verifies the chain (the Secret's CA, else the system's or Mozilla's roots) and the host name —
+//! the same meaning, and the same rustls configuration (`source::tls::config_for`), as the broker
+//! sources. Authentication (SCRAM) still runs end to end.
 
 use std::{
     path::Path,
@@ -13,11 +14,7 @@ use std::{
 };
 
 use obsrv_crds::TlsMode;
-use rustls::{
-    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
-};
+use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UnixListener},
@@ -42,7 +39,7 @@ impl Drop for TlsBridge {
 impl TlsBridge {
     /// Listens in a fresh private directory; connections go to `host:port` with `mode`.
     pub fn start(host: &str, port: u16, mode: TlsMode, ca: Option<&[u8]>) -> Result<TlsBridge> {
-        let config = Arc::new(client_config(mode, ca)?);
+        let config = Arc::new(crate::source::tls::config_for(mode, ca)?);
         let name = ServerName::try_from(host.to_string()).map_err(|e| {
             Error::Config(format!("host {host:?} is not a valid TLS server name: {e}"))
         })?;
@@ -143,86 +140,6 @@ async fn carry(
         other => return Err(format!("{target} answered SSLRequest with {other:#x}")),
     }
     Ok(())
-}
-
-fn client_config(mode: TlsMode, ca: Option<&[u8]>) -> Result<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(format!("TLS: {e}")))?;
-    let config = match mode {
-        TlsMode::VerifyFull => {
-            let mut roots = RootCertStore::empty();
-            match ca {
-                Some(pem) => {
-                    for cert in CertificateDer::pem_slice_iter(pem) {
-                        let cert =
-                            cert.map_err(|e| Error::Config(format!("tls.ca is not PEM: {e}")))?;
-                        roots
-                            .add(cert)
-                            .map_err(|e| Error::Config(format!("tls.ca: {e}")))?;
-                    }
-                }
-                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-        // libpq's meaning of prefer/require: encrypted, not verified.
-        _ => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
-            .with_no_client_auth(),
-    };
-    Ok(config)
-}
-
-/// Accepts any certificate (still checking the handshake's signatures): `require`, `prefer`.
-#[derive(Debug)]
-struct Unverified(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]
