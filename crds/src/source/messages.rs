@@ -2,6 +2,21 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::connector::{CredentialsRef, Tls};
+use crate::runtime::{SecretEnv, credentials_env, env, tls_ca_env};
+
+/// The Secret values every broker kind reads: its optional username/password and TLS CA.
+pub fn broker_secrets(
+    out: &mut Vec<SecretEnv>,
+    credentials: Option<&CredentialsRef>,
+    tls: Option<&Tls>,
+) {
+    if let Some(c) = credentials {
+        credentials_env(out, c, env::SOURCE_USERNAME, env::SOURCE_PASSWORD);
+    }
+    tls_ca_env(out, tls, env::SOURCE_TLS_CA);
+}
+
 /// What happens to a message whose payload is not a JSON object.
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,

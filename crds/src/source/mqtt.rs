@@ -4,10 +4,10 @@
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
-use super::messages::MessageFormat;
+use super::messages::{MessageFormat, broker_secrets};
 use super::{Category, KindSpec, Parallelism, SourceKind};
 use crate::connector::{CredentialsRef, DURATION_RULE, Tls};
-use crate::runtime::{SecretEnv, credentials_env, env, tls_ca_env};
+use crate::runtime::SecretEnv;
 
 pub static MQTT: SourceKind = SourceKind {
     name: "mqtt",
@@ -74,10 +74,7 @@ fn default_prefetch() -> i32 {
 
 impl KindSpec for MqttSourceSpec {
     fn secrets(&self, out: &mut Vec<SecretEnv>) {
-        if let Some(c) = &self.credentials {
-            credentials_env(out, c, env::SOURCE_USERNAME, env::SOURCE_PASSWORD);
-        }
-        tls_ca_env(out, self.tls.as_ref(), env::SOURCE_TLS_CA);
+        broker_secrets(out, self.credentials.as_ref(), self.tls.as_ref());
     }
 
     fn validate(&self) -> Result<(), String> {
