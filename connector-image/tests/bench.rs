@@ -14,6 +14,7 @@ use bench::{
     postgres,
 };
 use clap::Parser as _;
+use obsrv_crds::Delivery;
 
 #[tokio::test]
 async fn every_source_bench_runs_end_to_end() {
@@ -28,7 +29,7 @@ async fn every_source_bench_runs_end_to_end() {
             source.name
         );
         assert!(
-            report.contains("connector peak RSS: "),
+            report.contains("peak RSS"),
             "--source {}:\n{report}",
             source.name
         );
@@ -96,27 +97,42 @@ fn ratio_and_verdict() {
 }
 
 #[test]
-fn ratio_is_to_the_slower_bound() {
-    let f = postgres::Figures {
-        rows: 1000,
-        json_bytes: 200_000,
-        copy_secs: 1.0,
-        produce_secs: 2.0,
-        connector_secs: 2.5,
-        connector: Usage {
-            peak_rss_kib: 48 * 1024,
-            cpu_secs: 1.5,
-        },
+fn postgres_ratios_are_to_the_pipe_bound_and_exactly_once_to_at_least_once() {
+    let usage = |mib: u64| Usage {
+        peak_rss_kib: mib * 1024,
+        cpu_secs: 1.5,
     };
-    assert_eq!(f.ratio(), 0.8);
-    let r = f.report();
-    assert!(r.contains("ratio to the slower bound: 0.80"), "{r}");
+    let run = |pipe_secs, alo, eo| postgres::Run {
+        psql_secs: 1.0,
+        copy_secs: 1.5,
+        produce_secs: 1.6,
+        pipe_secs,
+        connector: vec![
+            (Delivery::AtLeastOnce, alo, usage(48)),
+            (Delivery::ExactlyOnce, eo, usage(40)),
+        ],
+    };
+    // Per run (ratio to the pipe; exactlyOnce over atLeastOnce): 0.80, 0.50; 0.92, 0.27; 0.73, 0.68.
+    let runs = [run(2.0, 2.5, 5.0), run(2.2, 2.4, 9.0), run(1.9, 2.6, 3.8)];
+    let r = postgres::report(&postgres::SHAPES[0], 1000, 200_000, &runs);
+    assert!(r.contains("medians of 3 run(s)"), "{r}");
     assert!(
-        r.contains(" 500 rows/s (2.00s)\nobsrv-connector Postgres -> broker: "),
+        r.contains("bound psql \\copy row_to_json to /dev/null:         1000"),
+        "{r}"
+    );
+    assert!(r.contains("<- the ratios' bound"), "{r}");
+    assert!(
+        r.contains("atLeastOnce       400  ratio 0.80 (runs: 0.80 0.92 0.73), peak RSS 48.0 MiB"),
         "{r}"
     );
     assert!(
-        r.contains("connector peak RSS: 48.0 MiB (target < 64 MiB), CPU 1.50s"),
+        r.contains("exactlyOnce       200  ratio 0.40 (runs: 0.40 0.24 0.50)"),
         "{r}"
     );
+    assert!(
+        r.contains("exactlyOnce / atLeastOnce: 0.50 (runs: 0.50 0.27 0.68; target >= 0.8)"),
+        "{r}"
+    );
+    assert_eq!(postgres::median(vec![3.0, 1.0, 2.0]), 2.0);
+    assert_eq!(postgres::median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
 }

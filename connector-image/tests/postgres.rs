@@ -483,7 +483,7 @@ async fn source_outage_is_reported_and_retried() -> Result<()> {
     Ok(())
 }
 
-/// `delivery: exactlyOnce`: each batch and its position in one transaction. A graceful stop and
+/// `delivery: exactlyOnce`: batches and their position in one transaction. A graceful stop and
 /// restart gives exactly the table; a kill -9 loses nothing (the local broker does not hide aborted
 /// records from readers, so only distinct ids are counted there).
 #[tokio::test]

@@ -91,7 +91,12 @@ pub struct ConnectorSpec {
     /// Where records go. Fields left out take the operator's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sink: Option<SinkSpec>,
-    /// Delivery guarantee towards the ingest topic.
+    /// Delivery guarantee towards the ingest topic. `atLeastOnce` (default): positions are
+    /// committed once the sink acknowledged every record before them; after a crash the records
+    /// since the last commit come again, with the same event ids. `exactlyOnce`: records and the
+    /// position go out together in Kafka transactions (each committed after at most 250 ms or
+    /// 32 MiB), so read_committed consumers see every record once, even across kill -9; they see
+    /// a record only when its transaction commits.
     #[serde(default)]
     pub delivery: Delivery,
     /// Fixed replicas or lag-driven autoscaling.

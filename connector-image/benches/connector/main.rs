@@ -2,6 +2,7 @@
 //!
 //! ```sh
 //! cargo bench -p obsrv-connector --bench connector -- --source postgres --rows 1000000
+//! cargo bench -p obsrv-connector --bench connector -- --source postgres --shape events --delivery exactly-once --runs 5
 //! cargo bench -p obsrv-connector --bench connector -- --source postgres-cdc --rows 1000000
 //! cargo bench -p obsrv-connector --bench connector -- --source kafka --rows 500000
 //! cargo bench -p obsrv-connector --bench connector -- --source rabbitmq --rows 200000  # also nats, mqtt
@@ -33,6 +34,7 @@ use anyhow::Result;
 use clap::{Parser, builder::PossibleValuesParser};
 use futures::future::LocalBoxFuture;
 use obsrv_connector::config::SinkSettings;
+use obsrv_crds::Delivery;
 use obsrv_e2e::services::Broker;
 
 /// Every benchmarked source, by its `--source` name.
@@ -60,6 +62,12 @@ pub struct Bench {
     pub rows: usize,
     /// The connector's batchSize, where the source has one.
     pub batch_size: usize,
+    /// Table shapes to load (Postgres).
+    pub shapes: Vec<String>,
+    /// The deliveries to run the connector with (Postgres).
+    pub deliveries: Vec<Delivery>,
+    /// How many times to measure everything (the report gives medians).
+    pub runs: usize,
     /// An existing Postgres to use as it is; otherwise one from the test support.
     pub postgres_url: Option<String>,
     /// The connector's sink: the broker and the ingest, failed and state topics (the ingest topic
@@ -87,9 +95,19 @@ pub struct Args {
     /// Rows (Postgres) or records (Kafka) to load.
     #[arg(long, default_value_t = 1_000_000)]
     pub rows: usize,
-    /// The connector's batchSize (rows per query; Postgres only).
-    #[arg(long, default_value_t = 10_000)]
+    /// The connector's batchSize (rows per query; Postgres only). The CRD's default.
+    #[arg(long, default_value_t = 5_000)]
     pub batch_size: usize,
+    /// Table shapes (Postgres): `orders` (7 columns, a small jsonb) and `events` (6 columns, a
+    /// ~200-byte jsonb payload).
+    #[arg(long, value_delimiter = ',', default_value = "orders,events", value_parser = PossibleValuesParser::new(["orders", "events"]))]
+    pub shape: Vec<String>,
+    /// Deliveries to run the connector with (Postgres).
+    #[arg(long, value_delimiter = ',', default_value = "at-least-once,exactly-once", value_parser = PossibleValuesParser::new(["at-least-once", "exactly-once"]))]
+    pub delivery: Vec<String>,
+    /// How many times to measure the bounds and the connector; the report gives the medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub runs: u16,
     /// An existing Postgres (`postgres://user:password@host:port/db`); a throwaway one otherwise.
     #[arg(long)]
     pub postgres_url: Option<String>,
@@ -120,6 +138,16 @@ pub async fn run(args: Args) -> Result<String> {
     let mut bench = Bench {
         rows: args.rows,
         batch_size: args.batch_size,
+        shapes: args.shape,
+        deliveries: args
+            .delivery
+            .iter()
+            .map(|d| match d.as_str() {
+                "exactly-once" => Delivery::ExactlyOnce,
+                _ => Delivery::AtLeastOnce,
+            })
+            .collect(),
+        runs: args.runs.into(),
         postgres_url: args.postgres_url,
         sink: broker::sink_settings(&bootstrap),
         id,

@@ -50,14 +50,15 @@ pub struct SqlSourceSpec {
     #[serde(default = "default_poll_interval")]
     #[x_kube(validation = Rule::new(DURATION_RULE).message("pollInterval must be a duration such as 30s, 5m or 1h"))]
     pub poll_interval: String,
-    /// Rows fetched per query.
+    /// Rows fetched per query, which is also one batch in memory (5000 rows of a few hundred
+    /// bytes keep a connector under 64 MiB).
     #[serde(default = "default_batch_size")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("batchSize must be between 1 and 1000000"))]
     pub batch_size: i32,
 }
 
 fn default_batch_size() -> i32 {
-    10_000
+    5_000
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
