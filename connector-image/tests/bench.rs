@@ -136,3 +136,29 @@ fn postgres_ratios_are_to_the_pipe_bound_and_exactly_once_to_at_least_once() {
     assert_eq!(postgres::median(vec![3.0, 1.0, 2.0]), 2.0);
     assert_eq!(postgres::median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
 }
+
+/// Every `cargo bench ... --bench connector -- <args>` line of the README and the bench's own
+/// docs parses: a renamed or removed flag fails here, not in the hands of a reader.
+#[test]
+fn the_documented_bench_commands_parse() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut seen = 0;
+    for file in ["../README.md", "benches/connector/main.rs"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for line in text.lines() {
+            let Some((_, args)) = line.split_once("--bench connector -- ") else {
+                continue;
+            };
+            let args = args.split('#').next().unwrap_or_default();
+            if args.contains('<') {
+                continue; // a pattern (`--source <name> ...`), not a command
+            }
+            let argv = std::iter::once("bench").chain(args.split_whitespace());
+            if let Err(e) = bench::Args::try_parse_from(argv) {
+                panic!("{file}: `{line}` does not parse: {e}");
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 8, "only {seen} documented bench commands found");
+}
