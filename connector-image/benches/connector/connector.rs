@@ -132,6 +132,11 @@ impl Connector {
     }
 }
 
+/// `totals.recordsIngested` of a `/status` (0 while it does not answer).
+pub fn ingested(status: &Value) -> u64 {
+    status["totals"]["recordsIngested"].as_u64().unwrap_or(0)
+}
+
 /// Peak resident memory (VmHWM) of a process, KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

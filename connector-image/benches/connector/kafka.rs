@@ -31,7 +31,7 @@ use rdkafka::{Message as _, consumer::StreamConsumer};
 
 use super::{
     Bench, SourceBench, broker,
-    connector::{Connector, Usage},
+    connector::{Connector, Usage, ingested},
 };
 
 pub const BENCH: SourceBench = SourceBench {
@@ -207,7 +207,7 @@ pub async fn run(b: &Bench) -> Result<Figures> {
     let mut first = None;
     let connector_secs = connector
         .wait_for(|s, secs| {
-            let acked = s["totals"]["recordsIngested"].as_u64().unwrap_or(0);
+            let acked = ingested(s);
             let ends = broker::end_offsets(&watcher, topic).unwrap_or(0);
             if acked > 0 || ends > 0 {
                 first.get_or_insert(secs);

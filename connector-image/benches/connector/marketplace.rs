@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use super::{
     Bench, SourceBench,
-    connector::{Connector, Usage},
+    connector::{Connector, Usage, ingested},
 };
 
 pub const BENCH: SourceBench = SourceBench {
@@ -171,9 +171,7 @@ pub async fn run(b: &Bench) -> Result<Figures> {
     let mut connector = Connector::spawn(&manifest(b, program), &b.sink, &[])?;
     let rows = b.rows as u64;
     let connector_secs = connector
-        .wait_for(|s, secs| {
-            (s["totals"]["recordsIngested"].as_u64().unwrap_or(0) >= rows).then_some(secs)
-        })
+        .wait_for(|s, secs| (ingested(s) >= rows).then_some(secs))
         .await?;
     let usage = connector.stop();
     Ok(Figures {

@@ -31,7 +31,7 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 use super::{
     Bench, SourceBench, broker,
-    connector::{Connector, Usage},
+    connector::{Connector, Usage, ingested},
 };
 
 pub const BENCH: SourceBench = SourceBench {
@@ -316,10 +316,7 @@ async fn connector(
         ],
     )?;
     let (secs, ingested) = connector
-        .wait_for(|s, secs| {
-            (s["state"] == "Idle")
-                .then(|| (secs, s["totals"]["recordsIngested"].as_u64().unwrap_or(0)))
-        })
+        .wait_for(|s, secs| (s["state"] == "Idle").then(|| (secs, ingested(s))))
         .await?;
     let usage = connector.stop();
     if ingested != b.rows as u64 {

@@ -28,7 +28,7 @@ use obsrv_e2e::services::Postgres;
 
 use super::{
     Bench, SourceBench,
-    connector::{Connector, Usage},
+    connector::{Connector, Usage, ingested},
 };
 
 pub const BENCH: SourceBench = SourceBench {
@@ -190,9 +190,7 @@ pub async fn run(b: &Bench) -> Result<Figures> {
     let mut connector = Connector::spawn(&manifest, &b.sink, &secrets)?;
     let rows = b.rows as u64;
     let connector_secs = connector
-        .wait_for(|s, secs| {
-            (s["totals"]["recordsIngested"].as_u64().unwrap_or(0) >= rows).then_some(secs)
-        })
+        .wait_for(|s, secs| (ingested(s) >= rows).then_some(secs))
         .await?;
     let usage = connector.stop();
     Ok(Figures {

@@ -33,7 +33,7 @@ use rumqttc::v5::{
 
 use super::{
     Bench, SourceBench, broker,
-    connector::{Connector, Usage},
+    connector::{Connector, Usage, ingested},
     kafka::event,
 };
 
@@ -241,7 +241,7 @@ async fn run(b: &Bench, kind: Kind) -> Result<Figures> {
     let mut first = None;
     let connector_secs = connector
         .wait_for(|s, secs| {
-            let acked = s["totals"]["recordsIngested"].as_u64().unwrap_or(0);
+            let acked = ingested(s);
             if acked > 0 {
                 first.get_or_insert(secs);
             }
