@@ -667,6 +667,11 @@ impl MariaDb {
         prepare(&mut install, user);
         run_to_end(&mut install, "mariadb-install-db")?;
 
+        // Its own tmpdir: information_schema queries spill to temp tables there, and a shared
+        // /tmp that another process cleans up fails them ("Error on delete of '/tmp/#sql-...'").
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp)?;
+        chown(&tmp, user)?;
         let port = free_port()?;
         let socket = dir.path().join("mysqld.sock");
         let mut cmd = Command::new(&mariadbd);
@@ -678,6 +683,7 @@ impl MariaDb {
                 dir.path().join("mysqld.pid").display()
             ))
             .arg(format!("--port={port}"))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .args([
                 "--bind-address=127.0.0.1",
                 "--skip-name-resolve",
