@@ -1,6 +1,7 @@
 //! The pipeline: a reader task pulls batches from the source into a small bounded channel; the
-//! writer hands each batch to the producer, keeps a few in flight, and commits a batch's position
-//! only once it and every batch before it are acknowledged. With `delivery: exactlyOnce` batches
+//! writer hands each batch to the producer, keeps up to [`MAX_IN_FLIGHT_BYTES`] in flight, takes
+//! acknowledgements as they come, and commits a batch's position only once it and every batch
+//! before it are acknowledged. With `delivery: exactlyOnce` batches
 //! instead go out in Kafka transactions with their position (a state-topic record, or a Kafka
 //! source's group offsets), a transaction spanning batches up to [`TXN_MAX_BYTES`] or
 //! [`TXN_MAX_AGE`] while the reader reads ahead. Errors are retried with backoff and shown as
@@ -34,8 +35,12 @@ use crate::{
     state::StateStore,
 };
 
-/// Batches handed to the producer and not yet acknowledged; bounds memory with the batch size.
-pub const MAX_IN_FLIGHT: usize = 2;
+/// atLeastOnce: bytes of records handed to the producer and not yet acknowledged. Bounded by
+/// bytes, not batches: a broker source's batches are small, and two of them in flight held its
+/// rate to a few hundred messages per producer linger (NATS 0.11 of the raw loop).
+pub const MAX_IN_FLIGHT_BYTES: u64 = 8 << 20;
+/// atLeastOnce: batches in flight, whatever their size (each keeps its position and counters).
+pub const MAX_IN_FLIGHT_BATCHES: usize = 256;
 /// How often positions are written while data flows (always on catch-up and on shutdown).
 pub const COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// How long a drain on shutdown may take before giving up (the position then stays behind).
@@ -738,6 +743,15 @@ async fn pipeline(
                 backoff.reset();
                 continue;
             }
+            // Acknowledgements are taken as they come, not only when the next batch is sent: a
+            // broker source waits for them (its window full) before it hands out another batch.
+            r = front_acked(&mut inflight, shared, sink), if !inflight.is_empty() => {
+                r?;
+                settle_front(&mut inflight, &mut pending, shared);
+                backoff.reset();
+                commit_if_due(committer, committed, &mut pending, &mut last_commit).await?;
+                continue;
+            }
             m = rx.recv() => m,
         };
         // Whatever ends the stream first commits the open transaction: what was read before an
@@ -756,15 +770,11 @@ async fn pipeline(
             }
             Some(Ok(Item::Batch(b))) => {
                 inflight.push_back(sink.send(b, now_ms()).await?);
-                while inflight.len() > MAX_IN_FLIGHT {
+                while in_flight_full(&inflight) {
                     ack_front(&mut inflight, &mut pending, shared, sink).await?;
                     backoff.reset();
                 }
-                let due = committer.commits_each_batch() || last_commit.elapsed() >= COMMIT_EVERY;
-                if due && pending.is_some() {
-                    commit(committer, committed, &mut pending).await?;
-                    last_commit = Instant::now();
-                }
+                commit_if_due(committer, committed, &mut pending, &mut last_commit).await?;
             }
             Some(Ok(Item::CaughtUp)) => {
                 drain(&mut inflight, &mut pending, shared, sink).await?;
@@ -947,21 +957,27 @@ impl Drop for AbortOnDrop {
 /// How often a wait for acknowledgements asks the sink why they do not come.
 pub const ACK_WATCH_EVERY: Duration = Duration::from_secs(5);
 
-async fn ack_front(
+/// Whether the sink holds as much unacknowledged as it may before the next batch is sent.
+fn in_flight_full(inflight: &VecDeque<InFlight>) -> bool {
+    let bytes: u64 = inflight
+        .iter()
+        .map(|f| f.outcome.bytes_ingested + f.outcome.bytes_failed)
+        .sum();
+    inflight.len() > MAX_IN_FLIGHT_BATCHES || bytes > MAX_IN_FLIGHT_BYTES
+}
+
+/// Waits until the oldest batch in flight is acknowledged (cancel-safe: nothing is taken off).
+async fn front_acked(
     inflight: &mut VecDeque<InFlight>,
-    pending: &mut Option<(serde_json::Value, Option<String>)>,
     shared: &Shared,
     sink: &dyn Sink,
 ) -> Result<()> {
-    let Some(mut f) = inflight.pop_front() else {
+    let Some(f) = inflight.front_mut() else {
         return Ok(());
     };
     loop {
         tokio::select! {
-            r = f.acked() => {
-                r?;
-                break;
-            }
+            r = f.acked() => return r,
             // Deliveries wait (a broker outage): say why, keep waiting; nothing is lost.
             _ = tokio::time::sleep(ACK_WATCH_EVERY) => {
                 if let Some(why) = sink.stalled() {
@@ -970,8 +986,28 @@ async fn ack_front(
             }
         }
     }
-    record_delivered(shared, &f);
-    *pending = Some((f.position, f.watermark));
+}
+
+/// Takes the acknowledged oldest batch off: counted, and its position pending a commit.
+fn settle_front(
+    inflight: &mut VecDeque<InFlight>,
+    pending: &mut Option<(serde_json::Value, Option<String>)>,
+    shared: &Shared,
+) {
+    if let Some(f) = inflight.pop_front() {
+        record_delivered(shared, &f);
+        *pending = Some((f.position, f.watermark));
+    }
+}
+
+async fn ack_front(
+    inflight: &mut VecDeque<InFlight>,
+    pending: &mut Option<(serde_json::Value, Option<String>)>,
+    shared: &Shared,
+    sink: &dyn Sink,
+) -> Result<()> {
+    front_acked(inflight, shared, sink).await?;
+    settle_front(inflight, pending, shared);
     Ok(())
 }
 
@@ -983,6 +1019,21 @@ async fn drain(
 ) -> Result<()> {
     while !inflight.is_empty() {
         ack_front(inflight, pending, shared, sink).await?;
+    }
+    Ok(())
+}
+
+/// Commits what is acknowledged when the source wants each batch committed or a second passed.
+async fn commit_if_due(
+    committer: &Committer,
+    committed: &mut Option<serde_json::Value>,
+    pending: &mut Option<(serde_json::Value, Option<String>)>,
+    last_commit: &mut Instant,
+) -> Result<()> {
+    let due = committer.commits_each_batch() || last_commit.elapsed() >= COMMIT_EVERY;
+    if due && pending.is_some() {
+        commit(committer, committed, pending).await?;
+        *last_commit = Instant::now();
     }
     Ok(())
 }
@@ -1001,7 +1052,14 @@ async fn commit(
 
 #[cfg(test)]
 mod tests {
+    use futures::{FutureExt, future::BoxFuture};
+
     use super::*;
+    use crate::{
+        envelope::Payload,
+        sink::{Failures, Outcome},
+        source::{Record, Source},
+    };
 
     #[test]
     fn a_replica_is_its_pod_in_a_cluster_and_its_process_elsewhere() {
@@ -1012,6 +1070,124 @@ mod tests {
         assert_eq!(replica_name_of(Some("laptop"), false, 4242), "laptop.4242");
         assert_eq!(replica_name_of(None, true, 7), "local.7");
         assert_eq!(replica_name_of(Some(""), false, 7), "local.7");
+    }
+
+    /// Acknowledges each batch a moment after it is handed over, as a broker does.
+    struct DelayedAcks;
+
+    impl Sink for DelayedAcks {
+        fn send(&self, batch: Batch, _syncts_ms: i64) -> BoxFuture<'_, Result<InFlight>> {
+            let n = batch.records.len();
+            let acks = Acks::new();
+            for _ in 0..n {
+                acks.add();
+            }
+            let later = acks.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                for _ in 0..n {
+                    later.done(None);
+                }
+            });
+            let f = InFlight {
+                acks,
+                position: batch.position,
+                watermark: batch.watermark,
+                outcome: Outcome {
+                    ingested: n as u64,
+                    ..Outcome::default()
+                },
+                failures: Failures::default(),
+                started: Instant::now(),
+            };
+            async move { Ok(f) }.boxed()
+        }
+        fn flush(&self, _timeout: Duration) -> BoxFuture<'_, Result<()>> {
+            async { Ok(()) }.boxed()
+        }
+        fn check(&self) -> BoxFuture<'_, Result<String>> {
+            async { Ok("test sink".into()) }.boxed()
+        }
+    }
+
+    /// A broker whose window holds one batch: the next batch comes only once the previous one is
+    /// committed (acknowledged to the broker). Position = batches handed out.
+    struct WindowOfOneBatch {
+        handed_out: u64,
+        end: u64,
+        committed: watch::Receiver<u64>,
+        commits: Arc<watch::Sender<u64>>,
+    }
+
+    impl Source for WindowOfOneBatch {
+        async fn next_batch(&mut self) -> Result<Option<Batch>> {
+            if self.handed_out == self.end {
+                return Ok(None);
+            }
+            let previous = self.handed_out;
+            let _ = self.committed.wait_for(|c| *c >= previous).await;
+            self.handed_out += 1;
+            Ok(Some(Batch {
+                records: vec![Record {
+                    id: self.handed_out.to_string(),
+                    payload: Payload::Json("{}".into()),
+                }],
+                position: serde_json::json!(self.handed_out),
+                watermark: None,
+            }))
+        }
+        fn committer(&self) -> Option<Box<dyn SourceCommitter>> {
+            Some(Box::new(BrokerAcks(self.commits.clone())))
+        }
+    }
+
+    struct BrokerAcks(Arc<watch::Sender<u64>>);
+
+    impl SourceCommitter for BrokerAcks {
+        fn commit(&self, position: &serde_json::Value) -> Result<()> {
+            self.0.send_replace(position.as_u64().unwrap_or_default());
+            Ok(())
+        }
+        fn commits_each_batch(&self) -> bool {
+            true
+        }
+    }
+
+    /// The runner used to take acknowledgements only when it sent a third batch, so a source
+    /// waiting for its window to free sat out a timeout per window (NATS and MQTT at a tenth of
+    /// the broker's rate); with a window of one batch it would wait forever.
+    #[tokio::test]
+    async fn a_source_waiting_for_its_window_gets_each_commit() {
+        let (commits, committed) = watch::channel(0);
+        let source = WindowOfOneBatch {
+            handed_out: 0,
+            end: 50,
+            committed,
+            commits: Arc::new(commits),
+        };
+        let committer = Committer::Source(Source::committer(&source).expect("has one"));
+        let shared = Shared::new(None);
+        let (_keep_running, stop) = watch::channel(false);
+        let mut position = None;
+        let mut backoff = Backoff::default();
+        let run = pipeline(
+            Box::new(source),
+            &DelayedAcks,
+            None,
+            &committer,
+            &mut position,
+            &shared,
+            stop,
+            Duration::from_millis(10),
+            true,
+            &mut backoff,
+        );
+        let finished = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("the runner never committed what the source waited for")
+            .expect("runs");
+        assert!(matches!(finished, Finished::Done));
+        assert_eq!(position, Some(serde_json::json!(50)));
     }
 
     #[test]

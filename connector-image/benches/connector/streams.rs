@@ -66,13 +66,13 @@ pub const MQTT: SourceBench = SourceBench {
 pub const TARGET: f64 = 0.8;
 /// The connector's peak RSS bound, MiB.
 pub const RSS_MIB: f64 = 96.0;
-/// Messages held unacknowledged, by the raw loop and the connector alike (`OBSRV_BENCH_PREFETCH`
-/// to try another window).
+/// Messages held unacknowledged, by the raw loop and the connector alike: the kinds' default
+/// (`OBSRV_BENCH_PREFETCH` to try another window).
 fn prefetch() -> u16 {
     std::env::var("OBSRV_BENCH_PREFETCH")
         .ok()
         .and_then(|p| p.parse().ok())
-        .unwrap_or(1000)
+        .unwrap_or(obsrv_crds::source::messages::DEFAULT_PREFETCH as u16)
 }
 /// The raw loop gives up when nothing arrives for this long.
 const STALL: Duration = Duration::from_secs(60);

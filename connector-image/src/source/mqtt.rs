@@ -531,7 +531,8 @@ impl Source for MqttSource {
                     break;
                 }
                 if !unacked.wait_for_room(self.window, FIRST_WAIT).await {
-                    return Ok(None);
+                    // Nothing to hand out: below, an outage is an error, not a catch-up.
+                    break;
                 }
                 continue;
             }

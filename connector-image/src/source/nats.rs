@@ -406,7 +406,8 @@ impl Source for NatsSource {
                             break;
                         }
                         if !unacked.wait_for_room(*window, FIRST_WAIT).await {
-                            return Ok(None);
+                            // Nothing to hand out: below, an outage is an error, not a catch-up.
+                            break;
                         }
                         continue;
                     }

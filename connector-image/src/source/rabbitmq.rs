@@ -340,7 +340,8 @@ impl Source for RabbitmqSource {
                     break;
                 }
                 if !self.unacked.wait_for_room(self.window, FIRST_WAIT).await {
-                    return Ok(None);
+                    // Nothing to hand out: below, an outage is an error, not a catch-up.
+                    break;
                 }
                 continue;
             }

@@ -5,6 +5,12 @@ use serde::{Deserialize, Serialize};
 use crate::connector::{CredentialsRef, Tls};
 use crate::runtime::{SecretEnv, credentials_env, env, tls_ca_env};
 
+/// The broker kinds' default `prefetch`: messages a replica holds unacknowledged. A message is
+/// acknowledged only after the ingest topic has it (one producer linger, ~20 ms, later), so a
+/// replica reads at most about `prefetch` messages per linger: 1,000 held NATS to ~42k msgs/s,
+/// 10,000 keeps up with the broker. Memory grows with it times the message size.
+pub const DEFAULT_PREFETCH: i32 = 10_000;
+
 /// The Secret values every broker kind reads: its optional username/password and TLS CA.
 pub fn broker_secrets(
     out: &mut Vec<SecretEnv>,

@@ -49,7 +49,9 @@ pub struct MqttSourceSpec {
     #[serde(default = "default_session_expiry")]
     #[x_kube(validation = Rule::new(DURATION_RULE).message("sessionExpiry must be a duration such as 24h"))]
     pub session_expiry: String,
-    /// Messages a replica holds unacknowledged (MQTT receive maximum, 1..65535).
+    /// Messages a replica holds unacknowledged (MQTT receive maximum, 1..65535; default 10000).
+    /// Memory is about prefetch x message size; a small window limits the rate, as a message is
+    /// acknowledged only once the ingest topic has it.
     #[serde(default = "default_prefetch")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("prefetch must be between 1 and 65535"))]
     pub prefetch: i32,
@@ -69,7 +71,7 @@ fn default_session_expiry() -> String {
 }
 
 fn default_prefetch() -> i32 {
-    1000
+    super::messages::DEFAULT_PREFETCH
 }
 
 impl KindSpec for MqttSourceSpec {

@@ -76,7 +76,9 @@ pub struct NatsSourceSpec {
     #[serde(default = "default_ack_wait")]
     #[x_kube(validation = Rule::new(DURATION_RULE).message("ackWait must be a duration such as 30s"))]
     pub ack_wait: String,
-    /// Messages a replica holds unacknowledged (its pull batch), 1..100000.
+    /// Messages a replica holds unacknowledged (its pull batch), 1..100000; default 10000.
+    /// Memory is about prefetch x message size; a small window limits the rate, as a message is
+    /// acknowledged only once the ingest topic has it.
     #[serde(default = "default_prefetch")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 100000").message("prefetch must be between 1 and 100000"))]
     pub prefetch: i32,
@@ -96,7 +98,7 @@ fn default_ack_wait() -> String {
 }
 
 fn default_prefetch() -> i32 {
-    2000
+    super::messages::DEFAULT_PREFETCH
 }
 
 impl KindSpec for NatsSourceSpec {

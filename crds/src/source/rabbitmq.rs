@@ -43,8 +43,10 @@ pub struct RabbitmqSourceSpec {
     /// The exchanges must exist.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bindings: Vec<RabbitmqBinding>,
-    /// Messages a replica holds unacknowledged (AMQP prefetch, 1..65535). Bounds memory and
-    /// the work a crash hands back to the queue.
+    /// Messages a replica holds unacknowledged (AMQP prefetch, 1..65535; default 10000). Bounds
+    /// memory (about prefetch x message size) and the work a crash hands back to the queue; a
+    /// small window limits the rate, as a message is acknowledged only once the ingest topic
+    /// has it.
     #[serde(default = "default_prefetch")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("prefetch must be between 1 and 65535"))]
     pub prefetch: i32,
@@ -75,7 +77,7 @@ fn default_vhost() -> String {
 }
 
 fn default_prefetch() -> i32 {
-    2000
+    super::messages::DEFAULT_PREFETCH
 }
 
 impl KindSpec for RabbitmqSourceSpec {
