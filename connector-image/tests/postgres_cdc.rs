@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use common::{Connector, Harness, consume_exactly, total};
+use common::{Connector, Harness, consume_exactly};
 use obsrv_e2e::services::{Broker, ConsumedRecord, Postgres};
 use serde_json::{Value, json};
 
