@@ -38,7 +38,7 @@ use crate::{
 /// atLeastOnce: bytes of records handed to the producer and not yet acknowledged. Bounded by
 /// bytes, not batches: a broker source's batches are small, and two of them in flight held its
 /// rate to a few hundred messages per producer linger (NATS 0.11 of the raw loop).
-pub const MAX_IN_FLIGHT_BYTES: u64 = 8 << 20;
+pub const MAX_IN_FLIGHT_BYTES: u64 = 4 << 20;
 /// atLeastOnce: batches in flight, whatever their size (each keeps its position and counters).
 pub const MAX_IN_FLIGHT_BATCHES: usize = 256;
 /// How often positions are written while data flows (always on catch-up and on shutdown).
