@@ -50,23 +50,27 @@ fn events_are_distinct_json_objects_of_realistic_size() {
 
 #[test]
 fn ratio_and_verdict() {
+    let relay = |delivery, secs, first_secs| kafka::Relay {
+        delivery,
+        secs,
+        first_secs,
+        usage: Usage {
+            peak_rss_kib: 40 * 1024,
+            cpu_secs: 1.0,
+        },
+    };
     let f = kafka::Figures {
         rows: 1000,
         input_bytes: 150_000,
         fill_secs: 0.5,
         pipe_secs: 1.0,
         pipe_first_secs: 0.5,
-        connector_secs: 2.0,
-        connector_first_secs: 1.0,
-        connector: Usage {
-            peak_rss_kib: 40 * 1024,
-            cpu_secs: 1.0,
-        },
-        ingest_end_offsets: 1000,
+        relays: vec![relay(Delivery::AtLeastOnce, 2.0, 1.0)],
         ingest_counted: 1000,
     };
-    assert_eq!(f.ratio(), 0.5);
-    assert_eq!(f.steady_ratio(), 0.5);
+    let alo = f.relays[0];
+    assert_eq!(f.ratio(&alo), 0.5);
+    assert_eq!(f.steady_ratio(&alo), 0.5);
     assert!(
         f.report()
             .contains("ratio to the pipe: 0.50 start-up included, 0.50 after")
@@ -77,23 +81,30 @@ fn ratio_and_verdict() {
         f.report()
             .contains("2000 rows/s after its first record at 0.50s")
     );
-    let g = kafka::Figures {
-        connector_secs: 1.1,
-        ..f
-    };
-    assert!(g.on_par(), "{}", g.report());
-    assert!(!g.report().contains("NOT met"));
+    assert!(!f.report().contains("exactlyOnce / atLeastOnce"));
+    let fast = relay(Delivery::AtLeastOnce, 1.1, 0.6);
+    assert!(f.on_par(&fast));
     // Start-up hides a slow steady state: 0.91 overall, 0.5 after the first record.
     let h = kafka::Figures {
         pipe_secs: 5.5,
         pipe_first_secs: 5.0,
-        connector_secs: 6.0,
-        connector_first_secs: 5.0,
-        ..g
+        ..f.clone()
     };
-    assert!(h.ratio() > ON_PAR);
-    assert!(!h.on_par());
-    assert!(h.report().contains("NOT met"));
+    let slow = relay(Delivery::AtLeastOnce, 6.0, 5.0);
+    assert!(h.ratio(&slow) > ON_PAR);
+    assert!(!h.on_par(&slow));
+    // Both deliveries: each has its verdict, and exactlyOnce is also put against atLeastOnce.
+    let both = kafka::Figures {
+        relays: vec![fast, relay(Delivery::ExactlyOnce, 2.2, 0.6)],
+        ..f
+    };
+    let report = both.report();
+    assert!(report.contains("atLeastOnce"), "{report}");
+    assert_eq!(report.matches("NOT met").count(), 1, "{report}");
+    assert!(
+        report.contains("exactlyOnce / atLeastOnce: 0.50 start-up included, 0.31 after"),
+        "{report}"
+    );
 }
 
 #[test]

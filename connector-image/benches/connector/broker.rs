@@ -123,6 +123,9 @@ pub fn consumer(bootstrap: &str, group: &str, topic: Option<&str>) -> Result<Str
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
+        // As the connector's source: librdkafka's default (1 s between fetches once its queue
+        // is above its thresholds) would make the raw pipe, the Kafka bench's bound, slow.
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .context("consumer")?;
     if let Some(t) = topic {

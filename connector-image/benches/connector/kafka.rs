@@ -6,11 +6,12 @@
 //!    topic from the beginning and produces each payload unchanged to an output topic with the
 //!    connector's own producer settings, until every record is acknowledged;
 //! 2. the connector on a Connector manifest with a Kafka source on that topic (fresh group,
-//!    `offsetReset: earliest`), timed until the ingest topic holds N records (start-up and group
-//!    join included, as for the pipe).
+//!    `offsetReset: earliest`), once per `--delivery` (atLeastOnce and exactlyOnce by default),
+//!    timed until the ingest topic holds N records (start-up and group join included, as for the
+//!    pipe).
 //!
-//! The ingest topic's fill is watched through its end offsets and the connector's acknowledged
-//! total (`/status` `totals.recordsIngested`; the producer uses acks=all, so an acknowledged record
+//! The ingest topic's fill is watched through its end offsets (atLeastOnce only: transaction
+//! markers take offsets too) and the connector's acknowledged total (`/status` `totals.recordsIngested`; the producer uses acks=all, so an acknowledged record
 //! is on the broker). nisshi 0.6.0's ListOffsets "latest" can be wrong when a produced batch holds
 //! several records (DESIGN §6), so the run ends on whichever reaches N first and the ingest topic is
 //! then counted by consuming it (untimed) before any figure is reported.
@@ -29,9 +30,12 @@ use obsrv_connector::sink::{
 };
 use rdkafka::{Message as _, consumer::StreamConsumer};
 
+use obsrv_crds::Delivery;
+
 use super::{
     Bench, SourceBench, broker,
     connector::{Connector, Usage, ingested},
+    delivery_name,
 };
 
 pub const BENCH: SourceBench = SourceBench {
@@ -63,8 +67,19 @@ pub fn event(i: u64) -> String {
     )
 }
 
+/// One run of the connector with one delivery.
+#[derive(Debug, Clone, Copy)]
+pub struct Relay {
+    pub delivery: Delivery,
+    /// Seconds until the ingest topic had every record (process start and group join included).
+    pub secs: f64,
+    /// Seconds until the first ingest record was seen (process start, group join, first batch).
+    pub first_secs: f64,
+    pub usage: Usage,
+}
+
 /// What the bench measured.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Figures {
     pub rows: usize,
     pub input_bytes: usize,
@@ -72,43 +87,38 @@ pub struct Figures {
     pub pipe_secs: f64,
     /// Seconds until the pipe's first record was consumed (group join, first fetch).
     pub pipe_first_secs: f64,
-    pub connector_secs: f64,
-    /// Seconds until the first ingest record was seen (process start, group join, first batch).
-    pub connector_first_secs: f64,
-    pub connector: Usage,
-    /// Ingest end offsets at the end of the timed run, and what consuming the topic counted.
-    pub ingest_end_offsets: i64,
+    /// One per delivery asked for.
+    pub relays: Vec<Relay>,
+    /// Records counted by consuming the ingest topic (read_committed) after every relay.
     pub ingest_counted: usize,
 }
 
 impl Figures {
     /// Connector rows/s over the pipe's, start-up (process, group join) included on both sides.
-    pub fn ratio(&self) -> f64 {
-        self.pipe_secs / self.connector_secs
+    pub fn ratio(&self, r: &Relay) -> f64 {
+        self.pipe_secs / r.secs
     }
 
     /// The same after each side's first record: the group join (several seconds on nisshi, the
     /// same for both) no longer dilutes the difference.
-    pub fn steady_ratio(&self) -> f64 {
-        (self.pipe_secs - self.pipe_first_secs) / (self.connector_secs - self.connector_first_secs)
+    pub fn steady_ratio(&self, r: &Relay) -> f64 {
+        (self.pipe_secs - self.pipe_first_secs) / (r.secs - r.first_secs)
     }
 
     /// On par when both ratios reach [`ON_PAR`].
-    pub fn on_par(&self) -> bool {
-        self.ratio() >= ON_PAR && self.steady_ratio() >= ON_PAR
+    pub fn on_par(&self, r: &Relay) -> bool {
+        self.ratio(r) >= ON_PAR && self.steady_ratio(r) >= ON_PAR
+    }
+
+    fn relay(&self, d: Delivery) -> Option<&Relay> {
+        self.relays.iter().find(|r| r.delivery == d)
     }
 
     pub fn report(&self) -> String {
         let rate = |secs: f64| self.rows as f64 / secs;
-        let (ratio, steady) = (self.ratio(), self.steady_ratio());
-        format!(
+        let mut out = format!(
             "rows: {} ({:.1} MiB of event JSON, {PARTITIONS} partitions, filled at {:.0} rows/s)\n\
-             bound raw consume+produce pipe:      {:>10.0} rows/s ({:.2}s; {:>10.0} rows/s after its first record at {:.2}s)\n\
-             obsrv-connector Kafka -> ingest:     {:>10.0} rows/s ({:.2}s; {:>10.0} rows/s after its first record at {:.2}s)\n\
-             ingest topic: {} records counted by consuming (end offsets said {})\n\
-             ratio to the pipe: {ratio:.2} start-up included, {steady:.2} after the first record \
-             (target: on par, both >= {ON_PAR}: {})\n\
-             connector peak RSS: {:.1} MiB, CPU {:.2}s",
+             bound raw consume+produce pipe:       {:>10.0} rows/s ({:.2}s; {:>10.0} rows/s after its first record at {:.2}s)\n",
             self.rows,
             self.input_bytes as f64 / (1 << 20) as f64,
             rate(self.fill_secs),
@@ -116,16 +126,39 @@ impl Figures {
             self.pipe_secs,
             rate(self.pipe_secs - self.pipe_first_secs),
             self.pipe_first_secs,
-            rate(self.connector_secs),
-            self.connector_secs,
-            rate(self.connector_secs - self.connector_first_secs),
-            self.connector_first_secs,
-            self.ingest_counted,
-            self.ingest_end_offsets,
-            if self.on_par() { "met" } else { "NOT met" },
-            self.connector.peak_rss_mib(),
-            self.connector.cpu_secs,
-        )
+        );
+        for r in &self.relays {
+            out += &format!(
+                "obsrv-connector Kafka -> ingest, {:<12} {:>10.0} rows/s ({:.2}s; {:>10.0} rows/s after its first record at {:.2}s)\n\
+                 \x20 ratio to the pipe: {:.2} start-up included, {:.2} after the first record \
+                 (target: on par, both >= {ON_PAR}: {}); peak RSS {:.1} MiB, CPU {:.2}s\n",
+                delivery_name(r.delivery),
+                rate(r.secs),
+                r.secs,
+                rate(r.secs - r.first_secs),
+                r.first_secs,
+                self.ratio(r),
+                self.steady_ratio(r),
+                if self.on_par(r) { "met" } else { "NOT met" },
+                r.usage.peak_rss_mib(),
+                r.usage.cpu_secs,
+            );
+        }
+        if let (Some(alo), Some(eo)) = (
+            self.relay(Delivery::AtLeastOnce),
+            self.relay(Delivery::ExactlyOnce),
+        ) {
+            out += &format!(
+                "exactlyOnce / atLeastOnce: {:.2} start-up included, {:.2} after the first record (target >= 0.8)\n",
+                alo.secs / eo.secs,
+                (alo.secs - alo.first_secs) / (eo.secs - eo.first_secs),
+            );
+        }
+        out += &format!(
+            "ingest topic: {} records counted by consuming (read_committed)",
+            self.ingest_counted
+        );
+        out
     }
 }
 
@@ -155,16 +188,50 @@ async fn pipe(
     Ok(first.unwrap_or(0.0))
 }
 
-/// The Connector relaying `input` from its beginning with a fresh group.
-fn manifest(b: &Bench, input: &str) -> String {
+/// The Connector relaying `input` from its beginning with a fresh group, with `delivery`.
+fn manifest(b: &Bench, input: &str, delivery: Delivery) -> String {
+    let d = delivery_name(delivery);
     format!(
         "apiVersion: obsrv.io/v1alpha1\nkind: Connector\nmetadata: {{name: {}, namespace: bench}}\nspec:\n  dataset: bench\n  \
-         source:\n    kafka:\n      bootstrapServers: {}\n      topics: [{input}]\n      \
+         delivery: {d}\n  source:\n    kafka:\n      bootstrapServers: {}\n      topics: [{input}]\n      \
          consumerGroup: {}\n      offsetReset: earliest\n",
-        b.name("connector"),
+        b.name(&format!("connector-{}", d.to_lowercase())),
         b.sink.bootstrap_servers,
-        b.name("connector-group"),
+        b.name(&format!("connector-group-{}", d.to_lowercase())),
     )
+}
+
+/// The connector relaying all of `input` with `delivery`, timed until its status counts every
+/// record acknowledged (an exactlyOnce record counts once its transaction committed). atLeastOnce
+/// also ends when the ingest topic's end offsets grew by the rows (`base`: before it started).
+async fn relay(b: &Bench, input: &str, delivery: Delivery, base: i64) -> Result<Relay> {
+    // Not subscribed: it only asks for end offsets, it reads nothing while the connector runs.
+    let watcher = broker::consumer(&b.sink.bootstrap_servers, &b.name("watch"), None)?;
+    let topic = &b.sink.topic;
+    let mut connector = Connector::spawn(&manifest(b, input, delivery), &b.sink, &[])?;
+    let mut first = None;
+    let by_offsets = delivery == Delivery::AtLeastOnce;
+    let secs = connector
+        .wait_for(|s, secs| {
+            let acked = ingested(s);
+            // exactlyOnce: offsets also count transaction markers, so only the status counts.
+            let grown = if by_offsets {
+                broker::end_offsets(&watcher, topic).unwrap_or(base) - base
+            } else {
+                0
+            };
+            if acked > 0 || grown > 0 {
+                first.get_or_insert(secs);
+            }
+            (acked >= b.rows as u64 || grown >= b.rows as i64).then_some(secs)
+        })
+        .await?;
+    Ok(Relay {
+        delivery,
+        secs,
+        first_secs: first.unwrap_or(0.0),
+        usage: connector.stop(),
+    })
 }
 
 pub async fn run(b: &Bench) -> Result<Figures> {
@@ -198,32 +265,20 @@ pub async fn run(b: &Bench) -> Result<Figures> {
     let pipe_secs = t.elapsed().as_secs_f64();
     drop((c, producer));
 
-    // The connector, as its own process.
-    eprintln!("connector ...");
-    // Not subscribed: it only asks for end offsets, it reads nothing while the connector runs.
-    let watcher = broker::consumer(bootstrap, &b.name("watch"), None)?;
-    let topic = &b.sink.topic;
-    let mut connector = Connector::spawn(&manifest(b, &input), &b.sink, &[])?;
-    let mut first = None;
-    let connector_secs = connector
-        .wait_for(|s, secs| {
-            let acked = ingested(s);
-            let ends = broker::end_offsets(&watcher, topic).unwrap_or(0);
-            if acked > 0 || ends > 0 {
-                first.get_or_insert(secs);
-            }
-            (acked >= b.rows as u64 || ends >= b.rows as i64).then_some(secs)
-        })
-        .await?;
-    let usage = connector.stop();
-    let ingest_end_offsets = broker::end_offsets(&watcher, topic)?;
-    drop(watcher);
-    let ingest_counted = broker::count(bootstrap, &b.name("count"), topic, b.rows).await?;
-    if ingest_counted != b.rows {
-        bail!(
-            "the ingest topic holds {ingest_counted} records, expected {}",
-            b.rows
-        );
+    // The connector, as its own process, once per delivery (each with its own group).
+    let mut relays = Vec::new();
+    for &d in &b.deliveries {
+        eprintln!("connector {} ...", delivery_name(d));
+        let watcher = broker::consumer(bootstrap, &b.name("base"), None)?;
+        let base = broker::end_offsets(&watcher, &b.sink.topic)?;
+        drop(watcher);
+        relays.push(relay(b, &input, d, base).await?);
+    }
+    let expected = b.rows * relays.len();
+    let ingest_counted =
+        broker::count(bootstrap, &b.name("count"), &b.sink.topic, expected).await?;
+    if ingest_counted != expected {
+        bail!("the ingest topic holds {ingest_counted} records, expected {expected}");
     }
     Ok(Figures {
         rows: b.rows,
@@ -231,10 +286,7 @@ pub async fn run(b: &Bench) -> Result<Figures> {
         fill_secs,
         pipe_secs,
         pipe_first_secs,
-        connector_secs,
-        connector_first_secs: first.unwrap_or(0.0),
-        connector: usage,
-        ingest_end_offsets,
+        relays,
         ingest_counted,
     })
 }

@@ -64,7 +64,7 @@ pub struct Bench {
     pub batch_size: usize,
     /// Table shapes to load (Postgres).
     pub shapes: Vec<String>,
-    /// The deliveries to run the connector with (Postgres).
+    /// The deliveries to run the connector with (Postgres, Kafka).
     pub deliveries: Vec<Delivery>,
     /// How many times to measure everything (the report gives medians).
     pub runs: usize,
@@ -102,7 +102,7 @@ pub struct Args {
     /// ~200-byte jsonb payload).
     #[arg(long, value_delimiter = ',', default_value = "orders,events", value_parser = PossibleValuesParser::new(["orders", "events"]))]
     pub shape: Vec<String>,
-    /// Deliveries to run the connector with (Postgres).
+    /// Deliveries to run the connector with (Postgres, Kafka).
     #[arg(long, value_delimiter = ',', default_value = "at-least-once,exactly-once", value_parser = PossibleValuesParser::new(["at-least-once", "exactly-once"]))]
     pub delivery: Vec<String>,
     /// How many times to measure the bounds and the connector; the report gives the medians.
@@ -117,6 +117,14 @@ pub struct Args {
     /// Passed by `cargo bench`; nothing to do with it.
     #[arg(long, hide = true)]
     pub bench: bool,
+}
+
+/// A delivery as the manifest spells it.
+pub fn delivery_name(d: Delivery) -> &'static str {
+    match d {
+        Delivery::AtLeastOnce => "atLeastOnce",
+        Delivery::ExactlyOnce => "exactlyOnce",
+    }
 }
 
 /// Runs the bench `args` names: starts the broker unless one is given, creates the ingest topic

@@ -32,6 +32,7 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use super::{
     Bench, SourceBench, broker,
     connector::{Connector, Usage, ingested},
+    delivery_name,
 };
 
 pub const BENCH: SourceBench = SourceBench {
@@ -113,13 +114,6 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
         0 => f64::NAN,
         _ if n % 2 == 1 => xs[n / 2],
         _ => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
-    }
-}
-
-fn delivery_name(d: Delivery) -> &'static str {
-    match d {
-        Delivery::AtLeastOnce => "atLeastOnce",
-        Delivery::ExactlyOnce => "exactlyOnce",
     }
 }
 

@@ -294,12 +294,18 @@ impl KafkaSource {
             // stated because exactlyOnce relies on it; it also makes the group's offsets fetched
             // on assignment wait for pending transactional commits).
             .set("isolation.level", "read_committed")
-            // Bound the read-ahead, whatever the topic's size: librdkafka prefetches up to 64 MiB
-            // into its queue by default and a fetch response may carry 50 MiB, each more than the
-            // whole pod should use. 16 MiB of queue still holds ~100k typical events, seconds of
-            // work; one response of 4 MiB (1 MiB per partition) overshoots it at most that much.
-            // A single record larger than these limits is still fetched whole.
-            .set("queued.max.messages.kbytes", "16384")
+            // Bound the read-ahead, whatever the topic's size. librdkafka prefetches up to 64 MiB
+            // and 100k messages per partition by default, each message with a few hundred bytes
+            // of bookkeeping besides its payload, and a fetch response may carry 50 MiB: more than
+            // the whole pod should use. 2 MiB and 5,000 messages per partition still hold
+            // thousands of typical events. Once the queue is above them, the next fetch waits
+            // `fetch.queue.backoff.ms`: 1 s by default, which starves a small queue (0.15 of the
+            // raw pipe); 10 ms keeps it fed (peak RSS 102 -> 59 MiB at a higher rate). One
+            // response of 4 MiB (1 MiB per partition) overshoots the queue at most that much. A
+            // single record larger than these limits is still fetched whole.
+            .set("queued.max.messages.kbytes", "2048")
+            .set("queued.min.messages", "5000")
+            .set("fetch.queue.backoff.ms", "10")
             .set("fetch.max.bytes", (4 << 20).to_string())
             .set("max.partition.fetch.bytes", (1 << 20).to_string());
         let rebalances = Rebalances::default();
