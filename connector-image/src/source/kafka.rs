@@ -111,11 +111,7 @@ async fn delete_group(ctx: super::CleanupContext) -> Result<String> {
 /// The consumer group of a Kafka source: the spec's, or [`default_group`].
 /// The config's `source.kafka`.
 fn kafka_spec(rc: &RuntimeConfig) -> Result<&KafkaSourceSpec> {
-    rc.spec
-        .source
-        .kafka
-        .as_ref()
-        .ok_or_else(|| Error::Config("the spec names another source kind".into()))
+    super::spec_of(rc, "kafka", |s| s.kafka.as_ref())
 }
 
 pub fn group_of(spec: &KafkaSourceSpec, rc: &RuntimeConfig) -> String {

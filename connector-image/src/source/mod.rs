@@ -132,6 +132,21 @@ pub trait Source: Send + 'static {
     }
 }
 
+/// The kind's own field of `spec.source` (`field`, e.g. `|s| s.nats.as_ref()`), where each
+/// factory and cleanup starts: the registry picks them by the field that is set, so a miss means
+/// a kind registered under the wrong name.
+pub fn spec_of<'a, S>(
+    rc: &'a RuntimeConfig,
+    kind: &str,
+    field: impl FnOnce(&'a obsrv_crds::SourceSpec) -> Option<&'a S>,
+) -> Result<&'a S> {
+    field(&rc.spec.source).ok_or_else(|| {
+        Error::Config(format!(
+            "spec.source.{kind} is not set: the {kind} source was opened for another kind"
+        ))
+    })
+}
+
 /// Commits positions where the source keeps them (a Kafka consumer group).
 pub trait SourceCommitter: Send + Sync {
     /// atLeastOnce: commits `position` once everything before it is acknowledged.

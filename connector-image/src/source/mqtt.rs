@@ -70,13 +70,7 @@ pub fn factory() -> SourceFactory {
 }
 
 async fn open(ctx: OpenContext) -> Result<MqttSource> {
-    let spec = ctx
-        .config
-        .spec
-        .source
-        .mqtt
-        .as_ref()
-        .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+    let spec = super::spec_of(&ctx.config, "mqtt", |s| s.mqtt.as_ref())?;
     acks::at_least_once_only(ctx.delivery(), "mqtt")?;
     let base = spec
         .client_id

@@ -64,13 +64,7 @@ pub fn factory() -> SourceFactory {
 }
 
 async fn open(ctx: OpenContext) -> Result<NatsSource> {
-    let spec = ctx
-        .config
-        .spec
-        .source
-        .nats
-        .as_ref()
-        .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+    let spec = super::spec_of(&ctx.config, "nats", |s| s.nats.as_ref())?;
     if spec.mode == NatsMode::JetStream {
         acks::at_least_once_only(ctx.delivery(), "nats")?;
     }

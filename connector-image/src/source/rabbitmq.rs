@@ -55,13 +55,7 @@ pub fn factory() -> SourceFactory {
 }
 
 async fn open(ctx: OpenContext) -> Result<RabbitmqSource> {
-    let spec = ctx
-        .config
-        .spec
-        .source
-        .rabbitmq
-        .as_ref()
-        .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+    let spec = super::spec_of(&ctx.config, "rabbitmq", |s| s.rabbitmq.as_ref())?;
     acks::at_least_once_only(ctx.delivery(), "rabbitmq")?;
     RabbitmqSource::connect(spec, &ctx.secrets, &ctx.instance()).await
 }

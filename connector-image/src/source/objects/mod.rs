@@ -72,8 +72,7 @@ pub fn factory<S: Send + Sync + 'static>(
     store: fn(&S, &Secrets) -> Result<Store>,
 ) -> SourceFactory {
     SourceFactory::new(kind.name, move |ctx: OpenContext| async move {
-        let spec = of(&ctx.config.spec.source)
-            .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+        let spec = super::spec_of(&ctx.config, kind.name, of)?;
         ObjectSource::open(&ctx, store(spec, &ctx.secrets)?, objects(spec)).await
     })
     .keeping_own_positions()

@@ -172,21 +172,21 @@ enum Pool {
 /// The `postgres` kind.
 pub fn postgres() -> SourceFactory {
     SourceFactory::new(obsrv_crds::source::sql::POSTGRES.name, |ctx| {
-        SqlSource::open(Dialect::Postgres, ctx, |s| s.postgres.as_ref())
+        SqlSource::open(Dialect::Postgres, ctx, "postgres", |s| s.postgres.as_ref())
     })
 }
 
 /// The `mysql` kind.
 pub fn mysql() -> SourceFactory {
     SourceFactory::new(obsrv_crds::source::sql::MYSQL.name, |ctx| {
-        SqlSource::open(Dialect::MySql, ctx, |s| s.mysql.as_ref())
+        SqlSource::open(Dialect::MySql, ctx, "mysql", |s| s.mysql.as_ref())
     })
 }
 
 /// The `mariadb` kind (MySQL's protocol and dialect).
 pub fn mariadb() -> SourceFactory {
     SourceFactory::new(obsrv_crds::source::sql::MARIADB.name, |ctx| {
-        SqlSource::open(Dialect::MySql, ctx, |s| s.mariadb.as_ref())
+        SqlSource::open(Dialect::MySql, ctx, "mariadb", |s| s.mariadb.as_ref())
     })
 }
 /// A Postgres/MySQL/MariaDB source over one or more tables, read round-robin.
@@ -208,10 +208,10 @@ impl SqlSource {
     async fn open(
         dialect: Dialect,
         ctx: OpenContext,
+        kind: &str,
         field: fn(&obsrv_crds::SourceSpec) -> Option<&SqlSourceSpec>,
     ) -> Result<SqlSource> {
-        let spec = field(&ctx.config.spec.source)
-            .ok_or_else(|| Error::Config("the spec names another source kind".into()))?;
+        let spec = super::spec_of(&ctx.config, kind, field)?;
         SqlSource::connect(
             dialect,
             spec,

@@ -208,16 +208,11 @@ fn my_error(at: &str, e: mysql_async::Error) -> Error {
 }
 
 async fn open(flavor: Flavor, ctx: OpenContext) -> Result<BinlogSource> {
-    let spec: &BinlogCdcSourceSpec = match flavor {
-        Flavor::Mysql => ctx.config.spec.source.mysql_cdc.as_ref(),
-        Flavor::Mariadb => ctx.config.spec.source.mariadb_cdc.as_ref(),
-    }
-    .ok_or_else(|| {
-        Error::Config(format!(
-            "the spec names another source kind than {}",
-            kind_name(flavor)
-        ))
-    })?;
+    let spec: &BinlogCdcSourceSpec =
+        crate::source::spec_of(&ctx.config, kind_name(flavor), |s| match flavor {
+            Flavor::Mysql => s.mysql_cdc.as_ref(),
+            Flavor::Mariadb => s.mariadb_cdc.as_ref(),
+        })?;
     let endpoint = Endpoint {
         host: &spec.host,
         port: spec.port,

@@ -160,14 +160,7 @@ pub struct PgCdcSource {
 
 async fn open(ctx: OpenContext) -> Result<PgCdcSource> {
     let spec: &PostgresCdcSourceSpec =
-        ctx.config
-            .spec
-            .source
-            .postgres_cdc
-            .as_ref()
-            .ok_or_else(|| {
-                Error::Config("the spec names another source kind than postgresCdc".into())
-            })?;
+        crate::source::spec_of(&ctx.config, "postgresCdc", |s| s.postgres_cdc.as_ref())?;
     let endpoint = endpoint(spec);
     check_tls_ca(&ctx.secrets, spec.tls.as_ref())?;
     let login = Login::from_secrets(&ctx.secrets);
@@ -241,15 +234,7 @@ fn endpoint(spec: &PostgresCdcSourceSpec) -> Endpoint<'_> {
 /// created; the position stays in the state topic, so a Connector re-created under the same name
 /// finds its slot gone and snapshots again instead of skipping what changed meanwhile.
 async fn cleanup(ctx: CleanupContext) -> Result<String> {
-    let spec = ctx
-        .config
-        .spec
-        .source
-        .postgres_cdc
-        .as_ref()
-        .ok_or_else(|| {
-            Error::Config("the spec names another source kind than postgresCdc".into())
-        })?;
+    let spec = crate::source::spec_of(&ctx.config, "postgresCdc", |s| s.postgres_cdc.as_ref())?;
     let login = Login::from_secrets(&ctx.secrets);
     let pool = crate::source::sql::postgres::pool(&endpoint(spec), &login, 1).await?;
     let slot = spec
