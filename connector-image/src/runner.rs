@@ -858,7 +858,7 @@ async fn send_in_transaction(
     let t = open.as_mut().expect("opened above");
     match sink.send(b, now_ms()).await {
         Ok(f) => {
-            t.bytes += f.outcome.bytes_ingested + f.outcome.bytes_failed;
+            t.bytes += f.outcome.bytes();
             t.batches.push(f);
             Ok(())
         }
@@ -959,10 +959,7 @@ pub const ACK_WATCH_EVERY: Duration = Duration::from_secs(5);
 
 /// Whether the sink holds as much unacknowledged as it may before the next batch is sent.
 fn in_flight_full(inflight: &VecDeque<InFlight>) -> bool {
-    let bytes: u64 = inflight
-        .iter()
-        .map(|f| f.outcome.bytes_ingested + f.outcome.bytes_failed)
-        .sum();
+    let bytes: u64 = inflight.iter().map(|f| f.outcome.bytes()).sum();
     inflight.len() > MAX_IN_FLIGHT_BATCHES || bytes > MAX_IN_FLIGHT_BYTES
 }
 

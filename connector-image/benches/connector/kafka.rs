@@ -203,11 +203,15 @@ fn manifest(b: &Bench, input: &str, delivery: Delivery) -> String {
 
 /// The connector relaying all of `input` with `delivery`, timed until its status counts every
 /// record acknowledged (an exactlyOnce record counts once its transaction committed). atLeastOnce
-/// also ends when the ingest topic's end offsets grew by the rows (`base`: before it started).
-async fn relay(b: &Bench, input: &str, delivery: Delivery, base: i64) -> Result<Relay> {
-    // Not subscribed: it only asks for end offsets, it reads nothing while the connector runs.
-    let watcher = broker::consumer(&b.sink.bootstrap_servers, &b.name("watch"), None)?;
+/// also ends when the ingest topic's end offsets (asked through `watcher`) grew by the rows.
+async fn relay(
+    b: &Bench,
+    input: &str,
+    delivery: Delivery,
+    watcher: &StreamConsumer,
+) -> Result<Relay> {
     let topic = &b.sink.topic;
+    let base = broker::end_offsets(watcher, topic)?;
     let mut connector = Connector::spawn(&manifest(b, input, delivery), &b.sink, &[])?;
     let mut first = None;
     let by_offsets = delivery == Delivery::AtLeastOnce;
@@ -216,7 +220,7 @@ async fn relay(b: &Bench, input: &str, delivery: Delivery, base: i64) -> Result<
             let acked = ingested(s);
             // exactlyOnce: offsets also count transaction markers, so only the status counts.
             let grown = if by_offsets {
-                broker::end_offsets(&watcher, topic).unwrap_or(base) - base
+                broker::end_offsets(watcher, topic).unwrap_or(base) - base
             } else {
                 0
             };
@@ -266,14 +270,14 @@ pub async fn run(b: &Bench) -> Result<Figures> {
     drop((c, producer));
 
     // The connector, as its own process, once per delivery (each with its own group).
+    // Not subscribed: it only asks for end offsets, it reads nothing while the connector runs.
+    let watcher = broker::consumer(bootstrap, &b.name("watch"), None)?;
     let mut relays = Vec::new();
     for &d in &b.deliveries {
         eprintln!("connector {} ...", delivery_name(d));
-        let watcher = broker::consumer(bootstrap, &b.name("base"), None)?;
-        let base = broker::end_offsets(&watcher, &b.sink.topic)?;
-        drop(watcher);
-        relays.push(relay(b, &input, d, base).await?);
+        relays.push(relay(b, &input, d, &watcher).await?);
     }
+    drop(watcher);
     let expected = b.rows * relays.len();
     let ingest_counted =
         broker::count(bootstrap, &b.name("count"), &b.sink.topic, expected).await?;

@@ -105,6 +105,13 @@ pub struct Outcome {
     pub bytes_failed: u64,
 }
 
+impl Outcome {
+    /// Bytes handed to the producer: ingested and failed-topic records alike.
+    pub fn bytes(&self) -> u64 {
+        self.bytes_ingested + self.bytes_failed
+    }
+}
+
 /// Delivery reports of a group of records: one counter per batch instead of a channel per
 /// record, which keeps per-record overhead to an atomic increment.
 #[derive(Debug, Default)]
