@@ -173,3 +173,14 @@ fn the_documented_bench_commands_parse() {
     }
     assert!(seen >= 8, "only {seen} documented bench commands found");
 }
+
+#[test]
+fn latency_quantiles_are_of_the_sorted_values() {
+    use bench::cdc::quantile;
+    let ms: Vec<f64> = (1..=100).map(f64::from).collect();
+    assert_eq!(quantile(&ms, 0.5), 50.0);
+    assert_eq!(quantile(&ms, 0.99), 99.0);
+    assert_eq!(quantile(&ms, 1.0), 100.0);
+    assert_eq!(quantile(&[7.0], 0.99), 7.0);
+    assert!(quantile(&[], 0.5).is_nan());
+}

@@ -4,6 +4,7 @@
 //! cargo bench -p obsrv-connector --bench connector -- --source postgres --rows 1000000
 //! cargo bench -p obsrv-connector --bench connector -- --source postgres --shape events --delivery exactly-once --runs 5
 //! cargo bench -p obsrv-connector --bench connector -- --source postgres-cdc --rows 1000000
+//! cargo bench -p obsrv-connector --bench connector -- --source mariadb-cdc --rows 1000000
 //! cargo bench -p obsrv-connector --bench connector -- --source kafka --rows 500000
 //! cargo bench -p obsrv-connector --bench connector -- --source rabbitmq --rows 200000  # also nats, mqtt
 //! cargo bench -p obsrv-connector --bench connector -- --source airbyte --rows 100000
@@ -21,8 +22,10 @@
 //! (topics, raw produce and consume) for what every bench needs.
 
 pub mod broker;
+pub mod cdc;
 pub mod connector;
 pub mod kafka;
+pub mod mariadb_cdc;
 pub mod marketplace;
 pub mod postgres;
 pub mod postgres_cdc;
@@ -41,6 +44,7 @@ use obsrv_e2e::services::Broker;
 pub static SOURCES: &[SourceBench] = &[
     postgres::BENCH,
     postgres_cdc::BENCH,
+    mariadb_cdc::BENCH,
     kafka::BENCH,
     streams::RABBITMQ,
     streams::NATS,

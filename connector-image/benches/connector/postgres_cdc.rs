@@ -13,12 +13,19 @@
 //!    and replication connection included; each change decoded, rendered as a Debezium-style
 //!    event, enveloped, produced and acknowledged, the slot confirmed after the sink).
 //!
-//! Not measured yet (issue 12 asks for them): commit -> topic latency at a steady rate, memory of
-//! one 1M-row transaction, the snapshot against COPY, and MariaDB.
+//! 4. the same connector, now caught up: one transaction of N rows (its peak RSS; the server hands
+//!    the whole transaction over at its commit, so this is the connector's backpressure at work);
+//! 5. still the same connector: commit -> ingest topic latency at a steady 10k changes/s
+//!    ([`cdc::steady_latency`]);
+//! 6. the snapshot: `psql \copy <table> TO '/dev/null'` of the whole table (now 2N rows and the
+//!    latency's) against a second Connector, `snapshot: initialOnly`, reading it all.
+//!
+//! Targets (issue 12): throughput >= 0.8 of the raw read, the transaction's peak RSS < 128 MiB,
+//! p99 < 50 ms, snapshot >= 0.7 of the COPY.
 
 use std::{
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -26,9 +33,12 @@ use futures::FutureExt as _;
 use obsrv_crds::runtime::env;
 use obsrv_e2e::services::Postgres;
 
+use sqlx::{Connection as _, postgres::PgConnection};
+
 use super::{
     Bench, SourceBench,
-    connector::{Connector, Usage, ingested},
+    cdc::{self, BigTransaction, Latency, Snapshot},
+    connector::Usage,
 };
 
 pub const BENCH: SourceBench = SourceBench {
@@ -53,6 +63,9 @@ pub struct Figures {
     pub bound_secs: f64,
     pub connector_secs: f64,
     pub connector: Usage,
+    pub big_transaction: BigTransaction,
+    pub latency: Latency,
+    pub snapshot: Snapshot,
 }
 
 impl Figures {
@@ -68,7 +81,10 @@ impl Figures {
              bound pg_recvlogical pgoutput > /dev/null: {:>10.0} changes/s ({:.2}s)\n\
              obsrv-connector postgresCdc -> broker:      {:>10.0} changes/s ({:.2}s, start-up included)\n\
              ratio to the raw read: {:.2} (target >= {TARGET})\n\
-             connector peak RSS: {:.1} MiB, CPU {:.2}s",
+             connector peak RSS: {:.1} MiB, CPU {:.2}s\n\
+             {}\n\
+             {}\n\
+             {}",
             self.rows,
             self.fill_secs,
             rate(self.bound_secs),
@@ -78,32 +94,48 @@ impl Figures {
             self.ratio(),
             self.connector.peak_rss_mib(),
             self.connector.cpu_secs,
+            self.big_transaction.line(),
+            self.latency.line(),
+            self.snapshot.line("psql \\copy <table>"),
         )
     }
 }
 
-/// The Connector streaming the table's changes.
-fn manifest(b: &Bench, pg: &Postgres) -> String {
+/// The Connector streaming the table's changes (`snapshot: never`), or with `name` "snapshot",
+/// reading the table once (`initialOnly`).
+fn manifest(b: &Bench, pg: &Postgres, name: &str) -> String {
+    let snapshot = if name == "snapshot" {
+        "initialOnly"
+    } else {
+        "never"
+    };
     format!(
         "apiVersion: obsrv.io/v1alpha1\nkind: Connector\nmetadata: {{name: {}, namespace: bench}}\nspec:\n  dataset: bench\n  \
          source:\n    postgresCdc:\n      host: {}\n      port: {}\n      database: {}\n      \
          credentials: {{secretName: pg}}\n      tls: {{mode: disable}}\n      \
-         tables: [public.cdc_bench]\n      snapshot: never\n      heartbeatInterval: 1s\n",
-        b.name("connector"),
+         tables: [public.cdc_bench]\n      snapshot: {snapshot}\n      heartbeatInterval: 1s\n",
+        b.name(name),
         pg.host(),
         pg.port(),
         pg.database(),
     )
 }
 
-/// One transaction of inserts: rows `from..from + n` of the same shape as the polling bench's
-/// (explicit, as `psql -c` would make one transaction of all the statements).
+/// Inserts rows `from..=to` of the same shape as the polling bench's.
+fn insert(from: i64, to: i64) -> String {
+    format!(
+        "INSERT INTO cdc_bench SELECT g, timestamptz '2024-01-01' + g * interval '1 ms', 'customer-' || (g % 9973), \
+         (g % 100000) / 100.0, (ARRAY['new','paid','shipped'])[1 + g % 3], g % 17, \
+         jsonb_build_object('sku', 'sku-' || (g % 501), 'qty', g % 5) FROM generate_series({from}, {to}) g"
+    )
+}
+
+/// One transaction of inserts: rows `from..from + n` (explicit, as `psql -c` would make one
+/// transaction of all the statements).
 fn insert_sql(from: usize, n: usize) -> String {
     format!(
-        "BEGIN; INSERT INTO cdc_bench SELECT g, timestamptz '2024-01-01' + g * interval '1 ms', 'customer-' || (g % 9973), \
-         (g % 100000) / 100.0, (ARRAY['new','paid','shipped'])[1 + g % 3], g % 17, \
-         jsonb_build_object('sku', 'sku-' || (g % 501), 'qty', g % 5) FROM generate_series({from}, {}) g; COMMIT;\n",
-        from + n - 1
+        "BEGIN; {}; COMMIT;\n",
+        insert(from as i64, (from + n - 1) as i64)
     )
 }
 
@@ -140,14 +172,8 @@ pub async fn run(b: &Bench) -> Result<Figures> {
     ];
 
     eprintln!("connector's first run: its slot and publication ...");
-    let manifest = manifest(b, &pg);
-    let mut first = Connector::spawn(&manifest, &b.sink, &secrets)?;
-    first
-        .wait_for(|s, _| (s["state"] == "Running").then_some(()))
-        .await?;
-    // A heartbeat confirms the slot's start, as a long-running connector would have.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    first.stop();
+    let streaming = manifest(b, &pg, "connector");
+    cdc::first_run(&streaming, b, &secrets).await?;
 
     eprintln!("committing {} inserts ...", b.rows);
     let mut sql = String::new();
@@ -187,17 +213,52 @@ pub async fn run(b: &Bench) -> Result<Figures> {
     }
 
     eprintln!("connector ...");
-    let mut connector = Connector::spawn(&manifest, &b.sink, &secrets)?;
-    let rows = b.rows as u64;
-    let connector_secs = connector
-        .wait_for(|s, secs| (ingested(s) >= rows).then_some(secs))
-        .await?;
+    let (connector_secs, connector) =
+        cdc::until_ingested(&streaming, b, &secrets, b.rows as u64).await?;
     let usage = connector.stop();
+
+    eprintln!("one transaction of {} rows ...", b.rows);
+    let mut connector = cdc::running(&streaming, b, &secrets).await?;
+    let big_transaction = cdc::big_transaction(
+        &mut connector,
+        0,
+        b.rows,
+        pg.psql(&insert_sql(b.rows + 1, b.rows))
+            .map(|r| r.map(drop)),
+    )
+    .await?;
+
+    eprintln!("latency at {} changes/s ...", cdc::LATENCY_RATE);
+    let mut conn = PgConnection::connect(&pg.url()).await?;
+    // As a production server commits: the test server's `synchronous_commit=off` leaves a commit
+    // in memory for up to wal_writer_delay (200 ms), and WAL goes to the slot once flushed.
+    sqlx::raw_sql("SET synchronous_commit = on")
+        .execute(&mut conn)
+        .await?;
+    let latency = cdc::steady_latency(b, &mut conn, b.rows, 2 * b.rows as i64 + 1, insert).await?;
+    drop(connector);
+
+    eprintln!("snapshot ...");
+    let snapshot = cdc::snapshot(
+        &manifest(b, &pg, "snapshot"),
+        b,
+        &secrets,
+        pg.psql("SELECT count(*) FROM cdc_bench")
+            .await?
+            .trim()
+            .parse()?,
+        pg.psql("\\copy cdc_bench TO '/dev/null'")
+            .map(|r| r.map(drop)),
+    )
+    .await?;
     Ok(Figures {
         rows: b.rows,
         fill_secs,
         bound_secs,
         connector_secs,
         connector: usage,
+        big_transaction,
+        latency,
+        snapshot,
     })
 }
