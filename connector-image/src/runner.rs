@@ -713,8 +713,7 @@ async fn pipeline(
     });
     let _abort = AbortOnDrop(reader);
 
-    let mut inflight: VecDeque<InFlight> = VecDeque::new();
-    let mut pending: Option<(serde_json::Value, Option<String>)> = None;
+    let mut inflight = InFlightBatches::default();
     let mut last_commit = Instant::now();
     let mut open: Option<OpenTransaction> = None;
     loop {
@@ -729,9 +728,9 @@ async fn pipeline(
                     if let Some(txn) = txn {
                         end_transaction(txn, committer, committed, &mut open, shared).await?;
                     }
-                    drain(&mut inflight, &mut pending, shared, sink).await
+                    inflight.drain(shared, sink).await
                 }).await;
-                commit(committer, committed, &mut pending).await?;
+                inflight.commit(committer, committed).await?;
                 return match drained {
                     Ok(r) => r.map(|_| Finished::Stopped),
                     Err(_) => Err(Error::SinkUnreachable("in-flight records not acknowledged within the drain timeout".into())),
@@ -745,11 +744,11 @@ async fn pipeline(
             }
             // Acknowledgements are taken as they come, not only when the next batch is sent: a
             // broker source waits for them (its window full) before it hands out another batch.
-            r = front_acked(&mut inflight, shared, sink), if !inflight.is_empty() => {
+            r = inflight.front_acked(shared, sink), if !inflight.is_empty() => {
                 r?;
-                settle_front(&mut inflight, &mut pending, shared);
+                inflight.settle_front(shared);
                 backoff.reset();
-                commit_if_due(committer, committed, &mut pending, &mut last_commit).await?;
+                inflight.commit_if_due(committer, committed, &mut last_commit).await?;
                 continue;
             }
             m = rx.recv() => m,
@@ -769,16 +768,18 @@ async fn pipeline(
                 }
             }
             Some(Ok(Item::Batch(b))) => {
-                inflight.push_back(sink.send(b, now_ms()).await?);
-                while in_flight_full(&inflight) {
-                    ack_front(&mut inflight, &mut pending, shared, sink).await?;
+                inflight.push(sink.send(b, now_ms()).await?);
+                while inflight.is_full() {
+                    inflight.ack_front(shared, sink).await?;
                     backoff.reset();
                 }
-                commit_if_due(committer, committed, &mut pending, &mut last_commit).await?;
+                inflight
+                    .commit_if_due(committer, committed, &mut last_commit)
+                    .await?;
             }
             Some(Ok(Item::CaughtUp)) => {
-                drain(&mut inflight, &mut pending, shared, sink).await?;
-                commit(committer, committed, &mut pending).await?;
+                inflight.drain(shared, sink).await?;
+                inflight.commit(committer, committed).await?;
                 last_commit = Instant::now();
                 backoff.reset();
                 shared.healthy();
@@ -788,13 +789,13 @@ async fn pipeline(
             }
             Some(Err(e)) => {
                 // What was read before the error is still delivered and committed.
-                drain(&mut inflight, &mut pending, shared, sink).await?;
-                commit(committer, committed, &mut pending).await?;
+                inflight.drain(shared, sink).await?;
+                inflight.commit(committer, committed).await?;
                 return Err(e);
             }
             None => {
-                drain(&mut inflight, &mut pending, shared, sink).await?;
-                commit(committer, committed, &mut pending).await?;
+                inflight.drain(shared, sink).await?;
+                inflight.commit(committer, committed).await?;
                 return Ok(if once {
                     Finished::Done
                 } else {
@@ -957,94 +958,105 @@ impl Drop for AbortOnDrop {
 /// How often a wait for acknowledgements asks the sink why they do not come.
 pub const ACK_WATCH_EVERY: Duration = Duration::from_secs(5);
 
-/// Whether the sink holds as much unacknowledged as it may before the next batch is sent.
-fn in_flight_full(inflight: &VecDeque<InFlight>) -> bool {
-    let bytes: u64 = inflight.iter().map(|f| f.outcome.bytes()).sum();
-    inflight.len() > MAX_IN_FLIGHT_BATCHES || bytes > MAX_IN_FLIGHT_BYTES
+/// atLeastOnce: the batches the sink has not acknowledged yet, oldest first, their bytes, and the
+/// position of the newest acknowledged batch, not yet committed.
+#[derive(Default)]
+struct InFlightBatches {
+    batches: VecDeque<InFlight>,
+    bytes: u64,
+    acked: Option<Acked>,
 }
 
-/// Waits until the oldest batch in flight is acknowledged (cancel-safe: nothing is taken off).
-async fn front_acked(
-    inflight: &mut VecDeque<InFlight>,
-    shared: &Shared,
-    sink: &dyn Sink,
-) -> Result<()> {
-    let Some(f) = inflight.front_mut() else {
-        return Ok(());
-    };
-    loop {
-        tokio::select! {
-            r = f.acked() => return r,
-            // Deliveries wait (a broker outage): say why, keep waiting; nothing is lost.
-            _ = tokio::time::sleep(ACK_WATCH_EVERY) => {
-                if let Some(why) = sink.stalled() {
-                    shared.error(&Error::SinkUnreachable(why));
+/// An acknowledged batch's position and watermark, to commit.
+type Acked = (serde_json::Value, Option<String>);
+
+impl InFlightBatches {
+    fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    fn push(&mut self, f: InFlight) {
+        self.bytes += f.outcome.bytes();
+        self.batches.push_back(f);
+    }
+
+    /// Whether the sink holds as much unacknowledged as it may before the next batch is sent.
+    fn is_full(&self) -> bool {
+        self.batches.len() > MAX_IN_FLIGHT_BATCHES || self.bytes > MAX_IN_FLIGHT_BYTES
+    }
+
+    /// Waits until the oldest batch is acknowledged (cancel-safe: nothing is taken off).
+    async fn front_acked(&mut self, shared: &Shared, sink: &dyn Sink) -> Result<()> {
+        let Some(f) = self.batches.front_mut() else {
+            return Ok(());
+        };
+        loop {
+            tokio::select! {
+                r = f.acked() => return r,
+                // Deliveries wait (a broker outage): say why, keep waiting; nothing is lost.
+                _ = tokio::time::sleep(ACK_WATCH_EVERY) => {
+                    if let Some(why) = sink.stalled() {
+                        shared.error(&Error::SinkUnreachable(why));
+                    }
                 }
             }
         }
     }
-}
 
-/// Takes the acknowledged oldest batch off: counted, and its position pending a commit.
-fn settle_front(
-    inflight: &mut VecDeque<InFlight>,
-    pending: &mut Option<(serde_json::Value, Option<String>)>,
-    shared: &Shared,
-) {
-    if let Some(f) = inflight.pop_front() {
-        record_delivered(shared, &f);
-        *pending = Some((f.position, f.watermark));
+    /// Takes the acknowledged oldest batch off: counted, and its position pending a commit.
+    fn settle_front(&mut self, shared: &Shared) {
+        if let Some(f) = self.batches.pop_front() {
+            self.bytes -= f.outcome.bytes();
+            record_delivered(shared, &f);
+            self.acked = Some((f.position, f.watermark));
+        }
     }
-}
 
-async fn ack_front(
-    inflight: &mut VecDeque<InFlight>,
-    pending: &mut Option<(serde_json::Value, Option<String>)>,
-    shared: &Shared,
-    sink: &dyn Sink,
-) -> Result<()> {
-    front_acked(inflight, shared, sink).await?;
-    settle_front(inflight, pending, shared);
-    Ok(())
-}
-
-async fn drain(
-    inflight: &mut VecDeque<InFlight>,
-    pending: &mut Option<(serde_json::Value, Option<String>)>,
-    shared: &Shared,
-    sink: &dyn Sink,
-) -> Result<()> {
-    while !inflight.is_empty() {
-        ack_front(inflight, pending, shared, sink).await?;
+    async fn ack_front(&mut self, shared: &Shared, sink: &dyn Sink) -> Result<()> {
+        self.front_acked(shared, sink).await?;
+        self.settle_front(shared);
+        Ok(())
     }
-    Ok(())
-}
 
-/// Commits what is acknowledged when the source wants each batch committed or a second passed.
-async fn commit_if_due(
-    committer: &Committer,
-    committed: &mut Option<serde_json::Value>,
-    pending: &mut Option<(serde_json::Value, Option<String>)>,
-    last_commit: &mut Instant,
-) -> Result<()> {
-    let due = committer.commits_each_batch() || last_commit.elapsed() >= COMMIT_EVERY;
-    if due && pending.is_some() {
-        commit(committer, committed, pending).await?;
-        *last_commit = Instant::now();
+    /// Waits for every batch to be acknowledged.
+    async fn drain(&mut self, shared: &Shared, sink: &dyn Sink) -> Result<()> {
+        while !self.is_empty() {
+            self.ack_front(shared, sink).await?;
+        }
+        Ok(())
     }
-    Ok(())
-}
 
-async fn commit(
-    committer: &Committer,
-    committed: &mut Option<serde_json::Value>,
-    pending: &mut Option<(serde_json::Value, Option<String>)>,
-) -> Result<()> {
-    if let Some((pos, wm)) = pending.take() {
-        committer.commit(&pos, wm).await?;
-        *committed = Some(pos);
+    /// Commits what is acknowledged when the source wants each batch committed or a second passed.
+    async fn commit_if_due(
+        &mut self,
+        committer: &Committer,
+        committed: &mut Option<serde_json::Value>,
+        last_commit: &mut Instant,
+    ) -> Result<()> {
+        let due = committer.commits_each_batch() || last_commit.elapsed() >= COMMIT_EVERY;
+        if due && self.acked.is_some() {
+            self.commit(committer, committed).await?;
+            *last_commit = Instant::now();
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Commits the newest acknowledged position, if there is one not yet committed.
+    async fn commit(
+        &mut self,
+        committer: &Committer,
+        committed: &mut Option<serde_json::Value>,
+    ) -> Result<()> {
+        if let Some((pos, wm)) = self.acked.take() {
+            committer.commit(&pos, wm).await?;
+            *committed = Some(pos);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
