@@ -72,6 +72,13 @@ impl<H: Send + 'static> Unacked<H> {
         q.waiting.drain(..k).map(|(_, h)| h).collect()
     }
 
+    /// Whether one more message may be read into a batch: the window has room, or the batch is
+    /// empty and room came within `wait`. `false`: the batch goes out as it is (or, empty, the
+    /// source checks for an outage rather than report a catch-up).
+    pub async fn has_room(&self, window: usize, batch_is_empty: bool, wait: Duration) -> bool {
+        self.len() < window || (batch_is_empty && self.wait_for_room(window, wait).await)
+    }
+
     /// Waits until fewer than `window` messages are unacknowledged; false after `timeout`.
     pub async fn wait_for_room(&self, window: usize, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -203,6 +210,20 @@ mod tests {
         task.await.unwrap();
         assert_eq!(*acked.lock().unwrap(), vec![vec!["a", "b"], vec!["c", "d"]]);
         assert!(unacked.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_window_ends_a_batch_and_an_empty_one_waits_for_room() {
+        let unacked = Unacked::<u64>::new();
+        unacked.push(1);
+        assert!(unacked.has_room(2, false, Duration::ZERO).await);
+        unacked.push(2);
+        // Records read: the batch goes out without waiting.
+        let t = std::time::Instant::now();
+        assert!(!unacked.has_room(2, false, Duration::from_secs(5)).await);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // Nothing read: it waits, and says no when nothing is acknowledged meanwhile.
+        assert!(!unacked.has_room(2, true, Duration::from_millis(20)).await);
     }
 
     #[tokio::test]

@@ -520,15 +520,11 @@ impl Source for MqttSource {
         let mut fill_until: Option<Instant> = None;
         let unacked = self.session.unacked.clone();
         while records.len() < self.batch_max && bytes < MAX_BATCH_BYTES {
-            if unacked.len() >= self.window {
-                if !records.is_empty() {
-                    break;
-                }
-                if !unacked.wait_for_room(self.window, FIRST_WAIT).await {
-                    // Nothing to hand out: below, an outage is an error, not a catch-up.
-                    break;
-                }
-                continue;
+            if !unacked
+                .has_room(self.window, records.is_empty(), FIRST_WAIT)
+                .await
+            {
+                break;
             }
             let wait =
                 fill_until.map_or(FIRST_WAIT, |t| t.saturating_duration_since(Instant::now()));

@@ -395,15 +395,11 @@ impl Source for NatsSource {
                 let mut last = 0;
                 let mut last_seq = 0;
                 while records.len() < self.batch_max && bytes < MAX_BATCH_BYTES {
-                    if unacked.len() >= *window {
-                        if !records.is_empty() {
-                            break;
-                        }
-                        if !unacked.wait_for_room(*window, FIRST_WAIT).await {
-                            // Nothing to hand out: below, an outage is an error, not a catch-up.
-                            break;
-                        }
-                        continue;
+                    if !unacked
+                        .has_room(*window, records.is_empty(), FIRST_WAIT)
+                        .await
+                    {
+                        break;
                     }
                     let wait = fill_until
                         .map_or(FIRST_WAIT, |t| t.saturating_duration_since(Instant::now()));

@@ -328,16 +328,13 @@ impl Source for RabbitmqSource {
         let mut last = 0;
         let mut fill_until: Option<Instant> = None;
         while records.len() < self.batch_max && bytes < MAX_BATCH_BYTES {
-            if self.unacked.len() >= self.window {
-                // The broker sends nothing more until acknowledgements free the window.
-                if !records.is_empty() {
-                    break;
-                }
-                if !self.unacked.wait_for_room(self.window, FIRST_WAIT).await {
-                    // Nothing to hand out: below, an outage is an error, not a catch-up.
-                    break;
-                }
-                continue;
+            // The broker sends nothing more until acknowledgements free the window.
+            if !self
+                .unacked
+                .has_room(self.window, records.is_empty(), FIRST_WAIT)
+                .await
+            {
+                break;
             }
             let wait =
                 fill_until.map_or(FIRST_WAIT, |t| t.saturating_duration_since(Instant::now()));
