@@ -184,3 +184,57 @@ fn latency_quantiles_are_of_the_sorted_values() {
     assert_eq!(quantile(&[7.0], 0.99), 7.0);
     assert!(quantile(&[], 0.5).is_nan());
 }
+
+#[test]
+fn cdc_report_gives_each_figure_against_its_bound() {
+    use bench::cdc::{BigTransaction, Figures, Latency, Snapshot};
+    let usage = Usage {
+        peak_rss_kib: 50 * 1024,
+        cpu_secs: 2.0,
+    };
+    let f = Figures {
+        kind: "postgresCdc",
+        bound: "pg_recvlogical pgoutput",
+        snapshot_bound: "psql \\copy <table>",
+        rows: 1000,
+        fill_secs: 0.1,
+        bound_secs: 1.0,
+        connector_secs: 2.0,
+        connector: usage,
+        big_transaction: BigTransaction {
+            rows: 1000,
+            commit_secs: 0.1,
+            secs: 0.5,
+            usage,
+        },
+        latency: Latency {
+            changes: 1000,
+            secs: 0.1,
+            p50_ms: 20.0,
+            p99_ms: 40.0,
+            max_ms: 45.0,
+        },
+        snapshot: Snapshot {
+            rows: 2000,
+            bound_secs: 1.0,
+            secs: 4.0,
+            usage,
+        },
+    };
+    let r = f.report();
+    assert!(r.starts_with("rows: 1000 "), "{r}");
+    assert!(
+        r.contains("ratio to the raw read: 0.50 (target >= 0.8)"),
+        "{r}"
+    );
+    assert!(
+        r.contains("all ingested 0.50s later (2000 changes/s)"),
+        "{r}"
+    );
+    assert!(r.contains("p50 20.0 ms, p99 40.0 ms"), "{r}");
+    assert!(
+        r.contains("psql \\copy <table> to /dev/null 2000 rows/s"),
+        "{r}"
+    );
+    assert!(r.contains("ratio 0.25 (target >= 0.7)"), "{r}");
+}

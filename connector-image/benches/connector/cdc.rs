@@ -17,6 +17,10 @@ use super::{
     connector::{Connector, Usage, ingested},
 };
 
+/// The backlog's ratio to the raw read the issue asks for.
+pub const TARGET: f64 = 0.8;
+/// Rows per inserting transaction of the backlog.
+pub const TX_ROWS: usize = 10_000;
 /// The steady rate the latency is measured at (issue 12: p99 < 50 ms at 10k changes/s).
 pub const LATENCY_RATE: usize = 10_000;
 /// Rows per transaction at that rate: one transaction every 10 ms.
@@ -27,6 +31,86 @@ const LATENCY_MAX_CHANGES: usize = 150_000;
 pub const SNAPSHOT_TARGET: f64 = 0.7;
 /// Latency target, p99.
 pub const LATENCY_TARGET_MS: f64 = 50.0;
+
+/// What a CDC bench measured.
+#[derive(Debug)]
+pub struct Figures {
+    /// The source kind (`postgresCdc`) and the raw read the backlog is measured against.
+    pub kind: &'static str,
+    pub bound: &'static str,
+    /// The database's dump of the table the snapshot is measured against.
+    pub snapshot_bound: &'static str,
+    pub rows: usize,
+    /// Seconds to commit the N inserts.
+    pub fill_secs: f64,
+    /// Seconds for the raw read of the N changes to /dev/null.
+    pub bound_secs: f64,
+    pub connector_secs: f64,
+    pub connector: Usage,
+    pub big_transaction: BigTransaction,
+    pub latency: Latency,
+    pub snapshot: Snapshot,
+}
+
+impl Figures {
+    /// Connector changes/s over the raw read's.
+    pub fn ratio(&self) -> f64 {
+        self.bound_secs / self.connector_secs
+    }
+
+    pub fn report(&self) -> String {
+        let rate = |secs: f64| self.rows as f64 / secs;
+        let bound = format!("bound {} > /dev/null:", self.bound);
+        let connector = format!("obsrv-connector {} -> broker:", self.kind);
+        let w = bound.len().max(connector.len());
+        format!(
+            "rows: {} (inserts, {TX_ROWS} per transaction, committed in {:.2}s)\n\
+             {bound:<w$} {:>10.0} changes/s ({:.2}s)\n\
+             {connector:<w$} {:>10.0} changes/s ({:.2}s, start-up included)\n\
+             ratio to the raw read: {:.2} (target >= {TARGET})\n\
+             connector peak RSS: {:.1} MiB, CPU {:.2}s\n\
+             {}\n\
+             {}\n\
+             {}",
+            self.rows,
+            self.fill_secs,
+            rate(self.bound_secs),
+            self.bound_secs,
+            rate(self.connector_secs),
+            self.connector_secs,
+            self.ratio(),
+            self.connector.peak_rss_mib(),
+            self.connector.cpu_secs,
+            self.big_transaction.line(),
+            self.latency.line(),
+            self.snapshot.line(self.snapshot_bound),
+        )
+    }
+}
+
+/// A Connector of `kind` on `table` of `database` at `host:port` (credentials in Secret `db`):
+/// named `name`, streaming its changes (`snapshot: never`), or, named "snapshot", reading the
+/// table once (`initialOnly`).
+pub fn manifest(
+    b: &Bench,
+    name: &str,
+    kind: &str,
+    (host, port, database): (&str, u16, &str),
+    table: &str,
+) -> String {
+    let snapshot = if name == "snapshot" {
+        "initialOnly"
+    } else {
+        "never"
+    };
+    format!(
+        "apiVersion: obsrv.io/v1alpha1\nkind: Connector\nmetadata: {{name: {}, namespace: bench}}\nspec:\n  dataset: bench\n  \
+         source:\n    {kind}:\n      host: {host}\n      port: {port}\n      database: {database}\n      \
+         credentials: {{secretName: db}}\n      tls: {{mode: disable}}\n      \
+         tables: [{table}]\n      snapshot: {snapshot}\n      heartbeatInterval: 1s\n",
+        b.name(name),
+    )
+}
 
 /// Runs the connector on `manifest` until it is Running, lets it confirm its start (a heartbeat)
 /// and stops it: its slot or binlog position then exists, so changes committed next are its

@@ -27,81 +27,13 @@ use sqlx::{Connection as _, mysql::MySqlConnection};
 
 use super::{
     Bench, SourceBench,
-    cdc::{self, BigTransaction, Latency, Snapshot},
-    connector::Usage,
-    postgres_cdc::TARGET,
+    cdc::{self, Figures, TX_ROWS},
 };
 
 pub const BENCH: SourceBench = SourceBench {
     name: "mariadb-cdc",
     run: |b| run(b).map(|f| f.map(|f| f.report())).boxed_local(),
 };
-
-/// Rows per inserting transaction.
-const TX_ROWS: usize = 10_000;
-
-/// What the bench measured.
-#[derive(Debug)]
-pub struct Figures {
-    pub rows: usize,
-    pub fill_secs: f64,
-    /// Seconds for mariadb-binlog to read the whole binary log to /dev/null.
-    pub bound_secs: f64,
-    pub connector_secs: f64,
-    pub connector: Usage,
-    pub big_transaction: BigTransaction,
-    pub latency: Latency,
-    pub snapshot: Snapshot,
-}
-
-impl Figures {
-    pub fn report(&self) -> String {
-        let rate = |secs: f64| self.rows as f64 / secs;
-        format!(
-            "rows: {} (inserts, {TX_ROWS} per transaction, committed in {:.2}s)\n\
-             bound mariadb-binlog --read-from-remote-server -v > /dev/null: {:>10.0} changes/s ({:.2}s)\n\
-             obsrv-connector mariadbCdc -> broker:                          {:>10.0} changes/s ({:.2}s, start-up included)\n\
-             ratio to the raw read: {:.2} (target >= {TARGET})\n\
-             connector peak RSS: {:.1} MiB, CPU {:.2}s\n\
-             {}\n\
-             {}\n\
-             {}",
-            self.rows,
-            self.fill_secs,
-            rate(self.bound_secs),
-            self.bound_secs,
-            rate(self.connector_secs),
-            self.connector_secs,
-            self.bound_secs / self.connector_secs,
-            self.connector.peak_rss_mib(),
-            self.connector.cpu_secs,
-            self.big_transaction.line(),
-            self.latency.line(),
-            self.snapshot.line("mariadb --quick SELECT *"),
-        )
-    }
-}
-
-/// The Connector streaming the table's changes (`snapshot: never`), or with `name` "snapshot",
-/// reading the table once (`initialOnly`).
-fn manifest(b: &Bench, db: &MariaDb, name: &str) -> String {
-    let snapshot = if name == "snapshot" {
-        "initialOnly"
-    } else {
-        "never"
-    };
-    format!(
-        "apiVersion: obsrv.io/v1alpha1\nkind: Connector\nmetadata: {{name: {}, namespace: bench}}\nspec:\n  dataset: bench\n  \
-         source:\n    mariadbCdc:\n      host: {}\n      port: {}\n      database: {}\n      \
-         credentials: {{secretName: db}}\n      tls: {{mode: disable}}\n      \
-         tables: [{}.cdc_bench]\n      snapshot: {snapshot}\n      heartbeatInterval: 1s\n",
-        b.name(name),
-        db.host(),
-        db.port(),
-        db.database(),
-        db.database(),
-    )
-}
 
 /// Inserts rows `from..=to` (MariaDB's sequence engine numbers them), the same shape as the
 /// `postgres-cdc` bench's.
@@ -113,18 +45,23 @@ fn insert(from: i64, to: i64) -> String {
     )
 }
 
+/// The client options that reach `db` as its user (the password goes in `MYSQL_PWD`).
+fn login(db: &MariaDb) -> [String; 6] {
+    [
+        "-h".into(),
+        db.host().into(),
+        "-P".into(),
+        db.port().to_string(),
+        "-u".into(),
+        db.user().into(),
+    ]
+}
+
 /// The snapshot's bound: every row through the client, unbuffered, to /dev/null.
 async fn select_to_null(db: &MariaDb) -> Result<()> {
     let status = tokio::process::Command::new(find_binary("mariadb", &[])?)
         .args(["--no-defaults", "--protocol=TCP", "--quick", "-B", "-N"])
-        .args([
-            "-h",
-            db.host(),
-            "-P",
-            &db.port().to_string(),
-            "-u",
-            db.user(),
-        ])
+        .args(login(db))
         .args([db.database(), "-e", "SELECT * FROM cdc_bench"])
         .env("MYSQL_PWD", db.password())
         .stdin(Stdio::null())
@@ -156,7 +93,10 @@ pub async fn run(b: &Bench) -> Result<Figures> {
     ];
 
     eprintln!("connector's first run: its binlog position ...");
-    let streaming = manifest(b, &db, "connector");
+    let table = format!("{}.cdc_bench", db.database());
+    let at = (db.host(), db.port(), db.database());
+    let manifest = |name| cdc::manifest(b, name, "mariadbCdc", at, &table);
+    let streaming = manifest("connector");
     cdc::first_run(&streaming, b, &secrets).await?;
 
     eprintln!("committing {} inserts ...", b.rows);
@@ -183,14 +123,7 @@ pub async fn run(b: &Bench) -> Result<Figures> {
             "--to-last-log",
             "--verbose",
         ])
-        .args([
-            "-h",
-            db.host(),
-            "-P",
-            &db.port().to_string(),
-            "-u",
-            db.user(),
-        ])
+        .args(login(&db))
         .args(["--result-file=/dev/null", first_log])
         .env("MYSQL_PWD", db.password())
         .stdin(Stdio::null())
@@ -223,7 +156,7 @@ pub async fn run(b: &Bench) -> Result<Figures> {
 
     eprintln!("snapshot ...");
     let snapshot = cdc::snapshot(
-        &manifest(b, &db, "snapshot"),
+        &manifest("snapshot"),
         b,
         &secrets,
         db.sql("SELECT count(*) FROM cdc_bench")
@@ -234,6 +167,9 @@ pub async fn run(b: &Bench) -> Result<Figures> {
     )
     .await?;
     Ok(Figures {
+        kind: "mariadbCdc",
+        bound: "mariadb-binlog --read-from-remote-server -v",
+        snapshot_bound: "mariadb --quick SELECT *",
         rows: b.rows,
         fill_secs,
         bound_secs,

@@ -37,8 +37,7 @@ use sqlx::{Connection as _, postgres::PgConnection};
 
 use super::{
     Bench, SourceBench,
-    cdc::{self, BigTransaction, Latency, Snapshot},
-    connector::Usage,
+    cdc::{self, Figures, TX_ROWS},
 };
 
 pub const BENCH: SourceBench = SourceBench {
@@ -46,80 +45,8 @@ pub const BENCH: SourceBench = SourceBench {
     run: |b| run(b).map(|f| f.map(|f| f.report())).boxed_local(),
 };
 
-/// The ratio to the raw read the issue asks for.
-pub const TARGET: f64 = 0.8;
-/// Rows per inserting transaction.
-const TX_ROWS: usize = 10_000;
 /// The bound's slot and publication.
 const BOUND: &str = "obsrv_bench_bound";
-
-/// What the bench measured.
-#[derive(Debug)]
-pub struct Figures {
-    pub rows: usize,
-    /// Seconds to commit the N inserts.
-    pub fill_secs: f64,
-    /// Seconds for pg_recvlogical to read the N changes to /dev/null.
-    pub bound_secs: f64,
-    pub connector_secs: f64,
-    pub connector: Usage,
-    pub big_transaction: BigTransaction,
-    pub latency: Latency,
-    pub snapshot: Snapshot,
-}
-
-impl Figures {
-    /// Connector changes/s over the raw read's.
-    pub fn ratio(&self) -> f64 {
-        self.bound_secs / self.connector_secs
-    }
-
-    pub fn report(&self) -> String {
-        let rate = |secs: f64| self.rows as f64 / secs;
-        format!(
-            "rows: {} (inserts, {TX_ROWS} per transaction, committed in {:.2}s)\n\
-             bound pg_recvlogical pgoutput > /dev/null: {:>10.0} changes/s ({:.2}s)\n\
-             obsrv-connector postgresCdc -> broker:      {:>10.0} changes/s ({:.2}s, start-up included)\n\
-             ratio to the raw read: {:.2} (target >= {TARGET})\n\
-             connector peak RSS: {:.1} MiB, CPU {:.2}s\n\
-             {}\n\
-             {}\n\
-             {}",
-            self.rows,
-            self.fill_secs,
-            rate(self.bound_secs),
-            self.bound_secs,
-            rate(self.connector_secs),
-            self.connector_secs,
-            self.ratio(),
-            self.connector.peak_rss_mib(),
-            self.connector.cpu_secs,
-            self.big_transaction.line(),
-            self.latency.line(),
-            self.snapshot.line("psql \\copy <table>"),
-        )
-    }
-}
-
-/// The Connector streaming the table's changes (`snapshot: never`), or with `name` "snapshot",
-/// reading the table once (`initialOnly`).
-fn manifest(b: &Bench, pg: &Postgres, name: &str) -> String {
-    let snapshot = if name == "snapshot" {
-        "initialOnly"
-    } else {
-        "never"
-    };
-    format!(
-        "apiVersion: obsrv.io/v1alpha1\nkind: Connector\nmetadata: {{name: {}, namespace: bench}}\nspec:\n  dataset: bench\n  \
-         source:\n    postgresCdc:\n      host: {}\n      port: {}\n      database: {}\n      \
-         credentials: {{secretName: pg}}\n      tls: {{mode: disable}}\n      \
-         tables: [public.cdc_bench]\n      snapshot: {snapshot}\n      heartbeatInterval: 1s\n",
-        b.name(name),
-        pg.host(),
-        pg.port(),
-        pg.database(),
-    )
-}
 
 /// Inserts rows `from..=to` of the same shape as the polling bench's.
 fn insert(from: i64, to: i64) -> String {
@@ -172,7 +99,9 @@ pub async fn run(b: &Bench) -> Result<Figures> {
     ];
 
     eprintln!("connector's first run: its slot and publication ...");
-    let streaming = manifest(b, &pg, "connector");
+    let at = (pg.host(), pg.port(), pg.database());
+    let manifest = |name| cdc::manifest(b, name, "postgresCdc", at, "public.cdc_bench");
+    let streaming = manifest("connector");
     cdc::first_run(&streaming, b, &secrets).await?;
 
     eprintln!("committing {} inserts ...", b.rows);
@@ -240,7 +169,7 @@ pub async fn run(b: &Bench) -> Result<Figures> {
 
     eprintln!("snapshot ...");
     let snapshot = cdc::snapshot(
-        &manifest(b, &pg, "snapshot"),
+        &manifest("snapshot"),
         b,
         &secrets,
         pg.psql("SELECT count(*) FROM cdc_bench")
@@ -252,6 +181,9 @@ pub async fn run(b: &Bench) -> Result<Figures> {
     )
     .await?;
     Ok(Figures {
+        kind: "postgresCdc",
+        bound: "pg_recvlogical pgoutput",
+        snapshot_bound: "psql \\copy <table>",
         rows: b.rows,
         fill_secs,
         bound_secs,
