@@ -187,7 +187,7 @@ fn latency_quantiles_are_of_the_sorted_values() {
 
 #[test]
 fn cdc_report_gives_each_figure_against_its_bound() {
-    use bench::cdc::{BigTransaction, Figures, Latency, Snapshot};
+    use bench::cdc::{BigTransaction, Figures, Latency, Runs, Snapshot};
     let usage = Usage {
         peak_rss_kib: 50 * 1024,
         cpu_secs: 2.0,
@@ -199,26 +199,28 @@ fn cdc_report_gives_each_figure_against_its_bound() {
         rows: 1000,
         fill_secs: 0.1,
         bound_secs: 1.0,
-        connector_secs: 2.0,
-        connector: usage,
-        big_transaction: BigTransaction {
-            rows: 1000,
-            commit_secs: 0.1,
-            secs: 0.5,
-            usage,
-        },
-        latency: Latency {
-            changes: 1000,
-            secs: 0.1,
-            p50_ms: 20.0,
-            p99_ms: 40.0,
-            max_ms: 45.0,
-        },
-        snapshot: Snapshot {
-            rows: 2000,
-            bound_secs: 1.0,
-            secs: 4.0,
-            usage,
+        runs: Runs {
+            connector_secs: 2.0,
+            connector: usage,
+            big_transaction: BigTransaction {
+                rows: 1000,
+                commit_secs: 0.1,
+                secs: 0.5,
+                usage,
+            },
+            latency: Latency {
+                changes: 1000,
+                secs: 0.1,
+                p50_ms: 20.0,
+                p99_ms: 40.0,
+                max_ms: 45.0,
+            },
+            snapshot: Snapshot {
+                rows: 2000,
+                bound_secs: 1.0,
+                secs: 4.0,
+                usage,
+            },
         },
     };
     let r = f.report();

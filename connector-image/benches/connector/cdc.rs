@@ -45,21 +45,18 @@ pub struct Figures {
     pub fill_secs: f64,
     /// Seconds for the raw read of the N changes to /dev/null.
     pub bound_secs: f64,
-    pub connector_secs: f64,
-    pub connector: Usage,
-    pub big_transaction: BigTransaction,
-    pub latency: Latency,
-    pub snapshot: Snapshot,
+    pub runs: Runs,
 }
 
 impl Figures {
     /// Connector changes/s over the raw read's.
     pub fn ratio(&self) -> f64 {
-        self.bound_secs / self.connector_secs
+        self.bound_secs / self.runs.connector_secs
     }
 
     pub fn report(&self) -> String {
         let rate = |secs: f64| self.rows as f64 / secs;
+        let r = &self.runs;
         let bound = format!("bound {} > /dev/null:", self.bound);
         let connector = format!("obsrv-connector {} -> broker:", self.kind);
         let w = bound.len().max(connector.len());
@@ -76,16 +73,76 @@ impl Figures {
             self.fill_secs,
             rate(self.bound_secs),
             self.bound_secs,
-            rate(self.connector_secs),
-            self.connector_secs,
+            rate(r.connector_secs),
+            r.connector_secs,
             self.ratio(),
-            self.connector.peak_rss_mib(),
-            self.connector.cpu_secs,
-            self.big_transaction.line(),
-            self.latency.line(),
-            self.snapshot.line(self.snapshot_bound),
+            r.connector.peak_rss_mib(),
+            r.connector.cpu_secs,
+            r.big_transaction.line(),
+            r.latency.line(),
+            r.snapshot.line(self.snapshot_bound),
         )
     }
+}
+
+/// What the connector did after the bound: the backlog, one big transaction, latency, snapshot.
+#[derive(Debug)]
+pub struct Runs {
+    pub connector_secs: f64,
+    pub connector: Usage,
+    pub big_transaction: BigTransaction,
+    pub latency: Latency,
+    pub snapshot: Snapshot,
+}
+
+/// Where the connector's runs go: the Connector streaming the table and the one reading it once
+/// ([`manifest`]), their Secret values, and the database (`conn`, `insert`, as
+/// [`steady_latency`] takes them).
+pub struct Target<'a, C> {
+    pub streaming: &'a str,
+    pub snapshot: &'a str,
+    pub secrets: &'a [(&'a str, &'a str)],
+    pub conn: &'a mut C,
+    pub insert: fn(i64, i64) -> String,
+}
+
+/// Steps 3-6 of either CDC bench, once the backlog of `b.rows` changes and its bound are done:
+/// the connector through the backlog, then, running on, `big_commit` (rows `N+1..=2N` in one
+/// transaction) and the steady latency (rows from `2N+1`), then the snapshot of the table
+/// (`table_rows` rows once all that is in) against `snapshot_bound`.
+pub async fn connector_runs<C>(
+    b: &Bench,
+    t: Target<'_, C>,
+    big_commit: impl Future<Output = Result<()>>,
+    table_rows: impl Future<Output = Result<u64>>,
+    snapshot_bound: impl Future<Output = Result<()>>,
+) -> Result<Runs>
+where
+    for<'c> &'c mut C: sqlx::Executor<'c>,
+{
+    eprintln!("connector ...");
+    let (connector_secs, connector) =
+        until_ingested(t.streaming, b, t.secrets, b.rows as u64).await?;
+    let usage = connector.stop();
+
+    eprintln!("one transaction of {} rows ...", b.rows);
+    let mut connector = running(t.streaming, b, t.secrets).await?;
+    let big_transaction = big_transaction(&mut connector, 0, b.rows, big_commit).await?;
+
+    eprintln!("latency at {LATENCY_RATE} changes/s ...");
+    let latency = steady_latency(b, t.conn, b.rows, 2 * b.rows as i64 + 1, t.insert).await?;
+    drop(connector);
+
+    eprintln!("snapshot ...");
+    let rows = table_rows.await?;
+    let snapshot = snapshot(t.snapshot, b, t.secrets, rows, snapshot_bound).await?;
+    Ok(Runs {
+        connector_secs,
+        connector: usage,
+        big_transaction,
+        latency,
+        snapshot,
+    })
 }
 
 /// A Connector of `kind` on `table` of `database` at `host:port` (credentials in Secret `db`):

@@ -138,31 +138,26 @@ pub async fn run(b: &Bench) -> Result<Figures> {
         );
     }
 
-    eprintln!("connector ...");
-    let (connector_secs, connector) =
-        cdc::until_ingested(&streaming, b, &secrets, b.rows as u64).await?;
-    let usage = connector.stop();
-
-    eprintln!("one transaction of {} rows ...", b.rows);
-    let mut connector = cdc::running(&streaming, b, &secrets).await?;
-    let big = insert(b.rows as i64 + 1, 2 * b.rows as i64);
-    let big_transaction =
-        cdc::big_transaction(&mut connector, 0, b.rows, db.sql(&big).map(|r| r.map(drop))).await?;
-
-    eprintln!("latency at {} changes/s ...", cdc::LATENCY_RATE);
     let mut conn = MySqlConnection::connect(&db.url()).await?;
-    let latency = cdc::steady_latency(b, &mut conn, b.rows, 2 * b.rows as i64 + 1, insert).await?;
-    drop(connector);
-
-    eprintln!("snapshot ...");
-    let snapshot = cdc::snapshot(
-        &manifest("snapshot"),
+    let target = cdc::Target {
+        streaming: &streaming,
+        snapshot: &manifest("snapshot"),
+        secrets: &secrets,
+        conn: &mut conn,
+        insert,
+    };
+    let big = insert(b.rows as i64 + 1, 2 * b.rows as i64);
+    let runs = cdc::connector_runs(
         b,
-        &secrets,
-        db.sql("SELECT count(*) FROM cdc_bench")
-            .await?
-            .trim()
-            .parse()?,
+        target,
+        db.sql(&big).map(|r| r.map(drop)),
+        async {
+            Ok(db
+                .sql("SELECT count(*) FROM cdc_bench")
+                .await?
+                .trim()
+                .parse()?)
+        },
         select_to_null(&db),
     )
     .await?;
@@ -173,10 +168,6 @@ pub async fn run(b: &Bench) -> Result<Figures> {
         rows: b.rows,
         fill_secs,
         bound_secs,
-        connector_secs,
-        connector: usage,
-        big_transaction,
-        latency,
-        snapshot,
+        runs,
     })
 }

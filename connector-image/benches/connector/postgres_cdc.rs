@@ -141,41 +141,31 @@ pub async fn run(b: &Bench) -> Result<Figures> {
         );
     }
 
-    eprintln!("connector ...");
-    let (connector_secs, connector) =
-        cdc::until_ingested(&streaming, b, &secrets, b.rows as u64).await?;
-    let usage = connector.stop();
-
-    eprintln!("one transaction of {} rows ...", b.rows);
-    let mut connector = cdc::running(&streaming, b, &secrets).await?;
-    let big_transaction = cdc::big_transaction(
-        &mut connector,
-        0,
-        b.rows,
-        pg.psql(&insert_sql(b.rows + 1, b.rows))
-            .map(|r| r.map(drop)),
-    )
-    .await?;
-
-    eprintln!("latency at {} changes/s ...", cdc::LATENCY_RATE);
     let mut conn = PgConnection::connect(&pg.url()).await?;
     // As a production server commits: the test server's `synchronous_commit=off` leaves a commit
     // in memory for up to wal_writer_delay (200 ms), and WAL goes to the slot once flushed.
     sqlx::raw_sql("SET synchronous_commit = on")
         .execute(&mut conn)
         .await?;
-    let latency = cdc::steady_latency(b, &mut conn, b.rows, 2 * b.rows as i64 + 1, insert).await?;
-    drop(connector);
-
-    eprintln!("snapshot ...");
-    let snapshot = cdc::snapshot(
-        &manifest("snapshot"),
+    let target = cdc::Target {
+        streaming: &streaming,
+        snapshot: &manifest("snapshot"),
+        secrets: &secrets,
+        conn: &mut conn,
+        insert,
+    };
+    let runs = cdc::connector_runs(
         b,
-        &secrets,
-        pg.psql("SELECT count(*) FROM cdc_bench")
-            .await?
-            .trim()
-            .parse()?,
+        target,
+        pg.psql(&insert_sql(b.rows + 1, b.rows))
+            .map(|r| r.map(drop)),
+        async {
+            Ok(pg
+                .psql("SELECT count(*) FROM cdc_bench")
+                .await?
+                .trim()
+                .parse()?)
+        },
         pg.psql("\\copy cdc_bench TO '/dev/null'")
             .map(|r| r.map(drop)),
     )
@@ -187,10 +177,6 @@ pub async fn run(b: &Bench) -> Result<Figures> {
         rows: b.rows,
         fill_secs,
         bound_secs,
-        connector_secs,
-        connector: usage,
-        big_transaction,
-        latency,
-        snapshot,
+        runs,
     })
 }
