@@ -382,7 +382,8 @@ async fn distinct_ids(broker: &Broker, topic: &str, n: usize, timeout: Duration)
 /// Lag counts objects not yet fully read, their bytes, and the age of the oldest.
 async fn lag_counts_objects_and_bytes_pending(store: &Store, broker: &Broker) -> Result<()> {
     let b = store.bucket().await?;
-    let big: String = (0..150_000)
+    // Big enough to take over a second to read (the status is looked at every 100 ms).
+    let big: String = (0..500_000)
         .map(|i| format!("{{\"i\":{i},\"pad\":\"{}\"}}\n", "p".repeat(30)))
         .collect();
     store.put(&b, "in/a-big.jsonl", big.clone()).await?;
