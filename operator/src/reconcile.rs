@@ -533,8 +533,9 @@ async fn transition_events(
         if !bad && p.is_none() && t != condition::READY {
             continue;
         }
-        // Rolling out, stopping, starting to read: expected on the way, not a warning.
-        let transient = ["RollingOut", "Stopping", "NotReading"].contains(&n.reason.as_str());
+        // Rolling out, stopping, pausing, starting to read: expected on the way, not a warning.
+        let transient =
+            ["RollingOut", "Stopping", "NotReading", "Pausing"].contains(&n.reason.as_str());
         let type_ = if bad && !transient {
             EventType::Warning
         } else {

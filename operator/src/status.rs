@@ -333,6 +333,16 @@ fn applied(
                 Phase::Pending
             },
         ),
+        // The pods read until they see the new state (their state file, within seconds).
+        DesiredState::Paused if observed.paused < want => (
+            false,
+            "Pausing",
+            format!(
+                "Pausing: {} of {want} replicas have stopped reading.",
+                observed.paused
+            ),
+            Phase::Running,
+        ),
         DesiredState::Paused => (
             true,
             "Paused",

@@ -237,6 +237,10 @@ async fn pause_stop_resume() {
         checksum,
         "pausing does not roll the pods"
     );
+    // Until the pods say they stopped reading, the status does not claim they did.
+    h.reconcile_ok("events").await;
+    assert_eq!(h.status("events").phase, Some(Phase::Running));
+    assert_eq!(h.condition("events", condition::READY).1, "Pausing");
     for ip in [&a, &b] {
         h.set_pod(ip, |s| s.state = RuntimeState::Paused);
     }
