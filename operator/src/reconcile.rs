@@ -299,6 +299,17 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     }) && live_cm.is_some()
         && live_svc.is_some()
         && live_pdb.is_some() == desired.pdb.is_some();
+    // Pods about to stop report their counts first: once scaled down they are gone, and the records
+    // they delivered since the last poll would be missing from the totals.
+    let live_replicas = live_deploy
+        .as_ref()
+        .and_then(|d| d.spec.as_ref()?.replicas)
+        .unwrap_or(0);
+    let observed_before_scale_down = if decision.replicas < live_replicas {
+        Some(observe_pods(c, ctx, &ns, &desired.checksum).await?)
+    } else {
+        None
+    };
     let applied = match live_deploy.clone() {
         Some(d) if in_sync => d,
         _ => {
@@ -336,25 +347,13 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         }
     };
 
-    // 6. Observe the ready pods.
-    let observed = if decision.replicas > 0 || Rollout::of(Some(&applied)).total > 0 {
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-        let lp = ListParams::default().labels(&builders::selector_string(c));
-        let list = pods.list(&lp).await?;
-        let targets = observe::targets(&list.items, ctx.status_port);
-        let reports =
-            observe::poll(&ctx.http, targets, ctx.poll_concurrency, ctx.poll_timeout).await;
-        observe::Observed {
-            restarts: observe::restarts(&list.items),
-            current_restarts: observe::restarts(&observe::of_template(
-                &list.items,
-                &desired.checksum,
-            )),
-            live_pods: observe::live_pods(&list.items),
-            ..observe::aggregate(&reports)
+    // 6. Observe the ready pods (those about to stop were observed before the apply).
+    let observed = match observed_before_scale_down {
+        Some(o) => o,
+        None if decision.replicas > 0 || Rollout::of(Some(&applied)).total > 0 => {
+            observe_pods(c, ctx, &ns, &desired.checksum).await?
         }
-    } else {
-        observe::Observed::default()
+        None => observe::Observed::default(),
     };
 
     // 7. Status (pure) and write when changed.
@@ -382,6 +381,26 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     });
     write_status(c, ctx, next).await?;
     Ok(Action::requeue(poll))
+}
+
+/// Polls the Connector's pods' `/status` and counts their restarts.
+async fn observe_pods(
+    c: &Connector,
+    ctx: &Context,
+    ns: &str,
+    checksum: &str,
+) -> Result<observe::Observed, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let lp = ListParams::default().labels(&builders::selector_string(c));
+    let list = pods.list(&lp).await?;
+    let targets = observe::targets(&list.items, ctx.status_port);
+    let reports = observe::poll(&ctx.http, targets, ctx.poll_concurrency, ctx.poll_timeout).await;
+    Ok(observe::Observed {
+        restarts: observe::restarts(&list.items),
+        current_restarts: observe::restarts(&observe::of_template(&list.items, checksum)),
+        live_pods: observe::live_pods(&list.items),
+        ..observe::aggregate(&reports)
+    })
 }
 
 /// The most replicas the source allows: what the spec says (a single reader is 1 before any pod
