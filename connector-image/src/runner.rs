@@ -713,8 +713,7 @@ async fn pipeline(
     });
     let _abort = AbortOnDrop(reader);
 
-    let mut inflight = InFlightBatches::default();
-    let mut last_commit = Instant::now();
+    let mut inflight = InFlightBatches::new();
     let mut open: Option<OpenTransaction> = None;
     loop {
         let txn_due = open
@@ -748,7 +747,7 @@ async fn pipeline(
                 r?;
                 inflight.settle_front(shared);
                 backoff.reset();
-                inflight.commit_if_due(committer, committed, &mut last_commit).await?;
+                inflight.commit_if_due(committer, committed).await?;
                 continue;
             }
             m = rx.recv() => m,
@@ -773,14 +772,11 @@ async fn pipeline(
                     inflight.ack_front(shared, sink).await?;
                     backoff.reset();
                 }
-                inflight
-                    .commit_if_due(committer, committed, &mut last_commit)
-                    .await?;
+                inflight.commit_if_due(committer, committed).await?;
             }
             Some(Ok(Item::CaughtUp)) => {
                 inflight.drain(shared, sink).await?;
                 inflight.commit(committer, committed).await?;
-                last_commit = Instant::now();
                 backoff.reset();
                 shared.healthy();
                 if once {
@@ -958,19 +954,28 @@ impl Drop for AbortOnDrop {
 /// How often a wait for acknowledgements asks the sink why they do not come.
 pub const ACK_WATCH_EVERY: Duration = Duration::from_secs(5);
 
-/// atLeastOnce: the batches the sink has not acknowledged yet, oldest first, their bytes, and the
-/// position of the newest acknowledged batch, not yet committed.
-#[derive(Default)]
+/// atLeastOnce: the batches the sink has not acknowledged yet, oldest first, their bytes, the
+/// position of the newest acknowledged batch, not yet committed, and when the last commit was.
 struct InFlightBatches {
     batches: VecDeque<InFlight>,
     bytes: u64,
     acked: Option<Acked>,
+    last_commit: Instant,
 }
 
 /// An acknowledged batch's position and watermark, to commit.
 type Acked = (serde_json::Value, Option<String>);
 
 impl InFlightBatches {
+    fn new() -> InFlightBatches {
+        InFlightBatches {
+            batches: VecDeque::new(),
+            bytes: 0,
+            acked: None,
+            last_commit: Instant::now(),
+        }
+    }
+
     fn len(&self) -> usize {
         self.batches.len()
     }
@@ -1035,17 +1040,16 @@ impl InFlightBatches {
         &mut self,
         committer: &Committer,
         committed: &mut Option<serde_json::Value>,
-        last_commit: &mut Instant,
     ) -> Result<()> {
-        let due = committer.commits_each_batch() || last_commit.elapsed() >= COMMIT_EVERY;
+        let due = committer.commits_each_batch() || self.last_commit.elapsed() >= COMMIT_EVERY;
         if due && self.acked.is_some() {
             self.commit(committer, committed).await?;
-            *last_commit = Instant::now();
         }
         Ok(())
     }
 
-    /// Commits the newest acknowledged position, if there is one not yet committed.
+    /// Commits the newest acknowledged position, if there is one not yet committed; the next
+    /// time-based commit is due a [`COMMIT_EVERY`] from now either way.
     async fn commit(
         &mut self,
         committer: &Committer,
@@ -1055,6 +1059,7 @@ impl InFlightBatches {
             committer.commit(&pos, wm).await?;
             *committed = Some(pos);
         }
+        self.last_commit = Instant::now();
         Ok(())
     }
 }
