@@ -274,8 +274,6 @@ fn connector(
             "RUST_LOG",
             std::env::var("OBSRV_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         )
-        // As set in the image (Dockerfile): fewer malloc arenas, less fragmentation.
-        .env("MALLOC_ARENA_MAX", "2")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()

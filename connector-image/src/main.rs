@@ -19,5 +19,16 @@ fn main() -> ExitCode {
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
+    // librdkafka allocates with glibc's malloc (ours goes to mimalloc), from its broker threads
+    // and ours: one arena rather than one per thread kept the Kafka relay's peak RSS 3-5 MiB
+    // lower (59.5-60.1 vs 62.1-64.8 MiB) at no measurable CPU cost. A MALLOC_ARENA_MAX set in
+    // the environment still wins.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt takes plain integers; called before any thread of ours starts.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
     obsrv_connector::cli::main(Registry::builtin())
 }

@@ -108,6 +108,46 @@ fn ratio_and_verdict() {
 }
 
 #[test]
+fn kafka_medians_over_runs_carry_both_targets() {
+    let relay = |delivery, secs, rss_mib: u64| kafka::Relay {
+        delivery,
+        secs,
+        first_secs: 0.5,
+        usage: Usage {
+            peak_rss_kib: rss_mib * 1024,
+            cpu_secs: 1.0,
+        },
+    };
+    let run = |alo_secs, alo_rss, eo_secs| kafka::Figures {
+        rows: 1000,
+        input_bytes: 150_000,
+        fill_secs: 0.5,
+        pipe_secs: 1.5,
+        pipe_first_secs: 0.5,
+        relays: vec![
+            relay(Delivery::AtLeastOnce, alo_secs, alo_rss),
+            relay(Delivery::ExactlyOnce, eo_secs, 50),
+        ],
+        ingest_counted: 6000,
+    };
+    // atLeastOnce ratios 1.5/1.6, 1.5/3.0, 1.5/1.55 -> median 0.94 (0.91 after the first
+    // record); RSS 60, 70, 62 -> 62. exactlyOnce: 1.5/3.0 each run.
+    let runs = [run(1.6, 60, 3.0), run(3.0, 70, 3.0), run(1.55, 62, 3.0)];
+    let m = kafka::medians(&runs);
+    assert!(m.starts_with("medians of 3 run(s):"), "{m}");
+    let alo = m.lines().find(|l| l.contains("atLeastOnce")).expect(&m);
+    assert!(
+        alo.contains("0.94 start-up included, 0.91 after the first record"),
+        "{alo}"
+    );
+    assert!(alo.contains("peak RSS 62.0 MiB"), "{alo}");
+    assert_eq!(alo.matches("NOT met").count(), 0, "{alo}");
+    let eo = m.lines().find(|l| l.contains("exactlyOnce")).expect(&m);
+    assert!(eo.contains("0.50 start-up included"), "{eo}");
+    assert_eq!(eo.matches("NOT met").count(), 1, "the ratio only: {eo}");
+}
+
+#[test]
 fn postgres_ratios_are_to_the_pipe_bound_and_exactly_once_to_at_least_once() {
     let usage = |mib: u64| Usage {
         peak_rss_kib: mib * 1024,
