@@ -135,6 +135,7 @@ fn kafka_medians_over_runs_carry_both_targets() {
     let runs = [run(1.6, 60, 3.0), run(3.0, 70, 3.0), run(1.55, 62, 3.0)];
     let m = kafka::medians(&runs);
     assert!(m.starts_with("medians of 3 run(s):"), "{m}");
+    assert_eq!(m.lines().count(), 3, "one line per delivery: {m}");
     let alo = m.lines().find(|l| l.contains("atLeastOnce")).expect(&m);
     assert!(
         alo.contains("0.94 start-up included, 0.91 after the first record"),
