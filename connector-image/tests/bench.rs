@@ -159,6 +159,7 @@ fn postgres_ratios_are_to_the_pipe_bound_and_exactly_once_to_at_least_once() {
         copy_secs: 1.5,
         produce_secs: 1.6,
         pipe_secs,
+        envelope_pipe_secs: 2.4,
         connector: vec![
             (Delivery::AtLeastOnce, alo, usage(48)),
             (Delivery::ExactlyOnce, eo, usage(40)),
@@ -174,11 +175,18 @@ fn postgres_ratios_are_to_the_pipe_bound_and_exactly_once_to_at_least_once() {
     );
     assert!(r.contains("<- the ratios' bound"), "{r}");
     assert!(
-        r.contains("atLeastOnce       400  ratio 0.80 (runs: 0.80 0.92 0.73), peak RSS 48.0 MiB"),
+        r.contains("producing the connector's records (envelope, key, id header):      417"),
+        "{r}"
+    );
+    // To the same records: 2.4 s over the connector's seconds, per run, then the median.
+    assert!(
+        r.contains("atLeastOnce       400  ratio 0.80 (runs: 0.80 0.92 0.73; to the same records: 0.96), peak RSS 48.0 MiB"),
         "{r}"
     );
     assert!(
-        r.contains("exactlyOnce       200  ratio 0.40 (runs: 0.40 0.24 0.50)"),
+        r.contains(
+            "exactlyOnce       200  ratio 0.40 (runs: 0.40 0.24 0.50; to the same records: 0.48)"
+        ),
         "{r}"
     );
     assert!(

@@ -10,6 +10,10 @@
 //!    out of the database and into the broker with nothing in between but a line split, and the
 //!    database, the broker and the mover sharing the machine's cores as they do for the connector.
 //!    The ratios are taken against this bound;
+//! 5. the same pipe producing the records the connector writes (each row in Obsrv's envelope, a
+//!    32-character id as key and in the `obsrv-event-id` header): the data contract's cost with
+//!    nothing else in between, so the connector's ratio to it tells what is left to win in the
+//!    connector itself;
 //!
 //! then the connector (`schedule: once`, as its own process) loading the table once per delivery
 //! (`atLeastOnce`, `exactlyOnce`), until its `/status` says Idle. With `--runs N` everything is
@@ -22,10 +26,12 @@ use std::{process::Stdio, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 use futures::{FutureExt as _, StreamExt as _};
+use obsrv_connector::envelope::{Context, EVENT_ID_HEADER};
 use obsrv_connector::sink::Acks;
 use obsrv_connector::sink::kafka::enqueue;
 use obsrv_crds::{Delivery, runtime::env};
 use obsrv_e2e::services::{Postgres, SqlEndpoint};
+use rdkafka::message::{Header, OwnedHeaders};
 use sqlx::{Connection as _, postgres::PgConnection};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
@@ -95,6 +101,8 @@ pub struct Run {
     pub copy_secs: f64,
     pub produce_secs: f64,
     pub pipe_secs: f64,
+    /// Bound 5: the pipe producing the connector's records (envelope, key, id header).
+    pub envelope_pipe_secs: f64,
     /// Per delivery: seconds (start-up included) and what the connector used.
     pub connector: Vec<(Delivery, f64, Usage)>,
 }
@@ -127,7 +135,8 @@ pub fn report(shape: &Shape, rows: usize, json_bytes: usize, runs: &[Run]) -> St
          \x20 bound psql \\copy row_to_json to /dev/null:     {:>8.0}\n\
          \x20 bound COPY row_to_json into the bench (sqlx): {:>8.0}\n\
          \x20 bound raw produce of the rows to the broker:  {:>8.0}\n\
-         \x20 bound psql \\copy | raw produce, at once:      {:>8.0}  <- the ratios' bound\n",
+         \x20 bound psql \\copy | raw produce, at once:      {:>8.0}  <- the ratios' bound\n\
+         \x20 bound the same, producing the connector's records (envelope, key, id header): {:>8.0}\n",
         shape.about,
         json_bytes as f64 / (1 << 20) as f64,
         runs.len(),
@@ -135,6 +144,7 @@ pub fn report(shape: &Shape, rows: usize, json_bytes: usize, runs: &[Run]) -> St
         of(|r| r.copy_secs),
         of(|r| r.produce_secs),
         pipe,
+        of(|r| r.envelope_pipe_secs),
     );
     let deliveries: Vec<Delivery> = runs
         .first()
@@ -153,12 +163,14 @@ pub fn report(shape: &Shape, rows: usize, json_bytes: usize, runs: &[Run]) -> St
     for d in deliveries {
         let used = |f: fn(&Usage) -> f64| median(per_run(&|r| r.connector_of(d).map(|c| f(&c.1))));
         let ratios = per_run(&|r| r.connector_of(d).map(|c| r.pipe_secs / c.0));
+        let to_records = per_run(&|r| r.connector_of(d).map(|c| r.envelope_pipe_secs / c.0));
         out += &format!(
-            "  obsrv-connector {:<12} {:>8.0}  ratio {:.2} (runs: {}), peak RSS {:.1} MiB, CPU {:.1}s",
+            "  obsrv-connector {:<12} {:>8.0}  ratio {:.2} (runs: {}; to the same records: {:.2}), peak RSS {:.1} MiB, CPU {:.1}s",
             delivery_name(d),
             rate(per_run(&|r| r.connector_of(d).map(|c| c.0))),
             median(ratios.clone()),
             listed(&ratios),
+            median(to_records),
             used(Usage::peak_rss_mib),
             used(|u| u.cpu_secs),
         );
@@ -256,8 +268,24 @@ async fn copy_in(pg: &SqlEndpoint, table: &str) -> Result<(f64, Vec<Vec<u8>>)> {
     Ok((t.elapsed().as_secs_f64(), rows))
 }
 
-/// Bound 4: psql's `\copy ... TO STDOUT` read line by line, each line produced as it arrives.
-async fn pipe(b: &Bench, pg: &SqlEndpoint, table: &str, topic: &str) -> Result<f64> {
+/// What the pipe of bounds 4 and 5 produces for each row.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Produce {
+    /// The row's JSON, a row number as key (bound 4).
+    Rows,
+    /// The row in the envelope, a 32-character id as key and header (bound 5).
+    Records,
+}
+
+/// Bounds 4 and 5: psql's `\copy ... TO STDOUT` read line by line, each line produced as it
+/// arrives.
+async fn pipe(
+    b: &Bench,
+    pg: &SqlEndpoint,
+    table: &str,
+    topic: &str,
+    produce: Produce,
+) -> Result<f64> {
     let producer = broker::sink_producer(&b.sink)?;
     broker::warm_up(&producer, topic).await?;
     let t = Instant::now();
@@ -269,19 +297,35 @@ async fn pipe(b: &Bench, pg: &SqlEndpoint, table: &str, topic: &str) -> Result<f
     .context("running psql")?;
     let mut lines = BufReader::with_capacity(1 << 16, child.stdout.take().context("psql stdout")?);
     let acks = Acks::new();
+    let envelope = Context::new("bench", "bench/pipe", "postgres");
+    let syncts = chrono::Utc::now().timestamp_millis();
     let (mut line, mut n) = (Vec::new(), 0usize);
     while lines.read_until(b'\n', &mut line).await? > 0 {
-        let key = n.to_string();
-        let payload = line.strip_suffix(b"\n").unwrap_or(&line);
-        enqueue(
-            &producer,
-            topic,
-            Some(key.as_bytes()),
-            Some(payload),
-            None,
-            &acks,
-        )
-        .await?;
+        let row = line.strip_suffix(b"\n").unwrap_or(&line);
+        match produce {
+            Produce::Rows => {
+                let key = n.to_string();
+                enqueue(
+                    &producer,
+                    topic,
+                    Some(key.as_bytes()),
+                    Some(row),
+                    None,
+                    &acks,
+                )
+                .await?;
+            }
+            Produce::Records => {
+                let id = format!("{n:032x}");
+                let record = envelope.envelope(std::str::from_utf8(row)?, syncts);
+                let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+                    key: EVENT_ID_HEADER,
+                    value: Some(&id),
+                });
+                let key = Some(id.as_bytes());
+                enqueue(&producer, topic, key, Some(&record), Some(headers), &acks).await?;
+            }
+        }
         n += 1;
         line.clear();
     }
@@ -368,14 +412,17 @@ pub async fn run(b: &Bench) -> Result<String> {
             json_bytes = rows.iter().map(|r| r.len() + 1).sum();
             let raw = b.name(&format!("raw-{}-{n}", shape.name));
             let piped = b.name(&format!("pipe-{}-{n}", shape.name));
-            broker::create_topics(&b.sink, &[(&raw, 1), (&piped, 1)]).await?;
+            let enveloped = b.name(&format!("pipe-records-{}-{n}", shape.name));
+            broker::create_topics(&b.sink, &[(&raw, 1), (&piped, 1), (&enveloped, 1)]).await?;
             let producer = broker::sink_producer(&b.sink)?;
             broker::warm_up(&producer, &raw).await?;
             let t = Instant::now();
             broker::produce_numbered(&producer, &raw, &rows).await?;
             run.produce_secs = t.elapsed().as_secs_f64();
             drop((rows, producer));
-            run.pipe_secs = pipe(b, &pg, shape.table, &piped).await?;
+            run.pipe_secs = pipe(b, &pg, shape.table, &piped, Produce::Rows).await?;
+            run.envelope_pipe_secs =
+                pipe(b, &pg, shape.table, &enveloped, Produce::Records).await?;
             for &d in &b.deliveries {
                 eprintln!(
                     "{} run {n}/{}: connector {} ...",
