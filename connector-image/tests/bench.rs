@@ -1,12 +1,16 @@
-//! The connector bench (`benches/connector`, a `harness = false` target, where cargo runs no
-//! `#[test]`) as a test: its figures' arithmetic, and every source's bench run end to end
-//! on a few thousand rows against real services, so a bench that stopped working fails here
+//! The connector and files benches (`harness = false` targets, where cargo runs no `#[test]`) as
+//! tests: their figures' arithmetic, and every source's bench run end to end on a few thousand
+//! rows against real services, so a bench that stopped working fails here
 //! rather than in the hands of the next person measuring. A source added to `SOURCES` is covered
 //! without a change here.
 
 #[allow(dead_code)]
 #[path = "../benches/connector/main.rs"]
 mod bench;
+
+#[allow(dead_code)]
+#[path = "../benches/files.rs"]
+mod files;
 
 use bench::{
     connector::Usage,
@@ -33,6 +37,28 @@ async fn every_source_bench_runs_end_to_end() {
             "--source {}:\n{report}",
             source.name
         );
+    }
+}
+
+/// The files bench (its own target) on a 1 MiB object in each store: every line through each
+/// bound and the connector, and a report that says so.
+#[tokio::test]
+async fn the_files_bench_runs_end_to_end() {
+    for kind in ["s3", "azure-blob", "gcs"] {
+        let report = files::run(kind, 1)
+            .await
+            .unwrap_or_else(|e| panic!("files bench on {kind}: {e:#}"));
+        let text = report.to_string();
+        assert!(text.starts_with(&format!("source {kind}, ")), "{text}");
+        assert!(report.rows() > 7000, "{text}");
+        for line in [
+            "bound: GET + line split",
+            "bound: produce of the connector's records",
+            "to the same records' produce",
+            "peak RSS",
+        ] {
+            assert!(text.contains(line), "{line:?} missing:\n{text}");
+        }
     }
 }
 
@@ -65,12 +91,27 @@ fn ratio_and_verdict() {
         fill_secs: 0.5,
         pipe_secs: 1.0,
         pipe_first_secs: 0.5,
+        records_pipe_secs: 1.25,
+        records_pipe_first_secs: 0.5,
         relays: vec![relay(Delivery::AtLeastOnce, 2.0, 1.0)],
         ingest_counted: 1000,
     };
     let alo = f.relays[0];
     assert_eq!(f.ratio(&alo), 0.5);
     assert_eq!(f.steady_ratio(&alo), 0.5);
+    // The same-records pipe took 0.75s after its first record, the connector 1s.
+    assert_eq!(f.records_ratio(&alo), 0.75);
+    assert!(
+        f.report().contains("to the same records: 0.75"),
+        "{}",
+        f.report()
+    );
+    assert!(
+        f.report()
+            .contains("(envelope, key, id header):       1333 rows/s after its first record"),
+        "{}",
+        f.report()
+    );
     assert!(
         f.report()
             .contains("ratio to the pipe: 0.50 start-up included, 0.50 after")
@@ -124,6 +165,8 @@ fn kafka_medians_over_runs_carry_both_targets() {
         fill_secs: 0.5,
         pipe_secs: 1.5,
         pipe_first_secs: 0.5,
+        records_pipe_secs: 2.5,
+        records_pipe_first_secs: 0.5,
         relays: vec![
             relay(Delivery::AtLeastOnce, alo_secs, alo_rss),
             relay(Delivery::ExactlyOnce, eo_secs, 50),
@@ -142,6 +185,8 @@ fn kafka_medians_over_runs_carry_both_targets() {
         "{alo}"
     );
     assert!(alo.contains("peak RSS 62.0 MiB"), "{alo}");
+    // 2s of the same-records pipe over 1.1, 2.5 and 1.05s after the first record -> 1.82.
+    assert!(alo.contains("to the same records: 1.82"), "{alo}");
     assert_eq!(alo.matches("NOT met").count(), 0, "{alo}");
     let eo = m.lines().find(|l| l.contains("exactlyOnce")).expect(&m);
     assert!(eo.contains("0.50 start-up included"), "{eo}");

@@ -7,6 +7,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::{Context as _, Result, anyhow};
 use obsrv_connector::{
     config::{Secrets, SinkSettings},
+    envelope::{Context, EVENT_ID_HEADER},
     sink::{
         Acks,
         kafka::{SinkProducer, client_config, create_producer, enqueue, producer_config},
@@ -18,6 +19,7 @@ use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
     consumer::{Consumer, StreamConsumer},
+    message::{Header, OwnedHeaders},
 };
 
 /// The sink every bench's connector writes to (topics set by the caller): the runtime's defaults
@@ -112,6 +114,37 @@ pub async fn produce_numbered<P: AsRef<[u8]>>(
         .await
         .with_context(|| format!("produce to {topic}"))?;
     Ok(())
+}
+
+/// Produces `event` (the text of a JSON object) as the connector writes a record: in Obsrv's
+/// envelope of `ctx` at `syncts`, keyed by a 32-character id (record number `n`) that also
+/// travels in the `obsrv-event-id` header. A bound producing these costs the broker and the
+/// producer what the connector's records cost them: the data contract, nothing else.
+pub async fn produce_record(
+    producer: &SinkProducer,
+    topic: &str,
+    ctx: &Context,
+    syncts: i64,
+    n: u64,
+    event: &str,
+    acks: &Arc<Acks>,
+) -> Result<()> {
+    let id = format!("{n:032x}");
+    let record = ctx.envelope(event, syncts);
+    let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+        key: EVENT_ID_HEADER,
+        value: Some(&id),
+    });
+    enqueue(
+        producer,
+        topic,
+        Some(id.as_bytes()),
+        Some(&record),
+        Some(headers),
+        acks,
+    )
+    .await
+    .with_context(|| format!("produce to {topic}"))
 }
 
 /// A consumer in `group` (from the earliest offset, no commits), subscribed to `topic` when one

@@ -5,6 +5,9 @@
 //! 1. the bound: a raw consume+produce pipe in this process — a fresh consumer group reads the input
 //!    topic from the beginning and produces each payload unchanged to an output topic with the
 //!    connector's own producer settings, until every record is acknowledged;
+//!    beside it, the same pipe producing the records the connector writes (each payload in Obsrv's
+//!    envelope, a 32-character id as key and `obsrv-event-id` header): what the data contract
+//!    costs with nothing else in between, printed as a second ratio ("to the same records");
 //! 2. the connector on a Connector manifest with a Kafka source on that topic (fresh group,
 //!    `offsetReset: earliest`), once per `--delivery` (atLeastOnce and exactlyOnce by default),
 //!    timed until the ingest topic holds N records (start-up and group join included, as for the
@@ -26,9 +29,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use futures::FutureExt as _;
-use obsrv_connector::sink::{
-    Acks,
-    kafka::{SinkProducer, enqueue},
+use obsrv_connector::{
+    envelope::Context,
+    sink::{
+        Acks,
+        kafka::{SinkProducer, enqueue},
+    },
 };
 use rdkafka::{Message as _, consumer::StreamConsumer};
 
@@ -104,6 +110,9 @@ pub struct Figures {
     pub pipe_secs: f64,
     /// Seconds until the pipe's first record was consumed (group join, first fetch).
     pub pipe_first_secs: f64,
+    /// The same pipe producing the connector's records (envelope, key, id header).
+    pub records_pipe_secs: f64,
+    pub records_pipe_first_secs: f64,
     /// One per delivery asked for.
     pub relays: Vec<Relay>,
     /// Records counted by consuming the ingest topic (read_committed) after every relay.
@@ -122,6 +131,11 @@ impl Figures {
         (self.pipe_secs - self.pipe_first_secs) / (r.secs - r.first_secs)
     }
 
+    /// Connector rows/s over the same-records pipe's, after each side's first record.
+    pub fn records_ratio(&self, r: &Relay) -> f64 {
+        (self.records_pipe_secs - self.records_pipe_first_secs) / (r.secs - r.first_secs)
+    }
+
     /// On par when both ratios reach [`ON_PAR`].
     pub fn on_par(&self, r: &Relay) -> bool {
         self.ratio(r) >= ON_PAR && self.steady_ratio(r) >= ON_PAR
@@ -135,7 +149,8 @@ impl Figures {
         let rate = |secs: f64| self.rows as f64 / secs;
         let mut out = format!(
             "rows: {} ({:.1} MiB of event JSON, {PARTITIONS} partitions, filled at {:.0} rows/s)\n\
-             bound raw consume+produce pipe:       {:>10.0} rows/s ({:.2}s; {:>10.0} rows/s after its first record at {:.2}s)\n",
+             bound raw consume+produce pipe:       {:>10.0} rows/s ({:.2}s; {:>10.0} rows/s after its first record at {:.2}s)\n\
+             \x20 the same, producing the connector's records (envelope, key, id header): {:>10.0} rows/s after its first record\n",
             self.rows,
             self.input_bytes as f64 / (1 << 20) as f64,
             rate(self.fill_secs),
@@ -143,12 +158,13 @@ impl Figures {
             self.pipe_secs,
             rate(self.pipe_secs - self.pipe_first_secs),
             self.pipe_first_secs,
+            rate(self.records_pipe_secs - self.records_pipe_first_secs),
         );
         for r in &self.relays {
             out += &format!(
                 "obsrv-connector Kafka -> ingest, {:<12} {:>10.0} rows/s ({:.2}s; {:>10.0} rows/s after its first record at {:.2}s)\n\
                  \x20 ratio to the pipe: {:.2} start-up included, {:.2} after the first record \
-                 (target: both >= {ON_PAR}: {}); peak RSS {:.1} MiB (target < {MAX_RSS_MIB}: {}), CPU {:.2}s\n",
+                 (target: both >= {ON_PAR}: {}; to the same records: {:.2}); peak RSS {:.1} MiB (target < {MAX_RSS_MIB}: {}), CPU {:.2}s\n",
                 delivery_name(r.delivery),
                 rate(r.secs),
                 r.secs,
@@ -157,6 +173,7 @@ impl Figures {
                 self.ratio(r),
                 self.steady_ratio(r),
                 met(self.on_par(r)),
+                self.records_ratio(r),
                 r.usage.peak_rss_mib(),
                 met(r.usage.peak_rss_mib() < MAX_RSS_MIB),
                 r.usage.cpu_secs,
@@ -205,10 +222,13 @@ pub fn medians(runs: &[Figures]) -> String {
             )
         };
         let (ratio, steady) = (of(Figures::ratio), of(Figures::steady_ratio));
-        let rss = of(|_, r| r.usage.peak_rss_mib());
+        let (records, rss) = (
+            of(Figures::records_ratio),
+            of(|_, r| r.usage.peak_rss_mib()),
+        );
         out += &format!(
             "  {:<12} ratio to the pipe {ratio:.2} start-up included, {steady:.2} after the first record \
-             (target: both >= {ON_PAR}: {}); peak RSS {rss:.1} MiB (target < {MAX_RSS_MIB}: {})\n",
+             (target: both >= {ON_PAR}: {}; to the same records: {records:.2}); peak RSS {rss:.1} MiB (target < {MAX_RSS_MIB}: {})\n",
             delivery_name(d),
             met(ratio >= ON_PAR && steady >= ON_PAR),
             met(rss < MAX_RSS_MIB),
@@ -217,27 +237,36 @@ pub fn medians(runs: &[Figures]) -> String {
     out
 }
 
-/// The bound: consumes `input` with a fresh group and produces each record unchanged to
-/// `output`, until all `rows` are acknowledged. Returns the seconds since `started` of the first
-/// record consumed.
+/// The bound: consumes `input` with a fresh group and produces each record to `output`, unchanged
+/// or, with `records`, as the connector writes it, until all `rows` are acknowledged. Returns the
+/// seconds since `started` of the first record consumed.
 async fn pipe(
     c: &StreamConsumer,
     producer: &SinkProducer,
     output: &str,
     rows: usize,
     started: Instant,
+    records: Option<&Context>,
 ) -> Result<f64> {
     let acks = Acks::new();
+    let syncts = chrono::Utc::now().timestamp_millis();
     let mut first = None;
-    for _ in 0..rows {
+    for n in 0..rows {
         let m = tokio::time::timeout(Duration::from_secs(60), c.recv())
             .await
             .map_err(|_| anyhow!("pipe: nothing consumed for 60s"))?
             .context("pipe consume")?;
         first.get_or_insert_with(|| started.elapsed().as_secs_f64());
-        enqueue(producer, output, m.key(), m.payload(), None, &acks)
-            .await
-            .context("pipe produce")?;
+        match records {
+            None => enqueue(producer, output, m.key(), m.payload(), None, &acks)
+                .await
+                .context("pipe produce")?,
+            Some(ctx) => {
+                let event = std::str::from_utf8(m.payload().unwrap_or_default())?;
+                broker::produce_record(producer, output, ctx, syncts, n as u64, event, &acks)
+                    .await?
+            }
+        }
     }
     acks.wait().await.context("pipe produce")?;
     Ok(first.unwrap_or(0.0))
@@ -326,8 +355,27 @@ pub async fn run(b: &Bench) -> Result<Vec<Figures>> {
         let producer = broker::sink_producer(&b.sink)?;
         let t = Instant::now();
         let c = broker::consumer(bootstrap, &b.name(&format!("pipe-{n}")), Some(&input))?;
-        let pipe_first_secs = pipe(&c, &producer, &raw, b.rows, t).await?;
+        let pipe_first_secs = pipe(&c, &producer, &raw, b.rows, t, None).await?;
         let pipe_secs = t.elapsed().as_secs_f64();
+        drop((c, producer));
+
+        eprintln!(
+            "run {n}/{}: the same pipe, producing the connector's records ...",
+            b.runs
+        );
+        let records = b.name(&format!("records-{n}"));
+        broker::create_topics(&b.sink, &[(&records, 1)]).await?;
+        let producer = broker::sink_producer(&b.sink)?;
+        // An instance name as long as the connector's: it is in every envelope.
+        let ctx = Context::new(
+            "bench",
+            &format!("bench/{}", b.name("records-bound")),
+            "kafka",
+        );
+        let t = Instant::now();
+        let c = broker::consumer(bootstrap, &b.name(&format!("records-{n}")), Some(&input))?;
+        let records_pipe_first_secs = pipe(&c, &producer, &records, b.rows, t, Some(&ctx)).await?;
+        let records_pipe_secs = t.elapsed().as_secs_f64();
         drop((c, producer));
 
         // The connector, as its own process, once per delivery (each with its own group).
@@ -339,7 +387,11 @@ pub async fn run(b: &Bench) -> Result<Vec<Figures>> {
             relays.push(relay(b, &input, d, n, &watcher).await?);
         }
         drop(watcher);
-        runs.push((pipe_secs, pipe_first_secs, relays));
+        runs.push((
+            (pipe_secs, pipe_first_secs),
+            (records_pipe_secs, records_pipe_first_secs),
+            relays,
+        ));
     }
     let expected = b.rows * b.deliveries.len() * b.runs;
     let ingest_counted =
@@ -349,12 +401,14 @@ pub async fn run(b: &Bench) -> Result<Vec<Figures>> {
     }
     Ok(runs
         .into_iter()
-        .map(|(pipe_secs, pipe_first_secs, relays)| Figures {
+        .map(|((pipe_secs, pipe_first_secs), records, relays)| Figures {
             rows: b.rows,
             input_bytes,
             fill_secs,
             pipe_secs,
             pipe_first_secs,
+            records_pipe_secs: records.0,
+            records_pipe_first_secs: records.1,
             relays,
             ingest_counted,
         })

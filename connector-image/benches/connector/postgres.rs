@@ -26,12 +26,11 @@ use std::{process::Stdio, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 use futures::{FutureExt as _, StreamExt as _};
-use obsrv_connector::envelope::{Context, EVENT_ID_HEADER};
+use obsrv_connector::envelope::Context;
 use obsrv_connector::sink::Acks;
 use obsrv_connector::sink::kafka::enqueue;
 use obsrv_crds::{Delivery, runtime::env};
 use obsrv_e2e::services::{Postgres, SqlEndpoint};
-use rdkafka::message::{Header, OwnedHeaders};
 use sqlx::{Connection as _, postgres::PgConnection};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
@@ -297,7 +296,12 @@ async fn pipe(
     .context("running psql")?;
     let mut lines = BufReader::with_capacity(1 << 16, child.stdout.take().context("psql stdout")?);
     let acks = Acks::new();
-    let envelope = Context::new("bench", "bench/pipe", "postgres");
+    // An instance name as long as the connector's: it is in every envelope.
+    let envelope = Context::new(
+        "bench",
+        &format!("bench/{}", b.name("records-bound")),
+        "postgres",
+    );
     let syncts = chrono::Utc::now().timestamp_millis();
     let (mut line, mut n) = (Vec::new(), 0usize);
     while lines.read_until(b'\n', &mut line).await? > 0 {
@@ -316,14 +320,9 @@ async fn pipe(
                 .await?;
             }
             Produce::Records => {
-                let id = format!("{n:032x}");
-                let record = envelope.envelope(std::str::from_utf8(row)?, syncts);
-                let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
-                    key: EVENT_ID_HEADER,
-                    value: Some(&id),
-                });
-                let key = Some(id.as_bytes());
-                enqueue(&producer, topic, key, Some(&record), Some(headers), &acks).await?;
+                let row = std::str::from_utf8(row)?;
+                broker::produce_record(&producer, topic, &envelope, syncts, n as u64, row, &acks)
+                    .await?;
             }
         }
         n += 1;
