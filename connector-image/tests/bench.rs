@@ -295,6 +295,7 @@ fn cdc_report_gives_each_figure_against_its_bound() {
         bound_secs: 1.0,
         runs: Runs {
             connector_secs: 2.0,
+            replay_secs: 1.5,
             connector: usage,
             big_transaction: BigTransaction {
                 rows: 1000,
@@ -313,6 +314,7 @@ fn cdc_report_gives_each_figure_against_its_bound() {
                 rows: 2000,
                 bound_secs: 1.0,
                 secs: 4.0,
+                replay_secs: 2.0,
                 usage,
             },
         },
@@ -333,4 +335,13 @@ fn cdc_report_gives_each_figure_against_its_bound() {
         "{r}"
     );
     assert!(r.contains("ratio 0.25 (target >= 0.7)"), "{r}");
+    // 1000 records produced again in 1.5s; the connector took 2s.
+    assert!(
+        r.contains("produced again (nothing read from the source): 667 changes/s; the connector at 0.75 of it"),
+        "{r}"
+    );
+    assert!(
+        r.contains("its records produced again 1000 rows/s, the connector at 0.50 of it"),
+        "{r}"
+    );
 }

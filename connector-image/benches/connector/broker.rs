@@ -15,11 +15,11 @@ use obsrv_connector::{
 };
 use obsrv_crds::{Compression, Delivery};
 use rdkafka::{
-    ClientConfig,
+    ClientConfig, Message as _, Offset, TopicPartitionList,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
     consumer::{Consumer, StreamConsumer},
-    message::{Header, OwnedHeaders},
+    message::{Header, Headers as _, OwnedHeaders},
 };
 
 /// The sink every bench's connector writes to (topics set by the caller): the runtime's defaults
@@ -145,6 +145,72 @@ pub async fn produce_record(
     )
     .await
     .with_context(|| format!("produce to {topic}"))
+}
+
+/// The bound of a source whose records only the connector can build (change events): the `n`
+/// records the connector wrote to partition 0 of the sink's ingest topic from `offset` on, read
+/// back untimed, then produced again as they are (key, payload, headers) to a new topic `to`
+/// with the connector's producer settings. Returns the seconds of that produce: what producing
+/// the connector's own records costs on this machine, with nothing read from the source.
+pub async fn replay(sink: &SinkSettings, offset: i64, n: usize, to: &str) -> Result<f64> {
+    type Kept = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Vec<u8>)>);
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &sink.bootstrap_servers)
+        .set("group.id", format!("{to}-read"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("replay consumer")?;
+    let mut from = TopicPartitionList::new();
+    from.add_partition_offset(&sink.topic, 0, Offset::Offset(offset))?;
+    c.assign(&from)?;
+    let mut kept: Vec<Kept> = Vec::with_capacity(n);
+    while kept.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), c.recv())
+            .await
+            .map_err(|_| anyhow!("replay: {} of {n} records read back", kept.len()))?
+            .context("replay: reading the ingest topic")?;
+        let headers = m.headers().map_or_else(Vec::new, |h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        });
+        kept.push((
+            m.key().map(<[u8]>::to_vec),
+            m.payload().map(<[u8]>::to_vec),
+            headers,
+        ));
+    }
+    drop(c);
+    create_topics(sink, &[(to, 1)]).await?;
+    let producer = sink_producer(sink)?;
+    warm_up(&producer, to).await?;
+    let acks = Acks::new();
+    let t = std::time::Instant::now();
+    for (key, payload, headers) in &kept {
+        let h = headers.iter().fold(
+            OwnedHeaders::new_with_capacity(headers.len()),
+            |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            },
+        );
+        enqueue(
+            &producer,
+            to,
+            key.as_deref(),
+            payload.as_deref(),
+            Some(h),
+            &acks,
+        )
+        .await
+        .with_context(|| format!("replay to {to}"))?;
+    }
+    acks.wait()
+        .await
+        .with_context(|| format!("replay to {to}"))?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// A consumer in `group` (from the earliest offset, no commits), subscribed to `topic` when one

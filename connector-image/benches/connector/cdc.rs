@@ -13,7 +13,7 @@ use serde_json::Value;
 use sqlx::AssertSqlSafe;
 
 use super::{
-    Bench,
+    Bench, broker,
     connector::{Connector, Usage, ingested},
 };
 
@@ -65,6 +65,8 @@ impl Figures {
              {bound:<w$} {:>10.0} changes/s ({:.2}s)\n\
              {connector:<w$} {:>10.0} changes/s ({:.2}s, start-up included)\n\
              ratio to the raw read: {:.2} (target >= {TARGET})\n\
+             the connector's records read back and produced again (nothing read from the source): {:.0} changes/s; \
+             the connector at {:.2} of it\n\
              connector peak RSS: {:.1} MiB, CPU {:.2}s\n\
              {}\n\
              {}\n\
@@ -76,6 +78,8 @@ impl Figures {
             rate(r.connector_secs),
             r.connector_secs,
             self.ratio(),
+            rate(r.replay_secs),
+            r.replay_secs / r.connector_secs,
             r.connector.peak_rss_mib(),
             r.connector.cpu_secs,
             r.big_transaction.line(),
@@ -89,6 +93,8 @@ impl Figures {
 #[derive(Debug)]
 pub struct Runs {
     pub connector_secs: f64,
+    /// Seconds to produce the backlog's records again ([`broker::replay`]).
+    pub replay_secs: f64,
     pub connector: Usage,
     pub big_transaction: BigTransaction,
     pub latency: Latency,
@@ -121,9 +127,12 @@ where
     for<'c> &'c mut C: sqlx::Executor<'c>,
 {
     eprintln!("connector ...");
+    let start = ingest_end(b)?;
     let (connector_secs, connector) =
         until_ingested(t.streaming, b, t.secrets, b.rows as u64).await?;
     let usage = connector.stop();
+    eprintln!("its records produced again ...");
+    let replay_secs = broker::replay(&b.sink, start, b.rows, &b.name("replay")).await?;
 
     eprintln!("one transaction of {} rows ...", b.rows);
     let mut connector = running(t.streaming, b, t.secrets).await?;
@@ -138,6 +147,7 @@ where
     let snapshot = snapshot(t.snapshot, b, t.secrets, rows, snapshot_bound).await?;
     Ok(Runs {
         connector_secs,
+        replay_secs,
         connector: usage,
         big_transaction,
         latency,
@@ -256,6 +266,8 @@ pub struct Snapshot {
     pub rows: u64,
     pub bound_secs: f64,
     pub secs: f64,
+    /// Seconds to produce the snapshot's records again ([`broker::replay`]).
+    pub replay_secs: f64,
     pub usage: Usage,
 }
 
@@ -264,7 +276,8 @@ impl Snapshot {
     pub fn line(&self, bound: &str) -> String {
         format!(
             "snapshot of {} rows: {bound} to /dev/null {:.0} rows/s ({:.2}s); connector initialOnly {:.0} rows/s \
-             ({:.2}s, start-up included), ratio {:.2} (target >= {SNAPSHOT_TARGET}), peak RSS {:.1} MiB",
+             ({:.2}s, start-up included), ratio {:.2} (target >= {SNAPSHOT_TARGET}), peak RSS {:.1} MiB; \
+             its records produced again {:.0} rows/s, the connector at {:.2} of it",
             self.rows,
             self.rows as f64 / self.bound_secs,
             self.bound_secs,
@@ -272,6 +285,8 @@ impl Snapshot {
             self.secs,
             self.bound_secs / self.secs,
             self.usage.peak_rss_mib(),
+            self.rows as f64 / self.replay_secs,
+            self.replay_secs / self.secs,
         )
     }
 }
@@ -288,13 +303,24 @@ pub async fn snapshot(
     let t = Instant::now();
     bound.await.context("the snapshot's bound")?;
     let bound_secs = t.elapsed().as_secs_f64();
+    let start = ingest_end(b)?;
     let (secs, connector) = until_ingested(manifest, b, secrets, rows).await?;
+    let usage = connector.stop();
+    let replay_secs =
+        broker::replay(&b.sink, start, rows as usize, &b.name("replay-snapshot")).await?;
     Ok(Snapshot {
         rows,
         bound_secs,
         secs,
-        usage: connector.stop(),
+        replay_secs,
+        usage,
     })
+}
+
+/// The end offset of the ingest topic: where the next run's records begin.
+fn ingest_end(b: &Bench) -> Result<i64> {
+    let c = broker::consumer(&b.sink.bootstrap_servers, &b.name("ingest-end"), None)?;
+    broker::end_offsets(&c, &b.sink.topic)
 }
 
 /// Commit -> ingest topic latency over a steady rate of inserts.
