@@ -36,7 +36,7 @@ impl Op {
 }
 
 /// A JSON object written field by field into a string.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Obj {
     out: String,
     fields: usize,

@@ -17,6 +17,7 @@ pub mod gtid;
 pub mod values;
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     sync::{
         Arc,
@@ -52,7 +53,7 @@ use super::{
 };
 use crate::{
     config::parse_duration,
-    envelope::{Payload, event_id},
+    envelope::{EventIds, Payload},
     error::{Error, Result},
     runner::now_ms,
     source::{
@@ -468,6 +469,21 @@ impl BinlogSource {
         row: u32,
         ts_ms: i64,
     ) -> String {
+        let mut o = self.source_head(t, snapshot, file, pos, gtid, ts_ms);
+        o.int("row", i64::from(row));
+        o.finish()
+    }
+
+    /// The `source` block up to its last field, the row.
+    fn source_head(
+        &self,
+        t: &TableInfo,
+        snapshot: bool,
+        file: Option<&str>,
+        pos: Option<u64>,
+        gtid: Option<&str>,
+        ts_ms: i64,
+    ) -> Obj {
         let mut o = Obj::new();
         o.str(
             "version",
@@ -486,8 +502,7 @@ impl BinlogSource {
             Some(p) => o.int("pos", p as i64),
             None => o.raw("pos", "null"),
         };
-        o.int("row", i64::from(row));
-        o.finish()
+        o
     }
 
     /// The binlog position the snapshot's transaction sees (and the stream starts from).
@@ -669,24 +684,25 @@ impl BinlogSource {
             now_ms(),
         );
         let mut records = Vec::with_capacity(rows.len());
-        let mut last_key = None;
+        // The ids of the batch share their leading parts: hashed once.
+        let ids = EventIds::new(&self.instance, &["snapshot", &epoch, &name]);
         for r in &rows {
             let values: Vec<Option<&Value>> = (0..t.cols.len()).map(|i| r.as_ref(i)).collect();
             let (json, key) = row_json(&t.cols, &pk_idx, &values, From::Row);
-            last_key = Some(
-                pk_idx
-                    .iter()
-                    .map(|&i| values[i].map(value_text).unwrap_or_default())
-                    .collect::<Vec<_>>(),
-            );
             let key = key.unwrap_or_default();
-            let id = event_id(&self.instance, &["snapshot", &epoch, &name, &key]);
+            let id = ids.id(&key);
             let json = render(&source, Op::Read, now_ms(), None, Some(&json));
             records.push(Record {
                 id,
                 payload: Payload::Keyed { json, key },
             });
         }
+        let last_key = rows.last().map(|r| {
+            pk_idx
+                .iter()
+                .map(|&i| r.as_ref(i).map(value_text).unwrap_or_default())
+                .collect::<Vec<_>>()
+        });
         let done = rows.len() < self.batch;
         let progress = self.pos.snapshot.as_mut().expect("checked above");
         let entry = progress.tables.entry(name).or_default();
@@ -960,6 +976,22 @@ impl BinlogSource {
                     .iter()
                     .filter_map(|k| cols.iter().position(|(n, _)| n == k))
                     .collect();
+                // What every row of the event shares, built once: the id's hash of the
+                // position and the `source` block up to the row number.
+                let ids = self.change_ids(log_pos);
+                let ts_ms = if self.tx.ts_ms > 0 {
+                    self.tx.ts_ms
+                } else {
+                    ts_ms
+                };
+                let source_head = self.source_head(
+                    &info,
+                    false,
+                    self.pos.file.as_deref(),
+                    Some(log_pos),
+                    self.tx.gtid.as_deref(),
+                    ts_ms,
+                );
                 for (row_no, row) in re.rows(&tme).enumerate() {
                     let (before, after) = row.map_err(|e| {
                         Error::SourceUnreachable(format!(
@@ -969,50 +1001,42 @@ impl BinlogSource {
                     })?;
                     let image = |r: &Option<mysql_async::binlog::row::BinlogRow>| {
                         r.as_ref().map(|r| {
-                            let owned: Vec<Option<Value>> = (0..cols.len())
+                            // Values are borrowed from the event; only JSON is converted.
+                            let values: Vec<Option<Cow<'_, Value>>> = (0..cols.len())
                                 .map(|i| match r.as_ref(i) {
-                                    Some(BinlogValue::Value(v)) => Some(v.clone()),
+                                    Some(BinlogValue::Value(v)) => Some(Cow::Borrowed(v)),
                                     Some(BinlogValue::Jsonb(j)) => {
-                                        serde_json::Value::try_from(j.clone())
-                                            .ok()
-                                            .map(|v| Value::Bytes(v.to_string().into_bytes()))
+                                        serde_json::Value::try_from(j.clone()).ok().map(|v| {
+                                            Cow::Owned(Value::Bytes(v.to_string().into_bytes()))
+                                        })
                                     }
                                     _ => None,
                                 })
                                 .collect();
                             let refs: Vec<Option<&Value>> =
-                                owned.iter().map(Option::as_ref).collect();
+                                values.iter().map(|v| v.as_deref()).collect();
                             row_json(&cols, &pk, &refs, From::Log)
                         })
                     };
-                    let b = image(&before);
-                    let a = image(&after);
+                    let split = |(json, key)| (Some(json), key);
+                    let (before, before_key): (Option<String>, _) =
+                        image(&before).map_or((None, None), split);
+                    let (after, after_key) = image(&after).map_or((None, None), split);
                     self.tx.seq += 1;
-                    let key = a
-                        .as_ref()
-                        .and_then(|(_, k)| k.clone())
-                        .or_else(|| b.as_ref().and_then(|(_, k)| k.clone()));
-                    let source = self.source_block(
-                        &info,
-                        false,
-                        self.pos.file.as_deref(),
-                        Some(log_pos),
-                        self.tx.gtid.as_deref(),
-                        row_no as u32,
-                        if self.tx.ts_ms > 0 {
-                            self.tx.ts_ms
-                        } else {
-                            ts_ms
-                        },
-                    );
+                    let key = after_key.or(before_key);
+                    let mut source = source_head.clone();
+                    source.int("row", row_no as i64);
                     let json = render(
-                        &source,
+                        &source.finish(),
                         op,
                         now_ms(),
-                        b.as_ref().map(|(j, _)| j.as_str()),
-                        a.as_ref().map(|(j, _)| j.as_str()),
+                        before.as_deref(),
+                        after.as_deref(),
                     );
-                    let id = self.change_id(log_pos, row_no);
+                    let id = match self.tx.gtid {
+                        Some(_) => ids.id(&self.tx.seq.to_string()),
+                        None => ids.id(&row_no.to_string()),
+                    };
                     out.push(Record {
                         id,
                         payload: match key {
@@ -1029,15 +1053,20 @@ impl BinlogSource {
 
     /// A change's id: its GTID and ordinal in the transaction, else file, offset and row.
     fn change_id(&self, log_pos: u64, row: usize) -> String {
+        match self.tx.gtid {
+            Some(_) => self.change_ids(log_pos).id(&self.tx.seq.to_string()),
+            None => self.change_ids(log_pos).id(&row.to_string()),
+        }
+    }
+
+    /// The hash of what the ids of an event's changes share: the GTID, else file and offset; the
+    /// change's ordinal in the transaction (GTID) or row in the event completes it.
+    fn change_ids(&self, log_pos: u64) -> EventIds {
         match &self.tx.gtid {
-            Some(g) => event_id(&self.instance, &[g, &self.tx.seq.to_string()]),
-            None => event_id(
+            Some(g) => EventIds::new(&self.instance, &[g]),
+            None => EventIds::new(
                 &self.instance,
-                &[
-                    self.pos.file.as_deref().unwrap_or(""),
-                    &log_pos.to_string(),
-                    &row.to_string(),
-                ],
+                &[self.pos.file.as_deref().unwrap_or(""), &log_pos.to_string()],
             ),
         }
     }
