@@ -382,6 +382,13 @@ fn quote(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
 }
 
+/// A `source` block (from `BinlogSource::source_head`) completed with the change's row in its
+/// event.
+fn with_row(mut head: Obj, row: i64) -> String {
+    head.int("row", row);
+    head.finish()
+}
+
 /// A row (values in `cols` order) as a JSON object, and its key.
 fn row_json(
     cols: &[(String, Kind)],
@@ -458,20 +465,11 @@ impl BinlogSource {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn source_block(
-        &self,
-        t: &TableInfo,
-        snapshot: bool,
-        file: Option<&str>,
-        pos: Option<u64>,
-        gtid: Option<&str>,
-        row: u32,
-        ts_ms: i64,
-    ) -> String {
-        let mut o = self.source_head(t, snapshot, file, pos, gtid, ts_ms);
-        o.int("row", i64::from(row));
-        o.finish()
+    /// The `source` block of a streamed change at `log_pos` in the current file and transaction,
+    /// up to its row.
+    fn change_source(&self, t: &TableInfo, log_pos: u64, ts_ms: i64) -> Obj {
+        let (file, gtid) = (self.pos.file.as_deref(), self.tx.gtid.as_deref());
+        self.source_head(t, false, file, Some(log_pos), gtid, ts_ms)
     }
 
     /// The `source` block up to its last field, the row.
@@ -674,14 +672,16 @@ impl BinlogSource {
             .as_ref()
             .map_or(0, |s| s.epoch)
             .to_string();
-        let source = self.source_block(
-            &t,
-            true,
-            self.pos.file.as_deref(),
-            self.pos.pos,
-            self.pos.gtid.as_deref(),
+        let source = with_row(
+            self.source_head(
+                &t,
+                true,
+                self.pos.file.as_deref(),
+                self.pos.pos,
+                self.pos.gtid.as_deref(),
+                now_ms(),
+            ),
             0,
-            now_ms(),
         );
         let mut records = Vec::with_capacity(rows.len());
         // The ids of the batch share their leading parts: hashed once.
@@ -929,15 +929,7 @@ impl BinlogSource {
                 if let Some(table) = truncated_table(&sql, &q.schema()) {
                     if let Some(info) = self.schemas.get(&table).cloned() {
                         self.tx.seq += 1;
-                        let source = self.source_block(
-                            &info,
-                            false,
-                            self.pos.file.as_deref(),
-                            Some(log_pos),
-                            self.tx.gtid.as_deref(),
-                            0,
-                            ts_ms,
-                        );
+                        let source = with_row(self.change_source(&info, log_pos, ts_ms), 0);
                         let json = render(&source, Op::Truncate, now_ms(), None, None);
                         out.push(Record {
                             id: self.change_id(log_pos, 0),
@@ -984,14 +976,7 @@ impl BinlogSource {
                 } else {
                     ts_ms
                 };
-                let source_head = self.source_head(
-                    &info,
-                    false,
-                    self.pos.file.as_deref(),
-                    Some(log_pos),
-                    self.tx.gtid.as_deref(),
-                    ts_ms,
-                );
+                let source_head = self.change_source(&info, log_pos, ts_ms);
                 for (row_no, row) in re.rows(&tme).enumerate() {
                     let (before, after) = row.map_err(|e| {
                         Error::SourceUnreachable(format!(
@@ -1024,10 +1009,8 @@ impl BinlogSource {
                     let (after, after_key) = image(&after).map_or((None, None), split);
                     self.tx.seq += 1;
                     let key = after_key.or(before_key);
-                    let mut source = source_head.clone();
-                    source.int("row", row_no as i64);
                     let json = render(
-                        &source.finish(),
+                        &with_row(source_head.clone(), row_no as i64),
                         op,
                         now_ms(),
                         before.as_deref(),
