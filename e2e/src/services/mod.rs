@@ -656,6 +656,12 @@ impl MariaDb {
             .tempdir()?;
         chown(dir.path(), user)?;
         let data = dir.path().join("data");
+        // Its own tmpdir, for the bootstrap and the server: both spill temporary tables there,
+        // and a shared /tmp that another process cleans up fails them ("Error on delete of
+        // '/tmp/#sql-...'"; at bootstrap, "Could not remove temporary table" and an abort).
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp)?;
+        chown(&tmp, user)?;
         let mut install = Command::new(&install_db);
         install
             .args([
@@ -663,15 +669,12 @@ impl MariaDb {
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
             ])
-            .arg(format!("--datadir={}", data.display()));
+            .arg(format!("--datadir={}", data.display()))
+            // Passed on to the bootstrapping server.
+            .arg(format!("--tmpdir={}", tmp.display()));
         prepare(&mut install, user);
         run_to_end(&mut install, "mariadb-install-db")?;
 
-        // Its own tmpdir: information_schema queries spill to temp tables there, and a shared
-        // /tmp that another process cleans up fails them ("Error on delete of '/tmp/#sql-...'").
-        let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp)?;
-        chown(&tmp, user)?;
         let port = free_port()?;
         let socket = dir.path().join("mysqld.sock");
         let mut cmd = Command::new(&mariadbd);
