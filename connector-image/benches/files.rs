@@ -27,12 +27,14 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
 use object_store::{ObjectStore, ObjectStoreExt, path::Path};
-use obsrv_connector::envelope::{Context, EVENT_ID_HEADER};
+use obsrv_connector::{envelope::Context, sink::Acks};
 use obsrv_e2e::services::{Broker, S3, azurite::Azurite, free_port, gcs::Gcs, unique_name};
-use rdkafka::{
-    message::{Header, OwnedHeaders},
-    producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
-};
+
+/// The connector bench's broker side: the sink's settings and producer, topics, the record a
+/// connector writes. (`tests/bench.rs` loads both benches, so it sees this file twice.)
+#[allow(dead_code, clippy::duplicate_mod)]
+#[path = "connector/broker.rs"]
+mod broker;
 
 /// One line of the benchmark's object: realistic web events of ~150 bytes.
 fn line(i: u64, out: &mut Vec<u8>) {
@@ -179,45 +181,22 @@ async fn get_and_split(store: &dyn ObjectStore, key: &str) -> Result<(u64, f64)>
 }
 
 /// Bound 2: produce the connector's records for the lines (`ctx`'s envelope, id key and header)
-/// to a new topic.
-fn produce_records(bootstrap: &str, body: &[u8], ctx: &Context) -> Result<(u64, f64)> {
-    let topic = unique_name("bench-raw");
-    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.type", "zstd")
-        .set("compression.level", "1")
-        .set("linger.ms", "20")
-        .set("queue.buffering.max.kbytes", "8192")
-        .set("queue.buffering.max.messages", "20000")
-        .create()?;
-    let syncts = chrono::Utc::now().timestamp_millis();
+/// to a new topic, with the connector's producer settings.
+async fn produce_records(bootstrap: &str, body: &[u8], ctx: &Context) -> Result<(u64, f64)> {
+    let mut sink = broker::sink_settings(bootstrap);
+    sink.topic = unique_name("bench-raw");
+    broker::create_topics(&sink, &[(&sink.topic, 1)]).await?;
+    let producer = broker::sink_producer(&sink)?;
+    broker::warm_up(&producer, &sink.topic).await?;
+    let (acks, syncts) = (Acks::new(), chrono::Utc::now().timestamp_millis());
     let t = Instant::now();
     let mut n = 0u64;
     for l in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let id = format!("{n:032x}");
-        let value = ctx.envelope(std::str::from_utf8(l)?, syncts);
-        let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
-            key: EVENT_ID_HEADER,
-            value: Some(&id),
-        });
-        let mut rec = BaseRecord::<str, [u8]>::to(&topic)
-            .key(&id)
-            .payload(&value)
-            .headers(headers);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    producer.poll(Duration::from_millis(1));
-                }
-            }
-        }
+        let event = std::str::from_utf8(l)?;
+        broker::produce_record(&producer, &sink.topic, ctx, syncts, n, event, &acks).await?;
         n += 1;
     }
-    producer.flush(Duration::from_secs(120))?;
+    acks.wait().await?;
     Ok((n, t.elapsed().as_secs_f64()))
 }
 
@@ -328,10 +307,9 @@ fn connector(
 pub struct Report {
     kind: String,
     mib: usize,
+    /// Rows in the object; both bounds and the connector handled every one.
     rows: u64,
-    get_rate: f64,
     get_secs: f64,
-    produce_rate: f64,
     produce_secs: f64,
     run: Run,
 }
@@ -353,7 +331,9 @@ impl Report {
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (get, produce, conn) = (self.get_rate, self.produce_rate, self.connector_rate());
+        let rate = |secs: f64| self.rows as f64 / secs;
+        let (get, produce) = (rate(self.get_secs), rate(self.produce_secs));
+        let conn = self.connector_rate();
         writeln!(
             f,
             "source {}, {} rows ({} MiB JSON lines)",
@@ -431,11 +411,7 @@ pub async fn run(kind: &str, mib: usize) -> Result<Report> {
         .and_then(|o| o.keys().next().cloned())
         .context("a source kind")?;
     let ctx = Context::new("bench", &format!("bench/{name}"), &source_kind);
-    let (produced, produce_secs) = tokio::task::spawn_blocking({
-        let b = bootstrap.clone();
-        move || produce_records(&b, &body, &ctx)
-    })
-    .await??;
+    let (produced, produce_secs) = produce_records(&bootstrap, &body, &ctx).await?;
     if produced != rows {
         bail!("the produce bound wrote {produced} records, the object has {rows} lines");
     }
@@ -445,9 +421,7 @@ pub async fn run(kind: &str, mib: usize) -> Result<Report> {
         kind: kind.to_string(),
         mib,
         rows,
-        get_rate: get_rows as f64 / get_secs,
         get_secs,
-        produce_rate: produced as f64 / produce_secs,
         produce_secs,
         run,
     })

@@ -154,12 +154,7 @@ pub async fn produce_record(
 /// the connector's own records costs on this machine, with nothing read from the source.
 pub async fn replay(sink: &SinkSettings, offset: i64, n: usize, to: &str) -> Result<f64> {
     type Kept = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Vec<u8>)>);
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &sink.bootstrap_servers)
-        .set("group.id", format!("{to}-read"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .context("replay consumer")?;
+    let c = consumer(&sink.bootstrap_servers, &format!("{to}-read"), None)?;
     let mut from = TopicPartitionList::new();
     from.add_partition_offset(&sink.topic, 0, Offset::Offset(offset))?;
     c.assign(&from)?;

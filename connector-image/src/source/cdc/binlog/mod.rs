@@ -932,7 +932,7 @@ impl BinlogSource {
                         let source = with_row(self.change_source(&info, log_pos, ts_ms), 0);
                         let json = render(&source, Op::Truncate, now_ms(), None, None);
                         out.push(Record {
-                            id: self.change_id(log_pos, 0),
+                            id: self.change_id(&self.change_ids(log_pos), 0),
                             payload: Payload::Json(json),
                         });
                     }
@@ -1016,12 +1016,8 @@ impl BinlogSource {
                         before.as_deref(),
                         after.as_deref(),
                     );
-                    let id = match self.tx.gtid {
-                        Some(_) => ids.id(&self.tx.seq.to_string()),
-                        None => ids.id(&row_no.to_string()),
-                    };
                     out.push(Record {
-                        id,
+                        id: self.change_id(&ids, row_no),
                         payload: match key {
                             Some(key) => Payload::Keyed { json, key },
                             None => Payload::Json(json),
@@ -1034,11 +1030,12 @@ impl BinlogSource {
         }
     }
 
-    /// A change's id: its GTID and ordinal in the transaction, else file, offset and row.
-    fn change_id(&self, log_pos: u64, row: usize) -> String {
+    /// A change's id: its GTID and ordinal in the transaction, else file, offset and row; `ids`
+    /// is the hash of the leading parts ([`Self::change_ids`]).
+    fn change_id(&self, ids: &EventIds, row: usize) -> String {
         match self.tx.gtid {
-            Some(_) => self.change_ids(log_pos).id(&self.tx.seq.to_string()),
-            None => self.change_ids(log_pos).id(&row.to_string()),
+            Some(_) => ids.id(&self.tx.seq.to_string()),
+            None => ids.id(&row.to_string()),
         }
     }
 
