@@ -883,10 +883,18 @@ async fn end_transaction(
     let res = async {
         let last = t.last().expect("a transaction opens with a batch");
         let acks = Acks::new();
+        let started = Instant::now();
         if !committer.add_to_transaction(txn, last, &acks).await? {
             return Ok(false);
         }
         txn.commit().await?;
+        tracing::debug!(
+            batches = t.batches.len(),
+            bytes = t.bytes,
+            open_ms = t.since.elapsed().as_millis() as u64,
+            commit_ms = started.elapsed().as_millis() as u64,
+            "transaction committed"
+        );
         for f in &mut t.batches {
             f.acked().await?;
         }
