@@ -635,16 +635,19 @@ async fn binary_keys_render_exactly_as_postgres_prints_them() -> Result<()> {
     let opts: PgConnectOptions = pg.url().parse()?;
     let pool = sqlx::PgPool::connect_with(opts.options([("TimeZone", "UTC")])).await?;
     for (format, ty, values) in cases {
-        // Column 1 is Postgres's own text; column 2 the binary value the parser renders.
+        // The cursor is the binary value the parser renders; the tie-breaker Postgres's own text.
         let sql = format!(
-            "COPY (SELECT v::text, v, NULL::text FROM unnest(ARRAY[{values}]::{ty}[]) v) TO STDOUT (FORMAT binary)"
+            "COPY (SELECT v, v::text FROM unnest(ARRAY[{values}]::{ty}[]) v) TO STDOUT (FORMAT binary)"
         );
         let mut stream = pool.copy_out_raw(&sql).await?;
-        let mut parser = CopyRows::new([format, KeyFormat::Text]);
+        let mut parser = CopyRows::new(&[], [format, KeyFormat::Text]);
         let mut pairs = Vec::new();
         while let Some(bytes) = stream.next().await {
-            parser.push_with(&bytes?, |(text, rendered, _)| {
-                pairs.push((text.to_string(), rendered.map(str::to_string)));
+            parser.push_with(&bytes?, |(_, rendered, text)| {
+                pairs.push((
+                    text.unwrap_or_default().to_string(),
+                    rendered.map(str::to_string),
+                ));
                 Ok(())
             })?;
         }
@@ -653,6 +656,77 @@ async fn binary_keys_render_exactly_as_postgres_prints_them() -> Result<()> {
         for (text, rendered) in pairs {
             assert_eq!(rendered.as_deref(), Some(text.as_str()), "{ty}");
         }
+    }
+    Ok(())
+}
+
+/// The streaming read renders each row's JSON itself from the binary COPY stream: for every type,
+/// edge values and NULLs included, it is byte for byte the JSON the database renders
+/// (`row_to_json`, what the page reads deliver), so events do not depend on the read path.
+#[tokio::test]
+async fn rows_render_as_row_to_json_renders_them() -> Result<()> {
+    use futures::StreamExt;
+    use obsrv_connector::source::sql::{CopyRows, Dialect, Page, TablePlan, postgres::columns};
+    use sqlx::postgres::{PgConnectOptions, PgPoolCopyExt};
+    let pg = Postgres::start().await?;
+    pg.psql(
+        r#"CREATE TYPE mood AS ENUM ('ok', 'sad'); CREATE DOMAIN short AS text CHECK (length(VALUE) < 20);
+        CREATE TABLE typed (id int8 PRIMARY KEY, i2 int2, i4 int4, yes bool, t text, vc varchar(12), ch char(4),
+          j json, jb jsonb, n numeric, money numeric(12,2), tz timestamptz, ts timestamp, d date, u uuid,
+          f8 float8, f4 real, b bytea, arr int[], iv interval, m mood, s short, "we""ird ñame" text);
+        INSERT INTO typed VALUES
+          (1, -32768, 2147483647, true, E'tab\t"q" \\ nl\n cr\r ff\f bs\b ctl\u0001 del\u007f é 😀', 'short', 'ab',
+           '{"a" : [1, 2.50, "x"]}', '{"b": {"c": [1, 2.50, null]}, "a": "é\n"}', 'NaN', 12345.60,
+           '2024-01-01 00:00:00.001+00', '2024-05-06 07:08:09.123456', '2024-02-29', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+           'NaN', 3.4e38, '\x00ff10', ARRAY[1, NULL, 3], '1 day 02:03:04.5', 'sad', 'dom', 'w'),
+          (2, 0, 0, false, '', '', '', 'null', '[]', 'Infinity', -0.01,
+           '0044-03-15 12:00:00+00 BC', '4713-01-01 00:00:00 BC', '0001-01-01 BC', '00000000-0000-0000-0000-000000000000',
+           '-Infinity', -1.5e-7, '\x', '{}', '-3 months', 'ok', '', ''),
+          (3, 7, -7, NULL, NULL, NULL, NULL, NULL, NULL, '-Infinity', 0,
+           'infinity', '-infinity', 'infinity', NULL, 1e300, 0.1, NULL, NULL, NULL, NULL, NULL, NULL),
+          (4, NULL, NULL, NULL, 'x', NULL, NULL, '  {"ws" :1 }  ', '"s"', 0.000, 9999999999.99,
+           '12345-06-07 08:09:10.5+00', '1999-12-31 23:59:59.999999', '-infinity', NULL, 0, -0, NULL, NULL, NULL, NULL, NULL, NULL),
+          (5, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 123456789012345678901234567890.000000000000000000001, NULL,
+           NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+          (6, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, -0.0000000100, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           NULL, NULL, NULL, NULL, NULL),
+          (7, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 10000000000000000, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           NULL, NULL, NULL, NULL, NULL, NULL);"#,
+    )
+    .await?;
+    let opts: PgConnectOptions = pg.url().parse()?;
+    let pool = sqlx::PgPool::connect_with(opts.options([("TimeZone", "UTC")])).await?;
+    let spec: obsrv_crds::TableSpec =
+        serde_json::from_value(json!({"name": "typed", "cursor": {"column": "id"}}))?;
+    let plan = TablePlan::new(
+        Dialect::Postgres,
+        &spec,
+        "typed".into(),
+        &columns(&pool, "typed").await?,
+    )?;
+
+    // What the page reads deliver: the database's row_to_json.
+    let paged: Vec<String> =
+        sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(plan.query(Page::First, 100)))
+            .fetch_all(&pool)
+            .await?;
+    // What the streaming read renders.
+    let mut stream = pool
+        .copy_out_raw(&plan.copy_query(Page::First, 100, None))
+        .await?;
+    let mut parser = CopyRows::new(&plan.json_columns(), plan.key_formats());
+    let mut streamed = Vec::new();
+    while let Some(bytes) = stream.next().await {
+        parser.push_with(&bytes?, |(json, _, _)| {
+            streamed.push(json.to_string());
+            Ok(())
+        })?;
+    }
+    assert!(parser.finished());
+    assert_eq!(streamed.len(), 7);
+    assert_eq!(streamed, paged);
+    for s in &streamed {
+        serde_json::from_str::<Value>(s)?;
     }
     Ok(())
 }

@@ -311,7 +311,7 @@ impl SqlSource {
         let (tx, rx) = mpsc::channel((self.batch_size.clamp(1, 2_000) / ROW_CHUNK).max(1));
         let pool = self.pool.clone();
         let mut chunk = ChunkBuilder::new(&self.instance, &plan.name, self.batch_size);
-        let keys = plan.key_formats();
+        let (columns, keys) = (plan.json_columns(), plan.key_formats());
         let task = tokio::spawn(async move {
             match pool {
                 Pool::Pg(p) => {
@@ -323,7 +323,7 @@ impl SqlSource {
                             return;
                         }
                     };
-                    let mut parser = CopyRows::new(keys);
+                    let mut parser = CopyRows::new(&columns, keys);
                     pump(stream, &tx, &mut chunk, |next, chunk| match next {
                         Some(Ok(bytes)) => parser
                             .push_with(&bytes, |(json, c, tb)| chunk.add(json.to_string(), c, tb))

@@ -1,7 +1,9 @@
 //! Postgres, MySQL and MariaDB tables read incrementally by keyset pagination on
 //! `(cursor, tieBreaker)`: never OFFSET, and never a row skipped because it shares its cursor value
-//! with the last row of a batch. The database renders each row as JSON (`row_to_json`,
-//! `JSON_OBJECT`), which is both faithful (numerics keep their digits, json nests) and fast.
+//! with the last row of a batch. Each row becomes JSON as the database renders it (`row_to_json`,
+//! `JSON_OBJECT`): faithful (numerics keep their digits, json nests). Postgres's streaming reads
+//! take the columns in binary and render that same JSON here ([`pg_json`]), which costs the
+//! database less than half as much.
 //!
 //! [`plan`] builds the SQL of a table, [`keyset`] reads it page by page or streaming, [`postgres`]
 //! and [`mysql`] hold what is per database: connection options (TLS modes, credentials, shared
@@ -20,6 +22,7 @@ macro_rules! with_pool {
 
 pub mod keyset;
 pub mod mysql;
+pub mod pg_json;
 pub mod plan;
 pub mod postgres;
 
@@ -71,6 +74,7 @@ pub fn check_tls_ca(secrets: &Secrets, tls: Option<&Tls>) -> Result<()> {
 }
 
 pub use keyset::{STREAM_ROWS, SqlPosition, TablePosition};
+pub use pg_json::ValueFormat;
 pub use plan::{
     EXACT_LAG_BELOW, Page, RawRow, TablePlan, column_expr, param_cast, plan_rows, quote_ident,
     split_page,

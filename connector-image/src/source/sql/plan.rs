@@ -3,7 +3,7 @@
 
 use obsrv_crds::TableSpec;
 
-use super::{Column, Dialect, keyset::TablePosition, postgres::KeyFormat};
+use super::{Column, Dialect, keyset::TablePosition, pg_json::ValueFormat, postgres::KeyFormat};
 use crate::error::{Error, Result};
 
 /// Quotes an identifier for the dialect.
@@ -80,6 +80,8 @@ pub struct TablePlan {
     /// The table as the FROM clause names it.
     pub from: String,
     pub select: Vec<String>,
+    /// The columns of the row's JSON, in order.
+    pub columns: Vec<Column>,
     pub cursor: Column,
     pub tie_breaker: Option<Column>,
     /// Every column, none rewritten: Postgres renders the row itself (`row_to_json(s)`), which
@@ -150,6 +152,7 @@ impl TablePlan {
             dialect,
             from,
             select,
+            columns: chosen,
             cursor,
             tie_breaker,
             whole_row,
@@ -178,10 +181,19 @@ impl TablePlan {
         ]
     }
 
+    /// Postgres: the columns of the row's JSON in a COPY stream, with how each becomes JSON.
+    pub fn json_columns(&self) -> Vec<(String, ValueFormat)> {
+        self.columns
+            .iter()
+            .map(|c| (c.name.clone(), ValueFormat::of_postgres(&c.base_type)))
+            .collect()
+    }
+
     /// Postgres: the page at `pos` as `COPY (...) TO STDOUT (FORMAT binary)`. COPY takes no
     /// parameters, so the position's values are inlined as escaped string literals (`E'...'`,
     /// read the same whatever `standard_conforming_strings` says) cast to the column types.
-    /// Columns: row JSON text, then cursor and tie-breaker in their [`TablePlan::key_formats`].
+    /// Columns: those of [`TablePlan::json_columns`] (the ones rendered here as they are, the others
+    /// as their JSON text), then cursor and tie-breaker in their [`TablePlan::key_formats`].
     pub fn copy_query(&self, page: Page, limit: usize, pos: Option<&TablePosition>) -> String {
         let lits: Vec<String> = self
             .binds(page, pos)
@@ -195,9 +207,9 @@ impl TablePlan {
         )
     }
 
-    /// `binary_keys`: cursor and tie-breaker as selected for a binary COPY (see
-    /// [`KeyFormat`]); text otherwise.
-    fn query_with(&self, page: Page, limit: usize, params: [&str; 3], binary_keys: bool) -> String {
+    /// `copy`: the columns and keys as selected for a binary COPY (see [`ValueFormat`] and
+    /// [`KeyFormat`]); otherwise the row's JSON and the keys as text.
+    fn query_with(&self, page: Page, limit: usize, params: [&str; 3], copy: bool) -> String {
         let d = self.dialect;
         let c = format!("s.{}", quote_ident(d, &self.cursor.name));
         let tb = self
@@ -247,7 +259,7 @@ impl TablePlan {
         };
         match d {
             Dialect::Postgres => {
-                let [cf, tf] = if binary_keys {
+                let [cf, tf] = if copy {
                     self.key_formats()
                 } else {
                     [KeyFormat::Text; 2]
@@ -261,7 +273,24 @@ impl TablePlan {
                     .as_ref()
                     .map(|tb| key(tb, tf))
                     .unwrap_or_else(|| "NULL::text".into());
-                if self.whole_row {
+                if copy {
+                    let columns: Vec<String> = self
+                        .columns
+                        .iter()
+                        .map(|col| match ValueFormat::of_postgres(&col.base_type) {
+                            ValueFormat::Rendered => {
+                                format!("to_json({})::text", column_expr(d, col))
+                            }
+                            _ => format!("s.{}", quote_ident(d, &col.name)),
+                        })
+                        .collect();
+                    format!(
+                        "SELECT {}, {c_sel}, {tb_sel} FROM {} s WHERE {} ORDER BY {order}{limit}",
+                        columns.join(", "),
+                        self.from,
+                        conds.join(" AND ")
+                    )
+                } else if self.whole_row {
                     format!(
                         "SELECT row_to_json(s)::text, {c_sel}, {tb_sel} FROM {} s WHERE {} ORDER BY {order}{limit}",
                         self.from,
@@ -493,9 +522,21 @@ mod tests {
             plan.key_formats(),
             [KeyFormat::Timestamptz, KeyFormat::Int8]
         );
+        // Columns rendered here come as they are; the others as Postgres's JSON of them.
         assert!(
-            q.starts_with(r#"COPY (SELECT row_to_json(r)::text, s."updated_at", s."id" FROM"#),
+            q.starts_with(
+                r#"COPY (SELECT s."id", s."updated_at", to_json(translate(encode(s."blob", 'base64'), E'\n', ''))::text, s."local", s."updated_at", s."id" FROM orders s WHERE"#
+            ),
             "{q}"
+        );
+        assert_eq!(
+            plan.json_columns(),
+            [
+                ("id".to_string(), ValueFormat::Int8),
+                ("updated_at".to_string(), ValueFormat::Timestamp),
+                ("blob".to_string(), ValueFormat::Rendered),
+                ("local".to_string(), ValueFormat::Timestamp),
+            ]
         );
         // The page query (sqlx, text protocol) keeps text keys.
         assert!(plan.query(Page::After, 500).starts_with(

@@ -11,6 +11,10 @@ use sqlx::{
 
 use super::{
     Column, Dialect, Endpoint, Login,
+    pg_json::{
+        ValueFormat, fixed, push_date, push_int, push_json_string, push_timestamp, push_uuid,
+        push_value,
+    },
     plan::{RawRow, TablePlan},
 };
 use crate::error::{Error, Result, from_sqlx};
@@ -118,141 +122,60 @@ impl KeyFormat {
 
 /// Postgres's text output of a key column's binary form, into `out` (cleared first). Pure.
 pub fn render_key(f: KeyFormat, b: &[u8], out: &mut String) -> std::result::Result<(), String> {
-    use std::fmt::Write;
     out.clear();
-    let size = |n: usize| {
-        if b.len() == n {
-            Ok(())
-        } else {
-            Err(format!("{f:?} value of {} bytes", b.len()))
-        }
-    };
     match f {
         KeyFormat::Text => out.push_str(std::str::from_utf8(b).map_err(|_| "not UTF-8")?),
-        KeyFormat::Int2 => {
-            size(2)?;
-            let _ = write!(out, "{}", i16::from_be_bytes([b[0], b[1]]));
-        }
-        KeyFormat::Int4 => {
-            size(4)?;
-            let _ = write!(out, "{}", i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-        }
-        KeyFormat::Int8 => {
-            size(8)?;
-            let _ = write!(
-                out,
-                "{}",
-                i64::from_be_bytes(b.try_into().expect("8 bytes"))
-            );
-        }
-        KeyFormat::Uuid => {
-            size(16)?;
-            for (i, byte) in b.iter().enumerate() {
-                if matches!(i, 4 | 6 | 8 | 10) {
-                    out.push('-');
-                }
-                let _ = write!(out, "{byte:02x}");
-            }
-        }
-        KeyFormat::Date => {
-            size(4)?;
-            match i32::from_be_bytes([b[0], b[1], b[2], b[3]]) {
-                i32::MAX => out.push_str("infinity"),
-                i32::MIN => out.push_str("-infinity"),
-                days => {
-                    let bc = push_date(out, i64::from(days));
-                    if bc {
-                        out.push_str(" BC");
-                    }
-                }
-            }
-        }
-        KeyFormat::Timestamp | KeyFormat::Timestamptz => {
-            size(8)?;
-            const DAY_US: i64 = 86_400_000_000;
-            match i64::from_be_bytes(b.try_into().expect("8 bytes")) {
-                i64::MAX => out.push_str("infinity"),
-                i64::MIN => out.push_str("-infinity"),
-                us => {
-                    let bc = push_date(out, us.div_euclid(DAY_US));
-                    let t = us.rem_euclid(DAY_US);
-                    let (secs, micros) = (t / 1_000_000, t % 1_000_000);
-                    let _ = write!(
-                        out,
-                        " {:02}:{:02}:{:02}",
-                        secs / 3600,
-                        secs / 60 % 60,
-                        secs % 60
-                    );
-                    if micros != 0 {
-                        // Six digits less the trailing zeros, as Postgres prints them.
-                        let (mut digits, mut width) = (micros, 6);
-                        while digits % 10 == 0 {
-                            digits /= 10;
-                            width -= 1;
-                        }
-                        let _ = write!(out, ".{digits:0width$}");
-                    }
-                    if f == KeyFormat::Timestamptz {
-                        out.push_str("+00");
-                    }
-                    if bc {
-                        out.push_str(" BC");
-                    }
-                }
-            }
-        }
+        KeyFormat::Int2 => push_int(out, i16::from_be_bytes(fixed(f, b)?)),
+        KeyFormat::Int4 => push_int(out, i32::from_be_bytes(fixed(f, b)?)),
+        KeyFormat::Int8 => push_int(out, i64::from_be_bytes(fixed(f, b)?)),
+        KeyFormat::Uuid => push_uuid(out, &fixed(f, b)?),
+        KeyFormat::Date => push_date(out, i32::from_be_bytes(fixed(f, b)?)),
+        KeyFormat::Timestamp => push_timestamp(out, i64::from_be_bytes(fixed(f, b)?), ' ', ""),
+        KeyFormat::Timestamptz => push_timestamp(out, i64::from_be_bytes(fixed(f, b)?), ' ', "+00"),
     }
     Ok(())
-}
-
-/// Writes `YYYY-MM-DD` of a day counted from 2000-01-01 (Postgres's epoch) in the proleptic
-/// Gregorian calendar; true when the year is BC (written as Postgres does: year 0 is 1 BC).
-fn push_date(out: &mut String, days_since_2000: i64) -> bool {
-    use std::fmt::Write;
-    // Days from 1970-01-01, then the civil date (H. Hinnant's days-to-civil algorithm).
-    let z = days_since_2000 + 10_957 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (shown, bc) = if year <= 0 {
-        (1 - year, true)
-    } else {
-        (year, false)
-    };
-    let _ = write!(out, "{shown:04}-{month:02}-{day:02}");
-    bc
 }
 
 /// `COPY ... (FORMAT binary)` starts with this signature, then flags and a header extension.
 const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 
-/// Incremental parser of `COPY (...) TO STDOUT (FORMAT binary)` output of three text columns
-/// (row JSON, cursor, tie-breaker): the bytes arrive in arbitrary chunks, complete rows come out.
-/// Text columns are sent as raw UTF-8, so there is nothing to unescape.
+/// Incremental parser of `COPY (...) TO STDOUT (FORMAT binary)` output of a row's columns, then
+/// its cursor and tie-breaker: the bytes arrive in arbitrary chunks, complete rows come out with
+/// their JSON rendered as `row_to_json` renders it (see [`super::pg_json`]).
 #[derive(Debug, Default)]
 pub struct CopyRows {
     buf: Vec<u8>,
     header: bool,
     finished: bool,
+    /// Per column of the row: what comes before its value in the JSON (`"name":`, then
+    /// `,"name":`), and its format.
+    columns: Vec<(String, ValueFormat)>,
     /// Cursor and tie-breaker formats.
     keys: [KeyFormat; 2],
-    /// Their rendered text, reused row after row.
+    /// The row's JSON and its keys' text, reused row after row.
+    json: String,
     rendered: [String; 2],
 }
 
-/// One row of the COPY stream, borrowed from its bytes: row JSON, cursor, tie-breaker.
+/// One row of the COPY stream, borrowed from the parser: row JSON, cursor, tie-breaker.
 pub type CopyRow<'a> = (&'a str, Option<&'a str>, Option<&'a str>);
 
 impl CopyRows {
-    /// A parser for a stream whose cursor and tie-breaker come in `keys` formats.
-    pub fn new(keys: [KeyFormat; 2]) -> CopyRows {
+    /// A parser for a stream of `columns` (name and format, in order) followed by the cursor and
+    /// tie-breaker in `keys` formats.
+    pub fn new(columns: &[(String, ValueFormat)], keys: [KeyFormat; 2]) -> CopyRows {
+        let columns = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (name, f))| {
+                let mut before = String::from(if i == 0 { "" } else { "," });
+                push_json_string(name, &mut before);
+                before.push(':');
+                (before, *f)
+            })
+            .collect();
         CopyRows {
+            columns,
             keys,
             ..CopyRows::default()
         }
@@ -317,6 +240,7 @@ impl CopyRows {
             at = 19 + ext;
             self.header = true;
         }
+        let expected = self.columns.len() + 2;
         'rows: while !self.finished && data.len() >= at + 2 {
             let n = i16::from_be_bytes([data[at], data[at + 1]]);
             if n == -1 {
@@ -324,31 +248,40 @@ impl CopyRows {
                 at += 2;
                 break;
             }
-            if n != 3 {
-                return Err(bad(&format!("expected 3 columns, got {n}")));
+            if n as usize != expected {
+                return Err(bad(&format!("expected {expected} columns, got {n}")));
             }
             let mut p = at + 2;
-            // Each column's bytes (None for NULL); a row cut short waits for the next chunk.
-            let mut cols: [Option<&[u8]>; 3] = [None, None, None];
-            for c in &mut cols {
-                if data.len() < p + 4 {
-                    break 'rows;
-                }
-                let len = i32::from_be_bytes([data[p], data[p + 1], data[p + 2], data[p + 3]]);
-                p += 4;
+            // The next field's bytes (None for NULL); a row cut short waits for the next chunk.
+            let field = |p: &mut usize| -> Option<Option<&[u8]>> {
+                let len = i32::from_be_bytes(data.get(*p..*p + 4)?.try_into().ok()?);
+                *p += 4;
                 if len < 0 {
-                    continue;
+                    return Some(None);
                 }
-                let len = len as usize;
-                if data.len() < p + len {
+                let bytes = data.get(*p..*p + len as usize)?;
+                *p += len as usize;
+                Some(Some(bytes))
+            };
+            self.json.clear();
+            self.json.push('{');
+            for (before, f) in &self.columns {
+                let Some(value) = field(&mut p) else {
                     break 'rows;
+                };
+                self.json.push_str(before);
+                match value {
+                    None => self.json.push_str("null"),
+                    Some(b) => push_value(*f, b, &mut self.json).map_err(|m| {
+                        let name = before.trim_start_matches(',').trim_end_matches(':');
+                        bad(&format!("column {name}: {m}"))
+                    })?,
                 }
-                *c = Some(&data[p..p + len]);
-                p += len;
             }
-            let [json, cursor, tb] = cols;
-            let json = std::str::from_utf8(json.ok_or_else(|| bad("row JSON is NULL"))?)
-                .map_err(|_| bad("row JSON is not UTF-8"))?;
+            self.json.push('}');
+            let (Some(cursor), Some(tb)) = (field(&mut p), field(&mut p)) else {
+                break 'rows;
+            };
             let [rc, rt] = &mut self.rendered;
             let key = |bytes: Option<&[u8]>, f: KeyFormat, out: &mut String| {
                 bytes
@@ -358,7 +291,7 @@ impl CopyRows {
             let has_c = key(cursor, self.keys[0], rc)?.is_some();
             let has_t = key(tb, self.keys[1], rt)?.is_some();
             on_row((
-                json,
+                &self.json,
                 has_c.then_some(rc.as_str()),
                 has_t.then_some(rt.as_str()),
             ))?;
@@ -372,14 +305,14 @@ impl CopyRows {
 mod tests {
     use super::*;
 
-    /// The bytes Postgres sends for `COPY ... (FORMAT binary)` of three text columns.
-    fn copy_bytes(rows: &[[Option<&str>; 3]]) -> Vec<u8> {
+    /// The bytes Postgres sends for `COPY ... (FORMAT binary)` of text columns.
+    fn copy_bytes(rows: &[Vec<Option<&str>>]) -> Vec<u8> {
         let mut b = COPY_SIGNATURE.to_vec();
         b.extend_from_slice(&0u32.to_be_bytes());
         b.extend_from_slice(&2u32.to_be_bytes());
         b.extend_from_slice(b"xy");
         for r in rows {
-            b.extend_from_slice(&3i16.to_be_bytes());
+            b.extend_from_slice(&(r.len() as i16).to_be_bytes());
             for c in r {
                 match c {
                     Some(t) => {
@@ -394,30 +327,44 @@ mod tests {
         b
     }
 
+    /// Columns `a` (text) and `j` (json), keys as text.
+    fn parser() -> CopyRows {
+        CopyRows::new(
+            &[
+                ("a".into(), ValueFormat::Text),
+                ("j\"".into(), ValueFormat::Json),
+            ],
+            [KeyFormat::Text; 2],
+        )
+    }
+
     #[test]
-    fn copy_rows_parse_whatever_the_chunking() {
+    fn copy_rows_render_their_json_whatever_the_chunking() {
         let rows = [
-            [
-                Some(r#"{"a":"tab\there \"q\" é"}"#),
+            vec![
+                Some("tab\there \"q\" é"),
+                Some(r#"{"n": [1, 2]}"#),
                 Some("2024-01-01"),
                 Some("1"),
             ],
-            [Some("{}"), Some("2024-01-02"), None],
-            [Some(r#"{"b":null}"#), Some(""), Some("3")],
+            vec![None, None, Some("2024-01-02"), None],
+            vec![Some(""), Some("3"), Some(""), Some("3")],
         ];
         let bytes = copy_bytes(&rows);
-        let want: Vec<RawRow> = rows
-            .iter()
-            .map(|r| {
-                (
-                    r[0].unwrap().to_string(),
-                    r[1].map(String::from),
-                    r[2].map(String::from),
-                )
-            })
-            .collect();
+        let row = |json: &str, c: Option<&str>, tb: Option<&str>| {
+            (json.to_string(), c.map(String::from), tb.map(String::from))
+        };
+        let want: Vec<RawRow> = vec![
+            row(
+                r#"{"a":"tab\there \"q\" é","j\"":{"n": [1, 2]}}"#,
+                Some("2024-01-01"),
+                Some("1"),
+            ),
+            row(r#"{"a":null,"j\"":null}"#, Some("2024-01-02"), None),
+            row(r#"{"a":"","j\"":3}"#, Some(""), Some("3")),
+        ];
         for size in [1, 2, 3, 7, 19, 20, 64, bytes.len()] {
-            let mut p = CopyRows::default();
+            let mut p = parser();
             let mut out = Vec::new();
             for chunk in bytes.chunks(size) {
                 p.push(chunk, &mut out).unwrap();
@@ -426,23 +373,34 @@ mod tests {
             assert!(p.finished(), "chunks of {size}");
         }
         // Cut before the trailer: rows so far, not finished.
-        let mut p = CopyRows::default();
+        let mut p = parser();
         let mut out = Vec::new();
         p.push(&bytes[..bytes.len() - 2], &mut out).unwrap();
         assert_eq!(out.len(), 3);
         assert!(!p.finished());
+        // No columns: an empty object.
+        let mut out = Vec::new();
+        CopyRows::new(&[], [KeyFormat::Text; 2])
+            .push(&copy_bytes(&[vec![Some("c"), None]]), &mut out)
+            .unwrap();
+        assert_eq!(out, vec![row("{}", Some("c"), None)]);
     }
 
     #[test]
     fn copy_rows_refuse_foreign_output() {
         let mut out = Vec::new();
         let text = b"{\"a\":1}\t2024-01-01\t1\n{\"a\":2}\t2024-01-02\t2\n";
-        assert!(CopyRows::default().push(text, &mut out).is_err());
-        let mut two = copy_bytes(&[]);
-        two.truncate(two.len() - 2);
-        two.extend_from_slice(&2i16.to_be_bytes());
-        assert!(CopyRows::default().push(&two, &mut out).is_err());
-        let null_json = copy_bytes(&[[None, Some("1"), Some("1")]]);
-        assert!(CopyRows::default().push(&null_json, &mut out).is_err());
+        assert!(parser().push(text, &mut out).is_err());
+        let three = copy_bytes(&[vec![Some("x"), Some("1"), Some("1")]]);
+        let e = parser().push(&three, &mut out).unwrap_err();
+        assert!(e.to_string().contains("expected 4 columns, got 3"), "{e}");
+        let mut not_utf8 = copy_bytes(&[vec![Some("\u{fffd}"), None, None, None]]);
+        let at = not_utf8
+            .windows(3)
+            .position(|w| w == "\u{fffd}".as_bytes())
+            .unwrap();
+        not_utf8[at] = 0xff;
+        let e = parser().push(&not_utf8, &mut out).unwrap_err();
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
     }
 }
