@@ -660,9 +660,9 @@ async fn binary_keys_render_exactly_as_postgres_prints_them() -> Result<()> {
     Ok(())
 }
 
-/// The streaming read renders each row's JSON itself from the binary COPY stream: for every type,
-/// edge values and NULLs included, it is byte for byte the JSON the database renders
-/// (`row_to_json`, what the page reads deliver), so events do not depend on the read path.
+/// Reads render each row's JSON themselves from the binary COPY stream: for every type, edge
+/// values and NULLs included, it is byte for byte the JSON the database renders (`row_to_json`),
+/// so events are what they were when the database rendered them.
 #[tokio::test]
 async fn rows_render_as_row_to_json_renders_them() -> Result<()> {
     use futures::StreamExt;

@@ -212,24 +212,43 @@ async fn pump<T>(
 
 impl SqlSource {
     async fn fetch(&self, plan: &TablePlan, page: Page) -> Result<Vec<RawRow>> {
-        let sql = plan.query(page, self.batch_size);
-        let binds = plan.binds(page, self.position.tables.get(&plan.name));
-        with_pool!(&self.pool, p => {
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for b in binds {
-                q = q.bind(b);
+        let pos = self.position.tables.get(&plan.name);
+        match &self.pool {
+            // The page as a binary COPY rendered here, as the streaming reads are: the same JSON
+            // at less than half the database's cost.
+            Pool::Pg(p) => {
+                use sqlx::postgres::PgPoolCopyExt;
+                let sql = plan.copy_query(page, self.batch_size, pos);
+                let mut stream = p.copy_out_raw(&sql).await.map_err(from_sqlx)?;
+                let mut parser = CopyRows::new(&plan.json_columns(), plan.key_formats());
+                let mut rows = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    parser.push(&chunk.map_err(from_sqlx)?, &mut rows)?;
+                }
+                if !parser.finished() {
+                    return Err(Error::SourceUnreachable(
+                        "COPY output ended before its trailer".into(),
+                    ));
+                }
+                Ok(rows)
             }
-            let rows = q.fetch_all(p).await.map_err(from_sqlx)?;
-            rows.iter()
-                .map(|r| {
-                    Ok((
-                        r.try_get(0).map_err(from_sqlx)?,
-                        r.try_get(1).map_err(from_sqlx)?,
-                        r.try_get(2).map_err(from_sqlx)?,
-                    ))
-                })
-                .collect()
-        })
+            Pool::My(p) => {
+                let mut q = sqlx::query(AssertSqlSafe(plan.query(page, self.batch_size)));
+                for b in plan.binds(page, pos) {
+                    q = q.bind(b);
+                }
+                let rows = q.fetch_all(p).await.map_err(from_sqlx)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get(0).map_err(from_sqlx)?,
+                            r.try_get(1).map_err(from_sqlx)?,
+                            r.try_get(2).map_err(from_sqlx)?,
+                        ))
+                    })
+                    .collect()
+            }
+        }
     }
 
     /// Next page of one table, tie groups completed; empty when caught up.

@@ -1,9 +1,9 @@
 //! Postgres, MySQL and MariaDB tables read incrementally by keyset pagination on
 //! `(cursor, tieBreaker)`: never OFFSET, and never a row skipped because it shares its cursor value
 //! with the last row of a batch. Each row becomes JSON as the database renders it (`row_to_json`,
-//! `JSON_OBJECT`): faithful (numerics keep their digits, json nests). Postgres's streaming reads
-//! take the columns in binary and render that same JSON here ([`pg_json`]), which costs the
-//! database less than half as much.
+//! `JSON_OBJECT`): faithful (numerics keep their digits, json nests). Postgres reads take the
+//! columns in binary COPY and render that same JSON here ([`pg_json`]), which costs the database
+//! less than half as much.
 //!
 //! [`plan`] builds the SQL of a table, [`keyset`] reads it page by page or streaming, [`postgres`]
 //! and [`mysql`] hold what is per database: connection options (TLS modes, credentials, shared
