@@ -220,17 +220,12 @@ impl SqlSource {
                 use sqlx::postgres::PgPoolCopyExt;
                 let sql = plan.copy_query(page, self.batch_size, pos);
                 let mut stream = p.copy_out_raw(&sql).await.map_err(from_sqlx)?;
-                let mut parser = CopyRows::new(&plan.json_columns(), plan.key_formats());
+                let mut parser = CopyRows::of_plan(plan);
                 let mut rows = Vec::new();
                 while let Some(chunk) = stream.next().await {
                     parser.push(&chunk.map_err(from_sqlx)?, &mut rows)?;
                 }
-                if !parser.finished() {
-                    return Err(Error::SourceUnreachable(
-                        "COPY output ended before its trailer".into(),
-                    ));
-                }
-                Ok(rows)
+                parser.end().map(|()| rows)
             }
             Pool::My(p) => {
                 let mut q = sqlx::query(AssertSqlSafe(plan.query(page, self.batch_size)));
@@ -330,7 +325,7 @@ impl SqlSource {
         let (tx, rx) = mpsc::channel((self.batch_size.clamp(1, 2_000) / ROW_CHUNK).max(1));
         let pool = self.pool.clone();
         let mut chunk = ChunkBuilder::new(&self.instance, &plan.name, self.batch_size);
-        let (columns, keys) = (plan.json_columns(), plan.key_formats());
+        let mut parser = CopyRows::of_plan(plan);
         let task = tokio::spawn(async move {
             match pool {
                 Pool::Pg(p) => {
@@ -342,16 +337,12 @@ impl SqlSource {
                             return;
                         }
                     };
-                    let mut parser = CopyRows::new(&columns, keys);
                     pump(stream, &tx, &mut chunk, |next, chunk| match next {
                         Some(Ok(bytes)) => parser
                             .push_with(&bytes, |(json, c, tb)| chunk.add(json.to_string(), c, tb))
                             .map(|()| true),
                         Some(Err(e)) => Err(from_sqlx(e)),
-                        None if parser.finished() => Ok(false),
-                        None => Err(Error::SourceUnreachable(
-                            "COPY output ended before its trailer".into(),
-                        )),
+                        None => parser.end().map(|()| false),
                     })
                     .await;
                 }

@@ -84,9 +84,6 @@ pub struct TablePlan {
     pub columns: Vec<Column>,
     pub cursor: Column,
     pub tie_breaker: Option<Column>,
-    /// Every column, none rewritten: Postgres renders the row itself (`row_to_json(s)`), which
-    /// saves a subquery per row.
-    pub whole_row: bool,
 }
 
 /// Which query to run next on a table.
@@ -143,10 +140,6 @@ impl TablePlan {
                 }
             })
             .collect();
-        let whole_row = t.columns.is_empty()
-            && chosen
-                .iter()
-                .all(|c| column_expr(dialect, c) == format!("s.{}", quote_ident(dialect, &c.name)));
         Ok(TablePlan {
             name: t.name.clone(),
             dialect,
@@ -155,7 +148,6 @@ impl TablePlan {
             columns: chosen,
             cursor,
             tie_breaker,
-            whole_row,
         })
     }
 
@@ -290,13 +282,9 @@ impl TablePlan {
                         self.from,
                         conds.join(" AND ")
                     )
-                } else if self.whole_row {
-                    format!(
-                        "SELECT row_to_json(s)::text, {c_sel}, {tb_sel} FROM {} s WHERE {} ORDER BY {order}{limit}",
-                        self.from,
-                        conds.join(" AND ")
-                    )
                 } else {
+                    // The database's JSON of the row: what the connector renders from COPY
+                    // ([`super::pg_json`]); this query's WHERE also serves the lag count.
                     format!(
                         "SELECT row_to_json(r)::text, {c_sel}, {tb_sel} FROM {} s CROSS JOIN LATERAL (SELECT {}) r WHERE {} ORDER BY {order}{limit}",
                         self.from,
@@ -582,41 +570,6 @@ mod tests {
             tie_breaker: Some("t".into()),
         };
         assert_eq!(plan.binds(Page::After, Some(&pos)), vec!["c", "c", "t"]);
-    }
-
-    #[test]
-    fn tables_needing_no_rewrite_render_the_whole_row() {
-        let plain = vec![
-            col("id", "int8", "bigint"),
-            col("updated_at", "timestamptz", "timestamp with time zone"),
-        ];
-        let plan = TablePlan::new(
-            Dialect::Postgres,
-            &table(Some("id")),
-            "orders".into(),
-            &plain,
-        )
-        .unwrap();
-        assert!(plan.whole_row);
-        let q = plan.query(Page::First, 5);
-        assert!(q.starts_with("SELECT row_to_json(s)::text, s.\"updated_at\"::text, s.\"id\"::text FROM orders s WHERE"), "{q}");
-        let mut some = table(Some("id"));
-        some.columns = vec!["id".into()];
-        assert!(
-            !TablePlan::new(Dialect::Postgres, &some, "orders".into(), &plain)
-                .unwrap()
-                .whole_row
-        );
-        assert!(
-            !TablePlan::new(
-                Dialect::Postgres,
-                &table(Some("id")),
-                "orders".into(),
-                &pg_cols()
-            )
-            .unwrap()
-            .whole_row
-        );
     }
 
     #[test]

@@ -181,6 +181,22 @@ impl CopyRows {
         }
     }
 
+    /// A parser for `plan`'s [`TablePlan::copy_query`].
+    pub fn of_plan(plan: &TablePlan) -> CopyRows {
+        CopyRows::new(&plan.json_columns(), plan.key_formats())
+    }
+
+    /// Ok when the stream's trailer was seen: a stream that ended before it was cut short.
+    pub fn end(&self) -> Result<()> {
+        if self.finished {
+            Ok(())
+        } else {
+            Err(Error::SourceUnreachable(
+                "COPY output ended before its trailer".into(),
+            ))
+        }
+    }
+
     /// Takes the next chunk of the COPY stream and appends every row it completes to `out`.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<RawRow>) -> Result<()> {
         self.push_with(chunk, |(json, c, tb)| {
